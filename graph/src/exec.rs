@@ -1,0 +1,514 @@
+//! The executor: lowers each node to burn tensor ops on any burn device.
+use std::collections::BTreeSet;
+
+use burn::tensor::activation;
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::error::{GraphError, Result};
+use crate::graph::Graph;
+use crate::ir::{KvKind, Op, RopeScaling};
+use crate::value::Value;
+
+/// Preallocated keys and values of every attention layer, written in place.
+///
+/// Rows `0..len` hold the cached positions; a step writes its rows at `len..len+seq`
+/// and only then advances `len`, so a step that fails changes nothing observable.
+#[derive(Debug)]
+pub struct KvCache {
+    /// Per layer: keys and values, each `[capacity, kv_heads * head_dim]`.
+    layers: Vec<[Option<Tensor<2>>; 2]>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    /// A cache for every `KvAppend` node of `graph`, holding `capacity` positions.
+    pub fn for_graph(graph: &Graph, capacity: usize, device: &Device) -> Result<Self> {
+        let mut widths: Vec<Option<usize>> = Vec::new();
+        for node in graph.nodes() {
+            if let Op::KvAppend { layer, .. } = node.op {
+                let width = node.shape.fixed_dim(1).ok_or_else(|| GraphError::Invalid {
+                    node: node.name.clone(),
+                    message: "kv width is not fixed".into(),
+                })?;
+                if widths.len() <= layer {
+                    widths.resize(layer + 1, None);
+                }
+                widths[layer] = Some(width);
+            }
+        }
+        let layers = widths
+            .into_iter()
+            .map(|w| {
+                let w = w.unwrap_or(0);
+                let z = || Some(Tensor::<2>::zeros([capacity, w], device));
+                [z(), z()]
+            })
+            .collect();
+        Ok(KvCache {
+            layers,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Positions currently cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Writes `rows` at `past..` of one layer's keys or values; returns rows `0..past+seq`.
+    fn append(
+        &mut self,
+        layer: usize,
+        kind: KvKind,
+        past: usize,
+        rows: Tensor<2>,
+    ) -> Result<Tensor<2>> {
+        let seq = rows.dims()[0];
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .map(|l| &mut l[kind as usize])
+            .ok_or_else(|| GraphError::Input(format!("the KV cache has no layer {layer}")))?;
+        let cache = slot.take().ok_or_else(|| {
+            GraphError::Input(format!(
+                "KV cache layer {layer} was lost by an earlier failure"
+            ))
+        })?;
+        let width = cache.dims()[1];
+        // The cache tensor is uniquely owned here, so burn writes it in place.
+        let cache = cache.slice_assign([past..past + seq, 0..width], rows);
+        let all = cache.clone().narrow(0, 0, past + seq);
+        *slot = Some(cache);
+        Ok(all)
+    }
+}
+
+/// Which node outputs a run should capture.
+#[derive(Debug, Clone, Default)]
+pub enum Taps {
+    #[default]
+    None,
+    /// Every node's output, parameters excluded.
+    All,
+    Names(BTreeSet<String>),
+}
+
+impl Taps {
+    fn wants(&self, name: &str, op: &Op) -> bool {
+        match self {
+            Taps::None => false,
+            Taps::All => !matches!(op, Op::Param(_)),
+            Taps::Names(set) => set.contains(name),
+        }
+    }
+}
+
+/// What one run of a graph produced.
+#[derive(Debug)]
+pub struct RunOutput {
+    /// One value per graph output.
+    pub outputs: Vec<Value>,
+    /// Captured node outputs, in execution order.
+    pub taps: Vec<(String, Value)>,
+}
+
+/// A graph ready to run on one device.
+#[derive(Debug, Clone)]
+pub struct Program {
+    graph: Graph,
+    device: Device,
+    /// For each node, the last node that reads it (values are freed after it).
+    last_use: Vec<usize>,
+}
+
+impl Program {
+    pub fn new(graph: Graph, device: Device) -> Result<Self> {
+        graph.validate()?;
+        let mut last_use: Vec<usize> = (0..graph.nodes().len()).collect();
+        for (i, node) in graph.nodes().iter().enumerate() {
+            for inp in &node.inputs {
+                last_use[inp.0] = i;
+            }
+        }
+        for o in graph.outputs() {
+            last_use[o.0] = usize::MAX;
+        }
+        Ok(Program {
+            graph,
+            device,
+            last_use,
+        })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A KV cache for this program.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        KvCache::for_graph(&self.graph, capacity, &self.device)
+    }
+
+    /// Runs one step over `tokens` at positions `cache.len()..`, writing the cache.
+    pub fn run(&self, tokens: &[u32], cache: &mut KvCache, taps: &Taps) -> Result<RunOutput> {
+        let past = cache.len();
+        let seq = tokens.len();
+        if seq == 0 {
+            return Err(GraphError::Input("a step needs at least one token".into()));
+        }
+        if past + seq > cache.capacity() {
+            return Err(GraphError::ContextFull {
+                past,
+                seq,
+                max: cache.capacity(),
+            });
+        }
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [seq]), &self.device);
+        let mut step = Step { past, seq, cache };
+        let nodes = self.graph.nodes();
+        let mut env: Vec<Option<Value>> = vec![None; nodes.len()];
+        let mut captured = Vec::new();
+        for (i, node) in nodes.iter().enumerate() {
+            let value = match &node.op {
+                Op::Tokens => Value::I1(ids.clone()),
+                Op::Param(_) => self
+                    .graph
+                    .param(&node.name)
+                    .cloned()
+                    .ok_or_else(|| GraphError::MissingParam(node.name.clone()))?,
+                op => {
+                    let inputs: Vec<Value> = node
+                        .inputs
+                        .iter()
+                        .map(|x| {
+                            env[x.0]
+                                .clone()
+                                .expect("inputs precede users and live until their last use")
+                        })
+                        .collect();
+                    eval(&node.name, op, inputs, &self.device, Some(&mut step))?
+                }
+            };
+            if taps.wants(&node.name, &node.op) {
+                captured.push((node.name.clone(), value.clone()));
+            }
+            env[i] = Some(value);
+            for inp in &node.inputs {
+                if self.last_use[inp.0] == i {
+                    env[inp.0] = None;
+                }
+            }
+        }
+        let outputs = self
+            .graph
+            .outputs()
+            .iter()
+            .map(|o| env[o.0].take().expect("outputs are kept"))
+            .collect();
+        step.cache.len = past + seq;
+        Ok(RunOutput {
+            outputs,
+            taps: captured,
+        })
+    }
+}
+
+/// The state a step-dependent op reads: positions and the KV cache.
+pub struct Step<'a> {
+    pub past: usize,
+    pub seq: usize,
+    pub cache: &'a mut KvCache,
+}
+
+fn bad(node: &str, message: impl Into<String>) -> GraphError {
+    GraphError::Invalid {
+        node: node.to_string(),
+        message: message.into(),
+    }
+}
+
+fn f2(node: &str, v: Value) -> Result<Tensor<2>> {
+    match v {
+        Value::F2(t) => Ok(t),
+        other => Err(bad(
+            node,
+            format!("expected a rank-2 float input, got {:?}", other.dims()),
+        )),
+    }
+}
+
+fn binary(
+    node: &str,
+    a: Value,
+    b: Value,
+    f: impl Fn(Tensor<2>, Tensor<2>) -> Tensor<2>,
+    g: impl Fn(Tensor<1>, Tensor<1>) -> Tensor<1>,
+) -> Result<Value> {
+    Ok(match (a, b) {
+        (Value::F2(a), Value::F2(b)) => Value::F2(f(a, b)),
+        (Value::F2(a), Value::F1(b)) => Value::F2(f(a, b.unsqueeze_dim(0))),
+        (Value::F1(a), Value::F1(b)) => Value::F1(g(a, b)),
+        _ => return Err(bad(node, "unsupported operand ranks")),
+    })
+}
+
+/// Evaluates one op on `device`. `step` is `None` during constant folding, where only
+/// pure ops run.
+pub fn eval(
+    node: &str,
+    op: &Op,
+    inputs: Vec<Value>,
+    device: &Device,
+    step: Option<&mut Step<'_>>,
+) -> Result<Value> {
+    let mut it = inputs.into_iter();
+    let mut next = || it.next().ok_or_else(|| bad(node, "missing input"));
+    Ok(match op {
+        Op::Tokens | Op::Param(_) => return Err(bad(node, "source nodes are not evaluated")),
+        Op::Embedding => {
+            let table = f2(node, next()?)?;
+            let Value::I1(ids) = next()? else {
+                return Err(bad(node, "token ids must be integers"));
+            };
+            Value::F2(table.select(0, ids))
+        }
+        Op::MatMul => {
+            let x = f2(node, next()?)?;
+            let w = f2(node, next()?)?;
+            Value::F2(x.matmul(w.transpose()))
+        }
+        Op::RmsNorm { eps } => {
+            let x = f2(node, next()?)?;
+            let Value::F1(w) = next()? else {
+                return Err(bad(node, "norm weight must be rank 1"));
+            };
+            let inv = x
+                .clone()
+                .powi_scalar(2)
+                .mean_dim(1)
+                .add_scalar(eps.get())
+                .sqrt()
+                .recip();
+            Value::F2(x.mul(inv).mul(w.unsqueeze_dim(0)))
+        }
+        Op::Add => binary(node, next()?, next()?, |a, b| a.add(b), |a, b| a.add(b))?,
+        Op::Mul => binary(node, next()?, next()?, |a, b| a.mul(b), |a, b| a.mul(b))?,
+        Op::Scale { factor } => match next()? {
+            Value::F1(t) => Value::F1(t.mul_scalar(factor.get())),
+            Value::F2(t) => Value::F2(t.mul_scalar(factor.get())),
+            Value::I1(_) => return Err(bad(node, "cannot scale integers")),
+        },
+        Op::Silu => Value::F2(activation::silu(f2(node, next()?)?)),
+        Op::Cos => Value::F2(f2(node, next()?)?.cos()),
+        Op::Sin => Value::F2(f2(node, next()?)?.sin()),
+        Op::Slice { axis, start, len } => match next()? {
+            Value::F1(t) => Value::F1(t.narrow(*axis, *start, *len)),
+            Value::F2(t) => Value::F2(t.narrow(*axis, *start, *len)),
+            Value::I1(t) => Value::I1(t.narrow(*axis, *start, *len)),
+        },
+        Op::Concat { axis } => {
+            let mut all = Vec::new();
+            let mut ones = Vec::new();
+            while let Ok(v) = next() {
+                match v {
+                    Value::F2(t) => all.push(t),
+                    Value::F1(t) => ones.push(t),
+                    Value::I1(_) => return Err(bad(node, "cannot concat integers")),
+                }
+            }
+            match (all.is_empty(), ones.is_empty()) {
+                (false, true) => Value::F2(Tensor::cat(all, *axis)),
+                (true, false) => Value::F1(Tensor::cat(ones, *axis)),
+                _ => return Err(bad(node, "concat operands must share a rank")),
+            }
+        }
+        Op::RopeAngles {
+            head_dim,
+            theta,
+            scaling,
+            max_positions,
+        } => {
+            let angles = rope_angles(*head_dim, theta.get(), *scaling, *max_positions);
+            Value::F2(Tensor::from_data(
+                TensorData::new(angles, [*max_positions, head_dim / 2]),
+                device,
+            ))
+        }
+        Op::Rope { head_dim } => {
+            let step = step.ok_or_else(|| bad(node, "rope needs a step"))?;
+            let x = f2(node, next()?)?;
+            let cos = f2(node, next()?)?;
+            let sin = f2(node, next()?)?;
+            Value::F2(rope(x, cos, sin, *head_dim, step.past, node)?)
+        }
+        Op::KvAppend { layer, kind } => {
+            let step = step.ok_or_else(|| bad(node, "kv_append needs a step"))?;
+            let rows = f2(node, next()?)?;
+            Value::F2(step.cache.append(*layer, *kind, step.past, rows)?)
+        }
+        Op::Attention {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale,
+        } => {
+            let step = step.ok_or_else(|| bad(node, "attention needs a step"))?;
+            let q = f2(node, next()?)?;
+            let k = f2(node, next()?)?;
+            let v = f2(node, next()?)?;
+            Value::F2(attention(
+                q,
+                k,
+                v,
+                *n_heads,
+                *n_kv_heads,
+                *head_dim,
+                scale.get(),
+                step,
+                device,
+            ))
+        }
+    })
+}
+
+/// Rotary angles `[max_positions, head_dim / 2]`, computed in f32 as HF transformers does
+/// (`inv_freq = 1 / theta^(2i/d)`, then `position * inv_freq`), with its scaling rules.
+pub fn rope_angles(
+    head_dim: usize,
+    theta: f32,
+    scaling: RopeScaling,
+    max_positions: usize,
+) -> Vec<f32> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let base = 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32);
+            match scaling {
+                RopeScaling::None => base,
+                RopeScaling::Linear { factor } => base / factor.get(),
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_positions,
+                } => {
+                    // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept,
+                    // and the band between is interpolated (HF `_compute_llama3_parameters`).
+                    let (factor, low, high) =
+                        (factor.get(), low_freq_factor.get(), high_freq_factor.get());
+                    let old = original_max_positions as f32;
+                    let wavelen = 2.0 * std::f32::consts::PI / base;
+                    if wavelen < old / high {
+                        base
+                    } else if wavelen > old / low {
+                        base / factor
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * base / factor + smooth * base
+                    }
+                }
+            }
+        })
+        .collect();
+    let mut out = Vec::with_capacity(max_positions * half);
+    for p in 0..max_positions {
+        out.extend(inv_freq.iter().map(|f| p as f32 * f));
+    }
+    out
+}
+
+/// Rotate-half RoPE on `x [seq, heads * head_dim]` at positions `past..past+seq`.
+fn rope(
+    x: Tensor<2>,
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    head_dim: usize,
+    past: usize,
+    node: &str,
+) -> Result<Tensor<2>> {
+    let [seq, width] = x.dims();
+    let positions = cos.dims()[0];
+    if past + seq > positions {
+        return Err(bad(
+            node,
+            format!(
+                "position {} is past the rope table of {positions} positions",
+                past + seq - 1
+            ),
+        ));
+    }
+    let (heads, half) = (width / head_dim, head_dim / 2);
+    let c = cos.narrow(0, past, seq).unsqueeze_dim::<3>(1); // [seq, 1, half]
+    let s = sin.narrow(0, past, seq).unsqueeze_dim::<3>(1);
+    let x = x.reshape([seq, heads, head_dim]);
+    let x1 = x.clone().narrow(2, 0, half);
+    let x2 = x.narrow(2, half, half);
+    let o1 = x1.clone().mul(c.clone()).sub(x2.clone().mul(s.clone()));
+    let o2 = x2.mul(c).add(x1.mul(s));
+    Ok(Tensor::cat(vec![o1, o2], 2).reshape([seq, width]))
+}
+
+/// Causal attention of `seq` queries over `past + seq` cached keys, with query heads
+/// grouped over KV heads (GQA): head `h` reads KV head `h / (n_heads / n_kv_heads)`.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    q: Tensor<2>,
+    k: Tensor<2>,
+    v: Tensor<2>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    step: &Step<'_>,
+    device: &Device,
+) -> Tensor<2> {
+    let (seq, past) = (step.seq, step.past);
+    let total = past + seq;
+    let group = n_heads / n_kv_heads;
+    // Fold each KV group's query heads into the row axis so K and V are never repeated:
+    // [seq, heads*hd] -> [kv_heads, group*seq, hd], rows ordered (g, i).
+    let q = q
+        .reshape([seq, n_kv_heads, group, head_dim])
+        .permute([1, 2, 0, 3])
+        .reshape([n_kv_heads, group * seq, head_dim]);
+    let k = k.reshape([total, n_kv_heads, head_dim]).swap_dims(0, 1); // [kv, T, hd]
+    let v = v.reshape([total, n_kv_heads, head_dim]).swap_dims(0, 1);
+    let mut scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(scale); // [kv, group*seq, T]
+    if seq > 1 {
+        // Query i sits at position past + i and sees keys 0..=past + i.
+        let mask: Vec<bool> = (0..group * seq)
+            .flat_map(|r| (0..total).map(move |j| j > past + r % seq))
+            .collect();
+        let mask =
+            Tensor::<2, Bool>::from_data(TensorData::new(mask, [group * seq, total]), device)
+                .unsqueeze_dim::<3>(0)
+                .expand([n_kv_heads, group * seq, total]);
+        scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+    }
+    let probs = activation::softmax(scores, 2);
+    probs
+        .matmul(v) // [kv, group*seq, hd]
+        .reshape([n_kv_heads, group, seq, head_dim])
+        .permute([2, 0, 1, 3])
+        .reshape([seq, n_heads * head_dim])
+}

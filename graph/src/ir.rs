@@ -1,0 +1,309 @@
+//! The typed IR: a closed set of ops over named nodes with symbolic shapes.
+//!
+//! Tensors in the graph are rank 1 or 2: the batch is one sequence (local inference),
+//! activations are `[seq, features]`, and ops such as attention and RoPE split heads
+//! internally. Shapes are symbolic in `seq` (tokens in this step) and `past + seq`
+//! (tokens in the KV cache after this step), so one compiled graph serves prefill and
+//! every decode step.
+use std::fmt;
+
+/// One dimension of a shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dim {
+    /// A size known when the graph is built.
+    Fixed(usize),
+    /// The number of tokens in this step.
+    Seq,
+    /// The number of tokens in the KV cache once this step's tokens are written.
+    Total,
+}
+
+impl Dim {
+    /// The concrete size for a step with `past` cached and `seq` new tokens.
+    pub fn bind(self, past: usize, seq: usize) -> usize {
+        match self {
+            Dim::Fixed(n) => n,
+            Dim::Seq => seq,
+            Dim::Total => past + seq,
+        }
+    }
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Seq => f.write_str("seq"),
+            Dim::Total => f.write_str("past+seq"),
+        }
+    }
+}
+
+/// A symbolic shape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Shape(pub Vec<Dim>);
+
+impl Shape {
+    pub fn fixed(dims: &[usize]) -> Self {
+        Shape(dims.iter().map(|&d| Dim::Fixed(d)).collect())
+    }
+    pub fn rank(&self) -> usize {
+        self.0.len()
+    }
+    pub fn bind(&self, past: usize, seq: usize) -> Vec<usize> {
+        self.0.iter().map(|d| d.bind(past, seq)).collect()
+    }
+    /// The size of `axis` when it is fixed.
+    pub fn fixed_dim(&self, axis: usize) -> Option<usize> {
+        match self.0.get(axis) {
+            Some(Dim::Fixed(n)) => Some(*n),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+/// Element type of a node's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    /// Token ids.
+    I64,
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::I64 => "i64",
+        })
+    }
+}
+
+/// An `f32` attribute stored by its bits, so ops can be `Eq` and `Hash`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct F32Bits(u32);
+
+impl F32Bits {
+    pub fn new(v: f32) -> Self {
+        F32Bits(v.to_bits())
+    }
+    pub fn get(self) -> f32 {
+        f32::from_bits(self.0)
+    }
+}
+
+impl fmt::Debug for F32Bits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:e}", self.get())
+    }
+}
+
+impl fmt::Display for F32Bits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:e}", self.get())
+    }
+}
+
+/// How rotary frequencies are derived from the base frequencies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (HF `linear`).
+    Linear {
+        factor: F32Bits,
+    },
+    /// Llama 3.1 frequency-dependent scaling (HF `llama3`).
+    Llama3 {
+        factor: F32Bits,
+        low_freq_factor: F32Bits,
+        high_freq_factor: F32Bits,
+        original_max_positions: usize,
+    },
+}
+
+/// Where a parameter node's value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamKind {
+    /// A checkpoint weight.
+    Weight,
+    /// A value computed at compile time by constant folding.
+    Folded,
+}
+
+/// Whether a KV cache node holds keys or values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvKind {
+    Key,
+    Value,
+}
+
+/// The closed set of operations.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// The token ids of this step: `[seq]`, i64.
+    Tokens,
+    /// A value stored in the graph (weights, folded constants).
+    Param(ParamKind),
+    /// `(table [vocab, d], ids [seq]) -> [seq, d]`.
+    Embedding,
+    /// `(x [.., in], w [out, in]) -> [.., out]`: `x @ w^T`, weights in the checkpoints'
+    /// `[out, in]` layout (a tied embedding table serves as the output head as is).
+    MatMul,
+    /// `(x [.., d], w [d]) -> [.., d]`: `x / rms(x) * w`.
+    RmsNorm {
+        eps: F32Bits,
+    },
+    /// Elementwise add; the right side may be a row `[d]` broadcast over `[.., d]`.
+    Add,
+    /// Elementwise multiply, broadcasting like `Add`.
+    Mul,
+    /// `x * scalar`.
+    Scale {
+        factor: F32Bits,
+    },
+    Silu,
+    /// A contiguous range of one axis.
+    Slice {
+        axis: usize,
+        start: usize,
+        len: usize,
+    },
+    /// Inputs joined along one axis.
+    Concat {
+        axis: usize,
+    },
+    /// Rotary angles `position * inv_freq`: `[] -> [max_positions, head_dim / 2]`.
+    RopeAngles {
+        head_dim: usize,
+        theta: F32Bits,
+        scaling: RopeScaling,
+        max_positions: usize,
+    },
+    Cos,
+    Sin,
+    /// Rotary embedding in the rotate-half layout (HF), at positions `past..past+seq`:
+    /// `(x [seq, heads * head_dim], cos [max_pos, head_dim/2], sin [..]) -> x`.
+    Rope {
+        head_dim: usize,
+    },
+    /// Writes this step's rows into the layer's KV cache and yields every cached row:
+    /// `[seq, kv_heads * head_dim] -> [past+seq, kv_heads * head_dim]`.
+    KvAppend {
+        layer: usize,
+        kind: KvKind,
+    },
+    /// Causal scaled-dot-product attention with grouped KV heads:
+    /// `(q [seq, heads*hd], k [past+seq, kv_heads*hd], v [..]) -> [seq, heads*hd]`.
+    Attention {
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        scale: F32Bits,
+    },
+}
+
+impl Op {
+    /// The op's name in dumps.
+    pub fn mnemonic(&self) -> &'static str {
+        match self {
+            Op::Tokens => "tokens",
+            Op::Param(ParamKind::Weight) => "weight",
+            Op::Param(ParamKind::Folded) => "const",
+            Op::Embedding => "embedding",
+            Op::MatMul => "matmul",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Add => "add",
+            Op::Mul => "mul",
+            Op::Scale { .. } => "scale",
+            Op::Silu => "silu",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::RopeAngles { .. } => "rope_angles",
+            Op::Cos => "cos",
+            Op::Sin => "sin",
+            Op::Rope { .. } => "rope",
+            Op::KvAppend { .. } => "kv_append",
+            Op::Attention { .. } => "attention",
+        }
+    }
+
+    /// True for ops whose value depends only on their inputs (no step state), so a
+    /// node with only constant inputs can be evaluated once at compile time.
+    pub fn is_pure(&self) -> bool {
+        !matches!(
+            self,
+            Op::Tokens
+                | Op::Param(_)
+                | Op::Rope { .. }
+                | Op::KvAppend { .. }
+                | Op::Attention { .. }
+        )
+    }
+
+    /// The op's attributes as text, for dumps.
+    pub fn attrs(&self) -> String {
+        match self {
+            Op::RmsNorm { eps } => format!("eps={eps}"),
+            Op::Scale { factor } => format!("factor={factor}"),
+            Op::Slice { axis, start, len } => format!("axis={axis} start={start} len={len}"),
+            Op::Concat { axis } => format!("axis={axis}"),
+            Op::RopeAngles {
+                head_dim,
+                theta,
+                scaling,
+                max_positions,
+            } => {
+                let scaling = match scaling {
+                    RopeScaling::None => "none".to_string(),
+                    RopeScaling::Linear { factor } => format!("linear(factor={factor})"),
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_positions,
+                    } => format!(
+                        "llama3(factor={factor} low={low_freq_factor} high={high_freq_factor} orig={original_max_positions})"
+                    ),
+                };
+                format!("head_dim={head_dim} theta={theta} scaling={scaling} max_positions={max_positions}")
+            }
+            Op::Rope { head_dim } => format!("head_dim={head_dim}"),
+            Op::KvAppend { layer, kind } => format!("layer={layer} kind={kind:?}"),
+            Op::Attention {
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                scale,
+            } => format!("heads={n_heads} kv_heads={n_kv_heads} head_dim={head_dim} scale={scale}"),
+            _ => String::new(),
+        }
+    }
+}
+
+/// Index of a node in its graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub usize);
+
+/// One node: a named op over earlier nodes, with its inferred shape and dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// Stable name carrying the layer index, e.g. `blk.12.attn_norm`.
+    pub name: String,
+    pub op: Op,
+    pub inputs: Vec<NodeId>,
+    pub shape: Shape,
+    pub dtype: DType,
+}

@@ -1,0 +1,119 @@
+use std::collections::BTreeMap;
+
+use super::{Pass, PassContext};
+use crate::error::Result;
+use crate::graph::Graph;
+use crate::ir::{NodeId, Op};
+
+/// Fuses matmuls that read the same input with stored weights into one matmul over the
+/// concatenated weights, followed by one slice per original output: Q/K/V projections
+/// become `attn_qkv`, gate/up become `ffn_gate_up`. One larger matmul reads the input
+/// once and keeps the matmul kernel busier, which matters most in decode (one row).
+///
+/// The slices keep the original node names, so taps and dumps still find `blk.N.attn_q`.
+/// The weight concatenation is left as a `concat` node for [`super::ConstantFold`].
+pub struct FuseSiblingMatMuls;
+
+impl Pass for FuseSiblingMatMuls {
+    fn name(&self) -> &'static str {
+        "fuse-matmul"
+    }
+
+    fn run(&self, graph: &mut Graph, _ctx: &PassContext) -> Result<usize> {
+        // Group matmuls by their activation input; only weights stored in the graph fuse.
+        let mut groups: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
+        for (i, node) in graph.nodes().iter().enumerate() {
+            if node.op == Op::MatMul
+                && matches!(graph.node(node.inputs[1]).op, Op::Param(_))
+                && !matches!(graph.node(node.inputs[0]).op, Op::Param(_))
+                && graph.node(node.inputs[1]).shape.rank() == 2
+            {
+                groups.entry(node.inputs[0]).or_default().push(NodeId(i));
+            }
+        }
+        let mut fused = 0;
+        let mut unused = Vec::new();
+        for (x, members) in groups {
+            if members.len() < 2 {
+                continue;
+            }
+            let names: Vec<String> = members
+                .iter()
+                .map(|m| graph.node(*m).name.clone())
+                .collect();
+            let name = fused_name(&names);
+            let weights: Vec<NodeId> = members.iter().map(|m| graph.node(*m).inputs[1]).collect();
+            let widths: Vec<usize> = weights
+                .iter()
+                .map(|w| graph.node(*w).shape.fixed_dim(0).unwrap_or(0))
+                .collect();
+            let w = graph.add(&format!("{name}.weight"), Op::Concat { axis: 0 }, &weights)?;
+            let y = graph.add(&name, Op::MatMul, &[x, w])?;
+            let axis = graph.node(y).shape.rank() - 1;
+            let mut start = 0;
+            for (m, len) in members.iter().zip(widths) {
+                let original = graph.node(*m).name.clone();
+                // The original matmul hands its name and its readers to the slice.
+                graph.rename(*m, &format!("{original}.unfused"))?;
+                let slice = graph.add(&original, Op::Slice { axis, start, len }, &[y])?;
+                graph.replace_uses(*m, slice);
+                start += len;
+                unused.push(*m);
+            }
+            fused += 1;
+        }
+        // Drop the replaced matmuls; their weights are left for dead-node removal.
+        let mut keep = vec![true; graph.nodes().len()];
+        for m in unused {
+            keep[m.0] = false;
+        }
+        graph.retain(&keep);
+        Ok(fused)
+    }
+}
+
+/// `blk.0.attn_q`, `blk.0.attn_k`, `blk.0.attn_v` -> `blk.0.attn_qkv`;
+/// `blk.0.ffn_gate`, `blk.0.ffn_up` -> `blk.0.ffn_gate_up`.
+fn fused_name(names: &[String]) -> String {
+    let first = names[0].as_str();
+    let mut prefix = first.len();
+    for n in &names[1..] {
+        prefix = prefix.min(
+            first
+                .bytes()
+                .zip(n.bytes())
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    // Cut back to a separator so suffixes are whole words.
+    let cut = first[..prefix]
+        .rfind(['_', '.'])
+        .map(|i| i + 1)
+        .unwrap_or(prefix);
+    let suffixes: Vec<&str> = names.iter().map(|n| &n[cut..]).collect();
+    let sep = if suffixes.iter().all(|s| s.len() == 1) {
+        ""
+    } else {
+        "_"
+    };
+    format!("{}{}", &first[..cut], suffixes.join(sep))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fused_name;
+
+    #[test]
+    fn fused_names_read_like_llama_cpp() {
+        let n = |v: &[&str]| fused_name(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            n(&["blk.0.attn_q", "blk.0.attn_k", "blk.0.attn_v"]),
+            "blk.0.attn_qkv"
+        );
+        assert_eq!(
+            n(&["blk.11.ffn_gate", "blk.11.ffn_up"]),
+            "blk.11.ffn_gate_up"
+        );
+    }
+}

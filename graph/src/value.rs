@@ -1,0 +1,65 @@
+//! Runtime values of graph nodes: burn tensors of the ranks the IR uses.
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::error::{GraphError, Result};
+use crate::ir::DType;
+
+/// The value of one node on some burn device.
+#[derive(Debug, Clone)]
+pub enum Value {
+    F1(Tensor<1>),
+    F2(Tensor<2>),
+    I1(Tensor<1, Int>),
+}
+
+impl Value {
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Value::F1(t) => t.dims().to_vec(),
+            Value::F2(t) => t.dims().to_vec(),
+            Value::I1(t) => t.dims().to_vec(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Value::I1(_) => DType::I64,
+            _ => DType::F32,
+        }
+    }
+
+    /// Copies a float value to the host, row-major.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        let data: TensorData = match self {
+            Value::F1(t) => t.to_data(),
+            Value::F2(t) => t.to_data(),
+            Value::I1(_) => return Err(GraphError::Input("integer value read as f32".into())),
+        };
+        data.convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| GraphError::Input(format!("reading tensor data: {e:?}")))
+    }
+
+    /// A float value from host data of the given shape (rank 1 or 2).
+    pub fn from_f32(
+        values: Vec<f32>,
+        dims: &[usize],
+        device: &burn::tensor::Device,
+    ) -> Result<Value> {
+        let n: usize = dims.iter().product();
+        if n != values.len() {
+            return Err(GraphError::Input(format!(
+                "{} values do not fill shape {dims:?}",
+                values.len()
+            )));
+        }
+        let data = TensorData::new(values, dims.to_vec());
+        match dims.len() {
+            1 => Ok(Value::F1(Tensor::from_data(data, device))),
+            2 => Ok(Value::F2(Tensor::from_data(data, device))),
+            r => Err(GraphError::Input(format!(
+                "rank {r} values are not supported"
+            ))),
+        }
+    }
+}

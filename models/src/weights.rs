@@ -1,0 +1,124 @@
+//! Where weights come from, and the one table from checkpoint names to ours.
+//!
+//! Our names are llama.cpp's GGUF names (`blk.3.attn_q.weight`), so GGUF checkpoints map
+//! one to one and HF checkpoints go through [`hf_to_ours`].
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+
+use crate::error::{ModelError, Result};
+
+/// A tensor read from a checkpoint, as f32 on the host, row-major.
+#[derive(Debug, Clone)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// A checkpoint: tensors by checkpoint name.
+pub trait TensorSource {
+    /// The file(s), for error messages.
+    fn describe(&self) -> String;
+    fn names(&self) -> Vec<String>;
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    fn load(&self, name: &str) -> Result<Option<HostTensor>>;
+}
+
+/// Maps an HF checkpoint name to ours; `None` for names we do not use.
+pub fn hf_to_ours(name: &str) -> Option<String> {
+    let fixed = match name {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, leaf) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let ours = match leaf {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{ours}"))
+}
+
+/// Reads weights by our names from a checkpoint, checking every shape against the config.
+pub struct WeightLoader<'a> {
+    source: &'a dyn TensorSource,
+    /// Our name to checkpoint name.
+    table: std::collections::HashMap<String, String>,
+    device: Device,
+}
+
+impl<'a> WeightLoader<'a> {
+    pub fn new(source: &'a dyn TensorSource, device: &Device) -> Self {
+        let table = source
+            .names()
+            .into_iter()
+            .map(|n| (hf_to_ours(&n).unwrap_or_else(|| n.clone()), n))
+            .collect();
+        WeightLoader {
+            source,
+            table,
+            device: device.clone(),
+        }
+    }
+
+    pub fn contains(&self, ours: &str) -> bool {
+        self.table.contains_key(ours)
+    }
+
+    fn host(&self, ours: &str, expected: &[usize]) -> Result<HostTensor> {
+        let missing = || ModelError::MissingTensor {
+            name: ours.to_string(),
+            path: self.source.describe().into(),
+        };
+        let name = self.table.get(ours).ok_or_else(missing)?;
+        let t = self.source.load(name)?.ok_or_else(missing)?;
+        if t.shape != expected {
+            return Err(ModelError::TensorShape {
+                name: ours.to_string(),
+                expected: expected.to_vec(),
+                actual: t.shape,
+            });
+        }
+        Ok(t)
+    }
+
+    /// A vector weight `[n]`.
+    pub fn vector(&self, ours: &str, n: usize) -> Result<Param<Tensor<1>>> {
+        let t = self.host(ours, &[n])?;
+        Ok(Param::from_tensor(Tensor::from_data(
+            TensorData::new(t.data, [n]),
+            &self.device,
+        )))
+    }
+
+    /// A projection `[out, in]`, kept in the checkpoint layout (the graph's matmul
+    /// computes `x @ w^T`).
+    pub fn linear(&self, ours: &str, d_in: usize, d_out: usize) -> Result<Param<Tensor<2>>> {
+        self.table(ours, d_out, d_in)
+    }
+
+    /// A table stored as it is, `[rows, cols]` (embeddings).
+    pub fn table(&self, ours: &str, rows: usize, cols: usize) -> Result<Param<Tensor<2>>> {
+        let t = self.host(ours, &[rows, cols])?;
+        Ok(Param::from_tensor(Tensor::from_data(
+            TensorData::new(t.data, [rows, cols]),
+            &self.device,
+        )))
+    }
+}

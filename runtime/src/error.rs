@@ -1,0 +1,24 @@
+/// Errors of sessions, tokenization and generation.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Graph(#[from] llama_graph::GraphError),
+    #[error(transparent)]
+    Model(#[from] llama_models::ModelError),
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenOutOfRange { id: u32, vocab: usize },
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("prompt of {prompt} tokens plus {requested} new tokens exceeds the context of {context} tokens")]
+    ContextExceeded {
+        prompt: usize,
+        requested: usize,
+        context: usize,
+    },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: String, message: String },
+    #[error("{0}")]
+    NoTokenizer(String),
+}
+
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

@@ -1,0 +1,6 @@
+//! llama.rs: a graph-compiled LLM inference runtime on burn.
+//!
+//! This crate re-exports the workspace crates; see `README.md` for the layout.
+pub use llama_graph as graph;
+pub use llama_models as models;
+pub use llama_runtime as runtime;

@@ -1,0 +1,322 @@
+//! The `llama` binary as a user runs it: output contract and bad input.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+use llama::graph::Pipeline;
+use llama::runtime::{generate_greedy, Tokenizer};
+
+fn llama(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llama"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Exit code not 0, one line on stderr naming `needle`, no panic.
+fn assert_one_line_error(out: &Output, needle: &str) {
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "exit code 0 for bad input; stderr: {err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+    assert!(err.contains(needle), "{err:?} does not name {needle:?}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal"),
+        "a panic: {err}"
+    );
+}
+
+#[test]
+fn generate_streams_only_the_generated_text() {
+    let dir = fixture("llama3");
+    let out = llama(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--backend",
+        "flex",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The same generation through the library, decoded at once.
+    let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    let prompt = tokenizer.encode("Hello").unwrap();
+    let mut s = session("llama3", &flex(), &Pipeline::standard());
+    let g = generate_greedy(&mut s, &prompt, 12, &[2], |_| {}).unwrap();
+    let expected = tokenizer.decode(&g.ids).unwrap();
+    assert_eq!(text(&out.stdout), format!("{expected}\n"));
+    assert!(text(&out.stderr).contains("tok/s"), "timings go to stderr");
+}
+
+#[test]
+fn generate_on_ndarray_gives_the_same_text() {
+    let dir = fixture("llama2-mha");
+    let run = |backend| {
+        llama(&[
+            "generate",
+            "-m",
+            dir.to_str().unwrap(),
+            "-p",
+            "abc",
+            "-n",
+            "10",
+            "--backend",
+            backend,
+        ])
+    };
+    let (a, b) = (run("flex"), run("ndarray"));
+    assert!(
+        a.status.success() && b.status.success(),
+        "{} {}",
+        text(&a.stderr),
+        text(&b.stderr)
+    );
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn graph_dumps_raw_and_optimized() {
+    let dir = fixture("llama-tied");
+    let optimized = text(&llama(&["graph", "--model", dir.to_str().unwrap()]).stdout);
+    let raw = text(
+        &llama(&[
+            "graph",
+            "--model",
+            dir.to_str().unwrap(),
+            "--passes",
+            "none",
+        ])
+        .stdout,
+    );
+    assert!(optimized.contains("blk.1.attn_qkv = matmul"), "{optimized}");
+    assert!(!optimized.contains("blk.1.attn_q.weight"));
+    assert!(
+        raw.contains("blk.1.attn_q = matmul(blk.1.attn_norm, blk.1.attn_q.weight)"),
+        "{raw}"
+    );
+    // Tied: the head reads the embedding table.
+    assert!(
+        raw.contains("logits = matmul(output_norm, token_embd.weight)"),
+        "{raw}"
+    );
+}
+
+#[test]
+fn graph_taps_summarize_every_node() {
+    let dir = fixture("llama3");
+    let out = llama(&[
+        "graph",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--taps",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    for node in ["inp_embd", "blk.0.attn_norm", "blk.1.ffn_down", "logits"] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&format!("{node} "))),
+            "{node} missing:\n{stdout}"
+        );
+    }
+}
+
+/// A copy of a tiny model in a temporary directory, to be broken by the test.
+fn broken_copy(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture("llama3").join(f), dir.path().join(f)).unwrap();
+    }
+    edit(dir.path());
+    dir
+}
+
+fn generate_on(dir: &Path) -> Output {
+    llama(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "-n",
+        "2",
+    ])
+}
+
+#[test]
+fn missing_model_directory() {
+    assert_one_line_error(
+        &generate_on(Path::new("/nonexistent/model")),
+        "/nonexistent/model",
+    );
+}
+
+#[test]
+fn missing_weights_file() {
+    let dir = broken_copy(|d| std::fs::remove_file(d.join("model.safetensors")).unwrap());
+    assert_one_line_error(&generate_on(dir.path()), "no model here");
+}
+
+#[test]
+fn missing_config() {
+    let dir = broken_copy(|d| std::fs::remove_file(d.join("config.json")).unwrap());
+    assert_one_line_error(&generate_on(dir.path()), "config.json");
+}
+
+fn edit_config(d: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let p = d.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(p, v.to_string()).unwrap();
+}
+
+#[test]
+fn unknown_architecture() {
+    let dir = broken_copy(|d| {
+        edit_config(d, |v| {
+            v["architectures"] = serde_json::json!(["FancyNetForCausalLM"])
+        })
+    });
+    let out = generate_on(dir.path());
+    assert_one_line_error(&out, "FancyNetForCausalLM");
+    assert!(
+        text(&out.stderr).contains("LlamaForCausalLM"),
+        "lists the supported ones"
+    );
+}
+
+#[test]
+fn config_sizes_that_disagree_with_the_weights() {
+    let dir = broken_copy(|d| edit_config(d, |v| v["intermediate_size"] = serde_json::json!(128)));
+    let out = generate_on(dir.path());
+    assert_one_line_error(&out, "blk.0.ffn_gate.weight");
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("[160, 64]") && err.contains("[128, 64]"),
+        "both shapes: {err}"
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let dir = broken_copy(|d| {
+        let p = d.join("model.safetensors");
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    });
+    assert_one_line_error(&generate_on(dir.path()), "model.safetensors");
+}
+
+#[test]
+fn random_bytes_as_safetensors() {
+    let dir = broken_copy(|d| {
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(d.join("model.safetensors"), noise).unwrap();
+    });
+    assert_one_line_error(&generate_on(dir.path()), "not a valid safetensors file");
+}
+
+#[test]
+fn header_that_claims_more_than_the_file_holds() {
+    let dir = broken_copy(|d| {
+        let p = d.join("model.safetensors");
+        let mut bytes = std::fs::read(&p).unwrap();
+        let claimed = (bytes.len() as u64 + 1000).to_le_bytes();
+        bytes[..8].copy_from_slice(&claimed);
+        std::fs::write(&p, bytes).unwrap();
+    });
+    assert_one_line_error(&generate_on(dir.path()), "model.safetensors");
+    let dir = broken_copy(|d| {
+        // A well-formed header whose tensor extends past the data.
+        let header =
+            br#"{"token_embd":{"dtype":"F32","shape":[1000,64],"data_offsets":[0,256000]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0u8; 64]);
+        std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+    });
+    assert_one_line_error(&generate_on(dir.path()), "not a valid safetensors file");
+}
+
+#[test]
+fn unknown_backend() {
+    let dir = fixture("llama3");
+    assert_one_line_error(
+        &llama(&[
+            "generate",
+            "-m",
+            dir.to_str().unwrap(),
+            "-p",
+            "x",
+            "--backend",
+            "cuda9",
+        ]),
+        "cuda9",
+    );
+}
+
+#[test]
+fn negative_token_count() {
+    let dir = fixture("llama3");
+    assert_one_line_error(
+        &llama(&[
+            "generate",
+            "-m",
+            dir.to_str().unwrap(),
+            "-p",
+            "x",
+            "--max-tokens",
+            "-3",
+        ]),
+        "-3",
+    );
+}
+
+#[test]
+fn prompt_past_the_context() {
+    let dir = fixture("llama3");
+    let long = "a".repeat(300);
+    let out = llama(&[
+        "generate",
+        "-m",
+        dir.to_str().unwrap(),
+        "-p",
+        &long,
+        "-n",
+        "4",
+    ]);
+    assert_one_line_error(&out, "context");
+}
+
+#[test]
+fn unknown_pass() {
+    let dir = fixture("llama3");
+    assert_one_line_error(
+        &llama(&[
+            "graph",
+            "-m",
+            dir.to_str().unwrap(),
+            "--passes",
+            "fold-everything",
+        ]),
+        "fold-everything",
+    );
+}

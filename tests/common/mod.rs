@@ -1,0 +1,88 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+use burn::tensor::Device;
+use llama::graph::{Graph, PassContext, Pipeline, Program};
+use llama::models::Model;
+use llama::runtime::Session;
+use serde::Deserialize;
+
+pub const TINY: &[&str] = &["llama3", "llama-tied", "llama2-mha"];
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny")
+        .join(name)
+}
+
+/// What transformers computed for a tiny model (see tests/fixtures/README.md).
+#[derive(Deserialize)]
+pub struct Reference {
+    pub input_ids: Vec<u32>,
+    pub logits: Vec<Vec<f32>>,
+    pub argmax: Vec<u32>,
+    pub greedy_prompt_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub greedy_margins: Vec<f32>,
+}
+
+pub fn reference(name: &str) -> Reference {
+    let path = fixture(name).join("reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("reference.json parses")
+}
+
+pub fn flex() -> Device {
+    Device::flex()
+}
+
+#[allow(deprecated)]
+pub fn ndarray() -> Device {
+    Device::ndarray()
+}
+
+pub fn load(name: &str, device: &Device) -> Model {
+    Model::load(&fixture(name), device).unwrap_or_else(|e| panic!("loading {name}: {e}"))
+}
+
+/// The model's graph after `pipeline`.
+pub fn graph(name: &str, device: &Device, pipeline: &Pipeline) -> Graph {
+    let mut g = load(name, device).build_graph().expect("graph builds");
+    pipeline
+        .run(
+            &mut g,
+            &PassContext {
+                device: device.clone(),
+            },
+        )
+        .expect("passes run");
+    g
+}
+
+pub fn session_of(graph: Graph, device: &Device, context: usize) -> Session {
+    Session::new(
+        Program::new(graph, device.clone()).expect("program"),
+        context,
+    )
+    .expect("session")
+}
+
+pub fn session(name: &str, device: &Device, pipeline: &Pipeline) -> Session {
+    session_of(graph(name, device, pipeline), device, 64)
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Full-sequence logits of `ids` in a fresh session.
+pub fn full_forward(session: &mut Session, ids: &[u32]) -> Vec<Vec<f32>> {
+    session.reset();
+    let logits = session.prefill(ids).expect("prefill");
+    (0..logits.rows).map(|r| logits.row(r).to_vec()).collect()
+}
