@@ -53,7 +53,7 @@ fn greedy_ids_match_transformers() {
             .greedy_margins
             .iter()
             .position(|&m| m < 0.02)
-            .map_or(n, |i| i + 1);
+            .unwrap_or(n);
         assert_eq!(
             got.ids[..trusted],
             reference.greedy_ids[..trusted],

@@ -1,7 +1,7 @@
 //! The `llama` command line: argument parsing, the one backend `match`, printing.
 //!
 //! The binary itself is the root package's `src/main.rs`, which calls [`main`].
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -30,6 +30,10 @@ enum Command {
     Generate(GenerateArgs),
     /// Print the model's compiled graph, or with --taps a summary of every node's output.
     Graph(GraphArgs),
+    /// Perplexity of a text file; the last stdout line is `perplexity: <number>`.
+    Perplexity(PerplexityArgs),
+    /// Write an HF model directory (safetensors, config, tokenizer) from a GGUF file.
+    Convert(ConvertArgs),
 }
 
 /// Where the graph runs.
@@ -54,7 +58,7 @@ impl Backend {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Model directory (config.json, *.safetensors, tokenizer.json).
+    /// An HF model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file.
     #[arg(long, short = 'm')]
     model: PathBuf,
     #[arg(long, value_enum, default_value = "flex")]
@@ -93,6 +97,40 @@ struct GraphArgs {
     taps: bool,
 }
 
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text to score (UTF-8).
+    #[arg(long, short = 'f')]
+    file: PathBuf,
+    /// Window size in tokens (default: the model's context, at most 4096). A text that
+    /// fits is scored in one window; a longer one in windows of this size, each scoring
+    /// its second half.
+    #[arg(long, short = 'c')]
+    ctx_size: Option<usize>,
+}
+
+/// Element type of converted weights.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ConvertDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The .gguf file to convert.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    /// Output directory (created; existing files in it are replaced).
+    #[arg(long, short = 'o')]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: ConvertDtype,
+}
+
 fn pipeline(spec: &str) -> Result<Pipeline> {
     Ok(match spec {
         "default" => Pipeline::standard(),
@@ -128,10 +166,7 @@ fn compile(args: &ModelArgs) -> Result<(Model, Program)> {
 }
 
 fn tokenizer(model: &Model) -> Result<Tokenizer> {
-    let path = model
-        .tokenizer_path()
-        .with_context(|| format!("{}: no tokenizer.json", model.path.display()))?;
-    Ok(Tokenizer::from_file(&path)?)
+    Ok(Tokenizer::for_model(model)?)
 }
 
 fn generate(args: GenerateArgs) -> Result<()> {
@@ -145,15 +180,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let (model, program) = compile(&args.model)?;
     let tokenizer = tokenizer(&model)?;
     let prompt = tokenizer.encode(&args.prompt)?;
-    let context = args
-        .ctx_size
-        .unwrap_or(model.config.max_position_embeddings.min(4096));
-    if context > model.config.max_position_embeddings {
-        bail!(
-            "--ctx-size {context} exceeds the model's {} positions",
-            model.config.max_position_embeddings
-        );
-    }
+    let context = context_for(&model, args.ctx_size)?;
     let mut session = Session::new(program, context)?;
     let load_time = load_start.elapsed();
 
@@ -217,10 +244,72 @@ fn graph(args: GraphArgs) -> Result<()> {
     Ok(())
 }
 
+fn context_for(model: &Model, requested: Option<usize>) -> Result<usize> {
+    let max = model.config.max_position_embeddings;
+    match requested {
+        Some(0) => bail!("--ctx-size must be positive"),
+        Some(n) if n > max => bail!("--ctx-size {n} exceeds the model's {max} positions"),
+        Some(n) => Ok(n),
+        None => Ok(max.min(4096)),
+    }
+}
+
+fn perplexity(args: PerplexityArgs) -> Result<()> {
+    let text =
+        std::fs::read_to_string(&args.file).with_context(|| format!("{}", args.file.display()))?;
+    let (model, program) = compile(&args.model)?;
+    let tokenizer = tokenizer(&model)?;
+    // No BOS: the text is scored as it is.
+    let ids = tokenizer.encode_plain(&text)?;
+    let window = context_for(&model, args.ctx_size)?.min(ids.len().max(1));
+    let mut session = Session::new(program, window)?;
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let result = llama_runtime::perplexity(&mut session, &ids, window, |done, total| {
+        if tty {
+            eprint!("\rwindow {done}/{total}");
+        }
+    })?;
+    if tty {
+        eprint!("\r");
+    }
+    eprintln!(
+        "{} tokens, {} scored in {} window(s) of {} in {:.1} s",
+        ids.len(),
+        result.scored,
+        result.windows,
+        window,
+        start.elapsed().as_secs_f64()
+    );
+    println!("mean nll: {:.6}", result.mean_nll);
+    println!("perplexity: {:.6}", result.perplexity);
+    Ok(())
+}
+
+fn convert(args: ConvertArgs) -> Result<()> {
+    use llama_models::convert::Dtype;
+    if !llama_models::GgufFile::sniff(&args.model) {
+        bail!("{}: not a GGUF file", args.model.display());
+    }
+    let file = llama_models::GgufFile::open(&args.model)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let dtype = match args.dtype {
+        ConvertDtype::F32 => Dtype::F32,
+        ConvertDtype::Bf16 => Dtype::BF16,
+        ConvertDtype::F16 => Dtype::F16,
+    };
+    let written =
+        llama_models::convert::gguf_to_hf(&file, &args.out, dtype, &tokenizer.to_json()?)?;
+    eprintln!("wrote {} tensors to {}", written, args.out.display());
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => generate(a),
         Command::Graph(a) => graph(a),
+        Command::Perplexity(a) => perplexity(a),
+        Command::Convert(a) => convert(a),
     }
 }
 

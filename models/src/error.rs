@@ -24,6 +24,8 @@ pub enum ModelError {
     },
     #[error("{path}: not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
+    #[error("{path}: invalid GGUF: {message}")]
+    Gguf { path: PathBuf, message: String },
     #[error("tensor `{name}` not found in {path}")]
     MissingTensor { name: String, path: PathBuf },
     #[error("tensor `{name}` has shape {actual:?}, but the config implies {expected:?}")]
@@ -34,7 +36,7 @@ pub enum ModelError {
     },
     #[error("tensor `{name}` has unsupported dtype {dtype}")]
     TensorDtype { name: String, dtype: String },
-    #[error("{0}: no model here (expected a directory with config.json and *.safetensors)")]
+    #[error("{0}: no model here (expected a directory with config.json and *.safetensors, or a .gguf file)")]
     NotAModel(PathBuf),
     #[error(transparent)]
     Graph(#[from] llama_graph::GraphError),

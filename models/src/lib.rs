@@ -1,8 +1,11 @@
 //! llama-models: configs, weight loading and one graph-building file per family.
 pub mod config;
+pub mod convert;
 pub mod error;
+pub mod gguf;
 pub mod layers;
 pub mod llama;
+pub mod quant;
 pub mod registry;
 pub mod safetensors;
 pub mod weights;
@@ -14,12 +17,23 @@ use llama_graph::Graph;
 
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
+pub use gguf::GgufFile;
 pub use registry::{Architecture, REGISTRY};
+
+/// Where a model was loaded from.
+#[derive(Debug)]
+pub enum ModelSource {
+    /// An HF directory: config.json, safetensors, tokenizer.json.
+    HfDir(PathBuf),
+    /// A GGUF file, kept open for its tokenizer and chat template metadata.
+    Gguf(Box<gguf::GgufFile>),
+}
 
 /// A loaded model: its config, its family's weights and where it came from.
 #[derive(Debug)]
 pub struct Model {
     pub path: PathBuf,
+    pub source: ModelSource,
     /// The registry name of its family (`LlamaForCausalLM`).
     pub arch: &'static str,
     pub config: ModelConfig,
@@ -27,7 +41,7 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads an HF model directory (config.json and safetensors) onto `device`.
+    /// Loads an HF model directory or a `.gguf` file onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Model> {
         if !path.exists() {
             return Err(ModelError::Io {
@@ -38,17 +52,43 @@ impl Model {
                 ),
             });
         }
-        if !path.is_dir() {
-            return Err(ModelError::NotAModel(path.to_path_buf()));
+        if path.is_file() {
+            return Self::load_gguf(path, device);
         }
         let config = ModelConfig::from_file(&path.join("config.json"))?;
-        let (arch, load) = registry::lookup(&config)?;
+        let entry = registry::lookup(&config)?;
         let source = safetensors::SafetensorsSource::open_dir(path)?;
         let loader = weights::WeightLoader::new(&source, device);
-        let weights = load(&config, &loader)?;
+        let weights = (entry.load)(&config, &loader)?;
         Ok(Model {
             path: path.to_path_buf(),
-            arch,
+            source: ModelSource::HfDir(path.to_path_buf()),
+            arch: entry.hf,
+            config,
+            weights,
+        })
+    }
+
+    fn load_gguf(path: &Path, device: &Device) -> Result<Model> {
+        if !gguf::GgufFile::sniff(path) {
+            return Err(ModelError::NotAModel(path.to_path_buf()));
+        }
+        let file = gguf::GgufFile::open(path)?;
+        let entry = registry::lookup_gguf(file.architecture()?)?;
+        let config = file.config(entry.hf)?;
+        let weights = {
+            let source = gguf::GgufSource {
+                file: &file,
+                n_heads: config.num_attention_heads,
+                n_kv_heads: config.n_kv_heads(),
+            };
+            let loader = weights::WeightLoader::new(&source, device);
+            (entry.load)(&config, &loader)?
+        };
+        Ok(Model {
+            path: path.to_path_buf(),
+            source: ModelSource::Gguf(Box::new(file)),
+            arch: entry.hf,
             config,
             weights,
         })
@@ -62,23 +102,26 @@ impl Model {
 
     /// The model's own `tokenizer.json`, if it has one.
     pub fn tokenizer_path(&self) -> Option<PathBuf> {
-        let p = self.path.join("tokenizer.json");
-        p.exists().then_some(p)
+        match &self.source {
+            ModelSource::HfDir(dir) => Some(dir.join("tokenizer.json")).filter(|p| p.exists()),
+            ModelSource::Gguf(_) => None,
+        }
     }
 
-    /// End-of-generation ids: `generation_config.json` first, then `config.json`.
+    /// End-of-generation ids: `generation_config.json` first, then the config.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        let gen = self.path.join("generation_config.json");
-        if let Ok(text) = std::fs::read_to_string(&gen) {
-            #[derive(serde::Deserialize)]
-            struct Gen {
-                eos_token_id: Option<config::TokenIds>,
-            }
-            if let Ok(Gen {
-                eos_token_id: Some(ids),
-            }) = serde_json::from_str::<Gen>(&text)
-            {
-                return ids.to_vec();
+        if let ModelSource::HfDir(dir) = &self.source {
+            if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+                #[derive(serde::Deserialize)]
+                struct Gen {
+                    eos_token_id: Option<config::TokenIds>,
+                }
+                if let Ok(Gen {
+                    eos_token_id: Some(ids),
+                }) = serde_json::from_str::<Gen>(&text)
+                {
+                    return ids.to_vec();
+                }
             }
         }
         self.config.eos_token_ids()

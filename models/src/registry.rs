@@ -14,16 +14,27 @@ pub trait Architecture: Send + Sync + std::fmt::Debug {
 /// Loads a family's weights.
 pub type LoadFn = fn(&ModelConfig, &WeightLoader) -> Result<Box<dyn Architecture>>;
 
-/// HF `architectures` names and their loaders. A new family is one file and one line.
-pub const REGISTRY: &[(&str, LoadFn)] = &[("LlamaForCausalLM", crate::llama::load)];
-
-/// The names this build supports.
-pub fn supported() -> Vec<&'static str> {
-    REGISTRY.iter().map(|(n, _)| *n).collect()
+/// One family: its HF `architectures` name, its GGUF `general.architecture` name, and
+/// its loader.
+pub struct Entry {
+    pub hf: &'static str,
+    pub gguf: &'static str,
+    pub load: LoadFn,
 }
 
-/// The loader for a config's architecture.
-pub fn lookup(config: &ModelConfig) -> Result<(&'static str, LoadFn)> {
+/// Every supported family. A new family is one file and one line here.
+#[rustfmt::skip]
+pub const REGISTRY: &[Entry] = &[
+    Entry { hf: "LlamaForCausalLM", gguf: "llama", load: crate::llama::load },
+];
+
+/// The HF names this build supports.
+pub fn supported() -> Vec<&'static str> {
+    REGISTRY.iter().map(|e| e.hf).collect()
+}
+
+/// The entry for a config's architecture.
+pub fn lookup(config: &ModelConfig) -> Result<&'static Entry> {
     let found = config
         .architectures
         .first()
@@ -32,10 +43,20 @@ pub fn lookup(config: &ModelConfig) -> Result<(&'static str, LoadFn)> {
         .unwrap_or_else(|| "<none>".to_string());
     REGISTRY
         .iter()
-        .find(|(name, _)| *name == found)
-        .copied()
+        .find(|e| e.hf == found)
         .ok_or_else(|| ModelError::UnknownArch {
             found,
             supported: supported(),
+        })
+}
+
+/// The entry for a GGUF `general.architecture`.
+pub fn lookup_gguf(arch: &str) -> Result<&'static Entry> {
+    REGISTRY
+        .iter()
+        .find(|e| e.gguf == arch)
+        .ok_or_else(|| ModelError::UnknownArch {
+            found: arch.to_string(),
+            supported: REGISTRY.iter().map(|e| e.gguf).collect(),
         })
 }

@@ -23,36 +23,62 @@ pub trait TensorSource {
     fn load(&self, name: &str) -> Result<Option<HostTensor>>;
 }
 
-/// Maps an HF checkpoint name to ours; `None` for names we do not use.
-pub fn hf_to_ours(name: &str) -> Option<String> {
-    let fixed = match name {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
+/// Whole-model tensors: (HF name, our name).
+const GLOBAL_NAMES: &[(&str, &str)] = &[
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// Per-layer tensors: (HF name after `model.layers.N.`, ours after `blk.N.`).
+const LAYER_NAMES: &[(&str, &str)] = &[
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+];
+
+fn translate(name: &str, from_prefix: &str, to_prefix: &str, hf_to_ours: bool) -> Option<String> {
+    let pick = |(hf, ours): &(&'static str, &'static str)| {
+        if hf_to_ours {
+            (*hf, *ours)
+        } else {
+            (*ours, *hf)
+        }
     };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+    if let Some((_, to)) = GLOBAL_NAMES
+        .iter()
+        .map(pick)
+        .find(|(from, _)| *from == name)
+    {
+        return Some(to.to_string());
     }
-    let rest = name.strip_prefix("model.layers.")?;
+    let rest = name.strip_prefix(from_prefix)?;
     let (layer, leaf) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let ours = match leaf {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "self_attn.q_proj.bias" => "attn_q.bias",
-        "self_attn.k_proj.bias" => "attn_k.bias",
-        "self_attn.v_proj.bias" => "attn_v.bias",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{ours}"))
+    let (_, to) = LAYER_NAMES
+        .iter()
+        .map(pick)
+        .find(|(from, _)| *from == leaf)?;
+    Some(format!("{to_prefix}{layer}.{to}"))
+}
+
+/// Maps an HF checkpoint name to ours; `None` for names we do not use.
+pub fn hf_to_ours(name: &str) -> Option<String> {
+    translate(name, "model.layers.", "blk.", true)
+}
+
+/// Maps one of our names to the HF checkpoint name.
+pub fn ours_to_hf(name: &str) -> Option<String> {
+    translate(name, "blk.", "model.layers.", false)
 }
 
 /// Reads weights by our names from a checkpoint, checking every shape against the config.

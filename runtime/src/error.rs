@@ -7,6 +7,8 @@ pub enum RuntimeError {
     Model(#[from] llama_models::ModelError),
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
+    #[error("{0} tokens are too few to score (at least 2, and windows of at least 4)")]
+    TooShort(usize),
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("prompt of {prompt} tokens plus {requested} new tokens exceeds the context of {context} tokens")]

@@ -86,3 +86,49 @@ pub fn full_forward(session: &mut Session, ids: &[u32]) -> Vec<Vec<f32>> {
     let logits = session.prefill(ids).expect("prefill");
     (0..logits.rows).map(|r| logits.row(r).to_vec()).collect()
 }
+
+/// The real model's GGUF: `$LLAMA_RS_MODEL`, else the cache that
+/// `scripts/fetch-model.sh` fills. Missing, it fails the test and says how to fetch it.
+pub fn real_model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("LLAMA_RS_MODEL") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("LLAMA_RS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/llama-rs")
+        });
+    let path = cache.join("models/smollm2-135m-instruct-q4_1.gguf");
+    assert!(
+        path.exists(),
+        "the real model is missing at {}: run scripts/fetch-model.sh",
+        path.display()
+    );
+    path
+}
+
+pub fn smollm2_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/smollm2")
+        .join(name)
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> T {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A session on a model file or directory with the standard passes.
+pub fn session_for(path: &std::path::Path, device: &Device, context: usize) -> Session {
+    let model = Model::load(path, device).unwrap_or_else(|e| panic!("{e}"));
+    let mut g = model.build_graph().expect("graph");
+    Pipeline::standard()
+        .run(
+            &mut g,
+            &PassContext {
+                device: device.clone(),
+            },
+        )
+        .expect("passes");
+    session_of(g, device, context)
+}

@@ -1,0 +1,537 @@
+//! GGUF files: metadata of every value type, tensor infos, alignment, memory-mapped data.
+//!
+//! Tensors are dequantized to f32 when loaded. Names in GGUF files are already ours
+//! (`blk.N.attn_q.weight`); the one GGUF-specific transform is undoing the row
+//! permutation that GGUF converters apply to Llama's Q and K projections.
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use crate::config::ModelConfig;
+use crate::error::{io_err, ModelError, Result};
+use crate::quant::{dequantize, GgmlType};
+use crate::weights::{HostTensor, TensorSource};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+const DEFAULT_ALIGNMENT: usize = 32;
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Bool(bool),
+    String(String),
+    Array(Vec<MetaValue>),
+}
+
+impl MetaValue {
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            MetaValue::U8(v) => Some(v as u64),
+            MetaValue::U16(v) => Some(v as u64),
+            MetaValue::U32(v) => Some(v as u64),
+            MetaValue::U64(v) => Some(v),
+            MetaValue::I8(v) => u64::try_from(v).ok(),
+            MetaValue::I16(v) => u64::try_from(v).ok(),
+            MetaValue::I32(v) => u64::try_from(v).ok(),
+            MetaValue::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            MetaValue::F32(v) => Some(v as f64),
+            MetaValue::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            MetaValue::String(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            MetaValue::Bool(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn as_array(&self) -> Option<&[MetaValue]> {
+        match self {
+            MetaValue::Array(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// A short description for listings: arrays by length only.
+    pub fn brief(&self) -> String {
+        match self {
+            MetaValue::Array(v) => format!("[{} values]", v.len()),
+            MetaValue::String(s) if s.len() > 80 => {
+                format!("{:?}...", &s[..s.floor_char_boundary(80)])
+            }
+            MetaValue::String(s) => format!("{s:?}"),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+/// One tensor's entry in the file.
+#[derive(Debug, Clone)]
+pub struct GgufTensor {
+    pub name: String,
+    /// Row-major shape, outermost first (GGUF stores the innermost dimension first).
+    pub shape: Vec<usize>,
+    pub ty: GgmlType,
+    /// Byte range in the file.
+    pub start: usize,
+    pub len: usize,
+}
+
+/// An open GGUF file.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub version: u32,
+    pub metadata: BTreeMap<String, MetaValue>,
+    pub tensors: Vec<GgufTensor>,
+    map: Mmap,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// Bounds-checked little-endian reads over the mapped file.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn err(&self, what: &str) -> ModelError {
+        ModelError::Gguf {
+            path: self.path.to_path_buf(),
+            message: format!("{what} at byte {}", self.pos),
+        }
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        let Some(end) = end else {
+            return Err(self.err(&format!("file ends inside {what}")));
+        };
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A length that must fit in what is left of the file, `unit` bytes per item.
+    fn len(&mut self, what: &str, unit: usize) -> Result<usize> {
+        let n = self.u64(what)?;
+        let left = (self.buf.len() - self.pos) as u64;
+        if n.saturating_mul(unit as u64) > left {
+            return Err(self.err(&format!(
+                "{what} claims {n} items, more than the file holds"
+            )));
+        }
+        Ok(n as usize)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String> {
+        let n = self.len(what, 1)?;
+        let bytes = self.take(n, what)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| self.err(&format!("{what} is not UTF-8")))
+    }
+
+    fn value(&mut self, ty: u32, depth: usize) -> Result<MetaValue> {
+        Ok(match ty {
+            0 => MetaValue::U8(self.array::<1>("u8")?[0]),
+            1 => MetaValue::I8(self.array::<1>("i8")?[0] as i8),
+            2 => MetaValue::U16(u16::from_le_bytes(self.array("u16")?)),
+            3 => MetaValue::I16(i16::from_le_bytes(self.array("i16")?)),
+            4 => MetaValue::U32(self.u32("u32")?),
+            5 => MetaValue::I32(i32::from_le_bytes(self.array("i32")?)),
+            6 => MetaValue::F32(f32::from_le_bytes(self.array("f32")?)),
+            7 => MetaValue::Bool(self.array::<1>("bool")?[0] != 0),
+            8 => MetaValue::String(self.string("string")?),
+            9 => {
+                if depth > 4 {
+                    return Err(self.err("arrays nested too deep"));
+                }
+                let item = self.u32("array type")?;
+                let n = self.len("array", 1)?;
+                let mut v = Vec::with_capacity(n.min(1 << 20));
+                for _ in 0..n {
+                    v.push(self.value(item, depth + 1)?);
+                }
+                MetaValue::Array(v)
+            }
+            10 => MetaValue::U64(self.u64("u64")?),
+            11 => MetaValue::I64(i64::from_le_bytes(self.array("i64")?)),
+            12 => MetaValue::F64(f64::from_le_bytes(self.array("f64")?)),
+            other => return Err(self.err(&format!("unknown metadata type {other}"))),
+        })
+    }
+}
+
+impl GgufFile {
+    /// True when `path` starts with the GGUF magic.
+    pub fn sniff(path: &Path) -> bool {
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .map(|_| &magic == MAGIC)
+            .unwrap_or(false)
+    }
+
+    /// Opens and validates a GGUF file: header, metadata, and every tensor's extent.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(io_err(path))?;
+        // SAFETY: read-only map; see `SafetensorsSource::open_files`.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+        let mut c = Cursor {
+            buf: &map,
+            pos: 0,
+            path,
+        };
+        if c.take(4, "the magic")? != MAGIC {
+            return Err(ModelError::Gguf {
+                path: path.to_path_buf(),
+                message: "not a GGUF file (bad magic)".into(),
+            });
+        }
+        let version = c.u32("the version")?;
+        if !(2..=3).contains(&version) {
+            return Err(ModelError::Gguf {
+                path: path.to_path_buf(),
+                message: format!("GGUF version {version} is not supported (2, 3)"),
+            });
+        }
+        // Each tensor info and key-value pair takes at least 8 bytes.
+        let n_tensors = c.len("the tensor count", 8)?;
+        let n_kv = c.len("the metadata count", 8)?;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = c.string("a metadata key")?;
+            let ty = c.u32("a metadata type")?;
+            let value = c.value(ty, 0)?;
+            metadata.insert(key, value);
+        }
+        let mut infos = Vec::with_capacity(n_tensors);
+        for _ in 0..n_tensors {
+            let name = c.string("a tensor name")?;
+            let n_dims = c.u32("a tensor rank")? as usize;
+            if n_dims == 0 || n_dims > 4 {
+                return Err(c.err(&format!("tensor `{name}` has rank {n_dims}")));
+            }
+            let mut dims = Vec::with_capacity(n_dims);
+            for _ in 0..n_dims {
+                dims.push(c.u64("a tensor dimension")? as usize);
+            }
+            let ty_id = c.u32("a tensor type")?;
+            let offset = c.u64("a tensor offset")? as usize;
+            infos.push((name, dims, ty_id, offset));
+        }
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(MetaValue::as_u64)
+            .map(|a| a as usize)
+            .unwrap_or(DEFAULT_ALIGNMENT);
+        if alignment == 0 || !alignment.is_power_of_two() {
+            return Err(c.err(&format!(
+                "general.alignment {alignment} is not a power of two"
+            )));
+        }
+        let data_start = c.pos.div_ceil(alignment) * alignment;
+        let mut tensors = Vec::with_capacity(infos.len());
+        for (name, dims, ty_id, offset) in infos {
+            let bad = |message: String| ModelError::Gguf {
+                path: path.to_path_buf(),
+                message,
+            };
+            let ty = GgmlType::from_id(ty_id).ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` has ggml type {ty_id}, which is not supported"
+                ))
+            })?;
+            let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let len = n.and_then(|n| ty.bytes_for(n)).ok_or_else(|| {
+                bad(format!(
+                    "tensor `{name}` of shape {dims:?} is not a whole number of {} blocks",
+                    ty.name()
+                ))
+            })?;
+            let start = data_start.checked_add(offset);
+            let end = start.and_then(|s| s.checked_add(len));
+            match (start, end) {
+                (Some(start), Some(end)) if end <= map.len() => tensors.push(GgufTensor {
+                    name,
+                    shape: dims.iter().rev().copied().collect(),
+                    ty,
+                    start,
+                    len,
+                }),
+                _ => {
+                    return Err(bad(format!(
+                        "tensor `{name}` ({len} bytes at offset {offset}) lies past the end of the file ({} bytes)",
+                        map.len()
+                    )))
+                }
+            }
+        }
+        Ok(GgufFile {
+            path: path.to_path_buf(),
+            version,
+            metadata,
+            tensors,
+            map,
+        })
+    }
+
+    pub fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.metadata.get(key)
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The raw bytes of a tensor.
+    pub fn bytes(&self, t: &GgufTensor) -> &[u8] {
+        &self.map[t.start..t.start + t.len]
+    }
+
+    /// A tensor dequantized to f32, in the file's row order.
+    pub fn dequantize(&self, t: &GgufTensor) -> Vec<f32> {
+        let mut out = Vec::with_capacity(t.shape.iter().product());
+        dequantize(t.ty, self.bytes(t), &mut out);
+        out
+    }
+
+    pub fn architecture(&self) -> Result<&str> {
+        self.get("general.architecture")
+            .and_then(MetaValue::as_str)
+            .ok_or_else(|| self.missing("general.architecture"))
+    }
+
+    fn missing(&self, key: &str) -> ModelError {
+        ModelError::Gguf {
+            path: self.path.clone(),
+            message: format!("metadata `{key}` is missing or of the wrong type"),
+        }
+    }
+
+    fn arch_u64(&self, key: &str) -> Result<Option<usize>> {
+        let full = format!("{}.{key}", self.architecture()?);
+        match self.get(&full) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|v| Some(v as usize))
+                .ok_or_else(|| self.missing(&full)),
+        }
+    }
+
+    fn arch_f32(&self, key: &str) -> Result<Option<f32>> {
+        let full = format!("{}.{key}", self.architecture()?);
+        match self.get(&full) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(|v| Some(v as f32))
+                .ok_or_else(|| self.missing(&full)),
+        }
+    }
+
+    fn required(&self, key: &str) -> Result<usize> {
+        self.arch_u64(key)?
+            .ok_or_else(|| self.missing(&format!("{}.{key}", self.architecture().unwrap_or("?"))))
+    }
+
+    /// The model config from `{arch}.*` metadata, in HF terms.
+    pub fn config(&self, hf_arch: &str) -> Result<ModelConfig> {
+        let arch = self.architecture()?;
+        let heads = self.required("attention.head_count")?;
+        let hidden = self.required("embedding_length")?;
+        let vocab = match self.arch_u64("vocab_size")? {
+            Some(v) => v,
+            None => self
+                .get("tokenizer.ggml.tokens")
+                .and_then(MetaValue::as_array)
+                .map(|a| a.len())
+                .or_else(|| self.tensor("token_embd.weight").map(|t| t.shape[0]))
+                .ok_or_else(|| self.missing(&format!("{arch}.vocab_size")))?,
+        };
+        let head_dim = self
+            .arch_u64("attention.key_length")?
+            .unwrap_or(hidden / heads.max(1));
+        if let Some(rot) = self.arch_u64("rope.dimension_count")? {
+            if rot != head_dim {
+                return Err(ModelError::Gguf {
+                    path: self.path.clone(),
+                    message: format!(
+                        "partial rotary embeddings ({rot} of {head_dim} dims) are not supported"
+                    ),
+                });
+            }
+        }
+        if self.tensor("rope_freqs.weight").is_some() {
+            return Err(ModelError::Gguf {
+                path: self.path.clone(),
+                message: "per-frequency rope factors (rope_freqs.weight) are not supported yet"
+                    .into(),
+            });
+        }
+        let rope_scaling = match self
+            .get(&format!("{arch}.rope.scaling.type"))
+            .and_then(MetaValue::as_str)
+        {
+            None | Some("none") => None,
+            Some("linear") => Some(crate::config::RopeParameters {
+                rope_type: Some("linear".into()),
+                factor: self.arch_f32("rope.scaling.factor")?,
+                ..Default::default()
+            }),
+            Some(other) => {
+                return Err(ModelError::Gguf {
+                    path: self.path.clone(),
+                    message: format!("rope scaling `{other}` is not supported"),
+                })
+            }
+        };
+        let token = |k: &str| self.get(k).and_then(MetaValue::as_u64).map(|v| v as u32);
+        Ok(ModelConfig {
+            architectures: vec![hf_arch.to_string()],
+            model_type: Some(arch.to_string()),
+            hidden_size: hidden,
+            intermediate_size: self.required("feed_forward_length")?,
+            num_hidden_layers: self.required("block_count")?,
+            num_attention_heads: heads,
+            num_key_value_heads: self.arch_u64("attention.head_count_kv")?,
+            head_dim: Some(head_dim),
+            vocab_size: vocab,
+            rms_norm_eps: self
+                .arch_f32("attention.layer_norm_rms_epsilon")?
+                .unwrap_or(1e-5),
+            rope_theta: Some(self.arch_f32("rope.freq_base")?.unwrap_or(10_000.0)),
+            rope_scaling,
+            rope_parameters: None,
+            max_position_embeddings: self.arch_u64("context_length")?.unwrap_or(2048),
+            // GGUF files leave out the output head when it is tied to the embeddings.
+            tie_word_embeddings: self.tensor("output.weight").is_none(),
+            bos_token_id: token("tokenizer.ggml.bos_token_id"),
+            eos_token_id: token("tokenizer.ggml.eos_token_id").map(crate::config::TokenIds::One),
+            hidden_act: None,
+            attention_bias: false,
+            mlp_bias: false,
+        })
+    }
+}
+
+/// GGUF tensors as a [`TensorSource`], with Q/K rows put back in HF order.
+pub struct GgufSource<'a> {
+    pub file: &'a GgufFile,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+}
+
+impl TensorSource for GgufSource<'_> {
+    fn describe(&self) -> String {
+        self.file.path.display().to_string()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.file.tensors.iter().map(|t| t.name.clone()).collect()
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.file.tensor(name).map(|t| t.shape.clone())
+    }
+
+    fn load(&self, name: &str) -> Result<Option<HostTensor>> {
+        let Some(t) = self.file.tensor(name) else {
+            return Ok(None);
+        };
+        let mut data = self.file.dequantize(t);
+        let heads = if name.ends_with(".attn_q.weight") {
+            Some(self.n_heads)
+        } else if name.ends_with(".attn_k.weight") {
+            Some(self.n_kv_heads)
+        } else {
+            None
+        };
+        if let (Some(heads), [rows, cols]) = (heads, t.shape.as_slice()) {
+            data = unpermute_rows(&data, heads, *rows, *cols).ok_or_else(|| ModelError::Gguf {
+                path: self.file.path.clone(),
+                message: format!(
+                    "`{name}` has {rows} rows, not a whole number of {heads} heads with even size"
+                ),
+            })?;
+        }
+        Ok(Some(HostTensor {
+            shape: t.shape.clone(),
+            data,
+        }))
+    }
+}
+
+/// GGUF converters reorder each head's Q/K rows so that RoPE rotates adjacent pairs;
+/// HF's (and our) RoPE rotates the two halves of a head. Within head `h` of size `d`,
+/// file row `2i + j` holds HF row `j * d/2 + i`; this puts them back.
+fn unpermute_rows(data: &[f32], heads: usize, rows: usize, cols: usize) -> Option<Vec<f32>> {
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return None;
+    }
+    let d = rows / heads;
+    let mut out = vec![0f32; data.len()];
+    for h in 0..heads {
+        for i in 0..d / 2 {
+            for j in 0..2 {
+                let src = h * d + 2 * i + j;
+                let dst = h * d + j * (d / 2) + i;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    Some(out)
+}

@@ -1,0 +1,347 @@
+//! SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to f32) against HF transformers in f32
+//! on the same weights. Needs the model: scripts/fetch-model.sh.
+mod common;
+
+use common::*;
+use llama::models::convert::{gguf_to_hf, Dtype};
+use llama::models::GgufFile;
+use llama::runtime::{argmax, generate_greedy, perplexity, Tokenizer};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct LogitsRef {
+    prompts: Vec<PromptRef>,
+}
+
+#[derive(Deserialize)]
+struct PromptRef {
+    name: String,
+    ids: Vec<u32>,
+    last_top20: Vec<Top>,
+    per_position_argmax: Vec<u32>,
+    #[serde(default)]
+    last_logits_full: Option<Vec<f32>>,
+}
+
+#[derive(Deserialize)]
+struct Top {
+    id: u32,
+    logit: f32,
+}
+
+#[derive(Deserialize)]
+struct GreedyRef {
+    prompts: Vec<GreedyPrompt>,
+}
+
+#[derive(Deserialize)]
+struct GreedyPrompt {
+    name: String,
+    input_ids: Vec<u32>,
+    output_ids: Vec<u32>,
+    steps: Vec<Step>,
+}
+
+#[derive(Deserialize)]
+struct Step {
+    margin: f32,
+}
+
+fn logits_ref() -> LogitsRef {
+    read_json(&smollm2_fixture("logits.json"))
+}
+
+#[test]
+fn logits_match_transformers() {
+    let mut s = session_for(&real_model_path(), &flex(), 512);
+    for p in logits_ref().prompts {
+        s.reset();
+        let logits = s.prefill(&p.ids).expect("prefill");
+        let last = logits.last();
+        for t in &p.last_top20 {
+            let diff = (last[t.id as usize] - t.logit).abs();
+            assert!(
+                diff <= 1e-3,
+                "{}: logit of {} differs by {diff}",
+                p.name,
+                t.id
+            );
+        }
+        if let Some(full) = &p.last_logits_full {
+            // The reference is rounded to 5 decimals.
+            let diff = max_abs_diff(last, full);
+            assert!(diff <= 1e-3, "{}: full last row differs by {diff}", p.name);
+        }
+        let ours: Vec<u32> = (0..logits.rows).map(|r| argmax(logits.row(r))).collect();
+        assert_eq!(
+            ours, p.per_position_argmax,
+            "{}: argmax at every position",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn greedy_continuations_match_transformers() {
+    let greedy: GreedyRef = read_json(&smollm2_fixture("greedy.json"));
+    let mut s = session_for(&real_model_path(), &flex(), 512);
+    for p in greedy.prompts {
+        s.reset();
+        let n = p.output_ids.len();
+        let got = generate_greedy(&mut s, &p.input_ids, n, &[], |_| {}).expect("generate");
+        // A step whose top-2 margin is under 0.02 may go either way; compare before it.
+        let trusted = p.steps.iter().position(|st| st.margin < 0.02).unwrap_or(n);
+        assert_eq!(
+            got.ids[..trusted],
+            p.output_ids[..trusted],
+            "{}: first {trusted} tokens",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn perplexity_matches_transformers() {
+    #[derive(Deserialize)]
+    struct PplRef {
+        ids: Vec<u32>,
+        perplexity: f64,
+    }
+    let r: PplRef = read_json(&smollm2_fixture("perplexity.json"));
+    let model = llama::models::Model::load(&real_model_path(), &flex()).unwrap();
+    let tokenizer = Tokenizer::for_model(&model).unwrap();
+    let text = std::fs::read_to_string(smollm2_fixture("passage.txt")).unwrap();
+    assert_eq!(
+        tokenizer.encode_plain(&text).unwrap(),
+        r.ids,
+        "the passage tokenizes as in transformers"
+    );
+    let mut s = session_for(&real_model_path(), &flex(), r.ids.len());
+    let got = perplexity(&mut s, &r.ids, r.ids.len(), |_, _| {}).unwrap();
+    let rel = (got.perplexity - r.perplexity).abs() / r.perplexity;
+    assert!(
+        rel <= 1e-3,
+        "perplexity {} vs {} ({rel:.2e})",
+        got.perplexity,
+        r.perplexity
+    );
+    assert_eq!((got.windows, got.scored), (1, r.ids.len() - 1));
+}
+
+#[test]
+fn kv_cache_equivalence_on_the_real_model() {
+    #[derive(Deserialize)]
+    struct PplRef {
+        ids: Vec<u32>,
+    }
+    let ids = read_json::<PplRef>(&smollm2_fixture("perplexity.json")).ids;
+    let mut s = session_for(&real_model_path(), &flex(), 128);
+    for n in [1, 17, 100] {
+        let full = full_forward(&mut s, &ids[..n + 8]);
+        s.reset();
+        let first = s.prefill(&ids[..n]).unwrap();
+        let mut worst = max_abs_diff(first.last(), &full[n - 1]);
+        for pos in n..n + 8 {
+            let row = s.decode(ids[pos]).unwrap();
+            worst = worst.max(max_abs_diff(&row, &full[pos]));
+        }
+        assert!(
+            worst <= 1e-4,
+            "N={n}: prefill+decode vs full forward differ by {worst}"
+        );
+    }
+}
+
+#[test]
+fn converted_directories_match_the_gguf() {
+    let path = real_model_path();
+    let file = GgufFile::open(&path).unwrap();
+    let tokenizer_json = Tokenizer::from_gguf(&file).unwrap().to_json().unwrap();
+    let prompts = logits_ref().prompts;
+    let mut gguf = session_for(&path, &flex(), 64);
+    let reference: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .map(|p| full_forward(&mut gguf, &p.ids))
+        .collect();
+    drop(gguf);
+    for dtype in [Dtype::F32, Dtype::BF16] {
+        let dir = tempfile::tempdir().unwrap();
+        gguf_to_hf(&file, dir.path(), dtype, &tokenizer_json).unwrap();
+        let mut s = session_for(dir.path(), &flex(), 64);
+        for (p, want) in prompts.iter().zip(&reference) {
+            let got = full_forward(&mut s, &p.ids);
+            for (pos, (g, w)) in got.iter().zip(want).enumerate() {
+                match dtype {
+                    Dtype::F32 => {
+                        let diff = max_abs_diff(g, w);
+                        assert!(
+                            diff <= 1e-4,
+                            "f32 {}: position {pos} differs by {diff}",
+                            p.name
+                        );
+                    }
+                    _ => {
+                        // bf16 rounding moves logits by ~0.1: a near-tie (f32 top-2
+                        // margin under 0.02, one position of the five prompts) may flip.
+                        let mut top = w.clone();
+                        top.sort_by(|a, b| b.total_cmp(a));
+                        if top[0] - top[1] >= 0.02 || pos + 1 == got.len() {
+                            assert_eq!(
+                                argmax(g),
+                                p.per_position_argmax[pos],
+                                "bf16 {}: argmax at {pos}",
+                                p.name
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // The converted directory carries a working tokenizer of its own.
+        let model = llama::models::Model::load(dir.path(), &flex()).unwrap();
+        let t = Tokenizer::for_model(&model).unwrap();
+        assert_eq!(
+            t.encode("The capital of France is").unwrap(),
+            prompts[0].ids
+        );
+    }
+}
+
+#[derive(Deserialize)]
+struct TokRef {
+    cases: Vec<TokCase>,
+}
+
+#[derive(Deserialize)]
+struct TokCase {
+    text: String,
+    ids: Vec<u32>,
+    decoded_skip_special: String,
+}
+
+#[test]
+fn the_gguf_vocabulary_tokenizes_like_transformers() {
+    let r: TokRef = read_json(&smollm2_fixture("tokenization.json"));
+    let file = GgufFile::open(&real_model_path()).unwrap();
+    let from_gguf = Tokenizer::from_gguf(&file).unwrap();
+    let from_json = Tokenizer::from_file(&smollm2_fixture("hf/tokenizer.json")).unwrap();
+    assert_eq!(r.cases.len(), 43);
+    for c in &r.cases {
+        for (kind, t) in [("gguf", &from_gguf), ("tokenizer.json", &from_json)] {
+            assert_eq!(
+                t.encode_plain(&c.text).unwrap(),
+                c.ids,
+                "{kind}: {:?}",
+                c.text
+            );
+            assert_eq!(
+                t.decode(&c.ids).unwrap(),
+                c.decoded_skip_special,
+                "{kind}: decode {:?}",
+                c.text
+            );
+        }
+    }
+}
+
+fn llama(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_llama"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn generate_from_the_gguf_prints_the_reference_continuation() {
+    let greedy: GreedyRef = read_json(&smollm2_fixture("greedy.json"));
+    let p = &greedy.prompts[0];
+    let model = real_model_path();
+    let file = GgufFile::open(&model).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&file).unwrap();
+    let prompt = tokenizer.decode(&p.input_ids).unwrap();
+    let n = 16;
+    assert!(
+        p.steps[..n].iter().all(|s| s.margin >= 0.02),
+        "no near-tie in the compared steps"
+    );
+    let out = llama(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "-n",
+        &n.to_string(),
+        "--temperature",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected = tokenizer.decode(&p.output_ids[..n]).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{expected}\n"),
+        "{}",
+        p.name
+    );
+}
+
+#[test]
+fn perplexity_command_prints_the_reference_perplexity_last() {
+    #[derive(Deserialize)]
+    struct PplRef {
+        perplexity: f64,
+    }
+    let r: PplRef = read_json(&smollm2_fixture("perplexity.json"));
+    let model = real_model_path();
+    let passage = smollm2_fixture("passage.txt");
+    let out = llama(&[
+        "perplexity",
+        "--model",
+        model.to_str().unwrap(),
+        "--file",
+        passage.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().expect("output");
+    let value: f64 = last
+        .strip_prefix("perplexity: ")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("last line {last:?}"));
+    assert!(
+        (value - r.perplexity).abs() / r.perplexity <= 1e-3,
+        "{value} vs {}",
+        r.perplexity
+    );
+}
+
+#[test]
+fn strided_perplexity_scores_second_halves() {
+    // A 594-token text in windows of 128: four windows, each scoring its last 63
+    // predictions with at least 64 tokens of context, as llama-perplexity does.
+    #[derive(Deserialize)]
+    struct PplRef {
+        ids: Vec<u32>,
+        perplexity: f64,
+    }
+    let r: PplRef = read_json(&smollm2_fixture("perplexity.json"));
+    let mut s = session_for(&real_model_path(), &flex(), 128);
+    let got = perplexity(&mut s, &r.ids, 128, |_, _| {}).unwrap();
+    assert_eq!((got.windows, got.scored), (4, 4 * 63));
+    // Less context per token than the one-window run, so a somewhat higher perplexity.
+    assert!(got.perplexity.is_finite() && got.perplexity > 1.0);
+    assert!(
+        (got.perplexity / r.perplexity - 1.0).abs() < 0.5,
+        "{} vs {}",
+        got.perplexity,
+        r.perplexity
+    );
+}
