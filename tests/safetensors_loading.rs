@@ -43,7 +43,8 @@ fn reshard(out: &Path, shards: usize, dtype: Dtype, convert: impl Fn(&[u8]) -> V
 }
 
 fn f32s(b: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
 }
 
 #[test]
@@ -53,7 +54,10 @@ fn sharded_checkpoints_load_like_one_file() {
     let ids = reference("llama3").input_ids;
     let mut one = session("llama3", &flex(), &Pipeline::standard());
     let mut sharded = session_for(dir.path(), &flex(), 64);
-    let (a, b) = (full_forward(&mut one, &ids), full_forward(&mut sharded, &ids));
+    let (a, b) = (
+        full_forward(&mut one, &ids),
+        full_forward(&mut sharded, &ids),
+    );
     assert_eq!(a, b, "same weights, same numbers");
 }
 
@@ -63,8 +67,12 @@ fn half_precision_checkpoints_load() {
     for (dtype, tol) in [(Dtype::F16, 2e-2f32), (Dtype::BF16, 1e-1)] {
         let dir = tempfile::tempdir().unwrap();
         reshard(dir.path(), 1, dtype, |b| match dtype {
-            Dtype::F16 => f32s(b).flat_map(|x| half::f16::from_f32(x).to_le_bytes()).collect(),
-            _ => f32s(b).flat_map(|x| half::bf16::from_f32(x).to_le_bytes()).collect(),
+            Dtype::F16 => f32s(b)
+                .flat_map(|x| half::f16::from_f32(x).to_le_bytes())
+                .collect(),
+            _ => f32s(b)
+                .flat_map(|x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
         });
         let mut s = session_for(dir.path(), &flex(), 64);
         let got = full_forward(&mut s, &reference.input_ids);

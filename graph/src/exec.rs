@@ -9,14 +9,26 @@ use crate::graph::Graph;
 use crate::ir::{KvKind, Op, RopeScaling};
 use crate::value::Value;
 
+/// One attention layer's keys and values.
+#[derive(Debug)]
+struct LayerCache {
+    /// Keys and values, each `[rows, kv_heads * head_dim]`; `None` only while a step
+    /// writes them.
+    kv: [Option<Tensor<2>>; 2],
+    /// With a sliding window, `rows` is a ring: position `p` lives in row `p % rows`.
+    window: Option<usize>,
+    rows: usize,
+}
+
 /// Preallocated keys and values of every attention layer, written in place.
 ///
-/// Rows `0..len` hold the cached positions; a step writes its rows at `len..len+seq`
-/// and only then advances `len`, so a step that fails changes nothing observable.
+/// Rows hold the cached positions; a step writes its rows after the cached ones and
+/// only then advances `len`, so a step that fails changes nothing observable. Layers
+/// with a sliding window keep only the last `window` positions (a ring buffer), so
+/// their memory is bounded by the window, not the context.
 #[derive(Debug)]
 pub struct KvCache {
-    /// Per layer: keys and values, each `[capacity, kv_heads * head_dim]`.
-    layers: Vec<[Option<Tensor<2>>; 2]>,
+    layers: Vec<LayerCache>,
     len: usize,
     capacity: usize,
 }
@@ -24,25 +36,30 @@ pub struct KvCache {
 impl KvCache {
     /// A cache for every `KvAppend` node of `graph`, holding `capacity` positions.
     pub fn for_graph(graph: &Graph, capacity: usize, device: &Device) -> Result<Self> {
-        let mut widths: Vec<Option<usize>> = Vec::new();
+        let mut specs: Vec<Option<(usize, Option<usize>)>> = Vec::new();
         for node in graph.nodes() {
-            if let Op::KvAppend { layer, .. } = node.op {
+            if let Op::KvAppend { layer, window, .. } = node.op {
                 let width = node.shape.fixed_dim(1).ok_or_else(|| GraphError::Invalid {
                     node: node.name.clone(),
                     message: "kv width is not fixed".into(),
                 })?;
-                if widths.len() <= layer {
-                    widths.resize(layer + 1, None);
+                if specs.len() <= layer {
+                    specs.resize(layer + 1, None);
                 }
-                widths[layer] = Some(width);
+                specs[layer] = Some((width, window));
             }
         }
-        let layers = widths
+        let layers = specs
             .into_iter()
-            .map(|w| {
-                let w = w.unwrap_or(0);
-                let z = || Some(Tensor::<2>::zeros([capacity, w], device));
-                [z(), z()]
+            .map(|spec| {
+                let (width, window) = spec.unwrap_or((0, None));
+                let rows = window.map_or(capacity, |w| w.min(capacity));
+                let z = || Some(Tensor::<2>::zeros([rows, width], device));
+                LayerCache {
+                    kv: [z(), z()],
+                    window,
+                    rows,
+                }
             })
             .collect();
         Ok(KvCache {
@@ -61,40 +78,99 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Positions the cache can hold.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
-    /// Forgets every position from `len` on.
-    pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+    /// Rows allocated per layer (keys or values), for memory accounting.
+    pub fn rows_per_layer(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.rows).collect()
     }
 
-    /// Writes `rows` at `past..` of one layer's keys or values; returns rows `0..past+seq`.
+    /// Forgets every position from `len` on. A sliding-window layer can only go back
+    /// as far as the positions it still holds allow.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for l in &self.layers {
+            if let Some(w) = l.window {
+                let wrapped = self.len > l.rows;
+                if wrapped && len > 0 && len + l.rows < self.len + w - 1 {
+                    return Err(GraphError::Input(format!(
+                        "cannot rewind a sliding-window cache from {} to {len} positions (it keeps the last {})",
+                        self.len, l.rows
+                    )));
+                }
+            }
+        }
+        self.len = len;
+        Ok(())
+    }
+
+    /// Writes `new` (this step's rows) after position `past` of one layer's keys or
+    /// values; returns the rows attention needs, oldest first.
     fn append(
         &mut self,
         layer: usize,
         kind: KvKind,
         past: usize,
-        rows: Tensor<2>,
+        new: Tensor<2>,
     ) -> Result<Tensor<2>> {
-        let seq = rows.dims()[0];
-        let slot = self
+        let seq = new.dims()[0];
+        let l = self
             .layers
             .get_mut(layer)
-            .map(|l| &mut l[kind as usize])
             .ok_or_else(|| GraphError::Input(format!("the KV cache has no layer {layer}")))?;
-        let cache = slot.take().ok_or_else(|| {
+        let (rows, window) = (l.rows, l.window);
+        let slot = &mut l.kv[kind as usize];
+        let mut cache = slot.take().ok_or_else(|| {
             GraphError::Input(format!(
                 "KV cache layer {layer} was lost by an earlier failure"
             ))
         })?;
         let width = cache.dims()[1];
-        // The cache tensor is uniquely owned here, so burn writes it in place.
-        let cache = cache.slice_assign([past..past + seq, 0..width], rows);
-        let all = cache.clone().narrow(0, 0, past + seq);
+        let Some(w) = window else {
+            // The cache tensor is uniquely owned here, so burn writes it in place.
+            let cache = cache.slice_assign([past..past + seq, 0..width], new);
+            let all = cache.clone().narrow(0, 0, past + seq);
+            *slot = Some(cache);
+            return Ok(all);
+        };
+        // Sliding window: the last min(past, w - 1) positions from the ring, then the new
+        // rows; then the newest min(seq, rows) rows go into the ring.
+        let keep = past.min(w - 1);
+        let mut parts = ring_ranges(past - keep, keep, rows)
+            .into_iter()
+            .map(|(start, n)| cache.clone().narrow(0, start, n))
+            .collect::<Vec<_>>();
+        parts.push(new.clone());
+        let out = Tensor::cat(parts, 0);
+        let m = seq.min(rows);
+        let mut offset = seq - m;
+        for (start, n) in ring_ranges(past + seq - m, m, rows) {
+            cache = cache.slice_assign(
+                [start..start + n, 0..width],
+                new.clone().narrow(0, offset, n),
+            );
+            offset += n;
+        }
         *slot = Some(cache);
-        Ok(all)
+        Ok(out)
+    }
+}
+
+/// The row ranges of positions `first..first + n` in a ring of `rows` rows.
+fn ring_ranges(first: usize, n: usize, rows: usize) -> Vec<(usize, usize)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let start = first % rows;
+    if start + n <= rows {
+        vec![(start, n)]
+    } else {
+        vec![(start, rows - start), (0, n - (rows - start))]
     }
 }
 
@@ -318,7 +394,13 @@ pub fn eval(
             Value::F2(t) => Value::F2(t.mul_scalar(factor.get())),
             Value::I1(_) => return Err(bad(node, "cannot scale integers")),
         },
+        Op::AddScalar { value } => match next()? {
+            Value::F1(t) => Value::F1(t.add_scalar(value.get())),
+            Value::F2(t) => Value::F2(t.add_scalar(value.get())),
+            Value::I1(_) => return Err(bad(node, "cannot shift integers")),
+        },
         Op::Silu => Value::F2(activation::silu(f2(node, next()?)?)),
+        Op::GeluTanh => Value::F2(activation::gelu_approximate(f2(node, next()?)?)),
         Op::Cos => Value::F2(f2(node, next()?)?.cos()),
         Op::Sin => Value::F2(f2(node, next()?)?.sin()),
         Op::Slice { axis, start, len } => match next()? {
@@ -361,7 +443,7 @@ pub fn eval(
             let sin = f2(node, next()?)?;
             Value::F2(rope(x, cos, sin, *head_dim, step.past, node)?)
         }
-        Op::KvAppend { layer, kind } => {
+        Op::KvAppend { layer, kind, .. } => {
             let step = step.ok_or_else(|| bad(node, "kv_append needs a step"))?;
             let rows = f2(node, next()?)?;
             Value::F2(step.cache.append(*layer, *kind, step.past, rows)?)
@@ -371,19 +453,24 @@ pub fn eval(
             n_kv_heads,
             head_dim,
             scale,
+            window,
         } => {
             let step = step.ok_or_else(|| bad(node, "attention needs a step"))?;
             let q = f2(node, next()?)?;
             let k = f2(node, next()?)?;
             let v = f2(node, next()?)?;
+            let heads = Heads {
+                n_heads: *n_heads,
+                n_kv_heads: *n_kv_heads,
+                head_dim: *head_dim,
+            };
             Value::F2(attention(
                 q,
                 k,
                 v,
-                *n_heads,
-                *n_kv_heads,
-                *head_dim,
+                heads,
                 scale.get(),
+                *window,
                 step,
                 device,
             ))
@@ -468,22 +555,34 @@ fn rope(
     Ok(Tensor::cat(vec![o1, o2], 2).reshape([seq, width]))
 }
 
-/// Causal attention of `seq` queries over `past + seq` cached keys, with query heads
-/// grouped over KV heads (GQA): head `h` reads KV head `h / (n_heads / n_kv_heads)`.
+/// Head layout of an attention op.
+struct Heads {
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Causal attention of `seq` queries over the last `rows` positions' keys, with query
+/// heads grouped over KV heads (GQA: head `h` reads KV head `h / (n_heads / n_kv_heads)`)
+/// and, with a window, each query seeing only the last `window` positions.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     q: Tensor<2>,
     k: Tensor<2>,
     v: Tensor<2>,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    heads: Heads,
     scale: f32,
+    window: Option<usize>,
     step: &Step<'_>,
     device: &Device,
 ) -> Tensor<2> {
+    let Heads {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    } = heads;
     let (seq, past) = (step.seq, step.past);
-    let total = past + seq;
+    let rows = k.dims()[0];
     let group = n_heads / n_kv_heads;
     // Fold each KV group's query heads into the row axis so K and V are never repeated:
     // [seq, heads*hd] -> [kv_heads, group*seq, hd], rows ordered (g, i).
@@ -491,18 +590,24 @@ fn attention(
         .reshape([seq, n_kv_heads, group, head_dim])
         .permute([1, 2, 0, 3])
         .reshape([n_kv_heads, group * seq, head_dim]);
-    let k = k.reshape([total, n_kv_heads, head_dim]).swap_dims(0, 1); // [kv, T, hd]
-    let v = v.reshape([total, n_kv_heads, head_dim]).swap_dims(0, 1);
-    let mut scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(scale); // [kv, group*seq, T]
-    if seq > 1 {
-        // Query i sits at position past + i and sees keys 0..=past + i.
+    let k = k.reshape([rows, n_kv_heads, head_dim]).swap_dims(0, 1); // [kv, rows, hd]
+    let v = v.reshape([rows, n_kv_heads, head_dim]).swap_dims(0, 1);
+    let mut scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(scale); // [kv, group*seq, rows]
+                                                                    // Query i sits at position past + i; key j at past + seq - rows + j.
+    let first_key = past + seq - rows;
+    let visible = |i: usize, j: usize| {
+        let (qp, kp) = (past + i, first_key + j);
+        kp <= qp && window.is_none_or(|w| qp - kp < w)
+    };
+    let all_visible = (0..seq).all(|i| (0..rows).all(|j| visible(i, j)));
+    if !all_visible {
         let mask: Vec<bool> = (0..group * seq)
-            .flat_map(|r| (0..total).map(move |j| j > past + r % seq))
+            .flat_map(|r| (0..rows).map(move |j| (r % seq, j)))
+            .map(|(i, j)| !visible(i, j))
             .collect();
-        let mask =
-            Tensor::<2, Bool>::from_data(TensorData::new(mask, [group * seq, total]), device)
-                .unsqueeze_dim::<3>(0)
-                .expand([n_kv_heads, group * seq, total]);
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [group * seq, rows]), device)
+            .unsqueeze_dim::<3>(0)
+            .expand([n_kv_heads, group * seq, rows]);
         scores = scores.mask_fill(mask, f32::NEG_INFINITY);
     }
     let probs = activation::softmax(scores, 2);

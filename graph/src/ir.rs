@@ -16,6 +16,9 @@ pub enum Dim {
     Seq,
     /// The number of tokens in the KV cache once this step's tokens are written.
     Total,
+    /// The KV rows a sliding window of this many positions needs for a step: the last
+    /// `min(past, window - 1)` cached positions plus this step's.
+    Window(usize),
 }
 
 impl Dim {
@@ -25,6 +28,7 @@ impl Dim {
             Dim::Fixed(n) => n,
             Dim::Seq => seq,
             Dim::Total => past + seq,
+            Dim::Window(w) => past.min(w.saturating_sub(1)) + seq,
         }
     }
 }
@@ -35,6 +39,7 @@ impl fmt::Display for Dim {
             Dim::Fixed(n) => write!(f, "{n}"),
             Dim::Seq => f.write_str("seq"),
             Dim::Total => f.write_str("past+seq"),
+            Dim::Window(w) => write!(f, "min(past,{})+seq", w.saturating_sub(1)),
         }
     }
 }
@@ -174,7 +179,13 @@ pub enum Op {
     Scale {
         factor: F32Bits,
     },
+    /// `x + scalar`.
+    AddScalar {
+        value: F32Bits,
+    },
     Silu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
     /// A contiguous range of one axis.
     Slice {
         axis: usize,
@@ -199,19 +210,23 @@ pub enum Op {
     Rope {
         head_dim: usize,
     },
-    /// Writes this step's rows into the layer's KV cache and yields every cached row:
-    /// `[seq, kv_heads * head_dim] -> [past+seq, kv_heads * head_dim]`.
+    /// Writes this step's rows into the layer's KV cache and yields the rows attention
+    /// needs, oldest first: `[seq, kv_heads * head_dim] -> [past+seq, ..]`, or with a
+    /// sliding window `[min(past, window-1)+seq, ..]` from a ring of `window` rows.
     KvAppend {
         layer: usize,
         kind: KvKind,
+        window: Option<usize>,
     },
-    /// Causal scaled-dot-product attention with grouped KV heads:
-    /// `(q [seq, heads*hd], k [past+seq, kv_heads*hd], v [..]) -> [seq, heads*hd]`.
+    /// Causal scaled-dot-product attention with grouped KV heads, optionally limited to
+    /// a sliding window: `(q [seq, heads*hd], k [rows, kv_heads*hd], v [..]) ->
+    /// [seq, heads*hd]`, where the keys are those of the last `rows` positions.
     Attention {
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
         scale: F32Bits,
+        window: Option<usize>,
     },
 }
 
@@ -228,7 +243,9 @@ impl Op {
             Op::Add => "add",
             Op::Mul => "mul",
             Op::Scale { .. } => "scale",
+            Op::AddScalar { .. } => "add_scalar",
             Op::Silu => "silu",
+            Op::GeluTanh => "gelu_tanh",
             Op::Slice { .. } => "slice",
             Op::Concat { .. } => "concat",
             Op::RopeAngles { .. } => "rope_angles",
@@ -258,6 +275,7 @@ impl Op {
         match self {
             Op::RmsNorm { eps } => format!("eps={eps}"),
             Op::Scale { factor } => format!("factor={factor}"),
+            Op::AddScalar { value } => format!("value={value}"),
             Op::Slice { axis, start, len } => format!("axis={axis} start={start} len={len}"),
             Op::Concat { axis } => format!("axis={axis}"),
             Op::RopeAngles {
@@ -281,16 +299,30 @@ impl Op {
                 format!("head_dim={head_dim} theta={theta} scaling={scaling} max_positions={max_positions}")
             }
             Op::Rope { head_dim } => format!("head_dim={head_dim}"),
-            Op::KvAppend { layer, kind } => format!("layer={layer} kind={kind:?}"),
+            Op::KvAppend {
+                layer,
+                kind,
+                window,
+            } => {
+                format!("layer={layer} kind={kind:?}{}", window_attr(*window))
+            }
             Op::Attention {
                 n_heads,
                 n_kv_heads,
                 head_dim,
                 scale,
-            } => format!("heads={n_heads} kv_heads={n_kv_heads} head_dim={head_dim} scale={scale}"),
+                window,
+            } => format!(
+                "heads={n_heads} kv_heads={n_kv_heads} head_dim={head_dim} scale={scale}{}",
+                window_attr(*window)
+            ),
             _ => String::new(),
         }
     }
+}
+
+fn window_attr(window: Option<usize>) -> String {
+    window.map(|w| format!(" window={w}")).unwrap_or_default()
 }
 
 /// Index of a node in its graph.

@@ -117,7 +117,7 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
             }
             f32(a.clone())
         }
-        Op::Scale { .. } | Op::Silu | Op::Cos | Op::Sin => {
+        Op::Scale { .. } | Op::AddScalar { .. } | Op::Silu | Op::GeluTanh | Op::Cos | Op::Sin => {
             arity(node, op, inputs, 1)?;
             f32(inputs[0].0.clone())
         }
@@ -203,19 +203,24 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
             }
             f32(x.clone())
         }
-        Op::KvAppend { .. } => {
+        Op::KvAppend { window, .. } => {
             arity(node, op, inputs, 1)?;
             let x = &inputs[0].0;
             rank(node, "kv rows", x, 2)?;
             if x.0[0] != Dim::Seq || x.fixed_dim(1).is_none() {
                 return Err(mismatch(node, "kv rows", "[seq, width]", x));
             }
-            f32(Shape(vec![Dim::Total, x.0[1]]))
+            if *window == Some(0) {
+                return Err(invalid(node, "a sliding window of 0 positions"));
+            }
+            let rows = window.map_or(Dim::Total, Dim::Window);
+            f32(Shape(vec![rows, x.0[1]]))
         }
         Op::Attention {
             n_heads,
             n_kv_heads,
             head_dim,
+            window,
             ..
         } => {
             arity(node, op, inputs, 3)?;
@@ -226,7 +231,8 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
                 ));
             }
             let q_shape = Shape(vec![Dim::Seq, Dim::Fixed(n_heads * head_dim)]);
-            let kv_shape = Shape(vec![Dim::Total, Dim::Fixed(n_kv_heads * head_dim)]);
+            let rows = window.map_or(Dim::Total, Dim::Window);
+            let kv_shape = Shape(vec![rows, Dim::Fixed(n_kv_heads * head_dim)]);
             if inputs[0].0 != q_shape {
                 return Err(mismatch(node, "query", q_shape.to_string(), &inputs[0].0));
             }

@@ -32,6 +32,8 @@ pub struct RopeParameters {
     pub low_freq_factor: Option<f32>,
     pub high_freq_factor: Option<f32>,
     pub original_max_position_embeddings: Option<usize>,
+    /// Phi-3 and others: the share of each head that rotates.
+    pub partial_rotary_factor: Option<f32>,
 }
 
 /// The fields of `config.json` that a decoder-only model of this family uses.
@@ -72,6 +74,18 @@ pub struct ModelConfig {
     pub eos_token_id: Option<TokenIds>,
     #[serde(default)]
     pub hidden_act: Option<String>,
+    /// Gemma names its activation here.
+    #[serde(default)]
+    pub hidden_activation: Option<String>,
+    /// Positions each query sees (Mistral); `None` for full attention.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2: whether `sliding_window` applies at all.
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    /// Per layer `full_attention` or `sliding_attention` (transformers 5).
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default)]
@@ -129,10 +143,12 @@ impl ModelConfig {
                 self.head_dim()
             ));
         }
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" {
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
                 return bad(format!(
-                    "hidden_act `{act}` is not supported by this family (silu)"
+                    "layer_types has {} entries for {} layers",
+                    types.len(),
+                    self.num_hidden_layers
                 ));
             }
         }
@@ -161,6 +177,19 @@ impl ModelConfig {
             p.rope_theta = Some(self.rope_theta.unwrap_or(10_000.0));
         }
         p
+    }
+
+    /// The sliding window of layer `l`, if it has one.
+    pub fn sliding_window_of(&self, l: usize) -> Option<usize> {
+        let window = self
+            .sliding_window
+            .filter(|_| self.use_sliding_window != Some(false))?;
+        match &self.layer_types {
+            Some(types) => {
+                (types.get(l).map(String::as_str) == Some("sliding_attention")).then_some(window)
+            }
+            None => Some(window),
+        }
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {

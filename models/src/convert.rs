@@ -67,14 +67,22 @@ pub fn gguf_to_hf(
     tokenizer_json: &str,
 ) -> Result<usize> {
     let entry = registry::lookup_gguf(file.architecture()?)?;
-    let config = file.config(entry.hf)?;
+    let conventions = entry
+        .gguf
+        .ok_or_else(|| ModelError::NotAModel(file.path.clone()))?;
+    if entry.hf != "LlamaForCausalLM" {
+        return Err(ModelError::Gguf {
+            path: file.path.clone(),
+            message: format!(
+                "converting {} files is not supported yet (llama)",
+                conventions.name
+            ),
+        });
+    }
+    let config = file.config(entry.hf, &conventions)?;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
 
-    let source = GgufSource {
-        file,
-        n_heads: config.num_attention_heads,
-        n_kv_heads: config.n_kv_heads(),
-    };
+    let source = GgufSource::new(file, &config, conventions);
     let mut tensors: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for name in source.names() {
         let Some(hf) = ours_to_hf(&name) else {
@@ -121,7 +129,7 @@ pub fn gguf_to_hf(
         &out.join("config.json"),
         &json!({
             "architectures": [entry.hf],
-            "model_type": entry.gguf,
+            "model_type": conventions.name,
             "hidden_size": config.hidden_size,
             "intermediate_size": config.intermediate_size,
             "num_hidden_layers": config.num_hidden_layers,

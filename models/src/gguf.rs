@@ -12,6 +12,7 @@ use memmap2::Mmap;
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
 use crate::quant::{dequantize, GgmlType};
+use crate::registry::GgufConventions;
 use crate::weights::{HostTensor, TensorSource};
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -388,7 +389,7 @@ impl GgufFile {
     }
 
     /// The model config from `{arch}.*` metadata, in HF terms.
-    pub fn config(&self, hf_arch: &str) -> Result<ModelConfig> {
+    pub fn config(&self, hf_arch: &str, conventions: &GgufConventions) -> Result<ModelConfig> {
         let arch = self.architecture()?;
         let heads = self.required("attention.head_count")?;
         let hidden = self.required("embedding_length")?;
@@ -460,18 +461,35 @@ impl GgufFile {
             tie_word_embeddings: self.tensor("output.weight").is_none(),
             bos_token_id: token("tokenizer.ggml.bos_token_id"),
             eos_token_id: token("tokenizer.ggml.eos_token_id").map(crate::config::TokenIds::One),
-            hidden_act: None,
+            hidden_act: Some(conventions.activation.to_string()),
+            hidden_activation: None,
+            sliding_window: self.arch_u64("attention.sliding_window")?,
+            use_sliding_window: None,
+            layer_types: None,
             attention_bias: false,
             mlp_bias: false,
         })
     }
 }
 
-/// GGUF tensors as a [`TensorSource`], with Q/K rows put back in HF order.
+/// GGUF tensors as a [`TensorSource`], in HF conventions: Q/K rows back in HF order,
+/// norm weights without the `1 +` some converters fold in.
 pub struct GgufSource<'a> {
     pub file: &'a GgufFile,
     pub n_heads: usize,
     pub n_kv_heads: usize,
+    pub conventions: GgufConventions,
+}
+
+impl<'a> GgufSource<'a> {
+    pub fn new(file: &'a GgufFile, config: &ModelConfig, conventions: GgufConventions) -> Self {
+        GgufSource {
+            file,
+            n_heads: config.num_attention_heads,
+            n_kv_heads: config.n_kv_heads(),
+            conventions,
+        }
+    }
 }
 
 impl TensorSource for GgufSource<'_> {
@@ -492,7 +510,12 @@ impl TensorSource for GgufSource<'_> {
             return Ok(None);
         };
         let mut data = self.file.dequantize(t);
-        let heads = if name.ends_with(".attn_q.weight") {
+        if self.conventions.norm_plus_one && name.ends_with("norm.weight") {
+            data.iter_mut().for_each(|x| *x -= 1.0);
+        }
+        let heads = if !self.conventions.permuted_qk {
+            None
+        } else if name.ends_with(".attn_q.weight") {
             Some(self.n_heads)
         } else if name.ends_with(".attn_k.weight") {
             Some(self.n_kv_heads)

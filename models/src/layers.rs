@@ -1,22 +1,172 @@
-//! Shared graph-building helpers: the vocabulary every architecture is written in.
-//!
-//! Each helper adds named nodes (`blk.{layer}.{what}`) so dumps and debug taps can
-//! point at any step of any layer.
-use burn::module::Param;
+//! Shared layers: the weight modules and graph-building helpers every family is
+//! written in. Each helper adds named nodes (`blk.{layer}.{what}`) so dumps and debug
+//! taps can point at any step of any layer.
+use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 use llama_graph::{F32Bits, Graph, KvKind, NodeId, Op, ParamKind, RopeScaling, Value};
 
 use crate::config::{ModelConfig, RopeParameters};
 use crate::error::{ModelError, Result};
-
-/// A graph under construction.
-pub struct GraphBuilder {
-    pub graph: Graph,
-}
+use crate::weights::WeightLoader;
 
 /// The node names of one layer: `blk.{layer}.{what}`.
 pub fn blk(layer: usize, what: &str) -> String {
     format!("blk.{layer}.{what}")
+}
+
+/// Attention projections of one block, `[out, in]`, with optional biases.
+#[derive(Module, Debug)]
+pub struct AttentionWeights {
+    /// `[n_heads * head_dim, d_model]`
+    pub q: Param<Tensor<2>>,
+    /// `[n_kv_heads * head_dim, d_model]`
+    pub k: Param<Tensor<2>>,
+    /// `[n_kv_heads * head_dim, d_model]`
+    pub v: Param<Tensor<2>>,
+    /// `[d_model, n_heads * head_dim]`
+    pub o: Param<Tensor<2>>,
+    /// `[n_heads * head_dim]`, `[n_kv_heads * head_dim]` x2 (Qwen2).
+    pub q_bias: Option<Param<Tensor<1>>>,
+    pub k_bias: Option<Param<Tensor<1>>>,
+    pub v_bias: Option<Param<Tensor<1>>>,
+}
+
+/// Gated feed-forward of one block, `[out, in]`.
+#[derive(Module, Debug)]
+pub struct MlpWeights {
+    /// `[ffn, d_model]`
+    pub gate: Param<Tensor<2>>,
+    /// `[ffn, d_model]`
+    pub up: Param<Tensor<2>>,
+    /// `[d_model, ffn]`
+    pub down: Param<Tensor<2>>,
+}
+
+/// One pre-norm transformer block.
+#[derive(Module, Debug)]
+pub struct BlockWeights {
+    /// `[d_model]`
+    pub attn_norm: Param<Tensor<1>>,
+    pub attn: AttentionWeights,
+    /// `[d_model]`
+    pub ffn_norm: Param<Tensor<1>>,
+    pub mlp: MlpWeights,
+}
+
+/// How a family stores its block weights.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BlockLayout {
+    /// Q, K and V carry biases.
+    pub qkv_bias: bool,
+    /// Q, K, V in one `attn_qkv` matrix and gate, up in one `ffn_up` matrix of twice
+    /// the width (Phi-3): split here, at load, so the graph sees the usual weights.
+    pub fused: bool,
+}
+
+impl BlockWeights {
+    pub fn load(w: &WeightLoader, l: usize, c: &ModelConfig, layout: BlockLayout) -> Result<Self> {
+        let (d, hd, ffn) = (c.hidden_size, c.head_dim(), c.intermediate_size);
+        let (q_out, kv_out) = (c.num_attention_heads * hd, c.n_kv_heads() * hd);
+        let bias = |name: &str, n: usize| -> Result<Option<Param<Tensor<1>>>> {
+            layout
+                .qkv_bias
+                .then(|| w.vector(&blk(l, name), n))
+                .transpose()
+        };
+        let (q, k, v) = if layout.fused {
+            let qkv = w.linear(&blk(l, "attn_qkv.weight"), d, q_out + 2 * kv_out)?;
+            let rows = |start, n| Param::from_tensor(qkv.val().narrow(0, start, n));
+            (
+                rows(0, q_out),
+                rows(q_out, kv_out),
+                rows(q_out + kv_out, kv_out),
+            )
+        } else {
+            (
+                w.linear(&blk(l, "attn_q.weight"), d, q_out)?,
+                w.linear(&blk(l, "attn_k.weight"), d, kv_out)?,
+                w.linear(&blk(l, "attn_v.weight"), d, kv_out)?,
+            )
+        };
+        let (gate, up) = if layout.fused {
+            let gate_up = w.linear(&blk(l, "ffn_up.weight"), d, 2 * ffn)?;
+            let rows = |start| Param::from_tensor(gate_up.val().narrow(0, start, ffn));
+            (rows(0), rows(ffn))
+        } else {
+            (
+                w.linear(&blk(l, "ffn_gate.weight"), d, ffn)?,
+                w.linear(&blk(l, "ffn_up.weight"), d, ffn)?,
+            )
+        };
+        Ok(BlockWeights {
+            attn_norm: w.vector(&blk(l, "attn_norm.weight"), d)?,
+            attn: AttentionWeights {
+                q,
+                k,
+                v,
+                o: w.linear(&blk(l, "attn_output.weight"), q_out, d)?,
+                q_bias: bias("attn_q.bias", q_out)?,
+                k_bias: bias("attn_k.bias", kv_out)?,
+                v_bias: bias("attn_v.bias", kv_out)?,
+            },
+            ffn_norm: w.vector(&blk(l, "ffn_norm.weight"), d)?,
+            mlp: MlpWeights {
+                gate,
+                up,
+                down: w.linear(&blk(l, "ffn_down.weight"), ffn, d)?,
+            },
+        })
+    }
+}
+
+/// The activation of a gated feed-forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (Llama, Mistral, Qwen2, Phi-3).
+    Silu,
+    /// GeGLU with tanh-approximated GELU (Gemma).
+    GeluTanh,
+}
+
+impl Activation {
+    /// From HF `hidden_act` / `hidden_activation`.
+    pub fn from_config(c: &ModelConfig) -> Result<Self> {
+        match c.hidden_activation.as_deref().or(c.hidden_act.as_deref()) {
+            None | Some("silu") | Some("swish") => Ok(Activation::Silu),
+            Some("gelu_pytorch_tanh") | Some("gelu_new") => Ok(Activation::GeluTanh),
+            Some(other) => Err(ModelError::Config {
+                path: "config.json".into(),
+                message: format!("activation `{other}` is not supported (silu, gelu_pytorch_tanh)"),
+            }),
+        }
+    }
+}
+
+/// What varies between the blocks of different families.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockOptions {
+    pub activation: Activation,
+    /// Added to every norm weight (Gemma's `(1 + w)` RMSNorm); folded at compile time.
+    pub norm_offset: Option<f32>,
+}
+
+/// Weight nodes of one block.
+struct BlockNodes {
+    attn_norm: NodeId,
+    q: NodeId,
+    k: NodeId,
+    v: NodeId,
+    o: NodeId,
+    biases: [Option<NodeId>; 3],
+    ffn_norm: NodeId,
+    gate: NodeId,
+    up: NodeId,
+    down: NodeId,
+}
+
+/// A graph under construction.
+pub struct GraphBuilder {
+    pub graph: Graph,
 }
 
 impl GraphBuilder {
@@ -51,8 +201,29 @@ impl GraphBuilder {
         Ok(self.graph.add(name, op, inputs)?)
     }
 
+    /// `[seq]` ids to `[seq, d_model]` rows of the table.
     pub fn embedding(&mut self, table: NodeId, tokens: NodeId) -> Result<NodeId> {
         self.op("inp_embd", Op::Embedding, &[table, tokens])
+    }
+
+    /// A norm weight node, shifted by `offset` when the family's norm is `(offset + w)`.
+    pub fn norm_weight(
+        &mut self,
+        name: &str,
+        p: &Param<Tensor<1>>,
+        offset: Option<f32>,
+    ) -> Result<NodeId> {
+        let w = self.weight1(&format!("{name}.weight"), p)?;
+        match offset {
+            None => Ok(w),
+            Some(value) => self.op(
+                &format!("{name}.weight_shifted"),
+                Op::AddScalar {
+                    value: F32Bits::new(value),
+                },
+                &[w],
+            ),
+        }
     }
 
     pub fn rms_norm(&mut self, name: &str, x: NodeId, w: NodeId, eps: f32) -> Result<NodeId> {
@@ -67,6 +238,21 @@ impl GraphBuilder {
 
     pub fn matmul(&mut self, name: &str, x: NodeId, w: NodeId) -> Result<NodeId> {
         self.op(name, Op::MatMul, &[x, w])
+    }
+
+    /// `x @ w^T (+ bias)`.
+    pub fn linear(
+        &mut self,
+        name: &str,
+        x: NodeId,
+        w: NodeId,
+        bias: Option<NodeId>,
+    ) -> Result<NodeId> {
+        let y = self.matmul(name, x, w)?;
+        match bias {
+            None => Ok(y),
+            Some(b) => self.add(&format!("{name}.biased"), y, b),
+        }
     }
 
     pub fn add(&mut self, name: &str, a: NodeId, b: NodeId) -> Result<NodeId> {
@@ -92,71 +278,116 @@ impl GraphBuilder {
         Ok((cos, sin))
     }
 
-    /// Self-attention of one layer over the normalized input `x [seq, d_model]`:
-    /// projections, RoPE on Q and K, KV cache, grouped causal attention, output
-    /// projection. Returns `[seq, d_model]`.
-    pub fn attention(
+    fn block_nodes(
         &mut self,
-        layer: usize,
+        l: usize,
+        w: &BlockWeights,
+        offset: Option<f32>,
+    ) -> Result<BlockNodes> {
+        let a = &w.attn;
+        let mut bias = |name: &str, p: &Option<Param<Tensor<1>>>| {
+            p.as_ref()
+                .map(|p| self.weight1(&blk(l, name), p))
+                .transpose()
+        };
+        let biases = [
+            bias("attn_q.bias", &a.q_bias)?,
+            bias("attn_k.bias", &a.k_bias)?,
+            bias("attn_v.bias", &a.v_bias)?,
+        ];
+        Ok(BlockNodes {
+            attn_norm: self.norm_weight(&blk(l, "attn_norm"), &w.attn_norm, offset)?,
+            q: self.weight2(&blk(l, "attn_q.weight"), &a.q)?,
+            k: self.weight2(&blk(l, "attn_k.weight"), &a.k)?,
+            v: self.weight2(&blk(l, "attn_v.weight"), &a.v)?,
+            o: self.weight2(&blk(l, "attn_output.weight"), &a.o)?,
+            biases,
+            ffn_norm: self.norm_weight(&blk(l, "ffn_norm"), &w.ffn_norm, offset)?,
+            gate: self.weight2(&blk(l, "ffn_gate.weight"), &w.mlp.gate)?,
+            up: self.weight2(&blk(l, "ffn_up.weight"), &w.mlp.up)?,
+            down: self.weight2(&blk(l, "ffn_down.weight"), &w.mlp.down)?,
+        })
+    }
+
+    /// One pre-norm block over the residual stream `x [seq, d_model]`:
+    /// `x + attn(norm(x))`, then `+ ffn(norm(.))`.
+    pub fn block(
+        &mut self,
+        l: usize,
         x: NodeId,
-        w: &AttentionWeights,
-        config: &ModelConfig,
+        w: &BlockWeights,
+        c: &ModelConfig,
+        rope: (NodeId, NodeId),
+        opts: BlockOptions,
+    ) -> Result<NodeId> {
+        let n = self.block_nodes(l, w, opts.norm_offset)?;
+        let h = self.rms_norm(&blk(l, "attn_norm"), x, n.attn_norm, c.rms_norm_eps)?;
+        let h = self.attention(l, h, &n, c, rope)?;
+        let x = self.add(&blk(l, "ffn_inp"), x, h)?; // residual
+        let h = self.rms_norm(&blk(l, "ffn_norm"), x, n.ffn_norm, c.rms_norm_eps)?;
+        let h = self.gated_ffn(l, h, &n, opts.activation)?;
+        self.add(&blk(l, "l_out"), x, h) // residual
+    }
+
+    /// Self-attention: projections, RoPE on Q and K, KV cache (windowed where the
+    /// layer has a sliding window), grouped causal attention, output projection.
+    fn attention(
+        &mut self,
+        l: usize,
+        x: NodeId,
+        n: &BlockNodes,
+        c: &ModelConfig,
         rope: (NodeId, NodeId),
     ) -> Result<NodeId> {
-        let head_dim = config.head_dim();
-        let q = self.matmul(&blk(layer, "attn_q"), x, w.q)?; // [seq, heads * hd]
-        let k = self.matmul(&blk(layer, "attn_k"), x, w.k)?; // [seq, kv_heads * hd]
-        let v = self.matmul(&blk(layer, "attn_v"), x, w.v)?;
+        let head_dim = c.head_dim();
+        let window = c.sliding_window_of(l);
+        let q = self.linear(&blk(l, "attn_q"), x, n.q, n.biases[0])?; // [seq, heads * hd]
+        let k = self.linear(&blk(l, "attn_k"), x, n.k, n.biases[1])?; // [seq, kv_heads * hd]
+        let v = self.linear(&blk(l, "attn_v"), x, n.v, n.biases[2])?;
         let q = self.op(
-            &blk(layer, "attn_q_rope"),
+            &blk(l, "attn_q_rope"),
             Op::Rope { head_dim },
             &[q, rope.0, rope.1],
         )?;
         let k = self.op(
-            &blk(layer, "attn_k_rope"),
+            &blk(l, "attn_k_rope"),
             Op::Rope { head_dim },
             &[k, rope.0, rope.1],
         )?;
-        let k = self.op(
-            &blk(layer, "cache_k"),
-            Op::KvAppend {
-                layer,
-                kind: KvKind::Key,
-            },
-            &[k],
-        )?; // [past+seq, ..]
-        let v = self.op(
-            &blk(layer, "cache_v"),
-            Op::KvAppend {
-                layer,
-                kind: KvKind::Value,
-            },
-            &[v],
-        )?;
+        let kv = |kind| Op::KvAppend {
+            layer: l,
+            kind,
+            window,
+        };
+        let k = self.op(&blk(l, "cache_k"), kv(KvKind::Key), &[k])?; // [past+seq, ..]
+        let v = self.op(&blk(l, "cache_v"), kv(KvKind::Value), &[v])?;
         let attn = Op::Attention {
-            n_heads: config.num_attention_heads,
-            n_kv_heads: config.n_kv_heads(),
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.n_kv_heads(),
             head_dim,
             scale: F32Bits::new(1.0 / (head_dim as f32).sqrt()),
+            window,
         };
-        let out = self.op(&blk(layer, "attn_out"), attn, &[q, k, v])?; // [seq, heads * hd]
-        self.matmul(&blk(layer, "attn_output"), out, w.o)
+        let out = self.op(&blk(l, "attn_out"), attn, &[q, k, v])?; // [seq, heads * hd]
+        self.matmul(&blk(l, "attn_output"), out, n.o)
     }
 
-    /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
-    pub fn swiglu(
+    /// Gated feed-forward: `down(act(gate(x)) * up(x))`.
+    fn gated_ffn(
         &mut self,
-        layer: usize,
+        l: usize,
         x: NodeId,
-        gate: NodeId,
-        up: NodeId,
-        down: NodeId,
+        n: &BlockNodes,
+        act: Activation,
     ) -> Result<NodeId> {
-        let g = self.matmul(&blk(layer, "ffn_gate"), x, gate)?; // [seq, ffn]
-        let g = self.op(&blk(layer, "ffn_silu"), Op::Silu, &[g])?;
-        let u = self.matmul(&blk(layer, "ffn_up"), x, up)?;
-        let h = self.op(&blk(layer, "ffn_gate_par"), Op::Mul, &[g, u])?;
-        self.matmul(&blk(layer, "ffn_down"), h, down) // [seq, d_model]
+        let g = self.matmul(&blk(l, "ffn_gate"), x, n.gate)?; // [seq, ffn]
+        let g = match act {
+            Activation::Silu => self.op(&blk(l, "ffn_silu"), Op::Silu, &[g])?,
+            Activation::GeluTanh => self.op(&blk(l, "ffn_gelu"), Op::GeluTanh, &[g])?,
+        };
+        let u = self.matmul(&blk(l, "ffn_up"), x, n.up)?;
+        let h = self.op(&blk(l, "ffn_gate_par"), Op::Mul, &[g, u])?;
+        self.matmul(&blk(l, "ffn_down"), h, n.down) // [seq, d_model]
     }
 }
 
@@ -166,22 +397,23 @@ impl Default for GraphBuilder {
     }
 }
 
-/// Weight nodes of one attention layer.
-pub struct AttentionWeights {
-    pub q: NodeId,
-    pub k: NodeId,
-    pub v: NodeId,
-    pub o: NodeId,
-}
-
 /// The graph's RoPE scaling from HF parameters.
 pub fn rope_scaling(p: &RopeParameters) -> Result<RopeScaling> {
-    let need = |v: Option<f32>, what: &str| {
-        v.map(F32Bits::new).ok_or_else(|| ModelError::Config {
-            path: "config.json".into(),
-            message: format!("rope scaling needs `{what}`"),
-        })
+    let err = |message: String| ModelError::Config {
+        path: "config.json".into(),
+        message,
     };
+    let need = |v: Option<f32>, what: &str| {
+        v.map(F32Bits::new)
+            .ok_or_else(|| err(format!("rope scaling needs `{what}`")))
+    };
+    if let Some(f) = p.partial_rotary_factor {
+        if f != 1.0 {
+            return Err(err(format!(
+                "partial rotary embeddings (factor {f}) are not supported"
+            )));
+        }
+    }
     match p.rope_type.as_deref() {
         None | Some("default") => Ok(RopeScaling::None),
         Some("linear") => Ok(RopeScaling::Linear {
@@ -192,15 +424,11 @@ pub fn rope_scaling(p: &RopeParameters) -> Result<RopeScaling> {
             low_freq_factor: need(p.low_freq_factor, "low_freq_factor")?,
             high_freq_factor: need(p.high_freq_factor, "high_freq_factor")?,
             original_max_positions: p.original_max_position_embeddings.ok_or_else(|| {
-                ModelError::Config {
-                    path: "config.json".into(),
-                    message: "llama3 rope scaling needs `original_max_position_embeddings`".into(),
-                }
+                err("llama3 rope scaling needs `original_max_position_embeddings`".into())
             })?,
         }),
-        Some(other) => Err(ModelError::Config {
-            path: "config.json".into(),
-            message: format!("rope type `{other}` is not supported (default, linear, llama3)"),
-        }),
+        Some(other) => Err(err(format!(
+            "rope type `{other}` is not supported (default, linear, llama3)"
+        ))),
     }
 }

@@ -2,10 +2,14 @@
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod gemma;
 pub mod gguf;
 pub mod layers;
 pub mod llama;
+pub mod mistral;
+pub mod phi3;
 pub mod quant;
+pub mod qwen2;
 pub mod registry;
 pub mod safetensors;
 pub mod weights;
@@ -75,13 +79,12 @@ impl Model {
         }
         let file = gguf::GgufFile::open(path)?;
         let entry = registry::lookup_gguf(file.architecture()?)?;
-        let config = file.config(entry.hf)?;
+        let conventions = entry
+            .gguf
+            .ok_or_else(|| ModelError::NotAModel(path.to_path_buf()))?;
+        let config = file.config(entry.hf, &conventions)?;
         let weights = {
-            let source = gguf::GgufSource {
-                file: &file,
-                n_heads: config.num_attention_heads,
-                n_kv_heads: config.n_kv_heads(),
-            };
+            let source = gguf::GgufSource::new(&file, &config, conventions);
             let loader = weights::WeightLoader::new(&source, device);
             (entry.load)(&config, &loader)?
         };

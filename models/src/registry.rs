@@ -14,18 +14,49 @@ pub trait Architecture: Send + Sync + std::fmt::Debug {
 /// Loads a family's weights.
 pub type LoadFn = fn(&ModelConfig, &WeightLoader) -> Result<Box<dyn Architecture>>;
 
-/// One family: its HF `architectures` name, its GGUF `general.architecture` name, and
-/// its loader.
+/// How a family's GGUF files differ from its HF checkpoints (llama.cpp's converter).
+#[derive(Debug, Clone, Copy)]
+pub struct GgufConventions {
+    /// `general.architecture`.
+    pub name: &'static str,
+    /// Q/K rows reordered for adjacent-pair RoPE (Llama).
+    pub permuted_qk: bool,
+    /// Norm weights stored as `1 + w` (Gemma).
+    pub norm_plus_one: bool,
+    /// The activation, which GGUF metadata does not name.
+    pub activation: &'static str,
+}
+
+const fn gguf(
+    name: &'static str,
+    permuted_qk: bool,
+    norm_plus_one: bool,
+    activation: &'static str,
+) -> Option<GgufConventions> {
+    Some(GgufConventions {
+        name,
+        permuted_qk,
+        norm_plus_one,
+        activation,
+    })
+}
+
+/// One family: its HF `architectures` name, its GGUF conventions, and its loader.
 pub struct Entry {
     pub hf: &'static str,
-    pub gguf: &'static str,
+    pub gguf: Option<GgufConventions>,
     pub load: LoadFn,
 }
 
 /// Every supported family. A new family is one file and one line here.
+/// (Mistral GGUF files say `llama`: llama.cpp converts them as Llama.)
 #[rustfmt::skip]
 pub const REGISTRY: &[Entry] = &[
-    Entry { hf: "LlamaForCausalLM", gguf: "llama", load: crate::llama::load },
+    Entry { hf: "LlamaForCausalLM", gguf: gguf("llama", true, false, "silu"), load: crate::llama::load },
+    Entry { hf: "MistralForCausalLM", gguf: None, load: crate::mistral::load },
+    Entry { hf: "Qwen2ForCausalLM", gguf: gguf("qwen2", false, false, "silu"), load: crate::qwen2::load },
+    Entry { hf: "Phi3ForCausalLM", gguf: gguf("phi3", false, false, "silu"), load: crate::phi3::load },
+    Entry { hf: "GemmaForCausalLM", gguf: gguf("gemma", false, true, "gelu_pytorch_tanh"), load: crate::gemma::load },
 ];
 
 /// The HF names this build supports.
@@ -54,9 +85,12 @@ pub fn lookup(config: &ModelConfig) -> Result<&'static Entry> {
 pub fn lookup_gguf(arch: &str) -> Result<&'static Entry> {
     REGISTRY
         .iter()
-        .find(|e| e.gguf == arch)
+        .find(|e| e.gguf.is_some_and(|g| g.name == arch))
         .ok_or_else(|| ModelError::UnknownArch {
             found: arch.to_string(),
-            supported: REGISTRY.iter().map(|e| e.gguf).collect(),
+            supported: REGISTRY
+                .iter()
+                .filter_map(|e| e.gguf.map(|g| g.name))
+                .collect(),
         })
 }

@@ -44,6 +44,9 @@ const LAYER_NAMES: &[(&str, &str)] = &[
     ("mlp.gate_proj.weight", "ffn_gate.weight"),
     ("mlp.up_proj.weight", "ffn_up.weight"),
     ("mlp.down_proj.weight", "ffn_down.weight"),
+    // Phi-3's fused matrices, under llama.cpp's names for them.
+    ("self_attn.qkv_proj.weight", "attn_qkv.weight"),
+    ("mlp.gate_up_proj.weight", "ffn_up.weight"),
 ];
 
 fn translate(name: &str, from_prefix: &str, to_prefix: &str, hf_to_ours: bool) -> Option<String> {

@@ -78,20 +78,28 @@ impl Session {
         self.cache.capacity()
     }
 
+    /// Rows of keys (and of values) allocated per layer.
+    pub fn cache_rows_per_layer(&self) -> Vec<usize> {
+        self.cache.rows_per_layer()
+    }
+
     /// The tokens in the context so far.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
     }
 
     /// Forgets positions from `len` on.
-    pub fn truncate(&mut self, len: usize) {
-        self.cache.truncate(len);
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        self.cache.truncate(len)?;
         self.tokens.truncate(self.cache.len());
+        Ok(())
     }
 
     /// Clears the context.
     pub fn reset(&mut self) {
-        self.truncate(0);
+        // Rewinding to nothing is always possible.
+        let _ = self.cache.truncate(0);
+        self.tokens.clear();
     }
 
     /// Runs `ids` at the next positions and returns the logits of every one of them.

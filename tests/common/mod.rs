@@ -1,5 +1,7 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
+pub mod gguf_writer;
+
 use std::path::PathBuf;
 
 use burn::tensor::Device;
@@ -8,7 +10,16 @@ use llama::models::Model;
 use llama::runtime::Session;
 use serde::Deserialize;
 
-pub const TINY: &[&str] = &["llama3", "llama-tied", "llama2-mha"];
+/// Tiny models of every family: three Llamas, then one of each other family.
+pub const TINY: &[&str] = &[
+    "llama3",
+    "llama-tied",
+    "llama2-mha",
+    "mistral",
+    "qwen2",
+    "phi3",
+    "gemma",
+];
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,0 +1,144 @@
+//! The families as GGUF files: each tiny transformers model written as the GGUF that
+//! llama.cpp's converter would make (its names, metadata and conventions), read back
+//! through the GGUF loader, against transformers' logits.
+mod common;
+
+use std::path::Path;
+
+use common::gguf_writer::Writer;
+use common::*;
+use llama::models::weights::hf_to_ours;
+use safetensors::SafeTensors;
+
+/// Writes `tiny/<name>` as a GGUF of architecture `arch` into `out`.
+fn write_gguf(name: &str, arch: &str, out: &Path) {
+    let dir = fixture(name);
+    let config: serde_json::Value = read_json(&dir.join("config.json"));
+    let get = |k: &str| config[k].as_u64().unwrap_or_else(|| panic!("{k}")) as u32;
+    let (heads, kv_heads) = (get("num_attention_heads"), get("num_key_value_heads"));
+    let head_dim = config["head_dim"]
+        .as_u64()
+        .map_or(get("hidden_size") / heads, |h| h as u32);
+    let mut w = Writer::default();
+    w.string("general.architecture", arch)
+        .u32(&format!("{arch}.block_count"), get("num_hidden_layers"))
+        .u32(&format!("{arch}.embedding_length"), get("hidden_size"))
+        .u32(
+            &format!("{arch}.feed_forward_length"),
+            get("intermediate_size"),
+        )
+        .u32(&format!("{arch}.attention.head_count"), heads)
+        .u32(&format!("{arch}.attention.head_count_kv"), kv_heads)
+        .u32(&format!("{arch}.attention.key_length"), head_dim)
+        .u32(&format!("{arch}.rope.dimension_count"), head_dim)
+        .u32(
+            &format!("{arch}.context_length"),
+            get("max_position_embeddings"),
+        )
+        .u32(&format!("{arch}.vocab_size"), get("vocab_size"))
+        .f32(
+            &format!("{arch}.attention.layer_norm_rms_epsilon"),
+            config["rms_norm_eps"].as_f64().unwrap() as f32,
+        )
+        .f32(
+            &format!("{arch}.rope.freq_base"),
+            config["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32,
+        );
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    for hf in names {
+        let t = st.tensor(&hf).unwrap();
+        let shape = t.shape().to_vec();
+        let mut data: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let ours = hf_to_ours(&hf).unwrap_or_else(|| panic!("{hf} has a GGUF name"));
+        if ours == "output.weight" && config["tie_word_embeddings"] == true {
+            continue;
+        }
+        // llama.cpp's Llama converter interleaves each head's two RoPE halves.
+        let heads_of = match ours.rsplit('.').nth(1) {
+            Some("attn_q") if arch == "llama" && ours.ends_with("weight") => Some(heads),
+            Some("attn_k") if arch == "llama" && ours.ends_with("weight") => Some(kv_heads),
+            _ => None,
+        };
+        if let Some(h) = heads_of {
+            let (d, cols) = (shape[0] / h as usize, shape[1]);
+            let src = data.clone();
+            for head in 0..h as usize {
+                for i in 0..d / 2 {
+                    for j in 0..2 {
+                        let (to, from) = (head * d + 2 * i + j, head * d + j * d / 2 + i);
+                        data[to * cols..(to + 1) * cols]
+                            .copy_from_slice(&src[from * cols..(from + 1) * cols]);
+                    }
+                }
+            }
+        }
+        // Gemma's converter stores norm weights as 1 + w.
+        if arch == "gemma" && ours.ends_with("norm.weight") {
+            data.iter_mut().for_each(|x| *x += 1.0);
+        }
+        w.f32_tensor(&ours, &shape, &data);
+    }
+    w.write(out);
+}
+
+#[test]
+fn every_family_as_gguf_matches_transformers() {
+    for (name, arch) in [
+        ("llama-tied", "llama"),
+        ("llama2-mha", "llama"),
+        ("qwen2", "qwen2"),
+        ("phi3", "phi3"),
+        ("gemma", "gemma"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(format!("{name}.gguf"));
+        write_gguf(name, arch, &file);
+        let reference = reference(name);
+        let mut s = session_for(&file, &flex(), 64);
+        let got = full_forward(&mut s, &reference.input_ids);
+        for (pos, (g, want)) in got.iter().zip(&reference.logits).enumerate() {
+            let diff = max_abs_diff(g, want);
+            assert!(
+                diff <= 1e-4,
+                "{name} as {arch} GGUF, position {pos}: {diff}"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_unsupported_gguf_architecture_names_itself_and_the_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("x.gguf");
+    write_gguf("llama-tied", "falcon", &file);
+    let err = llama::models::Model::load(&file, &flex())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("falcon") && err.contains("llama") && err.contains("gemma"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sliding_window_cache_memory_is_bounded_by_the_window() {
+    let mut s = session("mistral", &flex(), &llama::graph::Pipeline::standard());
+    let ids = reference("mistral").input_ids;
+    s.prefill(&ids).unwrap();
+    // The session holds 64 positions; each layer's ring holds the window (8).
+    let rows = s.cache_rows_per_layer();
+    assert_eq!(rows, vec![8, 8]);
+    let mut full = session("llama3", &flex(), &llama::graph::Pipeline::standard());
+    assert_eq!(full.cache_rows_per_layer(), vec![64, 64]);
+    // A ring cannot rewind past what it still holds; a full cache can.
+    assert!(s.truncate(5).is_err());
+    full.prefill(&ids).unwrap();
+    assert!(full.truncate(5).is_ok());
+}
