@@ -207,43 +207,6 @@ fn converted_directories_match_the_gguf() {
     }
 }
 
-#[derive(Deserialize)]
-struct TokRef {
-    cases: Vec<TokCase>,
-}
-
-#[derive(Deserialize)]
-struct TokCase {
-    text: String,
-    ids: Vec<u32>,
-    decoded_skip_special: String,
-}
-
-#[test]
-fn the_gguf_vocabulary_tokenizes_like_transformers() {
-    let r: TokRef = read_json(&smollm2_fixture("tokenization.json"));
-    let file = GgufFile::open(&real_model_path()).unwrap();
-    let from_gguf = Tokenizer::from_gguf(&file).unwrap();
-    let from_json = Tokenizer::from_file(&smollm2_fixture("hf/tokenizer.json")).unwrap();
-    assert_eq!(r.cases.len(), 43);
-    for c in &r.cases {
-        for (kind, t) in [("gguf", &from_gguf), ("tokenizer.json", &from_json)] {
-            assert_eq!(
-                t.encode_plain(&c.text).unwrap(),
-                c.ids,
-                "{kind}: {:?}",
-                c.text
-            );
-            assert_eq!(
-                t.decode(&c.ids).unwrap(),
-                c.decoded_skip_special,
-                "{kind}: decode {:?}",
-                c.text
-            );
-        }
-    }
-}
-
 fn llama(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_llama"))
         .args(args)

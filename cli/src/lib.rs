@@ -11,7 +11,7 @@ use burn::tensor::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llama_graph::{PassContext, Pipeline, Program, Taps};
 use llama_models::Model;
-use llama_runtime::{generate_greedy, Session, Tokenizer};
+use llama_runtime::{generate_greedy, ChatTemplate, Message, Session, Tokenizer};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +30,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Print the model's compiled graph, or with --taps a summary of every node's output.
     Graph(GraphArgs),
+    /// Print the ids of a text as one JSON array (special tokens in the text are parsed).
+    Tokenize(TokenizeArgs),
     /// Perplexity of a text file; the last stdout line is `perplexity: <number>`.
     Perplexity(PerplexityArgs),
     /// Write an HF model directory (safetensors, config, tokenizer) from a GGUF file.
@@ -83,6 +85,24 @@ struct GenerateArgs {
     /// Context size in tokens (default: the model's, at most 4096).
     #[arg(long, short = 'c')]
     ctx_size: Option<usize>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message before the prompt.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// An HF model directory or a .gguf file.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
+    #[arg(long, short = 't')]
+    text: String,
+    /// Also print the token strings, as a second JSON array.
+    #[arg(long)]
+    tokens: bool,
 }
 
 #[derive(Args)]
@@ -179,7 +199,19 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let load_start = Instant::now();
     let (model, program) = compile(&args.model)?;
     let tokenizer = tokenizer(&model)?;
-    let prompt = tokenizer.encode(&args.prompt)?;
+    let prompt = if args.chat {
+        let template = ChatTemplate::for_model(&model)?
+            .with_context(|| format!("{} has no chat template", model.path.display()))?;
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", &args.prompt));
+        // As transformers' apply_chat_template: the template writes the special tokens.
+        tokenizer.encode_plain(&template.render(&messages, true)?)?
+    } else {
+        tokenizer.encode(&args.prompt)?
+    };
     let context = context_for(&model, args.ctx_size)?;
     let mut session = Session::new(program, context)?;
     let load_time = load_start.elapsed();
@@ -286,6 +318,32 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
+fn tokenize(args: TokenizeArgs) -> Result<()> {
+    // Only the vocabulary is needed: no weights are loaded.
+    let tokenizer = if args.model.is_file() {
+        if !llama_models::GgufFile::sniff(&args.model) {
+            bail!("{}: not a GGUF file", args.model.display());
+        }
+        Tokenizer::from_gguf(&llama_models::GgufFile::open(&args.model)?)?
+    } else {
+        let path = args.model.join("tokenizer.json");
+        if !path.exists() {
+            bail!("{}: no tokenizer.json", args.model.display());
+        }
+        Tokenizer::from_file(&path)?
+    };
+    let ids = tokenizer.encode(&args.text)?;
+    println!("{}", serde_json::to_string(&ids)?);
+    if args.tokens {
+        let tokens: Vec<String> = ids
+            .iter()
+            .map(|&id| tokenizer.token(id).unwrap_or_default())
+            .collect();
+        println!("{}", serde_json::to_string(&tokens)?);
+    }
+    Ok(())
+}
+
 fn convert(args: ConvertArgs) -> Result<()> {
     use llama_models::convert::Dtype;
     if !llama_models::GgufFile::sniff(&args.model) {
@@ -308,6 +366,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => generate(a),
         Command::Graph(a) => graph(a),
+        Command::Tokenize(a) => tokenize(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Convert(a) => convert(a),
     }

@@ -111,22 +111,40 @@ impl Model {
         }
     }
 
-    /// End-of-generation ids: `generation_config.json` first, then the config.
+    /// End-of-generation ids: every id that `generation_config.json` and config.json
+    /// name (each may be a list); for GGUF, the end-of-sequence, end-of-turn and
+    /// end-of-message ids.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        if let ModelSource::HfDir(dir) = &self.source {
-            if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
-                #[derive(serde::Deserialize)]
-                struct Gen {
-                    eos_token_id: Option<config::TokenIds>,
+        let mut ids = Vec::new();
+        match &self.source {
+            ModelSource::HfDir(dir) => {
+                if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+                    #[derive(serde::Deserialize)]
+                    struct Gen {
+                        eos_token_id: Option<config::TokenIds>,
+                    }
+                    if let Ok(Gen {
+                        eos_token_id: Some(e),
+                    }) = serde_json::from_str::<Gen>(&text)
+                    {
+                        ids.extend(e.to_vec());
+                    }
                 }
-                if let Ok(Gen {
-                    eos_token_id: Some(ids),
-                }) = serde_json::from_str::<Gen>(&text)
-                {
-                    return ids.to_vec();
+                ids.extend(self.config.eos_token_ids());
+            }
+            ModelSource::Gguf(file) => {
+                for key in ["eos", "eot", "eom"] {
+                    if let Some(id) = file
+                        .get(&format!("tokenizer.ggml.{key}_token_id"))
+                        .and_then(gguf::MetaValue::as_u64)
+                    {
+                        ids.push(id as u32);
+                    }
                 }
             }
         }
-        self.config.eos_token_ids()
+        let mut seen = std::collections::HashSet::new();
+        ids.retain(|id| seen.insert(*id));
+        ids
     }
 }

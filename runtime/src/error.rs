@@ -21,6 +21,13 @@ pub enum RuntimeError {
     Tokenizer { path: String, message: String },
     #[error("{0}")]
     NoTokenizer(String),
+    #[error("chat template from {source_name}: {message}")]
+    Template {
+        source_name: String,
+        message: String,
+    },
+    #[error("{0} has no chat template")]
+    NoChatTemplate(String),
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

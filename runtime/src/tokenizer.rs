@@ -89,47 +89,64 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(|e| self.err(e))
     }
 
+    /// Text of `ids` with special tokens written out.
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| self.err(e))
+    }
+
+    /// The token string of an id.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// A decoder that yields text as ids arrive, never half a character.
     pub fn stream(&self) -> TextStream<'_> {
         TextStream {
             tokenizer: self,
             ids: Vec::new(),
-            printed: 0,
+            prefix: 0,
+            read: 0,
         }
     }
 }
 
 /// Incremental detokenization: each push returns the text that is now final.
 ///
-/// Decodes all ids so far and emits what follows the already printed prefix, holding
-/// back text that ends in an incomplete UTF-8 sequence (shown by the decoder as U+FFFD).
+/// It decodes a short window of recent ids twice, without and with the ids not yet
+/// printed, and emits the difference, holding it back while it ends in an incomplete
+/// UTF-8 sequence (which the decoder shows as U+FFFD). The pieces, concatenated, are the
+/// decode of all ids; no piece is ever taken back.
 pub struct TextStream<'a> {
     tokenizer: &'a Tokenizer,
     ids: Vec<u32>,
-    printed: usize,
+    /// Start of the decode window.
+    prefix: usize,
+    /// Ids up to here are printed.
+    read: usize,
 }
 
 impl TextStream<'_> {
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}')
-            || !text.is_char_boundary(self.printed.min(text.len()))
-            || text.len() < self.printed
-        {
-            return Ok(String::new());
+        let printed = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let text = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        if text.len() > printed.len() && text.starts_with(&printed) && !text.ends_with('\u{FFFD}') {
+            let new = text[printed.len()..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            Ok(new)
+        } else {
+            Ok(String::new())
         }
-        let new = text[self.printed..].to_string();
-        self.printed = text.len();
-        Ok(new)
     }
 
     /// Whatever is still held back at the end.
     pub fn finish(&mut self) -> Result<String> {
-        let text = self.tokenizer.decode(&self.ids)?;
-        let rest = text.get(self.printed..).unwrap_or("").to_string();
-        self.printed = text.len();
-        Ok(rest)
+        let printed = self.tokenizer.decode(&self.ids[self.prefix..self.read])?;
+        let text = self.tokenizer.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(text.get(printed.len()..).unwrap_or("").to_string())
     }
 }
 
@@ -160,83 +177,239 @@ fn pre_tokenizer(pre: &str) -> std::result::Result<Value, String> {
     })
 }
 
-/// tokenizers JSON equivalent to a GGUF's embedded `gpt2`-style BPE vocabulary.
-fn gguf_tokenizer_json(file: &GgufFile) -> std::result::Result<Value, String> {
-    let get = |k: &str| file.get(k);
-    let model = get("tokenizer.ggml.model")
-        .and_then(MetaValue::as_str)
-        .unwrap_or("");
-    if model != "gpt2" {
-        return Err(format!(
-            "tokenizer model `{model}` is not supported yet (gpt2)"
-        ));
-    }
-    let tokens: Vec<&str> = get("tokenizer.ggml.tokens")
-        .and_then(MetaValue::as_array)
-        .ok_or("no tokenizer.ggml.tokens")?
-        .iter()
-        .map(|t| t.as_str().ok_or("a token is not a string"))
-        .collect::<std::result::Result<_, _>>()?;
-    let types: Vec<u64> = get("tokenizer.ggml.token_type")
-        .and_then(MetaValue::as_array)
-        .map(|a| a.iter().map(|t| t.as_u64().unwrap_or(1)).collect())
-        .unwrap_or_else(|| vec![1; tokens.len()]);
-    let merges: Vec<&str> = get("tokenizer.ggml.merges")
-        .and_then(MetaValue::as_array)
-        .ok_or("no tokenizer.ggml.merges")?
-        .iter()
-        .map(|t| t.as_str().ok_or("a merge is not a string"))
-        .collect::<std::result::Result<_, _>>()?;
-    let pre = get("tokenizer.ggml.pre")
-        .and_then(MetaValue::as_str)
-        .unwrap_or("default");
+/// The GGUF's vocabulary as tokens, types and (for SentencePiece) scores.
+struct GgufVocab<'a> {
+    tokens: Vec<&'a str>,
+    types: Vec<u64>,
+}
 
-    let vocab: serde_json::Map<String, Value> = tokens
+fn strings<'a>(file: &'a GgufFile, key: &str) -> std::result::Result<Vec<&'a str>, String> {
+    file.get(key)
+        .and_then(MetaValue::as_array)
+        .ok_or(format!("no {key}"))?
         .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
-    // Control (3) and user-defined (4) tokens are matched whole in the text.
-    let added: Vec<Value> = tokens
+        .map(|t| {
+            t.as_str()
+                .ok_or(format!("an entry of {key} is not a string"))
+        })
+        .collect()
+}
+
+/// Control (3) and user-defined (4) tokens are matched whole in the text.
+fn added_tokens(v: &GgufVocab) -> Vec<Value> {
+    v.tokens
         .iter()
-        .zip(&types)
+        .zip(&v.types)
         .enumerate()
         .filter(|(_, (_, ty))| **ty == 3 || **ty == 4)
         .map(|(id, (t, ty))| {
             json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
                    "normalized": false, "special": *ty == 3})
         })
-        .collect();
-    let bos = get("tokenizer.ggml.bos_token_id").and_then(MetaValue::as_u64);
-    let add_bos = get("tokenizer.ggml.add_bos_token")
-        .and_then(MetaValue::as_bool)
-        .unwrap_or(false);
-    let post = match (add_bos, bos) {
-        (true, Some(bos)) => {
-            let name = tokens
-                .get(bos as usize)
-                .ok_or("bos token id outside the vocabulary")?;
-            json!({"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                "pair": [{"SpecialToken": {"id": name, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                         {"SpecialToken": {"id": name, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                "special_tokens": {*name: {"id": name, "ids": [bos], "tokens": [name]}}})
+        .collect()
+}
+
+/// A post-processor adding BOS and/or EOS as the GGUF says (`None` when neither).
+fn post_processor(
+    file: &GgufFile,
+    v: &GgufVocab,
+    default_bos: bool,
+) -> std::result::Result<Value, String> {
+    let flag = |k: &str, default: bool| file.get(k).and_then(MetaValue::as_bool).unwrap_or(default);
+    let special = |k: &str| -> std::result::Result<Option<(u64, String)>, String> {
+        match file.get(k).and_then(MetaValue::as_u64) {
+            None => Ok(None),
+            Some(id) => {
+                let name = v
+                    .tokens
+                    .get(id as usize)
+                    .ok_or(format!("{k} {id} is outside the vocabulary"))?;
+                Ok(Some((id, name.to_string())))
+            }
         }
-        _ => Value::Null,
     };
+    let bos = special("tokenizer.ggml.bos_token_id")?
+        .filter(|_| flag("tokenizer.ggml.add_bos_token", default_bos));
+    let eos = special("tokenizer.ggml.eos_token_id")?
+        .filter(|_| flag("tokenizer.ggml.add_eos_token", false));
+    if bos.is_none() && eos.is_none() {
+        return Ok(Value::Null);
+    }
+    let mut single = Vec::new();
+    let mut specials = serde_json::Map::new();
+    if let Some((id, name)) = &bos {
+        single.push(json!({"SpecialToken": {"id": name, "type_id": 0}}));
+        specials.insert(
+            name.clone(),
+            json!({"id": name, "ids": [id], "tokens": [name]}),
+        );
+    }
+    single.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
+    if let Some((id, name)) = &eos {
+        single.push(json!({"SpecialToken": {"id": name, "type_id": 0}}));
+        specials.insert(
+            name.clone(),
+            json!({"id": name, "ids": [id], "tokens": [name]}),
+        );
+    }
+    let mut pair = single.clone();
+    pair.extend(single.iter().map(|p| {
+        let mut p = p.clone();
+        if let Some(seq) = p.get_mut("Sequence") {
+            seq["id"] = json!("B");
+        }
+        for kind in ["Sequence", "SpecialToken"] {
+            if let Some(x) = p.get_mut(kind) {
+                x["type_id"] = json!(1);
+            }
+        }
+        p
+    }));
+    Ok(
+        json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials}),
+    )
+}
+
+/// tokenizers JSON equivalent to a GGUF's embedded vocabulary: `gpt2` byte-level BPE
+/// or `llama` SentencePiece BPE.
+fn gguf_tokenizer_json(file: &GgufFile) -> std::result::Result<Value, String> {
+    let model = file
+        .get("tokenizer.ggml.model")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("");
+    let tokens = strings(file, "tokenizer.ggml.tokens")?;
+    let types: Vec<u64> = file
+        .get("tokenizer.ggml.token_type")
+        .and_then(MetaValue::as_array)
+        .map(|a| a.iter().map(|t| t.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_else(|| vec![1; tokens.len()]);
+    if types.len() != tokens.len() {
+        return Err(format!(
+            "{} token types for {} tokens",
+            types.len(),
+            tokens.len()
+        ));
+    }
+    let vocab = GgufVocab { tokens, types };
+    match model {
+        "gpt2" => gpt2_json(file, &vocab),
+        "llama" => sentencepiece_json(file, &vocab),
+        other => Err(format!(
+            "tokenizer model `{other}` is not supported (gpt2, llama)"
+        )),
+    }
+}
+
+fn gpt2_json(file: &GgufFile, v: &GgufVocab) -> std::result::Result<Value, String> {
+    let merges = strings(file, "tokenizer.ggml.merges")?;
+    let pre = file
+        .get("tokenizer.ggml.pre")
+        .and_then(MetaValue::as_str)
+        .unwrap_or("default");
+    let vocab: serde_json::Map<String, Value> = v
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
     Ok(json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
-        "added_tokens": added,
+        "added_tokens": added_tokens(v),
         "normalizer": null,
         "pre_tokenizer": pre_tokenizer(pre)?,
-        "post_processor": post,
+        "post_processor": post_processor(file, v, false)?,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
             "ignore_merges": pre == "llama-bpe" || pre == "llama3",
+            "vocab": vocab, "merges": merges,
+        }
+    }))
+}
+
+/// SentencePiece BPE (Llama 2, TinyLlama): spaces become `▁`, a `▁` is put before the
+/// text (unless `add_space_prefix` is false), pieces merge in order of their score, and
+/// characters outside the vocabulary fall back to `<0xXX>` byte tokens.
+///
+/// tokenizers' BPE applies merges by rank, so the merges are listed by the score of the
+/// piece they make, best first: the same order SentencePiece merges in.
+fn sentencepiece_json(file: &GgufFile, v: &GgufVocab) -> std::result::Result<Value, String> {
+    let scores: Vec<f64> = file
+        .get("tokenizer.ggml.scores")
+        .and_then(MetaValue::as_array)
+        .ok_or("no tokenizer.ggml.scores")?
+        .iter()
+        .map(|s| s.as_f64().ok_or("a score is not a number"))
+        .collect::<std::result::Result<_, _>>()?;
+    if scores.len() != v.tokens.len() {
+        return Err(format!(
+            "{} scores for {} tokens",
+            scores.len(),
+            v.tokens.len()
+        ));
+    }
+    let normal = |i: usize| v.types[i] == 1 || v.types[i] == 4;
+    let ids: std::collections::HashMap<&str, usize> = v
+        .tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| normal(*i))
+        .map(|(i, t)| (*t, i))
+        .collect();
+    let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
+    for (i, piece) in v.tokens.iter().enumerate().filter(|(i, _)| normal(*i)) {
+        let mut local: Vec<(usize, usize)> = piece
+            .char_indices()
+            .skip(1)
+            .filter_map(|(at, _)| Some((*ids.get(&piece[..at])?, *ids.get(&piece[at..])?)))
+            .collect();
+        local.sort();
+        merges.extend(local.into_iter().map(|(l, r)| (scores[i], i, l, r)));
+    }
+    // Best score first; ties keep vocabulary order.
+    merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let merges: Vec<Value> = merges
+        .iter()
+        .map(|&(_, _, l, r)| json!([v.tokens[l], v.tokens[r]]))
+        .collect();
+    let vocab: serde_json::Map<String, Value> = v
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    let unk = v.types.iter().position(|&t| t == 2).map(|i| v.tokens[i]);
+    let prefix = file
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(MetaValue::as_bool)
+        .unwrap_or(true);
+    let mut normalizers = Vec::new();
+    if prefix {
+        normalizers.push(json!({"type": "Prepend", "prepend": "▁"}));
+    }
+    normalizers.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
+    Ok(json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added_tokens(v),
+        // Like llama.cpp (and HF's legacy Llama tokenizer): a `▁` before every stretch of
+        // text, including one that follows a special token; spaces become `▁`.
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null,
+        "post_processor": post_processor(file, v, true)?,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": if prefix { 1 } else { 0 }, "stop": 0},
+        ]},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
             "vocab": vocab, "merges": merges,
         }
     }))
