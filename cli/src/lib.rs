@@ -1,17 +1,21 @@
 //! The `llama` command line: argument parsing, the one backend `match`, printing.
 //!
 //! The binary itself is the root package's `src/main.rs`, which calls [`main`].
-use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::tensor::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llama_graph::{PassContext, Pipeline, Program, Taps};
-use llama_models::Model;
-use llama_runtime::{generate_greedy, ChatTemplate, Message, Session, Tokenizer};
+use llama_models::{Model, ModelSource};
+use llama_runtime::{
+    generate, ChatTemplate, GenerateOptions, Generation, Message, SamplerConfig, Session, Tokenizer,
+};
 
 #[derive(Parser)]
 #[command(
@@ -28,12 +32,16 @@ struct Cli {
 enum Command {
     /// Generate text after a prompt; only the generated text goes to stdout.
     Generate(GenerateArgs),
-    /// Print the model's compiled graph, or with --taps a summary of every node's output.
-    Graph(GraphArgs),
+    /// Talk with the model, turn by turn, in its chat template (reads stdin).
+    Chat(ChatArgs),
     /// Print the ids of a text as one JSON array (special tokens in the text are parsed).
     Tokenize(TokenizeArgs),
+    /// Print the model's compiled graph, or with --taps a summary of every node's output.
+    Graph(GraphArgs),
     /// Perplexity of a text file; the last stdout line is `perplexity: <number>`.
     Perplexity(PerplexityArgs),
+    /// Describe a model file without loading its weights.
+    Inspect(InspectArgs),
     /// Write an HF model directory (safetensors, config, tokenizer) from a GGUF file.
     Convert(ConvertArgs),
 }
@@ -70,27 +78,182 @@ struct ModelArgs {
     passes: String,
 }
 
+const SAMPLING_HELP: &str = "Sampling runs in this order: logit bias; repetition, frequency and presence \
+penalties over the last --repeat-last-n tokens; then temperature 0 takes the argmax; otherwise top-k, \
+top-p, min-p, temperature, and a draw seeded by --seed.";
+
 #[derive(Args)]
+#[command(next_help_heading = "Sampling")]
+struct SamplingArgs {
+    /// 0 picks the most likely token at every step (greedy).
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
+    temperature: f32,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p, in (0, 1].
+    #[arg(long, value_parser = unit_open)]
+    top_p: Option<f32>,
+    /// Drop tokens less likely than min-p times the most likely one, in [0, 1].
+    #[arg(long, value_parser = unit_closed)]
+    min_p: Option<f32>,
+    /// Repetition penalty (1 = off), llama.cpp's definition.
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
+    repeat_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// OpenAI presence penalty: subtracted once from every token seen.
+    #[arg(long, default_value_t = 0.0, value_parser = finite)]
+    presence_penalty: f32,
+    /// OpenAI frequency penalty: subtracted once per occurrence.
+    #[arg(long, default_value_t = 0.0, value_parser = finite)]
+    frequency_penalty: f32,
+    /// ID=BIAS added to a token's logit before anything else (repeatable).
+    #[arg(long, value_parser = logit_bias)]
+    logit_bias: Vec<(u32, f32)>,
+    /// Seed of the sampler (default: a random one, shown in the stats line).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone(),
+            seed: self.seed.unwrap_or_else(rand_seed),
+        }
+    }
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+fn parse_f32(s: &str) -> std::result::Result<f32, String> {
+    s.parse::<f32>()
+        .map_err(|_| format!("`{s}` is not a number"))
+}
+
+fn non_negative(s: &str) -> std::result::Result<f32, String> {
+    let v = parse_f32(s)?;
+    (v.is_finite() && v >= 0.0)
+        .then_some(v)
+        .ok_or_else(|| format!("{s} must be 0 or more"))
+}
+
+fn positive(s: &str) -> std::result::Result<f32, String> {
+    let v = parse_f32(s)?;
+    (v.is_finite() && v > 0.0)
+        .then_some(v)
+        .ok_or_else(|| format!("{s} must be more than 0"))
+}
+
+fn finite(s: &str) -> std::result::Result<f32, String> {
+    let v = parse_f32(s)?;
+    v.is_finite()
+        .then_some(v)
+        .ok_or_else(|| format!("{s} must be a finite number"))
+}
+
+fn unit_open(s: &str) -> std::result::Result<f32, String> {
+    let v = parse_f32(s)?;
+    (v > 0.0 && v <= 1.0)
+        .then_some(v)
+        .ok_or_else(|| format!("{s} must be in (0, 1]"))
+}
+
+fn unit_closed(s: &str) -> std::result::Result<f32, String> {
+    let v = parse_f32(s)?;
+    (0.0..=1.0)
+        .contains(&v)
+        .then_some(v)
+        .ok_or_else(|| format!("{s} must be in [0, 1]"))
+}
+
+fn logit_bias(s: &str) -> std::result::Result<(u32, f32), String> {
+    let (id, bias) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not ID=BIAS"))?;
+    let id = id
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("`{id}` in `{s}` is not a token id"))?;
+    let bias = bias.trim();
+    let bias = match bias {
+        "-inf" | "-infinity" => f32::NEG_INFINITY,
+        _ => finite(bias)?,
+    };
+    Ok((id, bias))
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    max_tokens: usize,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(long, short = 'c')]
+    ctx_size: Option<usize>,
+    /// End generation before this string, which is never printed (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// When the context fills, drop the oldest tokens after the first --keep and go on
+    /// (instead of refusing a request that does not fit).
+    #[arg(long)]
+    context_shift: bool,
+    /// Tokens at the start that a context shift keeps.
+    #[arg(long, default_value_t = 0, requires = "context_shift")]
+    keep: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+#[command(after_help = SAMPLING_HELP)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[arg(long, short = 'p')]
     prompt: String,
-    /// Most tokens to generate.
-    #[arg(long, short = 'n', default_value_t = 128)]
-    max_tokens: usize,
-    /// 0 picks the most likely token at every step (greedy).
-    #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
-    /// Context size in tokens (default: the model's, at most 4096).
-    #[arg(long, short = 'c')]
-    ctx_size: Option<usize>,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     chat: bool,
     /// With --chat: a system message before the prompt.
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// Print one JSON object (text, ids, finish reason, timings) instead of streaming.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+#[command(after_help = SAMPLING_HELP)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A system message at the start of the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args)]
@@ -129,6 +292,13 @@ struct PerplexityArgs {
     /// its second half.
     #[arg(long, short = 'c')]
     ctx_size: Option<usize>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// An HF model directory or a .gguf file.
+    #[arg(long, short = 'm')]
+    model: PathBuf,
 }
 
 /// Element type of converted weights.
@@ -170,11 +340,35 @@ fn pipeline(spec: &str) -> Result<Pipeline> {
     })
 }
 
-/// Loads the model and compiles its graph; returns the model and the program.
+/// Loads the model (with a progress bar on a terminal) and compiles its graph.
 fn compile(args: &ModelArgs) -> Result<(Model, Program)> {
     let pipeline = pipeline(&args.passes)?;
     let device = args.backend.device();
-    let model = Model::load(&args.model, &device)?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("loading {msg} {bar:30} {pos}/{len} tensors")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message(
+            args.model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        bar
+    });
+    let progress = |done: usize, total: usize| {
+        if let Some(bar) = &bar {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+    };
+    let model = Model::load_with_progress(&args.model, &device, &progress);
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let model = model?;
     let mut graph = model.build_graph()?;
     pipeline.run(
         &mut graph,
@@ -189,93 +383,6 @@ fn tokenizer(model: &Model) -> Result<Tokenizer> {
     Ok(Tokenizer::for_model(model)?)
 }
 
-fn generate(args: GenerateArgs) -> Result<()> {
-    if args.temperature != 0.0 {
-        bail!(
-            "--temperature {}: only greedy decoding (--temperature 0) is available",
-            args.temperature
-        );
-    }
-    let load_start = Instant::now();
-    let (model, program) = compile(&args.model)?;
-    let tokenizer = tokenizer(&model)?;
-    let prompt = if args.chat {
-        let template = ChatTemplate::for_model(&model)?
-            .with_context(|| format!("{} has no chat template", model.path.display()))?;
-        let mut messages = Vec::new();
-        if let Some(system) = &args.system {
-            messages.push(Message::new("system", system));
-        }
-        messages.push(Message::new("user", &args.prompt));
-        // As transformers' apply_chat_template: the template writes the special tokens.
-        tokenizer.encode_plain(&template.render(&messages, true)?)?
-    } else {
-        tokenizer.encode(&args.prompt)?
-    };
-    let context = context_for(&model, args.ctx_size)?;
-    let mut session = Session::new(program, context)?;
-    let load_time = load_start.elapsed();
-
-    let mut stream = tokenizer.stream();
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut failed = None;
-    let generation = generate_greedy(
-        &mut session,
-        &prompt,
-        args.max_tokens,
-        &model.eos_token_ids(),
-        |id| {
-            if failed.is_some() {
-                return;
-            }
-            match stream.push(id) {
-                Ok(text) => {
-                    let _ = out.write_all(text.as_bytes());
-                    let _ = out.flush();
-                }
-                Err(e) => failed = Some(e),
-            }
-        },
-    )?;
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
-    let rest = stream.finish()?;
-    writeln!(out, "{rest}")?;
-    out.flush()?;
-
-    let g = &generation;
-    let rate = |n: usize, t: std::time::Duration| n as f64 / t.as_secs_f64().max(1e-9);
-    eprintln!(
-        "load {:.2} s | prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s | stop: {:?}",
-        load_time.as_secs_f64(),
-        g.prompt_tokens,
-        rate(g.prompt_tokens, g.prefill_time),
-        g.ids.len(),
-        rate(g.ids.len().saturating_sub(1), g.decode_time),
-        g.finish
-    );
-    Ok(())
-}
-
-fn graph(args: GraphArgs) -> Result<()> {
-    let (model, program) = compile(&args.model)?;
-    match args.prompt {
-        Some(prompt) if args.taps => {
-            let tokenizer = tokenizer(&model)?;
-            let ids = tokenizer.encode(&prompt)?;
-            let mut session = Session::new(program, ids.len())?;
-            let (_, taps) = session.prefill_with_taps(&ids, &Taps::All)?;
-            for (name, value) in &taps {
-                println!("{}", llama_graph::summary::summarize(name, value, 4)?);
-            }
-        }
-        _ => print!("{}", llama_graph::dump(program.graph())),
-    }
-    Ok(())
-}
-
 fn context_for(model: &Model, requested: Option<usize>) -> Result<usize> {
     let max = model.config.max_position_embeddings;
     match requested {
@@ -286,7 +393,165 @@ fn context_for(model: &Model, requested: Option<usize>) -> Result<usize> {
     }
 }
 
-fn perplexity(args: PerplexityArgs) -> Result<()> {
+fn options(model: &Model, run: &RunArgs) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: run.max_tokens,
+        sampler: run.sampling.config(),
+        eos: model.eos_token_ids(),
+        stop: run.stop.clone(),
+        context_shift: run.context_shift.then_some(run.keep),
+        cancel: None,
+    }
+}
+
+fn stats_line(g: &Generation, seed: u64, sampled: bool) -> String {
+    let seed = if sampled {
+        format!(" | seed {seed}")
+    } else {
+        String::new()
+    };
+    format!(
+        "prompt {} tokens | ttft {:.0} ms | prefill {:.1} tok/s | generated {} tokens, decode {:.1} tok/s | stop: {:?}{seed}",
+        g.prompt_tokens,
+        g.ttft.as_secs_f64() * 1e3,
+        g.prefill_tok_s(),
+        g.ids.len(),
+        g.decode_tok_s(),
+        g.finish
+    )
+}
+
+fn chat_template(model: &Model) -> Result<ChatTemplate> {
+    ChatTemplate::for_model(model)?
+        .with_context(|| format!("{} has no chat template", model.path.display()))
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let (model, program) = compile(&args.model)?;
+    let tokenizer = tokenizer(&model)?;
+    let opts = options(&model, &args.run);
+    let prompt = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", &args.prompt));
+        // As transformers' apply_chat_template: the template writes the special tokens.
+        tokenizer.encode_plain(&chat_template(&model)?.render(&messages, true)?)?
+    } else {
+        tokenizer.encode(&args.prompt)?
+    };
+    let mut session = Session::new(program, context_for(&model, args.run.ctx_size)?)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let json = args.json;
+    let g = generate(&mut session, &tokenizer, &prompt, &opts, |piece| {
+        if !json {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    if json {
+        let object = serde_json::json!({
+            "text": g.text,
+            "ids": g.ids,
+            "finish_reason": g.finish,
+            "prompt_tokens": g.prompt_tokens,
+            "timings": {
+                "ttft_ms": g.ttft.as_secs_f64() * 1e3,
+                "prefill_tok_s": g.prefill_tok_s(),
+                "decode_tok_s": g.decode_tok_s(),
+            },
+            "seed": opts.sampler.seed,
+        });
+        writeln!(out, "{object}")?;
+    } else {
+        writeln!(out)?;
+        out.flush()?;
+        eprintln!(
+            "{}",
+            stats_line(&g, opts.sampler.seed, opts.sampler.temperature > 0.0)
+        );
+    }
+    Ok(())
+}
+
+/// The interactive loop: one user line a turn; the cache keeps the conversation, so only
+/// the new turn is prefilled.
+fn run_chat(args: ChatArgs) -> Result<()> {
+    let (model, program) = compile(&args.model)?;
+    let tokenizer = tokenizer(&model)?;
+    let template = chat_template(&model)?;
+    let mut opts = options(&model, &args.run);
+    let mut session = Session::new(program, context_for(&model, args.run.ctx_size)?)?;
+    let interactive = std::io::stdin().is_terminal();
+    let cancel = Arc::new(AtomicBool::new(false));
+    opts.cancel = Some(cancel.clone());
+    let start_messages: Vec<Message> = args
+        .system
+        .iter()
+        .map(|s| Message::new("system", s))
+        .collect();
+    let mut messages = start_messages.clone();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages = start_messages.clone();
+                session.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message::new("user", text));
+        let ids = tokenizer.encode_plain(&template.render(&messages, true)?)?;
+        let new = session.sync_prefix(&ids)?;
+        cancel.store(false, Ordering::Relaxed);
+        let mut out = std::io::stdout().lock();
+        let g = generate(&mut session, &tokenizer, &new, &opts, |piece| {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        })?;
+        writeln!(out)?;
+        out.flush()?;
+        eprintln!(
+            "{}",
+            stats_line(&g, opts.sampler.seed, opts.sampler.temperature > 0.0)
+        );
+        messages.push(Message::new("assistant", &g.text));
+    }
+    Ok(())
+}
+
+fn run_graph(args: GraphArgs) -> Result<()> {
+    let (model, program) = compile(&args.model)?;
+    match args.prompt {
+        Some(prompt) if args.taps => {
+            let tokenizer = tokenizer(&model)?;
+            let ids = tokenizer.encode(&prompt)?;
+            let mut session = Session::new(program, ids.len().max(1))?;
+            let (_, taps) = session.prefill_with_taps(&ids, &Taps::All)?;
+            for (name, value) in &taps {
+                println!("{}", llama_graph::summary::summarize(name, value, 4)?);
+            }
+        }
+        _ => print!("{}", llama_graph::dump(program.graph())),
+    }
+    Ok(())
+}
+
+fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let text =
         std::fs::read_to_string(&args.file).with_context(|| format!("{}", args.file.display()))?;
     let (model, program) = compile(&args.model)?;
@@ -318,20 +583,22 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
-fn tokenize(args: TokenizeArgs) -> Result<()> {
+fn tokenizer_of(path: &Path) -> Result<Tokenizer> {
     // Only the vocabulary is needed: no weights are loaded.
-    let tokenizer = if args.model.is_file() {
-        if !llama_models::GgufFile::sniff(&args.model) {
-            bail!("{}: not a GGUF file", args.model.display());
+    Ok(match ModelSource::open(path)? {
+        ModelSource::Gguf(file) => Tokenizer::from_gguf(&file)?,
+        ModelSource::HfDir(dir) => {
+            let path = dir.join("tokenizer.json");
+            if !path.exists() {
+                bail!("{}: no tokenizer.json", dir.display());
+            }
+            Tokenizer::from_file(&path)?
         }
-        Tokenizer::from_gguf(&llama_models::GgufFile::open(&args.model)?)?
-    } else {
-        let path = args.model.join("tokenizer.json");
-        if !path.exists() {
-            bail!("{}: no tokenizer.json", args.model.display());
-        }
-        Tokenizer::from_file(&path)?
-    };
+    })
+}
+
+fn run_tokenize(args: TokenizeArgs) -> Result<()> {
+    let tokenizer = tokenizer_of(&args.model)?;
     let ids = tokenizer.encode(&args.text)?;
     println!("{}", serde_json::to_string(&ids)?);
     if args.tokens {
@@ -344,12 +611,108 @@ fn tokenize(args: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-fn convert(args: ConvertArgs) -> Result<()> {
-    use llama_models::convert::Dtype;
-    if !llama_models::GgufFile::sniff(&args.model) {
-        bail!("{}: not a GGUF file", args.model.display());
+fn human_bytes(n: usize) -> String {
+    let n = n as f64;
+    match n {
+        n if n >= 1024.0 * 1024.0 * 1024.0 => format!("{:.2} GiB", n / (1024.0 * 1024.0 * 1024.0)),
+        n if n >= 1024.0 * 1024.0 => format!("{:.1} MiB", n / (1024.0 * 1024.0)),
+        n => format!("{:.1} KiB", n / 1024.0),
     }
-    let file = llama_models::GgufFile::open(&args.model)?;
+}
+
+fn run_inspect(args: InspectArgs) -> Result<()> {
+    let source = ModelSource::open(&args.model)?;
+    let inv = source.inventory()?;
+    let c = &inv.config;
+    let format = match &source {
+        ModelSource::Gguf(f) => format!("GGUF v{}", f.version),
+        ModelSource::HfDir(_) => "HF directory".to_string(),
+    };
+    println!("model: {} ({format})", args.model.display());
+    println!("architecture: {}", inv.arch);
+    println!(
+        "layers: {} | d_model: {} | heads: {} (kv {}) | head_dim: {} | ffn: {} | vocab: {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.num_attention_heads,
+        c.n_kv_heads(),
+        c.head_dim(),
+        c.intermediate_size,
+        c.vocab_size
+    );
+    let rope = c.rope();
+    println!(
+        "context length: {} | rope theta: {} | rope scaling: {} | norm eps: {:e} | tied embeddings: {}",
+        c.max_position_embeddings,
+        rope.rope_theta.unwrap_or(10_000.0),
+        rope.rope_type.as_deref().unwrap_or("none"),
+        c.rms_norm_eps,
+        c.tie_word_embeddings
+    );
+    if let Some(w) = c
+        .sliding_window
+        .filter(|_| (0..c.num_hidden_layers).any(|l| c.sliding_window_of(l).is_some()))
+    {
+        println!("sliding window: {w}");
+    }
+    let mut by_type: std::collections::BTreeMap<&str, (usize, usize)> =
+        std::collections::BTreeMap::new();
+    let (mut params, mut bytes) = (0usize, 0usize);
+    for t in &inv.tensors {
+        let e = by_type.entry(&t.dtype).or_default();
+        e.0 += 1;
+        e.1 += t.bytes;
+        params += t.shape.iter().product::<usize>();
+        bytes += t.bytes;
+    }
+    let types: Vec<String> = by_type
+        .iter()
+        .map(|(ty, (n, b))| format!("{ty}: {n} ({})", human_bytes(*b)))
+        .collect();
+    println!("tensors: {} | {}", inv.tensors.len(), types.join(", "));
+    println!(
+        "parameters: {:.1}M | tensor bytes: {}",
+        params as f64 / 1e6,
+        human_bytes(bytes)
+    );
+    let tokenizer = tokenizer_of(&args.model).ok();
+    let name = |id: Option<u32>| match (id, &tokenizer) {
+        (Some(id), Some(t)) => format!("{id} {:?}", t.token(id).unwrap_or_default()),
+        (Some(id), None) => id.to_string(),
+        (None, _) => "none".into(),
+    };
+    let eos: Vec<String> = match &source {
+        ModelSource::Gguf(f) => ["eos", "eot", "eom"]
+            .iter()
+            .filter_map(|k| {
+                f.get(&format!("tokenizer.ggml.{k}_token_id"))
+                    .and_then(|v| v.as_u64())
+            })
+            .map(|id| name(Some(id as u32)))
+            .collect(),
+        ModelSource::HfDir(_) => c
+            .eos_token_ids()
+            .into_iter()
+            .map(|id| name(Some(id)))
+            .collect(),
+    };
+    println!(
+        "special tokens: bos {} | eos {}",
+        name(c.bos_token_id),
+        eos.join(", ")
+    );
+    match ChatTemplate::for_source(&source)? {
+        Some(t) => println!("chat template: {}", t.source),
+        None => println!("chat template: none"),
+    }
+    Ok(())
+}
+
+fn run_convert(args: ConvertArgs) -> Result<()> {
+    use llama_models::convert::Dtype;
+    let ModelSource::Gguf(file) = ModelSource::open(&args.model)? else {
+        bail!("{}: not a GGUF file", args.model.display());
+    };
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let dtype = match args.dtype {
         ConvertDtype::F32 => Dtype::F32,
@@ -364,11 +727,13 @@ fn convert(args: ConvertArgs) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Generate(a) => generate(a),
-        Command::Graph(a) => graph(a),
-        Command::Tokenize(a) => tokenize(a),
-        Command::Perplexity(a) => perplexity(a),
-        Command::Convert(a) => convert(a),
+        Command::Generate(a) => run_generate(a),
+        Command::Chat(a) => run_chat(a),
+        Command::Graph(a) => run_graph(a),
+        Command::Tokenize(a) => run_tokenize(a),
+        Command::Perplexity(a) => run_perplexity(a),
+        Command::Inspect(a) => run_inspect(a),
+        Command::Convert(a) => run_convert(a),
     }
 }
 
@@ -388,23 +753,21 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(
-                e.kind(),
-                ErrorKind::DisplayHelp
-                    | ErrorKind::DisplayVersion
-                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) {
-                let _ = e.print();
-                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-                    ExitCode::from(2)
-                } else {
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
                     ExitCode::SUCCESS
-                };
-            }
-            let text = e.to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{line}");
-            return ExitCode::from(2);
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    ExitCode::from(2)
+                }
+                _ => {
+                    let text = e.to_string();
+                    eprintln!("{}", text.lines().next().unwrap_or("invalid arguments"));
+                    ExitCode::from(2)
+                }
+            };
         }
     };
     match std::panic::catch_unwind(|| run(cli)) {

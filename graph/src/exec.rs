@@ -10,7 +10,7 @@ use crate::ir::{KvKind, Op, RopeScaling};
 use crate::value::Value;
 
 /// One attention layer's keys and values.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct LayerCache {
     /// Keys and values, each `[rows, kv_heads * head_dim]`; `None` only while a step
     /// writes them.
@@ -26,7 +26,7 @@ struct LayerCache {
 /// only then advances `len`, so a step that fails changes nothing observable. Layers
 /// with a sliding window keep only the last `window` positions (a ring buffer), so
 /// their memory is bounded by the window, not the context.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
@@ -109,6 +109,90 @@ impl KvCache {
         Ok(())
     }
 
+    /// The cached rows on the host: positions `0..len` of full layers, the whole ring
+    /// of sliding-window layers.
+    pub fn snapshot(&self) -> Result<KvSnapshot> {
+        let layers = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let read = |t: &Option<Tensor<2>>| -> Result<(usize, usize, Vec<f32>)> {
+                    let t = t.as_ref().ok_or_else(|| {
+                        GraphError::Input(format!(
+                            "KV cache layer {i} was lost by an earlier failure"
+                        ))
+                    })?;
+                    let width = t.dims()[1];
+                    let rows = if l.window.is_some() { l.rows } else { self.len };
+                    let data = Value::F2(t.clone().narrow(0, 0, rows)).to_f32_vec()?;
+                    Ok((rows, width, data))
+                };
+                let (rows, width, keys) = read(&l.kv[0])?;
+                let (_, _, values) = read(&l.kv[1])?;
+                Ok(LayerSnapshot {
+                    rows,
+                    width,
+                    keys,
+                    values,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvSnapshot {
+            len: self.len,
+            layers,
+        })
+    }
+
+    /// Writes a snapshot back; it must have this cache's layout.
+    pub fn restore(&mut self, snap: &KvSnapshot) -> Result<()> {
+        if snap.layers.len() != self.layers.len() || snap.len > self.capacity {
+            return Err(GraphError::Input(format!(
+                "a state of {} layers and {} positions does not fit this cache ({} layers, {} positions)",
+                snap.layers.len(),
+                snap.len,
+                self.layers.len(),
+                self.capacity
+            )));
+        }
+        for (i, (l, s)) in self.layers.iter().zip(&snap.layers).enumerate() {
+            let width = l.kv[0].as_ref().map_or(0, |t| t.dims()[1]);
+            let rows_ok = if l.window.is_some() {
+                s.rows == l.rows
+            } else {
+                s.rows == snap.len
+            };
+            if s.width != width
+                || !rows_ok
+                || s.keys.len() != s.rows * s.width
+                || s.values.len() != s.rows * s.width
+            {
+                return Err(GraphError::Input(format!(
+                    "layer {i} of the state does not match the cache"
+                )));
+            }
+        }
+        for (l, s) in self.layers.iter_mut().zip(&snap.layers) {
+            for (slot, data) in l.kv.iter_mut().zip([&s.keys, &s.values]) {
+                let cache = slot.take().ok_or_else(|| {
+                    GraphError::Input("a KV cache layer was lost by an earlier failure".into())
+                })?;
+                let device = cache.device();
+                let rows = Tensor::<2>::from_data(
+                    TensorData::new(data.clone(), [s.rows, s.width]),
+                    &device,
+                );
+                *slot = Some(if s.rows == 0 {
+                    cache
+                } else {
+                    cache.slice_assign([0..s.rows, 0..s.width], rows)
+                });
+            }
+        }
+        self.len = snap.len;
+        Ok(())
+    }
+
     /// Writes `new` (this step's rows) after position `past` of one layer's keys or
     /// values; returns the rows attention needs, oldest first.
     fn append(
@@ -159,6 +243,22 @@ impl KvCache {
         *slot = Some(cache);
         Ok(out)
     }
+}
+
+/// A KV cache copied to the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvSnapshot {
+    pub len: usize,
+    pub layers: Vec<LayerSnapshot>,
+}
+
+/// One layer of a [`KvSnapshot`]: `rows` by `width` keys and values, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSnapshot {
+    pub rows: usize,
+    pub width: usize,
+    pub keys: Vec<f32>,
+    pub values: Vec<f32>,
 }
 
 /// The row ranges of positions `first..first + n` in a ring of `rows` rows.

@@ -13,7 +13,7 @@ use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
 use crate::quant::{dequantize, GgmlType};
 use crate::registry::GgufConventions;
-use crate::weights::{HostTensor, TensorSource};
+use crate::weights::{HostTensor, TensorInfo, TensorSource};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: usize = 32;
@@ -503,6 +503,19 @@ impl TensorSource for GgufSource<'_> {
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         self.file.tensor(name).map(|t| t.shape.clone())
+    }
+
+    fn inventory(&self) -> Vec<TensorInfo> {
+        self.file
+            .tensors
+            .iter()
+            .map(|t| TensorInfo {
+                name: t.name.clone(),
+                dtype: t.ty.name().to_string(),
+                shape: t.shape.clone(),
+                bytes: t.len,
+            })
+            .collect()
     }
 
     fn load(&self, name: &str) -> Result<Option<HostTensor>> {

@@ -33,6 +33,65 @@ pub enum ModelSource {
     Gguf(Box<gguf::GgufFile>),
 }
 
+impl ModelSource {
+    /// Opens what `path` names, without loading weights: an HF directory or a GGUF file.
+    pub fn open(path: &Path) -> Result<ModelSource> {
+        if !path.exists() {
+            return Err(ModelError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
+            });
+        }
+        if path.is_dir() {
+            return Ok(ModelSource::HfDir(path.to_path_buf()));
+        }
+        if !gguf::GgufFile::sniff(path) {
+            return Err(ModelError::NotAModel(path.to_path_buf()));
+        }
+        Ok(ModelSource::Gguf(Box::new(gguf::GgufFile::open(path)?)))
+    }
+
+    /// The family, config and every stored tensor, without loading weights.
+    pub fn inventory(&self) -> Result<Inventory> {
+        match self {
+            ModelSource::HfDir(dir) => {
+                let config = ModelConfig::from_file(&dir.join("config.json"))?;
+                let entry = registry::lookup(&config)?;
+                let source = safetensors::SafetensorsSource::open_dir(dir)?;
+                Ok(Inventory {
+                    arch: entry.hf,
+                    tensors: weights::TensorSource::inventory(&source),
+                    config,
+                })
+            }
+            ModelSource::Gguf(file) => {
+                let entry = registry::lookup_gguf(file.architecture()?)?;
+                let conventions = entry
+                    .gguf
+                    .ok_or_else(|| ModelError::NotAModel(file.path.clone()))?;
+                let config = file.config(entry.hf, &conventions)?;
+                let source = gguf::GgufSource::new(file, &config, conventions);
+                Ok(Inventory {
+                    arch: entry.hf,
+                    tensors: weights::TensorSource::inventory(&source),
+                    config,
+                })
+            }
+        }
+    }
+}
+
+/// What a model file holds, read without loading weights.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    pub arch: &'static str,
+    pub config: ModelConfig,
+    pub tensors: Vec<weights::TensorInfo>,
+}
+
 /// A loaded model: its config, its family's weights and where it came from.
 #[derive(Debug)]
 pub struct Model {
@@ -47,6 +106,15 @@ pub struct Model {
 impl Model {
     /// Loads an HF model directory or a `.gguf` file onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Model> {
+        Self::load_with_progress(path, device, &|_, _| {})
+    }
+
+    /// Like [`Model::load`], calling `progress(loaded, total)` as tensors load.
+    pub fn load_with_progress(
+        path: &Path,
+        device: &Device,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<Model> {
         if !path.exists() {
             return Err(ModelError::Io {
                 path: path.to_path_buf(),
@@ -57,12 +125,12 @@ impl Model {
             });
         }
         if path.is_file() {
-            return Self::load_gguf(path, device);
+            return Self::load_gguf(path, device, progress);
         }
         let config = ModelConfig::from_file(&path.join("config.json"))?;
         let entry = registry::lookup(&config)?;
         let source = safetensors::SafetensorsSource::open_dir(path)?;
-        let loader = weights::WeightLoader::new(&source, device);
+        let loader = weights::WeightLoader::new(&source, device).with_progress(progress);
         let weights = (entry.load)(&config, &loader)?;
         Ok(Model {
             path: path.to_path_buf(),
@@ -73,7 +141,7 @@ impl Model {
         })
     }
 
-    fn load_gguf(path: &Path, device: &Device) -> Result<Model> {
+    fn load_gguf(path: &Path, device: &Device, progress: &dyn Fn(usize, usize)) -> Result<Model> {
         if !gguf::GgufFile::sniff(path) {
             return Err(ModelError::NotAModel(path.to_path_buf()));
         }
@@ -85,7 +153,7 @@ impl Model {
         let config = file.config(entry.hf, &conventions)?;
         let weights = {
             let source = gguf::GgufSource::new(&file, &config, conventions);
-            let loader = weights::WeightLoader::new(&source, device);
+            let loader = weights::WeightLoader::new(&source, device).with_progress(progress);
             (entry.load)(&config, &loader)?
         };
         Ok(Model {

@@ -7,7 +7,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
 
 use crate::error::{io_err, ModelError, Result};
-use crate::weights::{HostTensor, TensorSource};
+use crate::weights::{HostTensor, TensorInfo, TensorSource};
 
 struct Shard {
     path: PathBuf,
@@ -96,6 +96,27 @@ impl TensorSource for SafetensorsSource {
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let shard = &self.shards[*self.names.get(name)?];
         shard.metadata.info(name).map(|i| i.shape.clone())
+    }
+
+    fn inventory(&self) -> Vec<TensorInfo> {
+        let mut v: Vec<TensorInfo> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                shard
+                    .metadata
+                    .tensors()
+                    .into_iter()
+                    .map(|(name, info)| TensorInfo {
+                        name,
+                        dtype: format!("{:?}", info.dtype),
+                        shape: info.shape.clone(),
+                        bytes: info.data_offsets.1 - info.data_offsets.0,
+                    })
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
     }
 
     fn load(&self, name: &str) -> Result<Option<HostTensor>> {

@@ -21,6 +21,18 @@ pub trait TensorSource {
     fn names(&self) -> Vec<String>;
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     fn load(&self, name: &str) -> Result<Option<HostTensor>>;
+    /// Every tensor as stored: name, element type, shape, bytes.
+    fn inventory(&self) -> Vec<TensorInfo>;
+}
+
+/// A tensor as a checkpoint stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    /// `F32`, `BF16`, `Q4_1`, ...
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub bytes: usize,
 }
 
 /// Whole-model tensors: (HF name, our name).
@@ -87,6 +99,10 @@ pub fn ours_to_hf(name: &str) -> Option<String> {
 /// Reads weights by our names from a checkpoint, checking every shape against the config.
 pub struct WeightLoader<'a> {
     source: &'a dyn TensorSource,
+    /// Called with (tensors loaded, tensors in the checkpoint) after each tensor.
+    progress: Option<&'a dyn Fn(usize, usize)>,
+    loaded: std::cell::Cell<usize>,
+    total: usize,
     /// Our name to checkpoint name.
     table: std::collections::HashMap<String, String>,
     device: Device,
@@ -94,16 +110,26 @@ pub struct WeightLoader<'a> {
 
 impl<'a> WeightLoader<'a> {
     pub fn new(source: &'a dyn TensorSource, device: &Device) -> Self {
-        let table = source
+        let table: std::collections::HashMap<String, String> = source
             .names()
             .into_iter()
             .map(|n| (hf_to_ours(&n).unwrap_or_else(|| n.clone()), n))
             .collect();
+        let total = table.len();
         WeightLoader {
             source,
+            progress: None,
+            loaded: std::cell::Cell::new(0),
+            total,
             table,
             device: device.clone(),
         }
+    }
+
+    /// Reports progress to `f` as tensors load.
+    pub fn with_progress(mut self, f: &'a dyn Fn(usize, usize)) -> Self {
+        self.progress = Some(f);
+        self
     }
 
     pub fn contains(&self, ours: &str) -> bool {
@@ -117,6 +143,10 @@ impl<'a> WeightLoader<'a> {
         };
         let name = self.table.get(ours).ok_or_else(missing)?;
         let t = self.source.load(name)?.ok_or_else(missing)?;
+        self.loaded.set(self.loaded.get() + 1);
+        if let Some(f) = self.progress {
+            f(self.loaded.get(), self.total);
+        }
         if t.shape != expected {
             return Err(ModelError::TensorShape {
                 name: ours.to_string(),

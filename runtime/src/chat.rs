@@ -48,7 +48,12 @@ impl ChatTemplate {
     /// The model's template, looked up as HF does: `chat_template.jinja`, then
     /// `tokenizer_config.json`; in a GGUF file, `tokenizer.chat_template`.
     pub fn for_model(model: &Model) -> Result<Option<ChatTemplate>> {
-        match &model.source {
+        Self::for_source(&model.source)
+    }
+
+    /// As [`ChatTemplate::for_model`], from an opened model source.
+    pub fn for_source(source: &ModelSource) -> Result<Option<ChatTemplate>> {
+        match source {
             ModelSource::HfDir(dir) => {
                 let config_path = dir.join("tokenizer_config.json");
                 let config: serde_json::Value = match std::fs::read_to_string(&config_path) {

@@ -26,6 +26,10 @@ pub enum RuntimeError {
         source_name: String,
         message: String,
     },
+    #[error("{0}")]
+    Sampling(String),
+    #[error("session state {path}: {message}")]
+    State { path: String, message: String },
     #[error("{0} has no chat template")]
     NoChatTemplate(String),
 }

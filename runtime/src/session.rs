@@ -1,5 +1,7 @@
 //! A session: a compiled graph, its KV cache and the tokens seen so far.
-use llama_graph::{KvCache, Program, RunOutput, Taps, Value};
+use std::path::Path;
+
+use llama_graph::{KvCache, KvSnapshot, Program, RunOutput, Taps, Value};
 
 use crate::error::{Result, RuntimeError};
 
@@ -33,7 +35,10 @@ pub fn argmax(row: &[f32]) -> u32 {
 }
 
 /// One conversation with a model: positions advance as tokens are prefilled and decoded.
-#[derive(Debug)]
+///
+/// Cloning a session ([`Session::fork`]) shares the weights and copies the cache
+/// lazily (burn copies a cache tensor when one of the two sessions first writes it).
+#[derive(Debug, Clone)]
 pub struct Session {
     program: Program,
     cache: KvCache,
@@ -114,6 +119,74 @@ impl Session {
         Ok(self.prefill(&[id])?.data)
     }
 
+    /// An independent session at the same position, sharing the weights.
+    pub fn fork(&self) -> Session {
+        self.clone()
+    }
+
+    /// Makes the context hold `ids` with as little work as possible: keeps the longest
+    /// common prefix of what is cached and `ids`, and returns the ids still to be run
+    /// (at least one, so the caller gets logits).
+    pub fn sync_prefix(&mut self, ids: &[u32]) -> Result<Vec<u32>> {
+        let common = self
+            .tokens
+            .iter()
+            .zip(ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let keep = common.min(ids.len().saturating_sub(1));
+        if self.truncate(keep).is_err() {
+            // A sliding-window cache that cannot rewind starts over.
+            self.reset();
+            return Ok(ids.to_vec());
+        }
+        Ok(ids[keep..].to_vec())
+    }
+
+    /// Frees room at the end of a full context: keeps the first `keep` tokens, drops the
+    /// older half of the rest, and runs the kept tokens again at their new positions.
+    pub fn shift_context(&mut self, keep: usize) -> Result<()> {
+        let tokens = self.tokens.clone();
+        let keep = keep.min(tokens.len());
+        let discard = (tokens.len() - keep) / 2;
+        let kept: Vec<u32> = tokens[..keep]
+            .iter()
+            .chain(&tokens[keep + discard..])
+            .copied()
+            .collect();
+        self.reset();
+        if !kept.is_empty() {
+            self.prefill(&kept)?;
+        }
+        Ok(())
+    }
+
+    /// The session's state (tokens and KV cache) on the host.
+    pub fn state(&self) -> Result<SessionState> {
+        Ok(SessionState {
+            tokens: self.tokens.clone(),
+            cache: self.cache.snapshot()?,
+        })
+    }
+
+    /// Puts a saved state back; the state must come from a session of the same graph
+    /// and context.
+    pub fn restore(&mut self, state: &SessionState) -> Result<()> {
+        if state.tokens.len() != state.cache.len {
+            return Err(RuntimeError::State {
+                path: String::new(),
+                message: format!(
+                    "{} tokens for {} cached positions",
+                    state.tokens.len(),
+                    state.cache.len
+                ),
+            });
+        }
+        self.cache.restore(&state.cache)?;
+        self.tokens = state.tokens.clone();
+        Ok(())
+    }
+
     /// Like [`Session::prefill`], also capturing the outputs of the tapped nodes.
     pub fn prefill_with_taps(
         &mut self,
@@ -150,6 +223,101 @@ impl Session {
             rows,
             vocab: self.vocab,
             data: value.to_f32_vec()?,
+        })
+    }
+}
+
+/// A session's tokens and KV cache, on the host: what `save` writes and `load` reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionState {
+    pub tokens: Vec<u32>,
+    pub cache: KvSnapshot,
+}
+
+const STATE_MAGIC: &[u8; 8] = b"LLRSSES1";
+
+impl SessionState {
+    /// Writes the state: a magic, a JSON header (tokens, layer shapes), then the
+    /// cached rows as little-endian f32.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let err = |message: String| RuntimeError::State {
+            path: path.display().to_string(),
+            message,
+        };
+        let header = serde_json::json!({
+            "tokens": self.tokens,
+            "len": self.cache.len,
+            "layers": self.cache.layers.iter().map(|l| [l.rows, l.width]).collect::<Vec<_>>(),
+        })
+        .to_string();
+        let mut out = STATE_MAGIC.to_vec();
+        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        out.extend_from_slice(header.as_bytes());
+        for l in &self.cache.layers {
+            for half in [&l.keys, &l.values] {
+                out.extend(half.iter().flat_map(|x| x.to_le_bytes()));
+            }
+        }
+        std::fs::write(path, out).map_err(|e| err(e.to_string()))
+    }
+
+    /// Reads a state written by [`SessionState::save`], checking that it is whole.
+    pub fn load(path: &Path) -> Result<SessionState> {
+        let err = |message: String| RuntimeError::State {
+            path: path.display().to_string(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        if bytes.len() < 16 || &bytes[..8] != STATE_MAGIC {
+            return Err(err("not a session state file".into()));
+        }
+        let n = u64::from_le_bytes(
+            bytes[8..16]
+                .try_into()
+                .map_err(|_| err("truncated".into()))?,
+        ) as usize;
+        let header = bytes
+            .get(16..16usize.saturating_add(n))
+            .ok_or_else(|| err("truncated header".into()))?;
+        #[derive(serde::Deserialize)]
+        struct Header {
+            tokens: Vec<u32>,
+            len: usize,
+            layers: Vec<[usize; 2]>,
+        }
+        let h: Header = serde_json::from_slice(header).map_err(|e| err(e.to_string()))?;
+        let mut at = 16 + n;
+        let mut layers = Vec::new();
+        for [rows, width] in h.layers {
+            let mut read = || -> Result<Vec<f32>> {
+                let len = rows
+                    .checked_mul(width)
+                    .and_then(|x| x.checked_mul(4))
+                    .ok_or_else(|| err("bad layer shape".into()))?;
+                let data = bytes
+                    .get(at..at + len)
+                    .ok_or_else(|| err("truncated data".into()))?;
+                at += len;
+                Ok(data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            };
+            let keys = read()?;
+            let values = read()?;
+            layers.push(llama_graph::exec::LayerSnapshot {
+                rows,
+                width,
+                keys,
+                values,
+            });
+        }
+        if at != bytes.len() {
+            return Err(err(format!("{} bytes left over", bytes.len() - at)));
+        }
+        Ok(SessionState {
+            tokens: h.tokens,
+            cache: KvSnapshot { len: h.len, layers },
         })
     }
 }
