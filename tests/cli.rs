@@ -2,19 +2,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use llama::graph::Pipeline;
 use llama::runtime::{generate_greedy, Tokenizer};
-
-fn llama(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_llama"))
-        .args(args)
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("the binary runs")
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -319,4 +311,74 @@ fn unknown_pass() {
         ]),
         "fold-everything",
     );
+}
+
+#[test]
+fn wgpu_generates_the_same_text_as_flex_without_driver_noise() {
+    let dir = fixture("llama2-mha");
+    let run = |backend| {
+        llama(&[
+            "generate",
+            "-m",
+            dir.to_str().unwrap(),
+            "-p",
+            "abc",
+            "-n",
+            "10",
+            "--backend",
+            backend,
+        ])
+    };
+    let (cpu, gpu) = (run("flex"), run("wgpu"));
+    assert!(gpu.status.success(), "{}", text(&gpu.stderr));
+    assert_eq!(gpu.stdout, cpu.stdout);
+    let err = text(&gpu.stderr);
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "only the stats line on stderr: {err}"
+    );
+    assert!(err.starts_with("prompt "), "{err}");
+}
+
+#[test]
+fn devices_lists_the_adapters() {
+    let out = llama(&["devices"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("0: ") && stdout.contains("type "),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn an_adapter_that_does_not_exist_is_a_one_line_error() {
+    let dir = fixture("llama3");
+    let out = llama(&[
+        "generate",
+        "-m",
+        dir.to_str().unwrap(),
+        "-p",
+        "x",
+        "--backend",
+        "wgpu",
+        "--device",
+        "99",
+    ]);
+    assert_one_line_error(&out, "backend wgpu");
+    assert!(
+        text(&out.stderr).contains("--backend flex"),
+        "suggests the CPU backend"
+    );
+    let out = llama(&[
+        "graph",
+        "-m",
+        dir.to_str().unwrap(),
+        "--backend",
+        "flex",
+        "--device",
+        "3",
+    ]);
+    assert_one_line_error(&out, "--device 3");
 }

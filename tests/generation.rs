@@ -312,13 +312,6 @@ fn the_end_of_the_context_is_an_error_or_a_shift() {
     assert_eq!(s.tokens()[..4], ids[..4], "the kept prefix stays");
 }
 
-fn llama(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_llama"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
 #[test]
 fn bad_sampling_flags_are_one_line_errors() {
     let dir = fixture("llama3");

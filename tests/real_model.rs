@@ -2,59 +2,16 @@
 //! on the same weights. Needs the model: scripts/fetch-model.sh.
 mod common;
 
+use common::smollm2;
 use common::*;
 use llama::models::convert::{gguf_to_hf, Dtype};
 use llama::models::GgufFile;
 use llama::runtime::{argmax, generate_greedy, perplexity, Tokenizer};
-use serde::Deserialize;
-
-#[derive(Deserialize)]
-struct LogitsRef {
-    prompts: Vec<PromptRef>,
-}
-
-#[derive(Deserialize)]
-struct PromptRef {
-    name: String,
-    ids: Vec<u32>,
-    last_top20: Vec<Top>,
-    per_position_argmax: Vec<u32>,
-    #[serde(default)]
-    last_logits_full: Option<Vec<f32>>,
-}
-
-#[derive(Deserialize)]
-struct Top {
-    id: u32,
-    logit: f32,
-}
-
-#[derive(Deserialize)]
-struct GreedyRef {
-    prompts: Vec<GreedyPrompt>,
-}
-
-#[derive(Deserialize)]
-struct GreedyPrompt {
-    name: String,
-    input_ids: Vec<u32>,
-    output_ids: Vec<u32>,
-    steps: Vec<Step>,
-}
-
-#[derive(Deserialize)]
-struct Step {
-    margin: f32,
-}
-
-fn logits_ref() -> LogitsRef {
-    read_json(&smollm2_fixture("logits.json"))
-}
 
 #[test]
 fn logits_match_transformers() {
     let mut s = session_for(&real_model_path(), &flex(), 512);
-    for p in logits_ref().prompts {
+    for p in smollm2::logits().prompts {
         s.reset();
         let logits = s.prefill(&p.ids).expect("prefill");
         let last = logits.last();
@@ -83,14 +40,13 @@ fn logits_match_transformers() {
 
 #[test]
 fn greedy_continuations_match_transformers() {
-    let greedy: GreedyRef = read_json(&smollm2_fixture("greedy.json"));
+    let greedy = smollm2::greedy();
     let mut s = session_for(&real_model_path(), &flex(), 512);
     for p in greedy.prompts {
         s.reset();
         let n = p.output_ids.len();
         let got = generate_greedy(&mut s, &p.input_ids, n, &[], |_| {}).expect("generate");
-        // A step whose top-2 margin is under 0.02 may go either way; compare before it.
-        let trusted = p.steps.iter().position(|st| st.margin < 0.02).unwrap_or(n);
+        let trusted = p.trusted(n);
         assert_eq!(
             got.ids[..trusted],
             p.output_ids[..trusted],
@@ -102,12 +58,7 @@ fn greedy_continuations_match_transformers() {
 
 #[test]
 fn perplexity_matches_transformers() {
-    #[derive(Deserialize)]
-    struct PplRef {
-        ids: Vec<u32>,
-        perplexity: f64,
-    }
-    let r: PplRef = read_json(&smollm2_fixture("perplexity.json"));
+    let r = smollm2::perplexity();
     let model = llama::models::Model::load(&real_model_path(), &flex()).unwrap();
     let tokenizer = Tokenizer::for_model(&model).unwrap();
     let text = std::fs::read_to_string(smollm2_fixture("passage.txt")).unwrap();
@@ -130,11 +81,7 @@ fn perplexity_matches_transformers() {
 
 #[test]
 fn kv_cache_equivalence_on_the_real_model() {
-    #[derive(Deserialize)]
-    struct PplRef {
-        ids: Vec<u32>,
-    }
-    let ids = read_json::<PplRef>(&smollm2_fixture("perplexity.json")).ids;
+    let ids = smollm2::perplexity().ids;
     let mut s = session_for(&real_model_path(), &flex(), 128);
     for n in [1, 17, 100] {
         let full = full_forward(&mut s, &ids[..n + 8]);
@@ -157,7 +104,7 @@ fn converted_directories_match_the_gguf() {
     let path = real_model_path();
     let file = GgufFile::open(&path).unwrap();
     let tokenizer_json = Tokenizer::from_gguf(&file).unwrap().to_json().unwrap();
-    let prompts = logits_ref().prompts;
+    let prompts = smollm2::logits().prompts;
     let mut gguf = session_for(&path, &flex(), 64);
     let reference: Vec<Vec<Vec<f32>>> = prompts
         .iter()
@@ -207,16 +154,9 @@ fn converted_directories_match_the_gguf() {
     }
 }
 
-fn llama(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_llama"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
 #[test]
 fn generate_from_the_gguf_prints_the_reference_continuation() {
-    let greedy: GreedyRef = read_json(&smollm2_fixture("greedy.json"));
+    let greedy = smollm2::greedy();
     let p = &greedy.prompts[0];
     let model = real_model_path();
     let file = GgufFile::open(&model).unwrap();
@@ -254,11 +194,7 @@ fn generate_from_the_gguf_prints_the_reference_continuation() {
 
 #[test]
 fn perplexity_command_prints_the_reference_perplexity_last() {
-    #[derive(Deserialize)]
-    struct PplRef {
-        perplexity: f64,
-    }
-    let r: PplRef = read_json(&smollm2_fixture("perplexity.json"));
+    let r = smollm2::perplexity();
     let model = real_model_path();
     let passage = smollm2_fixture("passage.txt");
     let out = llama(&[
@@ -290,12 +226,7 @@ fn perplexity_command_prints_the_reference_perplexity_last() {
 fn strided_perplexity_scores_second_halves() {
     // A 594-token text in windows of 128: four windows, each scoring its last 63
     // predictions with at least 64 tokens of context, as llama-perplexity does.
-    #[derive(Deserialize)]
-    struct PplRef {
-        ids: Vec<u32>,
-        perplexity: f64,
-    }
-    let r: PplRef = read_json(&smollm2_fixture("perplexity.json"));
+    let r = smollm2::perplexity();
     let mut s = session_for(&real_model_path(), &flex(), 128);
     let got = perplexity(&mut s, &r.ids, 128, |_, _| {}).unwrap();
     assert_eq!((got.windows, got.scored), (4, 4 * 63));

@@ -2,8 +2,6 @@
 //! vocabularies (byte-level BPE and SentencePiece), chat templates, streaming.
 mod common;
 
-use std::process::Command;
-
 use common::gguf_writer::Writer;
 use common::*;
 use llama::models::GgufFile;
@@ -284,13 +282,6 @@ proptest! {
     }
 }
 
-fn llama(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_llama"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
 #[test]
 fn tokenize_prints_the_ids_as_json() {
     let r = tok_ref();
@@ -328,16 +319,7 @@ fn tokenize_prints_the_ids_as_json() {
 
 #[test]
 fn chat_generation_prints_the_reference_answer_and_stops_at_the_end_token() {
-    #[derive(Deserialize)]
-    struct Greedy {
-        prompts: Vec<GreedyPrompt>,
-    }
-    #[derive(Deserialize)]
-    struct GreedyPrompt {
-        name: String,
-        output_text_stop_at_eos: String,
-    }
-    let g: Greedy = read_json(&smollm2_fixture("greedy.json"));
+    let g = common::smollm2::greedy();
     let chat = g.prompts.iter().find(|p| p.name == "g4_chat").unwrap();
     let model = real_model_path();
     let out = llama(&[

@@ -44,6 +44,28 @@ enum Command {
     Inspect(InspectArgs),
     /// Write an HF model directory (safetensors, config, tokenizer) from a GGUF file.
     Convert(ConvertArgs),
+    /// Prefill and decode speed, in the manner of llama-bench.
+    Bench(BenchArgs),
+    /// List the GPU adapters --backend wgpu can use.
+    Devices,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens to prefill.
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 64)]
+    n_prompt: usize,
+    /// Tokens to decode after the prompt.
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Repetitions; the report gives median, min and max.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    repetitions: u32,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where the graph runs.
@@ -53,16 +75,126 @@ enum Backend {
     Ndarray,
     /// burn-flex (CPU, fast).
     Flex,
+    /// burn-wgpu: Vulkan, Metal or DX12 through wgpu (a GPU, or lavapipe on the CPU).
+    Wgpu,
 }
 
 impl Backend {
-    /// The one place a backend is named.
+    /// The one place a backend is named: its device, checked to be usable.
     #[allow(deprecated)] // `Device::ndarray` is marked deprecated in favour of flex.
-    fn device(self) -> Device {
+    fn device(self, index: Option<usize>) -> Result<Device> {
+        let cpu_only = |name: &str| match index {
+            None | Some(0) => Ok(()),
+            Some(i) => Err(anyhow::anyhow!(
+                "--device {i}: backend {name} has one device, 0"
+            )),
+        };
         match self {
-            Backend::Ndarray => Device::ndarray(),
-            Backend::Flex => Device::flex(),
+            Backend::Ndarray => {
+                cpu_only("ndarray")?;
+                Ok(Device::ndarray())
+            }
+            Backend::Flex => {
+                cpu_only("flex")?;
+                Ok(Device::flex())
+            }
+            Backend::Wgpu => gpu::device(index),
         }
+    }
+}
+
+/// wgpu adapters: listing, choosing, and checking that one starts.
+mod gpu {
+    use anyhow::{bail, Result};
+    use burn::tensor::{Device, DeviceKind, DeviceType, Tensor};
+
+    /// GPU drivers print warnings of their own (Mesa: "XDG_RUNTIME_DIR is invalid or not
+    /// set") when this is unset; give them a private directory so users see none.
+    fn quiet_drivers() {
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            let dir = std::env::temp_dir().join(format!("llama-rs-runtime-{}", std::process::id()));
+            if std::fs::create_dir_all(&dir).is_ok() {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+                }
+                std::env::set_var("XDG_RUNTIME_DIR", &dir);
+            }
+        }
+    }
+
+    /// Runs `f`, turning a panic inside the GPU stack into `None` without printing it.
+    fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let out = std::panic::catch_unwind(f).ok();
+        std::panic::set_hook(hook);
+        out
+    }
+
+    /// Every wgpu adapter, in a stable order.
+    pub fn adapters() -> Vec<Device> {
+        quiet_drivers();
+        quietly(|| Device::enumerate(DeviceType::Wgpu).into_vec()).unwrap_or_default()
+    }
+
+    /// A line describing an adapter: name, type, graphics API, shader target.
+    pub fn describe(device: &Device) -> String {
+        // The device's Debug form is the only place burn names the adapter type and API.
+        let debug = format!("{device:?}");
+        let field = |key: &str| {
+            debug
+                .split(&format!("{key}: "))
+                .nth(1)
+                .and_then(|rest| rest.split([',', ' ', '}']).next())
+                .unwrap_or("?")
+                .to_string()
+        };
+        let (kind, mut api) = (field("kind"), field("backend"));
+        match quietly(|| device.identity()).flatten() {
+            Some(id) => {
+                if api == "Auto" {
+                    // The shader target says which API the runtime settled on.
+                    api = match id.fingerprint.split('_').next() {
+                        Some("spirv") => "Vulkan".into(),
+                        Some("msl") => "Metal".into(),
+                        Some("hlsl") => "DX12".into(),
+                        _ => api,
+                    };
+                }
+                format!(
+                    "{} | type {kind} | api {api} | shaders {} | memory unknown",
+                    id.name, id.fingerprint
+                )
+            }
+            None => format!("type {kind} | api {api}"),
+        }
+    }
+
+    /// The default adapter, or adapter `index` of [`adapters`], once it has run an op.
+    pub fn device(index: Option<usize>) -> Result<Device> {
+        let adapters = adapters();
+        if adapters.is_empty() {
+            bail!("backend wgpu: no GPU adapter found (no Vulkan, Metal or DX12 driver); use --backend flex");
+        }
+        let device = match index {
+            None => Device::wgpu(DeviceKind::DefaultDevice),
+            Some(i) => match adapters.get(i) {
+                Some(d) => d.clone(),
+                None => bail!(
+                    "backend wgpu: there is no adapter {i} ({} found, see `llama devices`); use --backend flex",
+                    adapters.len()
+                ),
+            },
+        };
+        let probe = device.clone();
+        let works =
+            quietly(move || Tensor::<1>::ones([4], &probe).sum().into_scalar::<f32>() == 4.0);
+        if works != Some(true) {
+            bail!("backend wgpu: the adapter failed to run a kernel; use --backend flex");
+        }
+        Ok(device)
     }
 }
 
@@ -73,6 +205,12 @@ struct ModelArgs {
     model: PathBuf,
     #[arg(long, value_enum, default_value = "flex")]
     backend: Backend,
+    /// With --backend wgpu: the adapter's index in `llama devices` (default: the best).
+    #[arg(long)]
+    device: Option<usize>,
+    /// Worker threads of the CPU backends (default: the physical cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..1025))]
+    threads: Option<u32>,
     /// Graph passes: `default`, `none`, or a comma-separated list of pass names.
     #[arg(long, default_value = "default")]
     passes: String,
@@ -343,7 +481,15 @@ fn pipeline(spec: &str) -> Result<Pipeline> {
 /// Loads the model (with a progress bar on a terminal) and compiles its graph.
 fn compile(args: &ModelArgs) -> Result<(Model, Program)> {
     let pipeline = pipeline(&args.passes)?;
-    let device = args.backend.device();
+    let threads = args
+        .threads
+        .map_or_else(num_cpus::get_physical, |t| t as usize);
+    // flex's matmuls and reductions run on rayon's global pool.
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok();
+    let device = args.backend.device(args.device)?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -725,6 +871,131 @@ fn run_convert(args: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_devices() -> Result<()> {
+    let adapters = gpu::adapters();
+    if adapters.is_empty() {
+        bail!("backend wgpu: no GPU adapter found (no Vulkan, Metal or DX12 driver); use --backend flex");
+    }
+    for (i, d) in adapters.iter().enumerate() {
+        println!("{i}: {}", gpu::describe(d));
+    }
+    Ok(())
+}
+
+/// The peak resident set of this process, from /proc (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn stats(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let median = if values.len() % 2 == 1 {
+        values[values.len() / 2]
+    } else {
+        (values[values.len() / 2 - 1] + values[values.len() / 2]) / 2.0
+    };
+    (median, values[0], values[values.len() - 1])
+}
+
+fn run_bench(args: BenchArgs) -> Result<()> {
+    if args.n_prompt == 0 {
+        bail!("-p must be at least 1");
+    }
+    let (model, program) = compile(&args.model)?;
+    let vocab = model.config.vocab_size as u64;
+    // A fixed, varied prompt: speed does not depend on which ids.
+    let prompt: Vec<u32> = (0..args.n_prompt as u64)
+        .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
+        .collect();
+    let context = args.n_prompt + args.n_gen;
+    if context > model.config.max_position_embeddings {
+        bail!(
+            "-p {} plus -n {} exceed the model's {} positions",
+            args.n_prompt,
+            args.n_gen,
+            model.config.max_position_embeddings
+        );
+    }
+    let mut session = Session::new(program, context)?;
+    let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    // One untimed warm-up run (kernel compilation on GPUs, page faults on CPUs).
+    for rep in 0..=args.repetitions {
+        session.reset();
+        let start = Instant::now();
+        let logits = session.prefill(&prompt)?;
+        let mut next = llama_runtime::argmax(logits.last());
+        let first = start.elapsed();
+        let start = Instant::now();
+        for _ in 0..args.n_gen {
+            next = llama_runtime::argmax(&session.decode(next)?);
+        }
+        let gen = start.elapsed();
+        if rep > 0 {
+            prefill.push(args.n_prompt as f64 / first.as_secs_f64());
+            ttft.push(first.as_secs_f64() * 1e3);
+            if args.n_gen > 0 {
+                decode.push(args.n_gen as f64 / gen.as_secs_f64());
+            }
+        }
+    }
+    let (p, d, t) = (
+        stats(&mut prefill),
+        stats(&mut decode.clone()),
+        stats(&mut ttft),
+    );
+    let d = if decode.is_empty() {
+        (0.0, 0.0, 0.0)
+    } else {
+        d
+    };
+    let rss = peak_rss_bytes();
+    let backend = format!("{:?}", args.model.backend).to_lowercase();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": args.model.model.display().to_string(),
+                "backend": backend,
+                "n_prompt": args.n_prompt,
+                "n_gen": args.n_gen,
+                "repetitions": args.repetitions,
+                "prefill_tok_s": p.0, "prefill_tok_s_min": p.1, "prefill_tok_s_max": p.2,
+                "decode_tok_s": d.0, "decode_tok_s_min": d.1, "decode_tok_s_max": d.2,
+                "ttft_ms": t.0,
+                "peak_rss_bytes": rss,
+            })
+        );
+    } else {
+        println!("| model | backend | test | tok/s (median) | min | max |");
+        println!("|---|---|---|---|---|---|");
+        let name = args
+            .model
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        println!(
+            "| {name} | {backend} | pp{} | {:.1} | {:.1} | {:.1} |",
+            args.n_prompt, p.0, p.1, p.2
+        );
+        if args.n_gen > 0 {
+            println!(
+                "| {name} | {backend} | tg{} | {:.1} | {:.1} | {:.1} |",
+                args.n_gen, d.0, d.1, d.2
+            );
+        }
+        println!(
+            "time to first token {:.1} ms (median); peak RSS {}",
+            t.0,
+            rss.map_or("unknown".into(), |b| human_bytes(b as usize))
+        );
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => run_generate(a),
@@ -734,6 +1005,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Perplexity(a) => run_perplexity(a),
         Command::Inspect(a) => run_inspect(a),
         Command::Convert(a) => run_convert(a),
+        Command::Bench(a) => run_bench(a),
+        Command::Devices => run_devices(),
     }
 }
 

@@ -54,18 +54,18 @@ impl ModelSource {
         Ok(ModelSource::Gguf(Box::new(gguf::GgufFile::open(path)?)))
     }
 
-    /// The family, config and every stored tensor, without loading weights.
-    pub fn inventory(&self) -> Result<Inventory> {
+    /// The family, the config, and the checkpoint as a tensor source, without reading
+    /// any tensor; `f` gets them.
+    fn with_checkpoint<T>(
+        &self,
+        f: impl FnOnce(&'static registry::Entry, ModelConfig, &dyn weights::TensorSource) -> Result<T>,
+    ) -> Result<T> {
         match self {
             ModelSource::HfDir(dir) => {
                 let config = ModelConfig::from_file(&dir.join("config.json"))?;
                 let entry = registry::lookup(&config)?;
                 let source = safetensors::SafetensorsSource::open_dir(dir)?;
-                Ok(Inventory {
-                    arch: entry.hf,
-                    tensors: weights::TensorSource::inventory(&source),
-                    config,
-                })
+                f(entry, config, &source)
             }
             ModelSource::Gguf(file) => {
                 let entry = registry::lookup_gguf(file.architecture()?)?;
@@ -74,13 +74,20 @@ impl ModelSource {
                     .ok_or_else(|| ModelError::NotAModel(file.path.clone()))?;
                 let config = file.config(entry.hf, &conventions)?;
                 let source = gguf::GgufSource::new(file, &config, conventions);
-                Ok(Inventory {
-                    arch: entry.hf,
-                    tensors: weights::TensorSource::inventory(&source),
-                    config,
-                })
+                f(entry, config, &source)
             }
         }
+    }
+
+    /// The family, config and every stored tensor, without loading weights.
+    pub fn inventory(&self) -> Result<Inventory> {
+        self.with_checkpoint(|entry, config, source| {
+            Ok(Inventory {
+                arch: entry.hf,
+                tensors: source.inventory(),
+                config,
+            })
+        })
     }
 }
 
@@ -115,51 +122,16 @@ impl Model {
         device: &Device,
         progress: &dyn Fn(usize, usize),
     ) -> Result<Model> {
-        if !path.exists() {
-            return Err(ModelError::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no such file or directory",
-                ),
-            });
-        }
-        if path.is_file() {
-            return Self::load_gguf(path, device, progress);
-        }
-        let config = ModelConfig::from_file(&path.join("config.json"))?;
-        let entry = registry::lookup(&config)?;
-        let source = safetensors::SafetensorsSource::open_dir(path)?;
-        let loader = weights::WeightLoader::new(&source, device).with_progress(progress);
-        let weights = (entry.load)(&config, &loader)?;
+        let source = ModelSource::open(path)?;
+        let (arch, config, weights) = source.with_checkpoint(|entry, config, checkpoint| {
+            let loader = weights::WeightLoader::new(checkpoint, device).with_progress(progress);
+            let weights = (entry.load)(&config, &loader)?;
+            Ok((entry.hf, config, weights))
+        })?;
         Ok(Model {
             path: path.to_path_buf(),
-            source: ModelSource::HfDir(path.to_path_buf()),
-            arch: entry.hf,
-            config,
-            weights,
-        })
-    }
-
-    fn load_gguf(path: &Path, device: &Device, progress: &dyn Fn(usize, usize)) -> Result<Model> {
-        if !gguf::GgufFile::sniff(path) {
-            return Err(ModelError::NotAModel(path.to_path_buf()));
-        }
-        let file = gguf::GgufFile::open(path)?;
-        let entry = registry::lookup_gguf(file.architecture()?)?;
-        let conventions = entry
-            .gguf
-            .ok_or_else(|| ModelError::NotAModel(path.to_path_buf()))?;
-        let config = file.config(entry.hf, &conventions)?;
-        let weights = {
-            let source = gguf::GgufSource::new(&file, &config, conventions);
-            let loader = weights::WeightLoader::new(&source, device).with_progress(progress);
-            (entry.load)(&config, &loader)?
-        };
-        Ok(Model {
-            path: path.to_path_buf(),
-            source: ModelSource::Gguf(Box::new(file)),
-            arch: entry.hf,
+            source,
+            arch,
             config,
             weights,
         })

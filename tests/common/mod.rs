@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 pub mod gguf_writer;
+pub mod smollm2;
 
 use std::path::PathBuf;
 
@@ -142,4 +143,46 @@ pub fn session_for(path: &std::path::Path, device: &Device, context: usize) -> S
         )
         .expect("passes");
     session_of(g, device, context)
+}
+
+/// The default wgpu adapter (lavapipe on machines without a GPU). A machine with no
+/// adapter at all fails the wgpu tests: install `mesa-vulkan-drivers`.
+pub fn wgpu() -> Device {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join("llama-rs-test-runtime");
+        let _ = std::fs::create_dir_all(&dir);
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
+    let devices = Device::enumerate(burn::tensor::DeviceType::Wgpu).into_vec();
+    assert!(
+        !devices.is_empty(),
+        "no wgpu adapter: install a Vulkan driver (Debian: apt-get install mesa-vulkan-drivers)"
+    );
+    Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
+}
+
+/// Normalized mean squared error of `got` against `want`, as llama.cpp's
+/// test-backend-ops measures backends.
+pub fn nmse(want: &[f32], got: &[f32]) -> f64 {
+    assert_eq!(want.len(), got.len(), "lengths differ");
+    let err: f64 = want
+        .iter()
+        .zip(got)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
+    if norm == 0.0 {
+        err
+    } else {
+        err / norm
+    }
+}
+
+/// Runs the `llama` binary as a user would.
+pub fn llama(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_llama"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("the binary runs")
 }
