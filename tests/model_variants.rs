@@ -142,3 +142,49 @@ fn sliding_window_cache_memory_is_bounded_by_the_window() {
     full.prefill(&ids).unwrap();
     assert!(full.truncate(5).is_ok());
 }
+
+#[test]
+fn every_family_directory_works_through_the_commands() {
+    for name in TINY {
+        let dir = fixture(name);
+        let m = dir.to_str().unwrap();
+        let inspect = llama(&["inspect", "-m", m]);
+        assert!(
+            inspect.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&inspect.stderr)
+        );
+        let config: serde_json::Value = read_json(&dir.join("config.json"));
+        let arch = config["architectures"][0].as_str().unwrap();
+        assert!(String::from_utf8_lossy(&inspect.stdout).contains(&format!("architecture: {arch}")));
+        let generate = llama(&["generate", "-m", m, "-p", "abc", "-n", "4"]);
+        assert!(
+            generate.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&generate.stderr)
+        );
+        let graph = llama(&["graph", "-m", m]);
+        assert!(
+            String::from_utf8_lossy(&graph.stdout).contains("logits = matmul"),
+            "{name}"
+        );
+        let text = dir.join("reference.json");
+        let ppl = llama(&[
+            "perplexity",
+            "-m",
+            m,
+            "-f",
+            text.to_str().unwrap(),
+            "-c",
+            "64",
+        ]);
+        assert!(
+            String::from_utf8_lossy(&ppl.stdout)
+                .lines()
+                .last()
+                .unwrap_or("")
+                .starts_with("perplexity: "),
+            "{name}"
+        );
+    }
+}

@@ -47,6 +47,24 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session on a loaded model: builds its graph, runs `pipeline` and allocates a
+    /// KV cache of `context` positions on `device`.
+    pub fn from_model(
+        model: &llama_models::Model,
+        device: &burn::tensor::Device,
+        pipeline: &llama_graph::Pipeline,
+        context: usize,
+    ) -> Result<Self> {
+        let mut graph = model.build_graph()?;
+        pipeline.run(
+            &mut graph,
+            &llama_graph::PassContext {
+                device: device.clone(),
+            },
+        )?;
+        Session::new(Program::new(graph, device.clone())?, context)
+    }
+
     /// A session holding up to `context` positions; its KV cache is allocated now.
     pub fn new(program: Program, context: usize) -> Result<Self> {
         let vocab = program
@@ -117,6 +135,18 @@ impl Session {
     /// Runs one token and returns the logits for the next.
     pub fn decode(&mut self, id: u32) -> Result<Vec<f32>> {
         Ok(self.prefill(&[id])?.data)
+    }
+
+    /// Generates text after `prompt` (see [`crate::generate()`]): `on_text` receives
+    /// each piece as it becomes final; `opts.cancel` stops it from another thread.
+    pub fn generate(
+        &mut self,
+        tokenizer: &crate::Tokenizer,
+        prompt: &[u32],
+        opts: &crate::GenerateOptions,
+        on_text: impl FnMut(&str),
+    ) -> Result<crate::Generation> {
+        crate::generate(self, tokenizer, prompt, opts, on_text)
     }
 
     /// An independent session at the same position, sharing the weights.
