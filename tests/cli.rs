@@ -54,23 +54,26 @@ fn generate_streams_only_the_generated_text() {
     assert!(text(&out.stderr).contains("tok/s"), "timings go to stderr");
 }
 
+/// Ten greedy tokens after "abc" on the tiny Llama 2, on `backend`.
+fn generate_abc(backend: &str) -> Output {
+    let dir = fixture("llama2-mha");
+    let m = dir.to_str().unwrap();
+    llama(&[
+        "generate",
+        "-m",
+        m,
+        "-p",
+        "abc",
+        "-n",
+        "10",
+        "--backend",
+        backend,
+    ])
+}
+
 #[test]
 fn generate_on_ndarray_gives_the_same_text() {
-    let dir = fixture("llama2-mha");
-    let run = |backend| {
-        llama(&[
-            "generate",
-            "-m",
-            dir.to_str().unwrap(),
-            "-p",
-            "abc",
-            "-n",
-            "10",
-            "--backend",
-            backend,
-        ])
-    };
-    let (a, b) = (run("flex"), run("ndarray"));
+    let (a, b) = (generate_abc("flex"), generate_abc("ndarray"));
     assert!(
         a.status.success() && b.status.success(),
         "{} {}",
@@ -315,21 +318,7 @@ fn unknown_pass() {
 
 #[test]
 fn wgpu_generates_the_same_text_as_flex_without_driver_noise() {
-    let dir = fixture("llama2-mha");
-    let run = |backend| {
-        llama(&[
-            "generate",
-            "-m",
-            dir.to_str().unwrap(),
-            "-p",
-            "abc",
-            "-n",
-            "10",
-            "--backend",
-            backend,
-        ])
-    };
-    let (cpu, gpu) = (run("flex"), run("wgpu"));
+    let (cpu, gpu) = (generate_abc("flex"), generate_abc("wgpu"));
     assert!(gpu.status.success(), "{}", text(&gpu.stderr));
     assert_eq!(gpu.stdout, cpu.stdout);
     let err = text(&gpu.stderr);
