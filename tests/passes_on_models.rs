@@ -23,7 +23,8 @@ fn logits_after(name: &str, passes: Vec<Box<dyn Pass>>) -> Vec<Vec<f32>> {
 fn each_pass_alone_keeps_the_outputs() {
     for name in TINY {
         let before = logits_after(name, vec![]);
-        for pass in Pipeline::NAMES {
+        // quantize-weights is lossy by design; its bounds are tested on its own.
+        for pass in Pipeline::NAMES.iter().filter(|p| **p != "quantize-weights") {
             let after = logits_after(name, vec![Pipeline::by_name(pass).expect("known pass")]);
             for (pos, (a, b)) in before.iter().zip(&after).enumerate() {
                 let diff = max_abs_diff(a, b);

@@ -177,6 +177,8 @@ fn generate_from_the_gguf_prints_the_reference_continuation() {
         &n.to_string(),
         "--temperature",
         "0",
+        "--precision",
+        "f32",
     ]);
     assert!(
         out.status.success(),
@@ -203,6 +205,8 @@ fn perplexity_command_prints_the_reference_perplexity_last() {
         model.to_str().unwrap(),
         "--file",
         passage.to_str().unwrap(),
+        "--precision",
+        "f32",
     ]);
     assert!(
         out.status.success(),
@@ -238,4 +242,31 @@ fn strided_perplexity_scores_second_halves() {
         got.perplexity,
         r.perplexity
     );
+}
+
+#[test]
+fn the_default_int8_cpu_path_keeps_the_fidelity_bounds() {
+    let path = real_model_path();
+    let model = llama::models::Model::load(&path, &flex()).unwrap();
+    let device = flex();
+    let pipeline = llama::graph::Pipeline::standard_cpu();
+    let r = smollm2::perplexity();
+    let mut s =
+        llama::runtime::Session::from_model(&model, &device, &pipeline, r.ids.len()).unwrap();
+    let got = perplexity(&mut s, &r.ids, r.ids.len(), |_, _| {}).unwrap();
+    let rel = (got.perplexity - r.perplexity).abs() / r.perplexity;
+    assert!(
+        rel <= 1e-2,
+        "int8 perplexity {} vs {} ({rel:.2e})",
+        got.perplexity,
+        r.perplexity
+    );
+    // Greedy continuations up to the first step whose reference margin is under 0.3.
+    for p in smollm2::greedy().prompts {
+        s.reset();
+        let n = p.output_ids.len();
+        let g = generate_greedy(&mut s, &p.input_ids, n, &[], |_| {}).unwrap();
+        let trusted = p.steps.iter().position(|st| st.margin < 0.3).unwrap_or(n);
+        assert_eq!(g.ids[..trusted], p.output_ids[..trusted], "{}", p.name);
+    }
 }

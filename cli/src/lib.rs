@@ -214,6 +214,17 @@ struct ModelArgs {
     /// Graph passes: `default`, `none`, or a comma-separated list of pass names.
     #[arg(long, default_value = "default")]
     passes: String,
+    /// Weights of the default CPU path: `int8` (int8 blocks through our matmul kernel,
+    /// the fastest) or `f32` (exact, for fidelity work). GPU backends use f32.
+    #[arg(long, value_enum, default_value = "int8")]
+    precision: Precision,
+}
+
+/// How the default pipeline stores matmul weights on CPU backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Precision {
+    Int8,
+    F32,
 }
 
 const SAMPLING_HELP: &str = "Sampling runs in this order: logit bias; repetition, frequency and presence \
@@ -459,8 +470,11 @@ struct ConvertArgs {
     dtype: ConvertDtype,
 }
 
-fn pipeline(spec: &str) -> Result<Pipeline> {
+fn pipeline(spec: &str, backend: Backend, precision: Precision) -> Result<Pipeline> {
     Ok(match spec {
+        "default" if precision == Precision::Int8 && !matches!(backend, Backend::Wgpu) => {
+            Pipeline::standard_cpu()
+        }
         "default" => Pipeline::standard(),
         "none" => Pipeline::none(),
         list => Pipeline::from_passes(
@@ -480,7 +494,7 @@ fn pipeline(spec: &str) -> Result<Pipeline> {
 
 /// Loads the model (with a progress bar on a terminal) and compiles its graph.
 fn compile(args: &ModelArgs) -> Result<(Model, Program)> {
-    let pipeline = pipeline(&args.passes)?;
+    let pipeline = pipeline(&args.passes, args.backend, args.precision)?;
     let threads = args
         .threads
         .map_or_else(num_cpus::get_physical, |t| t as usize);

@@ -426,6 +426,10 @@ fn bad(node: &str, message: impl Into<String>) -> GraphError {
 fn f2(node: &str, v: Value) -> Result<Tensor<2>> {
     match v {
         Value::F2(t) => Ok(t),
+        Value::Q8(m) => Err(bad(
+            node,
+            format!("int8 matrix {}x{} where a tensor is needed", m.rows, m.cols),
+        )),
         other => Err(bad(
             node,
             format!("expected a rank-2 float input, got {:?}", other.dims()),
@@ -470,8 +474,31 @@ pub fn eval(
         }
         Op::MatMul => {
             let x = f2(node, next()?)?;
-            let w = f2(node, next()?)?;
-            Value::F2(x.matmul(w.transpose()))
+            match next()? {
+                Value::F2(w) => Value::F2(x.matmul(w.transpose())),
+                Value::Q8(w) if x.dims()[0] >= crate::q8::DENSE_FROM_ROWS => {
+                    // Many rows (prefill): the backend's f32 matmul over the widened weight
+                    // beats reading each int8 row once per activation row.
+                    let dense = Tensor::<2>::from_data(
+                        TensorData::new(w.dequantize(), [w.rows, w.cols]),
+                        device,
+                    );
+                    Value::F2(x.matmul(dense.transpose()))
+                }
+                Value::Q8(w) => {
+                    // The int8 kernel runs on the host: bring the activations over and back.
+                    let [n, _] = x.dims();
+                    let host = Value::F2(x).to_f32_vec()?;
+                    let out = crate::q8::matmul(&host, n, &w, crate::q8::Kernel::Auto);
+                    Value::F2(Tensor::from_data(TensorData::new(out, [n, w.rows]), device))
+                }
+                other => {
+                    return Err(bad(
+                        node,
+                        format!("matmul weight of shape {:?} is not a matrix", other.dims()),
+                    ))
+                }
+            }
         }
         Op::RmsNorm { eps } => {
             let x = f2(node, next()?)?;
@@ -492,12 +519,12 @@ pub fn eval(
         Op::Scale { factor } => match next()? {
             Value::F1(t) => Value::F1(t.mul_scalar(factor.get())),
             Value::F2(t) => Value::F2(t.mul_scalar(factor.get())),
-            Value::I1(_) => return Err(bad(node, "cannot scale integers")),
+            _ => return Err(bad(node, "scale needs a float tensor")),
         },
         Op::AddScalar { value } => match next()? {
             Value::F1(t) => Value::F1(t.add_scalar(value.get())),
             Value::F2(t) => Value::F2(t.add_scalar(value.get())),
-            Value::I1(_) => return Err(bad(node, "cannot shift integers")),
+            _ => return Err(bad(node, "add_scalar needs a float tensor")),
         },
         Op::Silu => Value::F2(activation::silu(f2(node, next()?)?)),
         Op::GeluTanh => Value::F2(activation::gelu_approximate(f2(node, next()?)?)),
@@ -507,6 +534,7 @@ pub fn eval(
             Value::F1(t) => Value::F1(t.narrow(*axis, *start, *len)),
             Value::F2(t) => Value::F2(t.narrow(*axis, *start, *len)),
             Value::I1(t) => Value::I1(t.narrow(*axis, *start, *len)),
+            Value::Q8(_) => return Err(bad(node, "cannot slice an int8 matrix")),
         },
         Op::Concat { axis } => {
             let mut all = Vec::new();
@@ -515,7 +543,7 @@ pub fn eval(
                 match v {
                     Value::F2(t) => all.push(t),
                     Value::F1(t) => ones.push(t),
-                    Value::I1(_) => return Err(bad(node, "cannot concat integers")),
+                    _ => return Err(bad(node, "concat needs float tensors")),
                 }
             }
             match (all.is_empty(), ones.is_empty()) {

@@ -147,6 +147,16 @@ impl Graph {
         }
     }
 
+    /// Points input `index` of `node` at `input` (the caller keeps shapes consistent;
+    /// [`Graph::validate`] checks).
+    pub fn set_input(&mut self, node: NodeId, index: usize, input: NodeId) {
+        self.nodes[node.0].inputs[index] = input;
+    }
+
+    pub(crate) fn replace_param_value(&mut self, name: &str, value: Value) {
+        self.params.insert(name.to_string(), value);
+    }
+
     /// Turns a node into a stored constant (constant folding).
     pub fn make_constant(&mut self, id: NodeId, value: Value) {
         let node = &mut self.nodes[id.0];

@@ -9,6 +9,7 @@ pub mod exec;
 pub mod graph;
 pub mod ir;
 pub mod passes;
+pub mod q8;
 pub mod shape;
 pub mod summary;
 pub mod value;

@@ -10,6 +10,8 @@ pub enum Value {
     F1(Tensor<1>),
     F2(Tensor<2>),
     I1(Tensor<1, Int>),
+    /// A weight matrix kept as int8 blocks in host memory, for the CPU matmul kernel.
+    Q8(std::sync::Arc<crate::q8::Q8Matrix>),
 }
 
 impl Value {
@@ -18,6 +20,7 @@ impl Value {
             Value::F1(t) => t.dims().to_vec(),
             Value::F2(t) => t.dims().to_vec(),
             Value::I1(t) => t.dims().to_vec(),
+            Value::Q8(m) => vec![m.rows, m.cols],
         }
     }
 
@@ -34,6 +37,7 @@ impl Value {
             Value::F1(t) => t.to_data(),
             Value::F2(t) => t.to_data(),
             Value::I1(_) => return Err(GraphError::Input("integer value read as f32".into())),
+            Value::Q8(m) => return Ok(m.dequantize()),
         };
         data.convert::<f32>()
             .try_into_vec::<f32>()

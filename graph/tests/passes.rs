@@ -157,3 +157,72 @@ fn shape_errors_name_the_node_and_both_shapes() {
     assert!(err.contains("[_, 4]") && err.contains("[3, 5]"), "{err}");
     let _ = Pipeline::standard();
 }
+
+#[test]
+fn quantize_weights() {
+    // Lossy by design: outputs stay within the int8 bound instead of equal.
+    let device = Device::flex();
+    let before = small_graph(&device);
+    let mut after = before.clone();
+    let pass = llama_graph::passes::QuantizeWeights;
+    let n = pass
+        .run(
+            &mut after,
+            &PassContext {
+                device: device.clone(),
+            },
+        )
+        .expect("pass");
+    assert_eq!(n, 0, "no weight here is a whole number of 32-wide blocks");
+    // A graph whose weights are: both matmuls quantize, the embedding table keeps f32.
+    let mut g = Graph::new();
+    let p = |v: Vec<f32>, d: &[usize]| Value::from_f32(v, d, &device).expect("value");
+    let tokens = g.add_tokens("tokens").unwrap();
+    let table = g
+        .add_param(
+            "token_embd.weight",
+            ParamKind::Weight,
+            p(values(8 * 64, 1), &[8, 64]),
+        )
+        .unwrap();
+    let x = g.add("inp_embd", Op::Embedding, &[table, tokens]).unwrap();
+    let w = g
+        .add_param(
+            "blk.0.ffn_up.weight",
+            ParamKind::Weight,
+            p(values(3 * 64, 2), &[3, 64]),
+        )
+        .unwrap();
+    let a = g.add("blk.0.ffn_up", Op::MatMul, &[x, w]).unwrap();
+    let logits = g.add("logits", Op::MatMul, &[x, table]).unwrap();
+    g.set_outputs(vec![a, logits]);
+    let mut q = g.clone();
+    assert_eq!(
+        pass.run(
+            &mut q,
+            &PassContext {
+                device: device.clone()
+            }
+        )
+        .unwrap(),
+        2
+    );
+    q.validate().unwrap();
+    let (want, got) = (run(&g, &device), run(&q, &device));
+    // Int8 activations and weights: a few percent of the output's scale (the kernel's
+    // exact bound is tested in tests/q8.rs).
+    for (w, g) in want.iter().zip(&got) {
+        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (a, b) in w.iter().zip(g) {
+            assert!((a - b).abs() <= 0.05 * scale, "{a} vs {b} (scale {scale})");
+        }
+    }
+    let text = format!(
+        "--- before\n{}--- after quantize-weights\n{}",
+        dump(&g),
+        dump(&q)
+    );
+    insta::with_settings!({snapshot_path => "../../snapshots", prepend_module_to_snapshot => false}, {
+        insta::assert_snapshot!("pass__quantize-weights", text);
+    });
+}

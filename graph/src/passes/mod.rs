@@ -5,12 +5,14 @@
 mod constant_fold;
 mod dead_nodes;
 mod fuse_matmul;
+mod quantize;
 
 use burn::tensor::Device;
 
 pub use constant_fold::ConstantFold;
 pub use dead_nodes::DeadNodes;
 pub use fuse_matmul::FuseSiblingMatMuls;
+pub use quantize::QuantizeWeights;
 
 use crate::error::Result;
 use crate::graph::Graph;
@@ -56,18 +58,32 @@ impl Pipeline {
         }
     }
 
+    /// The standard pipeline, then int8 weights for the CPU matmul kernel: the
+    /// default on CPU backends.
+    pub fn standard_cpu() -> Self {
+        let mut p = Self::standard();
+        p.passes.push(Box::new(QuantizeWeights));
+        p
+    }
+
     /// A single named pass from the standard set.
     pub fn by_name(name: &str) -> Option<Box<dyn Pass>> {
         match name {
             "fuse-matmul" => Some(Box::new(FuseSiblingMatMuls)),
             "constant-fold" => Some(Box::new(ConstantFold)),
             "dead-nodes" => Some(Box::new(DeadNodes)),
+            "quantize-weights" => Some(Box::new(QuantizeWeights)),
             _ => None,
         }
     }
 
     /// Names accepted by [`Pipeline::by_name`].
-    pub const NAMES: &'static [&'static str] = &["fuse-matmul", "constant-fold", "dead-nodes"];
+    pub const NAMES: &'static [&'static str] = &[
+        "fuse-matmul",
+        "constant-fold",
+        "dead-nodes",
+        "quantize-weights",
+    ];
 
     pub fn from_passes(passes: Vec<Box<dyn Pass>>) -> Self {
         Pipeline { passes }
