@@ -183,6 +183,17 @@ struct GgufVocab<'a> {
     types: Vec<u64>,
 }
 
+impl GgufVocab<'_> {
+    /// Token text to id, as tokenizers' BPE `vocab`.
+    fn vocab_map(&self) -> serde_json::Map<String, Value> {
+        self.tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), json!(i)))
+            .collect()
+    }
+}
+
 fn strings<'a>(file: &'a GgufFile, key: &str) -> std::result::Result<Vec<&'a str>, String> {
     file.get(key)
         .and_then(MetaValue::as_array)
@@ -306,12 +317,7 @@ fn gpt2_json(file: &GgufFile, v: &GgufVocab) -> std::result::Result<Value, Strin
         .get("tokenizer.ggml.pre")
         .and_then(MetaValue::as_str)
         .unwrap_or("default");
-    let vocab: serde_json::Map<String, Value> = v
-        .tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
+    let vocab = v.vocab_map();
     Ok(json!({
         "version": "1.0",
         "truncation": null,
@@ -375,12 +381,7 @@ fn sentencepiece_json(file: &GgufFile, v: &GgufVocab) -> std::result::Result<Val
         .iter()
         .map(|&(_, _, l, r)| json!([v.tokens[l], v.tokens[r]]))
         .collect();
-    let vocab: serde_json::Map<String, Value> = v
-        .tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.to_string(), json!(i)))
-        .collect();
+    let vocab = v.vocab_map();
     let unk = v.types.iter().position(|&t| t == 2).map(|i| v.tokens[i]);
     let prefix = file
         .get("tokenizer.ggml.add_space_prefix")
