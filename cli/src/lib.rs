@@ -2,7 +2,7 @@
 //!
 //! The binary itself is the root package's `src/main.rs`, which calls [`main`].
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -743,22 +743,9 @@ fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
-fn tokenizer_of(path: &Path) -> Result<Tokenizer> {
-    // Only the vocabulary is needed: no weights are loaded.
-    Ok(match ModelSource::open(path)? {
-        ModelSource::Gguf(file) => Tokenizer::from_gguf(&file)?,
-        ModelSource::HfDir(dir) => {
-            let path = dir.join("tokenizer.json");
-            if !path.exists() {
-                bail!("{}: no tokenizer.json", dir.display());
-            }
-            Tokenizer::from_file(&path)?
-        }
-    })
-}
-
 fn run_tokenize(args: TokenizeArgs) -> Result<()> {
-    let tokenizer = tokenizer_of(&args.model)?;
+    // Only the vocabulary is needed: no weights are loaded.
+    let tokenizer = Tokenizer::for_source(&ModelSource::open(&args.model)?)?;
     let ids = tokenizer.encode(&args.text)?;
     println!("{}", serde_json::to_string(&ids)?);
     if args.tokens {
@@ -835,7 +822,7 @@ fn run_inspect(args: InspectArgs) -> Result<()> {
         params as f64 / 1e6,
         human_bytes(bytes)
     );
-    let tokenizer = tokenizer_of(&args.model).ok();
+    let tokenizer = Tokenizer::for_source(&source).ok();
     let name = |id: Option<u32>| match (id, &tokenizer) {
         (Some(id), Some(t)) => format!("{id} {:?}", t.token(id).unwrap_or_default()),
         (Some(id), None) => id.to_string(),

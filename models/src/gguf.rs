@@ -111,6 +111,8 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: BTreeMap<String, MetaValue>,
     pub tensors: Vec<GgufTensor>,
+    /// Tensor name to its index in `tensors`.
+    index: std::collections::HashMap<String, usize>,
     map: Mmap,
 }
 
@@ -323,6 +325,11 @@ impl GgufFile {
             path: path.to_path_buf(),
             version,
             metadata,
+            index: tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), i))
+                .collect(),
             tensors,
             map,
         })
@@ -333,7 +340,7 @@ impl GgufFile {
     }
 
     pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.index.get(name).map(|&i| &self.tensors[i])
     }
 
     /// The raw bytes of a tensor.
@@ -361,26 +368,25 @@ impl GgufFile {
         }
     }
 
-    fn arch_u64(&self, key: &str) -> Result<Option<usize>> {
+    /// `{arch}.{key}` read by `read`: `None` when absent, an error when of another type.
+    fn arch_value<T>(
+        &self,
+        key: &str,
+        read: impl Fn(&MetaValue) -> Option<T>,
+    ) -> Result<Option<T>> {
         let full = format!("{}.{key}", self.architecture()?);
         match self.get(&full) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|v| Some(v as usize))
-                .ok_or_else(|| self.missing(&full)),
+            Some(v) => read(v).map(Some).ok_or_else(|| self.missing(&full)),
         }
     }
 
+    fn arch_u64(&self, key: &str) -> Result<Option<usize>> {
+        self.arch_value(key, |v| v.as_u64().map(|v| v as usize))
+    }
+
     fn arch_f32(&self, key: &str) -> Result<Option<f32>> {
-        let full = format!("{}.{key}", self.architecture()?);
-        match self.get(&full) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(|v| Some(v as f32))
-                .ok_or_else(|| self.missing(&full)),
-        }
+        self.arch_value(key, |v| v.as_f64().map(|v| v as f32))
     }
 
     fn required(&self, key: &str) -> Result<usize> {

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::error::{Result, RuntimeError};
 use crate::sampler::{Sampler, SamplerConfig};
-use crate::session::{argmax, Session};
+use crate::session::Session;
 use crate::tokenizer::Tokenizer;
 
 /// Why generation stopped.
@@ -295,9 +295,4 @@ pub fn generate(
     }
     generation.text = text;
     Ok(generation)
-}
-
-/// The greedy choice from logits (temperature 0).
-pub fn greedy(logits: &[f32]) -> u32 {
-    argmax(logits)
 }

@@ -28,7 +28,12 @@ impl Tokenizer {
 
     /// The model's tokenizer: its tokenizer.json, or the vocabulary embedded in its GGUF.
     pub fn for_model(model: &Model) -> Result<Self> {
-        match &model.source {
+        Self::for_source(&model.source)
+    }
+
+    /// As [`Tokenizer::for_model`], from an opened model source (no weights loaded).
+    pub fn for_source(source: &ModelSource) -> Result<Self> {
+        match source {
             ModelSource::HfDir(dir) => {
                 let path = dir.join("tokenizer.json");
                 if !path.exists() {
