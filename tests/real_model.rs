@@ -245,11 +245,42 @@ fn strided_perplexity_scores_second_halves() {
 }
 
 #[test]
-fn the_default_int8_cpu_path_keeps_the_fidelity_bounds() {
+fn the_default_cpu_path_multiplies_the_gguf_blocks_within_the_fidelity_bounds() {
     let path = real_model_path();
-    let model = llama::models::Model::load(&path, &flex()).unwrap();
     let device = flex();
-    let pipeline = llama::graph::Pipeline::standard_cpu();
+    let options = llama::models::LoadOptions {
+        keep_blocks: true,
+        progress: None,
+    };
+    let model = llama::models::Model::load_with(&path, &device, &options).unwrap();
+    let pipeline = llama::graph::Pipeline::standard();
+    // The weights stay in the file's blocks: every matmul weight is Q4_1 or the Q8_0
+    // embedding table, and no f32 copy of any matrix exists.
+    let mut graph = model.build_graph().unwrap();
+    pipeline
+        .run(
+            &mut graph,
+            &llama::graph::PassContext {
+                device: device.clone(),
+            },
+        )
+        .unwrap();
+    let mut dense_bytes = 0;
+    for node in graph.nodes() {
+        match (&node.op, graph.param(&node.name)) {
+            (llama::graph::Op::Param(_), Some(llama::graph::Value::Quant(m))) => {
+                let types = m.type_names();
+                assert!(types == "Q4_1" || types == "Q8_0", "{}: {types}", node.name);
+            }
+            (llama::graph::Op::Param(_), Some(v @ llama::graph::Value::F2(_))) => {
+                dense_bytes += v.dims().iter().product::<usize>() * 4;
+            }
+            _ => {}
+        }
+    }
+    // Only the RoPE tables are f32 matrices.
+    let rope = 2 * model.config.max_position_embeddings * model.config.head_dim() / 2 * 4;
+    assert!(dense_bytes <= rope, "{dense_bytes} bytes of f32 matrices");
     let r = smollm2::perplexity();
     let mut s =
         llama::runtime::Session::from_model(&model, &device, &pipeline, r.ids.len()).unwrap();
@@ -257,7 +288,7 @@ fn the_default_int8_cpu_path_keeps_the_fidelity_bounds() {
     let rel = (got.perplexity - r.perplexity).abs() / r.perplexity;
     assert!(
         rel <= 1e-2,
-        "int8 perplexity {} vs {} ({rel:.2e})",
+        "block-kernel perplexity {} vs {} ({rel:.2e})",
         got.perplexity,
         r.perplexity
     );

@@ -176,3 +176,21 @@ fn node_output_summaries() {
         });
     }
 }
+
+#[test]
+fn last_row_logits_equal_the_last_row_of_all_logits() {
+    // Generation computes the output head for the last position only; that row must be
+    // the one a full step computes, and the cache must advance the same way.
+    for name in TINY {
+        let reference = reference(name);
+        let ids = &reference.input_ids;
+        let mut full = session(name, &flex(), &Pipeline::standard());
+        let mut last = session(name, &flex(), &Pipeline::standard());
+        let all = full.prefill(ids).expect("prefill");
+        let one = last.prefill_last(ids).expect("prefill_last");
+        assert!(max_abs_diff(&one, all.last()) <= 1e-5, "{name}");
+        assert_eq!(last.position(), full.position());
+        let (a, b) = (full.decode(1).unwrap(), last.decode(1).unwrap());
+        assert!(max_abs_diff(&a, &b) <= 1e-5, "{name}: the next step");
+    }
+}

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use burn::tensor::Device;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llama_graph::{PassContext, Pipeline, Program, Taps};
-use llama_models::{Model, ModelSource};
+use llama_models::{LoadOptions, Model, ModelSource};
 use llama_runtime::{
     generate, ChatTemplate, GenerateOptions, Generation, Message, SamplerConfig, Session, Tokenizer,
 };
@@ -214,16 +214,21 @@ struct ModelArgs {
     /// Graph passes: `default`, `none`, or a comma-separated list of pass names.
     #[arg(long, default_value = "default")]
     passes: String,
-    /// Weights of the default CPU path: `int8` (int8 blocks through our matmul kernel,
-    /// the fastest) or `f32` (exact, for fidelity work). GPU backends use f32.
-    #[arg(long, value_enum, default_value = "int8")]
+    /// How CPU backends store matmul weights. `native`: GGUF block weights (Q8_0, Q4_0,
+    /// Q4_1, Q4_K, Q6_K) stay as stored, memory-mapped, through our block kernels; other
+    /// weights run in f32. `q8_0`: as native, and f32 weights are quantized to Q8_0 too.
+    /// `f32`: every weight widened to f32 (the exact path, for fidelity work). GPU
+    /// backends use f32.
+    #[arg(long, value_enum, default_value = "native")]
     precision: Precision,
 }
 
-/// How the default pipeline stores matmul weights on CPU backends.
+/// How CPU backends store matmul weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Precision {
-    Int8,
+    Native,
+    #[value(name = "q8_0")]
+    Q8_0,
     F32,
 }
 
@@ -472,7 +477,7 @@ struct ConvertArgs {
 
 fn pipeline(spec: &str, backend: Backend, precision: Precision) -> Result<Pipeline> {
     Ok(match spec {
-        "default" if precision == Precision::Int8 && !matches!(backend, Backend::Wgpu) => {
+        "default" if precision == Precision::Q8_0 && !matches!(backend, Backend::Wgpu) => {
             Pipeline::standard_cpu()
         }
         "default" => Pipeline::standard(),
@@ -524,7 +529,11 @@ fn compile(args: &ModelArgs) -> Result<(Model, Program)> {
             bar.set_position(done as u64);
         }
     };
-    let model = Model::load_with_progress(&args.model, &device, &progress);
+    let options = LoadOptions {
+        keep_blocks: args.precision != Precision::F32 && !matches!(args.backend, Backend::Wgpu),
+        progress: Some(&progress),
+    };
+    let model = Model::load_with(&args.model, &device, &options);
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -926,8 +935,8 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     for rep in 0..=args.repetitions {
         session.reset();
         let start = Instant::now();
-        let logits = session.prefill(&prompt)?;
-        let mut next = llama_runtime::argmax(logits.last());
+        let logits = session.prefill_last(&prompt)?;
+        let mut next = llama_runtime::argmax(&logits);
         let first = start.elapsed();
         let start = Instant::now();
         for _ in 0..args.n_gen {

@@ -310,6 +310,57 @@ pub struct Program {
     device: Device,
     /// For each node, the last node that reads it (values are freed after it).
     last_use: Vec<usize>,
+    /// Where the output stops mixing positions: from this node on, each row of the
+    /// output depends only on the same row of this node's first input (the final norm
+    /// and the output head), so a run that needs only the last position's output
+    /// narrows that input to its last row.
+    row_wise_from: Option<usize>,
+}
+
+/// Which rows of the outputs a run computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// Every position of the step (perplexity, logits of a prompt).
+    All,
+    /// The last position only (generation): the output head runs on one row.
+    Last,
+}
+
+/// Ops whose output row `i` depends only on row `i` of their first input, when their
+/// other inputs are stored values.
+fn row_wise(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::MatMul
+            | Op::RmsNorm { .. }
+            | Op::Scale { .. }
+            | Op::AddScalar { .. }
+            | Op::Silu
+            | Op::GeluTanh
+            | Op::Add
+            | Op::Mul
+    )
+}
+
+/// The first node of the chain of row-wise ops that ends in the graph's one output.
+fn row_wise_start(graph: &Graph) -> Option<usize> {
+    let [out] = graph.outputs() else {
+        return None;
+    };
+    let nodes = graph.nodes();
+    let mut cur = out.0;
+    let mut start = None;
+    loop {
+        let node = &nodes[cur];
+        let stored_rest = node.inputs[1..]
+            .iter()
+            .all(|x| matches!(nodes[x.0].op, Op::Param(_)));
+        if !row_wise(&node.op) || node.inputs.is_empty() || !stored_rest {
+            return start;
+        }
+        start = Some(cur);
+        cur = node.inputs[0].0;
+    }
 }
 
 impl Program {
@@ -324,10 +375,12 @@ impl Program {
         for o in graph.outputs() {
             last_use[o.0] = usize::MAX;
         }
+        let row_wise_from = row_wise_start(&graph);
         Ok(Program {
             graph,
             device,
             last_use,
+            row_wise_from,
         })
     }
 
@@ -346,6 +399,17 @@ impl Program {
 
     /// Runs one step over `tokens` at positions `cache.len()..`, writing the cache.
     pub fn run(&self, tokens: &[u32], cache: &mut KvCache, taps: &Taps) -> Result<RunOutput> {
+        self.run_rows(tokens, cache, taps, Rows::All)
+    }
+
+    /// Like [`Program::run`], computing the outputs for `rows` of the step only.
+    pub fn run_rows(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        taps: &Taps,
+        rows: Rows,
+    ) -> Result<RunOutput> {
         let past = cache.len();
         let seq = tokens.len();
         if seq == 0 {
@@ -373,7 +437,7 @@ impl Program {
                     .cloned()
                     .ok_or_else(|| GraphError::MissingParam(node.name.clone()))?,
                 op => {
-                    let inputs: Vec<Value> = node
+                    let mut inputs: Vec<Value> = node
                         .inputs
                         .iter()
                         .map(|x| {
@@ -382,6 +446,11 @@ impl Program {
                                 .expect("inputs precede users and live until their last use")
                         })
                         .collect();
+                    if rows == Rows::Last && Some(i) == self.row_wise_from && seq > 1 {
+                        if let Value::F2(t) = &inputs[0] {
+                            inputs[0] = Value::F2(t.clone().narrow(0, seq - 1, 1));
+                        }
+                    }
                     eval(&node.name, op, inputs, &self.device, Some(&mut step))?
                 }
             };
@@ -426,9 +495,14 @@ fn bad(node: &str, message: impl Into<String>) -> GraphError {
 fn f2(node: &str, v: Value) -> Result<Tensor<2>> {
     match v {
         Value::F2(t) => Ok(t),
-        Value::Q8(m) => Err(bad(
+        Value::Quant(m) => Err(bad(
             node,
-            format!("int8 matrix {}x{} where a tensor is needed", m.rows, m.cols),
+            format!(
+                "{} matrix {}x{} where a tensor is needed",
+                m.type_names(),
+                m.rows(),
+                m.cols()
+            ),
         )),
         other => Err(bad(
             node,
@@ -466,31 +540,45 @@ pub fn eval(
     Ok(match op {
         Op::Tokens | Op::Param(_) => return Err(bad(node, "source nodes are not evaluated")),
         Op::Embedding => {
-            let table = f2(node, next()?)?;
+            let table = next()?;
             let Value::I1(ids) = next()? else {
                 return Err(bad(node, "token ids must be integers"));
             };
-            Value::F2(table.select(0, ids))
+            match table {
+                // A block-quantized table: only the looked-up rows are widened.
+                Value::Quant(table) => {
+                    let ids = Value::I1(ids).to_i64_vec()?;
+                    let mut rows = Vec::with_capacity(ids.len() * table.cols());
+                    for &id in &ids {
+                        let r = usize::try_from(id)
+                            .ok()
+                            .filter(|&r| r < table.rows())
+                            .ok_or_else(|| {
+                                bad(node, format!("token id {id} is outside the table"))
+                            })?;
+                        table.dequantize_row(r, &mut rows);
+                    }
+                    Value::F2(Tensor::from_data(
+                        TensorData::new(rows, [ids.len(), table.cols()]),
+                        device,
+                    ))
+                }
+                table => Value::F2(f2(node, table)?.select(0, ids)),
+            }
         }
         Op::MatMul => {
             let x = f2(node, next()?)?;
             match next()? {
                 Value::F2(w) => Value::F2(x.matmul(w.transpose())),
-                Value::Q8(w) if x.dims()[0] >= crate::q8::DENSE_FROM_ROWS => {
-                    // Many rows (prefill): the backend's f32 matmul over the widened weight
-                    // beats reading each int8 row once per activation row.
-                    let dense = Tensor::<2>::from_data(
-                        TensorData::new(w.dequantize(), [w.rows, w.cols]),
-                        device,
-                    );
-                    Value::F2(x.matmul(dense.transpose()))
-                }
-                Value::Q8(w) => {
-                    // The int8 kernel runs on the host: bring the activations over and back.
+                Value::Quant(w) => {
+                    // The block kernels run on the host: bring the activations over and back.
                     let [n, _] = x.dims();
                     let host = Value::F2(x).to_f32_vec()?;
-                    let out = crate::q8::matmul(&host, n, &w, crate::q8::Kernel::Auto);
-                    Value::F2(Tensor::from_data(TensorData::new(out, [n, w.rows]), device))
+                    let out = crate::quant::matmul(&host, n, &w, crate::quant::Kernel::Auto);
+                    Value::F2(Tensor::from_data(
+                        TensorData::new(out, [n, w.rows()]),
+                        device,
+                    ))
                 }
                 other => {
                     return Err(bad(
@@ -534,22 +622,36 @@ pub fn eval(
             Value::F1(t) => Value::F1(t.narrow(*axis, *start, *len)),
             Value::F2(t) => Value::F2(t.narrow(*axis, *start, *len)),
             Value::I1(t) => Value::I1(t.narrow(*axis, *start, *len)),
-            Value::Q8(_) => return Err(bad(node, "cannot slice an int8 matrix")),
+            Value::Quant(m) if *axis == 0 => Value::Quant(std::sync::Arc::new(
+                m.slice_rows(*start, *len)
+                    .ok_or_else(|| bad(node, "row slice past the end of the matrix"))?,
+            )),
+            Value::Quant(_) => return Err(bad(node, "a block matrix is sliced by rows only")),
         },
         Op::Concat { axis } => {
             let mut all = Vec::new();
             let mut ones = Vec::new();
+            let mut blocks = Vec::new();
             while let Ok(v) = next() {
                 match v {
                     Value::F2(t) => all.push(t),
                     Value::F1(t) => ones.push(t),
+                    Value::Quant(m) => blocks.push(m),
                     _ => return Err(bad(node, "concat needs float tensors")),
                 }
             }
-            match (all.is_empty(), ones.is_empty()) {
-                (false, true) => Value::F2(Tensor::cat(all, *axis)),
-                (true, false) => Value::F1(Tensor::cat(ones, *axis)),
-                _ => return Err(bad(node, "concat operands must share a rank")),
+            match (all.is_empty(), ones.is_empty(), blocks.is_empty()) {
+                (false, true, true) => Value::F2(Tensor::cat(all, *axis)),
+                (true, false, true) => Value::F1(Tensor::cat(ones, *axis)),
+                (true, true, false) if *axis == 0 => {
+                    // Rows of block matrices: joined by reference, no bytes copied.
+                    let parts: Vec<&crate::quant::QMatrix> = blocks.iter().map(|m| &**m).collect();
+                    Value::Quant(std::sync::Arc::new(
+                        crate::quant::QMatrix::concat(&parts)
+                            .ok_or_else(|| bad(node, "block matrices of different widths"))?,
+                    ))
+                }
+                _ => return Err(bad(node, "concat operands must share a rank and a storage")),
             }
         }
         Op::RopeAngles {

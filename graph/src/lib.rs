@@ -9,14 +9,14 @@ pub mod exec;
 pub mod graph;
 pub mod ir;
 pub mod passes;
-pub mod q8;
+pub mod quant;
 pub mod shape;
 pub mod summary;
 pub mod value;
 
 pub use dump::dump;
 pub use error::{GraphError, Result};
-pub use exec::{KvCache, KvSnapshot, Program, RunOutput, Taps};
+pub use exec::{KvCache, KvSnapshot, Program, Rows, RunOutput, Taps};
 pub use graph::Graph;
 pub use ir::{DType, Dim, F32Bits, KvKind, Node, NodeId, Op, ParamKind, RopeScaling, Shape};
 pub use passes::{Pass, PassContext, Pipeline};

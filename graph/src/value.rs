@@ -10,8 +10,8 @@ pub enum Value {
     F1(Tensor<1>),
     F2(Tensor<2>),
     I1(Tensor<1, Int>),
-    /// A weight matrix kept as int8 blocks in host memory, for the CPU matmul kernel.
-    Q8(std::sync::Arc<crate::q8::Q8Matrix>),
+    /// A weight matrix of GGML blocks in host memory, for the CPU matmul kernels.
+    Quant(std::sync::Arc<crate::quant::QMatrix>),
 }
 
 impl Value {
@@ -20,7 +20,7 @@ impl Value {
             Value::F1(t) => t.dims().to_vec(),
             Value::F2(t) => t.dims().to_vec(),
             Value::I1(t) => t.dims().to_vec(),
-            Value::Q8(m) => vec![m.rows, m.cols],
+            Value::Quant(m) => vec![m.rows(), m.cols()],
         }
     }
 
@@ -37,10 +37,21 @@ impl Value {
             Value::F1(t) => t.to_data(),
             Value::F2(t) => t.to_data(),
             Value::I1(_) => return Err(GraphError::Input("integer value read as f32".into())),
-            Value::Q8(m) => return Ok(m.dequantize()),
+            Value::Quant(m) => return Ok(m.dequantize()),
         };
         data.convert::<f32>()
             .try_into_vec::<f32>()
+            .map_err(|e| GraphError::Input(format!("reading tensor data: {e:?}")))
+    }
+
+    /// Copies an integer value to the host.
+    pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
+        let Value::I1(t) = self else {
+            return Err(GraphError::Input("float value read as integers".into()));
+        };
+        t.to_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
             .map_err(|e| GraphError::Input(format!("reading tensor data: {e:?}")))
     }
 

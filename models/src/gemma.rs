@@ -8,13 +8,13 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::{Activation, BlockLayout, BlockOptions, BlockWeights, GraphBuilder};
 use crate::registry::Architecture;
-use crate::weights::WeightLoader;
+use crate::weights::{Matrix, WeightLoader};
 
 /// The whole model's weights; norm weights as in HF checkpoints (without the 1).
 #[derive(Module, Debug)]
 pub struct Gemma {
     /// `[vocab, d_model]`, also the output head.
-    pub token_embd: Param<Tensor<2>>,
+    pub token_embd: Matrix,
     pub blocks: Vec<BlockWeights>,
     /// `[d_model]`
     pub output_norm: Param<Tensor<1>>,

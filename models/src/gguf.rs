@@ -1,6 +1,7 @@
 //! GGUF files: metadata of every value type, tensor infos, alignment, memory-mapped data.
 //!
-//! Tensors are dequantized to f32 when loaded. Names in GGUF files are already ours
+//! Tensors are dequantized to f32 when loaded, or, for the CPU block kernels, kept as
+//! blocks read in place from the mapping. Names in GGUF files are already ours
 //! (`blk.N.attn_q.weight`); the one GGUF-specific transform is undoing the row
 //! permutation that GGUF converters apply to Llama's Q and K projections.
 use std::collections::BTreeMap;
@@ -11,9 +12,9 @@ use memmap2::Mmap;
 
 use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
-use crate::quant::{dequantize, GgmlType};
 use crate::registry::GgufConventions;
 use crate::weights::{HostTensor, TensorInfo, TensorSource};
+use llama_graph::quant::{dequantize, GgmlType};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: usize = 32;
@@ -113,7 +114,7 @@ pub struct GgufFile {
     pub tensors: Vec<GgufTensor>,
     /// Tensor name to its index in `tensors`.
     index: std::collections::HashMap<String, usize>,
-    map: Mmap,
+    map: std::sync::Arc<Mmap>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -331,7 +332,7 @@ impl GgufFile {
                 .map(|(i, t)| (t.name.clone(), i))
                 .collect(),
             tensors,
-            map,
+            map: std::sync::Arc::new(map),
         })
     }
 
@@ -346,6 +347,15 @@ impl GgufFile {
     /// The raw bytes of a tensor.
     pub fn bytes(&self, t: &GgufTensor) -> &[u8] {
         &self.map[t.start..t.start + t.len]
+    }
+
+    /// A block-quantized matrix read in place from the mapped file (no copy), in the
+    /// file's row order; `None` for other types and ranks.
+    pub fn blocks(&self, t: &GgufTensor) -> Option<llama_graph::quant::QMatrix> {
+        let [rows, cols] = t.shape.as_slice() else {
+            return None;
+        };
+        llama_graph::quant::QMatrix::new(t.ty, *rows, *cols, self.map.clone(), t.start).ok()
     }
 
     /// A tensor dequantized to f32, in the file's row order.
@@ -532,6 +542,38 @@ impl TensorSource for GgufSource<'_> {
         if self.conventions.norm_plus_one && name.ends_with("norm.weight") {
             data.iter_mut().for_each(|x| *x -= 1.0);
         }
+        if let Some(order) = self.row_order(name, &t.shape)? {
+            let cols = t.shape[1];
+            let mut rows = Vec::with_capacity(data.len());
+            for src in order {
+                rows.extend_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+            data = rows;
+        }
+        Ok(Some(HostTensor {
+            shape: t.shape.clone(),
+            data,
+        }))
+    }
+
+    fn load_blocks(&self, name: &str) -> Result<Option<llama_graph::quant::QMatrix>> {
+        let Some(t) = self.file.tensor(name) else {
+            return Ok(None);
+        };
+        let Some(m) = self.file.blocks(t) else {
+            return Ok(None);
+        };
+        match self.row_order(name, &t.shape)? {
+            // Q/K rows reordered by reference: the blocks stay in the mapped file.
+            Some(order) => Ok(m.select_rows(&order)),
+            None => Ok(Some(m)),
+        }
+    }
+}
+
+impl GgufSource<'_> {
+    /// For Q/K weights stored permuted: which file row each of our rows comes from.
+    fn row_order(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<usize>>> {
         let heads = if !self.conventions.permuted_qk {
             None
         } else if name.ends_with(".attn_q.weight") {
@@ -541,39 +583,36 @@ impl TensorSource for GgufSource<'_> {
         } else {
             None
         };
-        if let (Some(heads), [rows, cols]) = (heads, t.shape.as_slice()) {
-            data = unpermute_rows(&data, heads, *rows, *cols).ok_or_else(|| ModelError::Gguf {
+        let (Some(heads), [rows, _]) = (heads, shape) else {
+            return Ok(None);
+        };
+        unpermute_order(heads, *rows)
+            .map(Some)
+            .ok_or_else(|| ModelError::Gguf {
                 path: self.file.path.clone(),
                 message: format!(
                     "`{name}` has {rows} rows, not a whole number of {heads} heads with even size"
                 ),
-            })?;
-        }
-        Ok(Some(HostTensor {
-            shape: t.shape.clone(),
-            data,
-        }))
+            })
     }
 }
 
 /// GGUF converters reorder each head's Q/K rows so that RoPE rotates adjacent pairs;
 /// HF's (and our) RoPE rotates the two halves of a head. Within head `h` of size `d`,
-/// file row `2i + j` holds HF row `j * d/2 + i`; this puts them back.
-fn unpermute_rows(data: &[f32], heads: usize, rows: usize, cols: usize) -> Option<Vec<f32>> {
+/// file row `2i + j` holds HF row `j * d/2 + i`; this returns, for each HF row, its file
+/// row.
+fn unpermute_order(heads: usize, rows: usize) -> Option<Vec<usize>> {
     if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return None;
     }
     let d = rows / heads;
-    let mut out = vec![0f32; data.len()];
+    let mut order = vec![0; rows];
     for h in 0..heads {
         for i in 0..d / 2 {
             for j in 0..2 {
-                let src = h * d + 2 * i + j;
-                let dst = h * d + j * (d / 2) + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                order[h * d + j * (d / 2) + i] = h * d + 2 * i + j;
             }
         }
     }
-    Some(out)
+    Some(order)
 }

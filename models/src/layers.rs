@@ -7,7 +7,7 @@ use llama_graph::{F32Bits, Graph, KvKind, NodeId, Op, ParamKind, RopeScaling, Va
 
 use crate::config::{ModelConfig, RopeParameters};
 use crate::error::{ModelError, Result};
-use crate::weights::WeightLoader;
+use crate::weights::{Matrix, WeightLoader};
 
 /// The node names of one layer: `blk.{layer}.{what}`.
 pub fn blk(layer: usize, what: &str) -> String {
@@ -18,13 +18,13 @@ pub fn blk(layer: usize, what: &str) -> String {
 #[derive(Module, Debug)]
 pub struct AttentionWeights {
     /// `[n_heads * head_dim, d_model]`
-    pub q: Param<Tensor<2>>,
+    pub q: Matrix,
     /// `[n_kv_heads * head_dim, d_model]`
-    pub k: Param<Tensor<2>>,
+    pub k: Matrix,
     /// `[n_kv_heads * head_dim, d_model]`
-    pub v: Param<Tensor<2>>,
+    pub v: Matrix,
     /// `[d_model, n_heads * head_dim]`
-    pub o: Param<Tensor<2>>,
+    pub o: Matrix,
     /// `[n_heads * head_dim]`, `[n_kv_heads * head_dim]` x2 (Qwen2).
     pub q_bias: Option<Param<Tensor<1>>>,
     pub k_bias: Option<Param<Tensor<1>>>,
@@ -35,11 +35,11 @@ pub struct AttentionWeights {
 #[derive(Module, Debug)]
 pub struct MlpWeights {
     /// `[ffn, d_model]`
-    pub gate: Param<Tensor<2>>,
+    pub gate: Matrix,
     /// `[ffn, d_model]`
-    pub up: Param<Tensor<2>>,
+    pub up: Matrix,
     /// `[d_model, ffn]`
-    pub down: Param<Tensor<2>>,
+    pub down: Matrix,
 }
 
 /// One pre-norm transformer block.
@@ -75,11 +75,11 @@ impl BlockWeights {
         };
         let (q, k, v) = if layout.fused {
             let qkv = w.linear(&blk(l, "attn_qkv.weight"), d, q_out + 2 * kv_out)?;
-            let rows = |start, n| Param::from_tensor(qkv.val().narrow(0, start, n));
+            let rows = |start, n| qkv.rows(start, n);
             (
-                rows(0, q_out),
-                rows(q_out, kv_out),
-                rows(q_out + kv_out, kv_out),
+                rows(0, q_out)?,
+                rows(q_out, kv_out)?,
+                rows(q_out + kv_out, kv_out)?,
             )
         } else {
             (
@@ -90,8 +90,7 @@ impl BlockWeights {
         };
         let (gate, up) = if layout.fused {
             let gate_up = w.linear(&blk(l, "ffn_up.weight"), d, 2 * ffn)?;
-            let rows = |start| Param::from_tensor(gate_up.val().narrow(0, start, ffn));
-            (rows(0), rows(ffn))
+            (gate_up.rows(0, ffn)?, gate_up.rows(ffn, ffn)?)
         } else {
             (
                 w.linear(&blk(l, "ffn_gate.weight"), d, ffn)?,
@@ -191,10 +190,8 @@ impl GraphBuilder {
             .add_param(name, ParamKind::Weight, Value::F1(p.val()))?)
     }
 
-    pub fn weight2(&mut self, name: &str, p: &Param<Tensor<2>>) -> Result<NodeId> {
-        Ok(self
-            .graph
-            .add_param(name, ParamKind::Weight, Value::F2(p.val()))?)
+    pub fn weight2(&mut self, name: &str, m: &Matrix) -> Result<NodeId> {
+        Ok(self.graph.add_param(name, ParamKind::Weight, m.value())?)
     }
 
     pub fn op(&mut self, name: &str, op: Op, inputs: &[NodeId]) -> Result<NodeId> {

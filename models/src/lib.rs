@@ -8,11 +8,13 @@ pub mod layers;
 pub mod llama;
 pub mod mistral;
 pub mod phi3;
-pub mod quant;
 pub mod qwen2;
 pub mod registry;
 pub mod safetensors;
 pub mod weights;
+
+/// GGML block types and their dequantization (they live with the kernels in the graph).
+pub use llama_graph::quant;
 
 use std::path::{Path, PathBuf};
 
@@ -99,6 +101,17 @@ pub struct Inventory {
     pub tensors: Vec<weights::TensorInfo>,
 }
 
+/// How [`Model::load_with`] loads weights.
+#[derive(Default)]
+pub struct LoadOptions<'a> {
+    /// Keep matrices stored as GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) in those
+    /// blocks, read in place from the memory-mapped file, for the CPU block kernels.
+    /// Otherwise every weight is widened to f32 on the device.
+    pub keep_blocks: bool,
+    /// Called with (tensors loaded, tensors in the checkpoint) after each tensor.
+    pub progress: Option<&'a dyn Fn(usize, usize)>,
+}
+
 /// A loaded model: its config, its family's weights and where it came from.
 #[derive(Debug)]
 pub struct Model {
@@ -111,20 +124,21 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads an HF model directory or a `.gguf` file onto `device`.
+    /// Loads an HF model directory or a `.gguf` file onto `device`, every weight as
+    /// an f32 tensor.
     pub fn load(path: &Path, device: &Device) -> Result<Model> {
-        Self::load_with_progress(path, device, &|_, _| {})
+        Self::load_with(path, device, &LoadOptions::default())
     }
 
-    /// Like [`Model::load`], calling `progress(loaded, total)` as tensors load.
-    pub fn load_with_progress(
-        path: &Path,
-        device: &Device,
-        progress: &dyn Fn(usize, usize),
-    ) -> Result<Model> {
+    /// Loads with `options`: GGUF block matrices kept as stored, progress reports.
+    pub fn load_with(path: &Path, device: &Device, options: &LoadOptions) -> Result<Model> {
         let source = ModelSource::open(path)?;
         let (arch, config, weights) = source.with_checkpoint(|entry, config, checkpoint| {
-            let loader = weights::WeightLoader::new(checkpoint, device).with_progress(progress);
+            let mut loader =
+                weights::WeightLoader::new(checkpoint, device).keep_blocks(options.keep_blocks);
+            if let Some(progress) = options.progress {
+                loader = loader.with_progress(progress);
+            }
             let weights = (entry.load)(&config, &loader)?;
             Ok((entry.hf, config, weights))
         })?;

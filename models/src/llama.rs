@@ -9,18 +9,18 @@ use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::layers::{Activation, BlockLayout, BlockOptions, BlockWeights, GraphBuilder};
 use crate::registry::Architecture;
-use crate::weights::WeightLoader;
+use crate::weights::{Matrix, WeightLoader};
 
 /// The whole model's weights.
 #[derive(Module, Debug)]
 pub struct Llama {
     /// `[vocab, d_model]`
-    pub token_embd: Param<Tensor<2>>,
+    pub token_embd: Matrix,
     pub blocks: Vec<BlockWeights>,
     /// `[d_model]`
     pub output_norm: Param<Tensor<1>>,
     /// `[vocab, d_model]`; `None` when tied to `token_embd`.
-    pub output: Option<Param<Tensor<2>>>,
+    pub output: Option<Matrix>,
 }
 
 impl Llama {

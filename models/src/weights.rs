@@ -2,8 +2,11 @@
 //!
 //! Our names are llama.cpp's GGUF names (`blk.3.attn_q.weight`), so GGUF checkpoints map
 //! one to one and HF checkpoints go through [`hf_to_ours`].
-use burn::module::Param;
+use std::sync::Arc;
+
+use burn::module::{Module, Param};
 use burn::tensor::{Device, Tensor, TensorData};
+use llama_graph::quant::QMatrix;
 
 use crate::error::{ModelError, Result};
 
@@ -21,6 +24,10 @@ pub trait TensorSource {
     fn names(&self) -> Vec<String>;
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     fn load(&self, name: &str) -> Result<Option<HostTensor>>;
+    /// A matrix kept in its stored GGML blocks, if it is stored that way.
+    fn load_blocks(&self, _name: &str) -> Result<Option<QMatrix>> {
+        Ok(None)
+    }
     /// Every tensor as stored: name, element type, shape, bytes.
     fn inventory(&self) -> Vec<TensorInfo>;
 }
@@ -34,6 +41,84 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
     pub bytes: usize,
 }
+
+/// A weight matrix `[rows, cols]`: a burn tensor, or GGML blocks kept as the checkpoint
+/// stores them (for the CPU block kernels; never widened to f32).
+#[derive(Module, Debug)]
+pub enum Matrix {
+    Dense(Param<Tensor<2>>),
+    Blocks(BlockMatrix),
+}
+
+impl Matrix {
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Matrix::Dense(p) => p.val().dims(),
+            Matrix::Blocks(b) => [b.0.rows(), b.0.cols()],
+        }
+    }
+
+    /// Rows `start..start + len` (the parts of a fused checkpoint matrix).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Matrix> {
+        Ok(match self {
+            Matrix::Dense(p) => Matrix::Dense(Param::from_tensor(p.val().narrow(0, start, len))),
+            Matrix::Blocks(b) => Matrix::Blocks(BlockMatrix(Arc::new(
+                b.0.slice_rows(start, len)
+                    .ok_or_else(|| ModelError::TensorShape {
+                        name: "rows of a block matrix".into(),
+                        expected: vec![start + len, b.0.cols()],
+                        actual: vec![b.0.rows(), b.0.cols()],
+                    })?,
+            ))),
+        })
+    }
+
+    /// The graph value: the tensor, or the blocks.
+    pub fn value(&self) -> llama_graph::Value {
+        match self {
+            Matrix::Dense(p) => llama_graph::Value::F2(p.val()),
+            Matrix::Blocks(b) => llama_graph::Value::Quant(b.0.clone()),
+        }
+    }
+}
+
+/// GGML blocks in host memory: a module with no burn parameters (it lives outside
+/// any device and is not trained or saved as a record).
+#[derive(Clone, Debug)]
+pub struct BlockMatrix(pub Arc<QMatrix>);
+
+impl Module for BlockMatrix {
+    fn collect_devices(&self, devices: burn::module::Devices) -> burn::module::Devices {
+        devices
+    }
+    fn fork(self, _: &Device) -> Self {
+        self
+    }
+    fn to_device(self, _: &Device) -> Self {
+        self
+    }
+    fn train(self) -> Self {
+        self
+    }
+    fn valid(&self) -> Self {
+        self.clone()
+    }
+    fn materialize(self) -> Self {
+        self
+    }
+    fn visit<V: burn::module::ModuleVisitor>(&self, _: &mut V) {}
+    fn map<M: burn::module::ModuleMapper>(self, _: &mut M) -> Self {
+        self
+    }
+}
+
+impl burn::module::ModuleDisplayDefault for BlockMatrix {
+    fn content(&self, content: burn::module::Content) -> Option<burn::module::Content> {
+        content.add_single(&format!("{:?}", self.0)).optional()
+    }
+}
+
+impl burn::module::ModuleDisplay for BlockMatrix {}
 
 /// Whole-model tensors: (HF name, our name).
 const GLOBAL_NAMES: &[(&str, &str)] = &[
@@ -106,6 +191,8 @@ pub struct WeightLoader<'a> {
     /// Our name to checkpoint name.
     table: std::collections::HashMap<String, String>,
     device: Device,
+    /// Keep matrices stored as GGML blocks in their blocks.
+    keep_blocks: bool,
 }
 
 impl<'a> WeightLoader<'a> {
@@ -123,7 +210,16 @@ impl<'a> WeightLoader<'a> {
             total,
             table,
             device: device.clone(),
+            keep_blocks: false,
         }
+    }
+
+    /// Keeps matrices that the checkpoint stores as GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K,
+    /// Q6_K) in those blocks, read in place, for the CPU block kernels; without it every
+    /// weight is widened to f32 on the device.
+    pub fn keep_blocks(mut self, keep: bool) -> Self {
+        self.keep_blocks = keep;
+        self
     }
 
     /// Reports progress to `f` as tensors load.
@@ -136,17 +232,32 @@ impl<'a> WeightLoader<'a> {
         self.table.contains_key(ours)
     }
 
-    fn host(&self, ours: &str, expected: &[usize]) -> Result<HostTensor> {
-        let missing = || ModelError::MissingTensor {
-            name: ours.to_string(),
-            path: self.source.describe().into(),
-        };
-        let name = self.table.get(ours).ok_or_else(missing)?;
-        let t = self.source.load(name)?.ok_or_else(missing)?;
+    fn checkpoint_name(&self, ours: &str) -> Result<&String> {
+        self.table
+            .get(ours)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: ours.to_string(),
+                path: self.source.describe().into(),
+            })
+    }
+
+    fn loaded_one(&self) {
         self.loaded.set(self.loaded.get() + 1);
         if let Some(f) = self.progress {
             f(self.loaded.get(), self.total);
         }
+    }
+
+    fn host(&self, ours: &str, expected: &[usize]) -> Result<HostTensor> {
+        let name = self.checkpoint_name(ours)?;
+        let t = self
+            .source
+            .load(name)?
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: ours.to_string(),
+                path: self.source.describe().into(),
+            })?;
+        self.loaded_one();
         if t.shape != expected {
             return Err(ModelError::TensorShape {
                 name: ours.to_string(),
@@ -168,16 +279,29 @@ impl<'a> WeightLoader<'a> {
 
     /// A projection `[out, in]`, kept in the checkpoint layout (the graph's matmul
     /// computes `x @ w^T`).
-    pub fn linear(&self, ours: &str, d_in: usize, d_out: usize) -> Result<Param<Tensor<2>>> {
+    pub fn linear(&self, ours: &str, d_in: usize, d_out: usize) -> Result<Matrix> {
         self.table(ours, d_out, d_in)
     }
 
     /// A table stored as it is, `[rows, cols]` (embeddings).
-    pub fn table(&self, ours: &str, rows: usize, cols: usize) -> Result<Param<Tensor<2>>> {
+    pub fn table(&self, ours: &str, rows: usize, cols: usize) -> Result<Matrix> {
+        if self.keep_blocks {
+            if let Some(m) = self.source.load_blocks(self.checkpoint_name(ours)?)? {
+                self.loaded_one();
+                if [m.rows(), m.cols()] != [rows, cols] {
+                    return Err(ModelError::TensorShape {
+                        name: ours.to_string(),
+                        expected: vec![rows, cols],
+                        actual: vec![m.rows(), m.cols()],
+                    });
+                }
+                return Ok(Matrix::Blocks(BlockMatrix(Arc::new(m))));
+            }
+        }
         let t = self.host(ours, &[rows, cols])?;
-        Ok(Param::from_tensor(Tensor::from_data(
+        Ok(Matrix::Dense(Param::from_tensor(Tensor::from_data(
             TensorData::new(t.data, [rows, cols]),
             &self.device,
-        )))
+        ))))
     }
 }

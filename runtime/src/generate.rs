@@ -131,7 +131,7 @@ pub fn generate_ids(
     };
     let mut sampler = Sampler::new(opts.sampler.clone());
     let start = Instant::now();
-    let mut logits = session.prefill(prompt)?.last().to_vec();
+    let mut logits = session.prefill_last(prompt)?;
     let mut ids = Vec::new();
     let mut finish = FinishReason::Length;
     let mut first: Option<Instant> = None;

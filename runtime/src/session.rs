@@ -1,7 +1,7 @@
 //! A session: a compiled graph, its KV cache and the tokens seen so far.
 use std::path::Path;
 
-use llama_graph::{KvCache, KvSnapshot, Program, RunOutput, Taps, Value};
+use llama_graph::{KvCache, KvSnapshot, Program, Rows, RunOutput, Taps, Value};
 
 use crate::error::{Result, RuntimeError};
 
@@ -128,8 +128,16 @@ impl Session {
     /// Runs `ids` at the next positions and returns the logits of every one of them.
     /// Validated before anything runs; on error the session is as it was.
     pub fn prefill(&mut self, ids: &[u32]) -> Result<Logits> {
-        let out = self.step(ids, &Taps::None)?;
+        let out = self.step(ids, &Taps::None, Rows::All)?;
         self.logits(out)
+    }
+
+    /// Runs `ids` at the next positions and returns the logits of the last one only
+    /// (the output head runs on one row): what generation needs.
+    pub fn prefill_last(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let out = self.step(ids, &Taps::None, Rows::Last)?;
+        let logits = self.logits(out)?;
+        Ok(logits.last().to_vec())
     }
 
     /// Runs one token and returns the logits for the next.
@@ -186,7 +194,7 @@ impl Session {
             .collect();
         self.reset();
         if !kept.is_empty() {
-            self.prefill(&kept)?;
+            self.prefill_last(&kept)?;
         }
         Ok(())
     }
@@ -223,12 +231,12 @@ impl Session {
         ids: &[u32],
         taps: &Taps,
     ) -> Result<(Logits, Vec<(String, Value)>)> {
-        let mut out = self.step(ids, taps)?;
+        let mut out = self.step(ids, taps, Rows::All)?;
         let taps = std::mem::take(&mut out.taps);
         Ok((self.logits(out)?, taps))
     }
 
-    fn step(&mut self, ids: &[u32], taps: &Taps) -> Result<RunOutput> {
+    fn step(&mut self, ids: &[u32], taps: &Taps, rows: Rows) -> Result<RunOutput> {
         if ids.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
         }
@@ -238,7 +246,7 @@ impl Session {
                 vocab: self.vocab,
             });
         }
-        let out = self.program.run(ids, &mut self.cache, taps)?;
+        let out = self.program.run_rows(ids, &mut self.cache, taps, rows)?;
         self.tokens.extend_from_slice(ids);
         Ok(out)
     }

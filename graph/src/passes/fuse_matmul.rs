@@ -37,6 +37,17 @@ impl Pass for FuseSiblingMatMuls {
             if members.len() < 2 {
                 continue;
             }
+            // Dense and block-quantized weights do not concatenate.
+            let blocks = members
+                .iter()
+                .filter(|m| {
+                    let w = &graph.node(graph.node(**m).inputs[1]).name;
+                    matches!(graph.param(w), Some(crate::Value::Quant(_)))
+                })
+                .count();
+            if blocks != 0 && blocks != members.len() {
+                continue;
+            }
             let names: Vec<String> = members
                 .iter()
                 .map(|m| graph.node(*m).name.clone())

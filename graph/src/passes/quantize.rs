@@ -4,13 +4,13 @@ use super::{Pass, PassContext};
 use crate::error::{GraphError, Result};
 use crate::graph::Graph;
 use crate::ir::{NodeId, Op, ParamKind};
-use crate::q8::Q8Matrix;
+use crate::quant::QMatrix;
 use crate::value::Value;
 
-/// For CPU backends: stores every matmul weight as int8 blocks ([`Q8Matrix`]) so the
-/// matmul reads a quarter of the bytes through our int8 kernel. A weight that other
-/// ops also read (a tied embedding table) gets an int8 copy for its matmuls and keeps
-/// its f32 form for the rest.
+/// For CPU backends: stores every f32 matmul weight as Q8_0 blocks ([`QMatrix`]) so
+/// the matmul reads about a quarter of the bytes through our block kernels. A weight
+/// that other ops also read (a tied embedding table) gets a Q8_0 copy for its matmuls
+/// and keeps its f32 form for the rest. Weights already in blocks are left as they are.
 pub struct QuantizeWeights;
 
 impl Pass for QuantizeWeights {
@@ -33,10 +33,10 @@ impl Pass for QuantizeWeights {
             };
             let [rows, cols] = t.dims();
             let data = Value::F2(t).to_f32_vec()?;
-            let Some(q) = Q8Matrix::quantize(&data, rows, cols) else {
+            let Some(q) = QMatrix::quantize_q8_0(&data, rows, cols) else {
                 continue; // not a whole number of blocks: stays f32
             };
-            let q = Value::Q8(Arc::new(q));
+            let q = Value::Quant(Arc::new(q));
             let matmuls: Vec<NodeId> = users[w.0]
                 .iter()
                 .copied()
@@ -45,7 +45,7 @@ impl Pass for QuantizeWeights {
             if matmuls.len() == users[w.0].len() {
                 graph.set_param(&name, q)?;
             } else {
-                let copy = graph.add_param(&format!("{name}.q8"), ParamKind::Folded, q)?;
+                let copy = graph.add_param(&format!("{name}.q8_0"), ParamKind::Folded, q)?;
                 for u in matmuls {
                     graph.set_input(u, 1, copy);
                 }

@@ -83,6 +83,11 @@ impl GgmlType {
         }
     }
 
+    /// Q4_0, Q4_1, Q8_0, Q4_K or Q6_K: blocks our matmul kernels multiply directly.
+    pub fn is_block_quantized(self) -> bool {
+        self.block_len() > 1
+    }
+
     /// Bytes taken by `n` weights, or `None` when `n` is not a whole number of blocks.
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         n.is_multiple_of(self.block_len())
@@ -91,7 +96,7 @@ impl GgmlType {
     }
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
@@ -188,7 +193,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
 /// The `j`-th 6-bit (scale, min) pair of a Q4_K super-block: pairs 0..4 sit in the low
 /// six bits of bytes 0..4 and 4..8; pairs 4..8 are split between bytes 8..12 (low and
 /// high nibble) and the top two bits of bytes 0..8.
-fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn k4_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

@@ -1,0 +1,464 @@
+//! `x @ w^T` with `w` a [`QMatrix`] of GGML blocks, on the CPU.
+//!
+//! Our own kernels because burn's CPU backends have no matmul over GGUF's block formats
+//! (their quantized schemes differ, and dequantize the whole weight per call). Decode
+//! reads every weight once per token, so reading 4.5-bit blocks instead of f32 is most
+//! of the speed; the rest is integer arithmetic. As in llama.cpp, each activation row is
+//! quantized once per matmul to int8 blocks of 32 ([`QActs`], with the block's scale,
+//! the scaled sum of its values, and the sums of its 16-value halves), and every weight
+//! block is multiplied with it in integers: `u8 x i8` multiply-adds on AVX2, a portable
+//! loop elsewhere. Scales, minimums and offsets are applied once per block in f32:
+//!
+//! - Q4_0: `sum(d (q - 8) x) = d dx sum(q qx) - 8 d sx`
+//! - Q4_1: `sum((d q + m) x) = d dx sum(q qx) + m sx`
+//! - Q8_0: `d dx sum(q qx)`
+//! - Q4_K: per 32-value sub-block, `d sc dx sum(q qx) - dmin mn sx`
+//! - Q6_K: per 16-value half, `d sc dx (sum(q qx) - 32 hx)`
+//!
+//! where `dx` is the activation block's scale, `sx = dx sum(qx)`, and `hx` the sum of a
+//! half's quantized values. The only approximation is rounding each activation to its
+//! block's int8 grid: see [`error_bound`].
+use rayon::prelude::*;
+
+use super::format::{f16_at, k4_scale_min, GgmlType};
+use super::matrix::QMatrix;
+
+/// Values per activation block (and per Q4_0 / Q4_1 / Q8_0 weight block).
+pub const QK: usize = 32;
+
+/// Which dot-product code runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// The fastest this CPU supports, detected at run time (AVX2 + FMA + F16C on
+    /// x86-64; the portable loop elsewhere).
+    Auto,
+    /// The portable loop (for tests of the fallback, and CPUs without SIMD).
+    Portable,
+}
+
+/// Activation rows quantized to int8 blocks of [`QK`] values.
+pub struct QActs {
+    cols: usize,
+    qs: Vec<i8>,
+    /// Per block: the scale `dx` (`x ≈ qx * dx`).
+    d: Vec<f32>,
+    /// Per block: `dx * sum(qx)`.
+    s: Vec<f32>,
+    /// Per 16 values: `sum(qx)`.
+    h: Vec<i32>,
+}
+
+/// One activation row of a [`QActs`].
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    qs: &'a [i8],
+    d: &'a [f32],
+    s: &'a [f32],
+    h: &'a [i32],
+}
+
+impl QActs {
+    /// Quantizes `n` rows of `cols` values (`cols` a multiple of [`QK`]).
+    pub fn quantize(x: &[f32], n: usize, cols: usize) -> QActs {
+        assert!(cols.is_multiple_of(QK) && x.len() == n * cols);
+        let blocks = x.len() / QK;
+        let mut a = QActs {
+            cols,
+            qs: vec![0; x.len()],
+            d: Vec::with_capacity(blocks),
+            s: Vec::with_capacity(blocks),
+            h: Vec::with_capacity(blocks * 2),
+        };
+        for (xb, qb) in x.chunks_exact(QK).zip(a.qs.chunks_exact_mut(QK)) {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+            for (q, v) in qb.iter_mut().zip(xb) {
+                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+            let lo: i32 = qb[..16].iter().map(|&q| q as i32).sum();
+            let hi: i32 = qb[16..].iter().map(|&q| q as i32).sum();
+            a.d.push(d);
+            a.s.push(d * (lo + hi) as f32);
+            a.h.extend([lo, hi]);
+        }
+        a
+    }
+
+    /// The values the kernels multiply with: row `t` as `qx * dx`.
+    pub fn dequantize_row(&self, t: usize) -> Vec<f32> {
+        let r = self.row(t);
+        r.qs.chunks_exact(QK)
+            .zip(r.d)
+            .flat_map(|(q, d)| q.iter().map(move |&q| q as f32 * d))
+            .collect()
+    }
+
+    /// Row `t`.
+    pub fn row(&self, t: usize) -> ActRow<'_> {
+        let b = self.cols / QK;
+        ActRow {
+            qs: &self.qs[t * self.cols..(t + 1) * self.cols],
+            d: &self.d[t * b..(t + 1) * b],
+            s: &self.s[t * b..(t + 1) * b],
+            h: &self.h[t * 2 * b..(t + 1) * 2 * b],
+        }
+    }
+}
+
+/// The dot product of one weight row (its bytes) with one activation row.
+type DotFn = fn(&[u8], ActRow<'_>) -> f32;
+
+fn dot_q4_0(w: &[u8], a: ActRow<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(18).enumerate() {
+        let d = f16_at(blk, 0);
+        let x = &a.qs[b * QK..(b + 1) * QK];
+        let mut isum = 0i32;
+        for (j, &q) in blk[2..18].iter().enumerate() {
+            isum += (q & 0x0F) as i32 * x[j] as i32 + (q >> 4) as i32 * x[j + 16] as i32;
+        }
+        acc += d * a.d[b] * isum as f32 - 8.0 * d * a.s[b];
+    }
+    acc
+}
+
+fn dot_q4_1(w: &[u8], a: ActRow<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(20).enumerate() {
+        let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+        let x = &a.qs[b * QK..(b + 1) * QK];
+        let mut isum = 0i32;
+        for (j, &q) in blk[4..20].iter().enumerate() {
+            isum += (q & 0x0F) as i32 * x[j] as i32 + (q >> 4) as i32 * x[j + 16] as i32;
+        }
+        acc += d * a.d[b] * isum as f32 + m * a.s[b];
+    }
+    acc
+}
+
+fn dot_q8_0(w: &[u8], a: ActRow<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(34).enumerate() {
+        let d = f16_at(blk, 0);
+        let x = &a.qs[b * QK..(b + 1) * QK];
+        let isum: i32 = blk[2..34]
+            .iter()
+            .zip(x)
+            .map(|(&q, &x)| q as i8 as i32 * x as i32)
+            .sum();
+        acc += d * a.d[b] * isum as f32;
+    }
+    acc
+}
+
+fn dot_q4_k(w: &[u8], a: ActRow<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (sb, blk) in w.chunks_exact(144).enumerate() {
+        let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+        let scales = &blk[4..16];
+        for (c, q) in blk[16..144].chunks_exact(32).enumerate() {
+            for (half, shift) in [(0, 0), (1, 4)] {
+                let j = 2 * c + half;
+                let (sc, mn) = k4_scale_min(j, scales);
+                let ab = sb * 8 + j;
+                let x = &a.qs[ab * QK..(ab + 1) * QK];
+                let isum: i32 = q
+                    .iter()
+                    .zip(x)
+                    .map(|(&q, &x)| ((q >> shift) & 0x0F) as i32 * x as i32)
+                    .sum();
+                acc += d * sc as f32 * a.d[ab] * isum as f32 - dmin * mn as f32 * a.s[ab];
+            }
+        }
+    }
+    acc
+}
+
+fn dot_q6_k(w: &[u8], a: ActRow<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (sb, blk) in w.chunks_exact(210).enumerate() {
+        let d = f16_at(blk, 208);
+        for h in 0..2 {
+            let ql = &blk[64 * h..64 * h + 64];
+            let qh = &blk[128 + 32 * h..128 + 32 * h + 32];
+            let sc = &blk[192 + 8 * h..192 + 8 * h + 8];
+            for k in 0..4 {
+                let ab = sb * 8 + 4 * h + k;
+                let x = &a.qs[ab * QK..(ab + 1) * QK];
+                let (from, shift) = [(0, 0), (32, 0), (0, 4), (32, 4)][k];
+                let mut halves = [0i32; 2];
+                for l in 0..32 {
+                    let q = ((ql[from + l] >> shift) & 0x0F) | (((qh[l] >> (2 * k)) & 3) << 4);
+                    halves[l / 16] += (q as i32 - 32) * x[l] as i32;
+                }
+                let isum =
+                    sc[2 * k] as i8 as i32 * halves[0] + sc[2 * k + 1] as i8 as i32 * halves[1];
+                acc += d * a.d[ab] * isum as f32;
+            }
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The same dot products with AVX2: 32 `u8 x i8` products per instruction
+    //! (`maddubs`), summed to i32 lanes, scaled in f32 once per block.
+    use std::arch::x86_64::*;
+
+    use super::{ActRow, QK};
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Two f16 values at `p` (little-endian, back to back) as f32.
+    #[inline(always)]
+    unsafe fn f16x2(p: *const u8) -> (f32, f32) {
+        let bits = std::ptr::read_unaligned(p as *const i32);
+        let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+        (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+    }
+
+    #[inline(always)]
+    unsafe fn f16x1(p: *const u8) -> f32 {
+        let bits = std::ptr::read_unaligned(p as *const u16) as i32;
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    }
+
+    /// 16 bytes of nibbles as 32 bytes: low nibbles first (values 0..16), then high.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let m = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(v, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// Sums of `u * s` in 8 i32 lanes (each lane: four neighbouring products).
+    #[inline(always)]
+    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn acts(a: &ActRow<'_>, block: usize) -> __m256i {
+        _mm256_loadu_si256(a.qs.as_ptr().add(block * QK) as *const __m256i)
+    }
+
+    /// Q4_0 and Q4_1 share everything but the offset: `m` is read (Q4_1) or `-8 d`.
+    #[inline(always)]
+    unsafe fn dot_q4<const BYTES: usize>(w: &[u8], a: ActRow<'_>) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut offsets = 0f32;
+        for b in 0..w.len() / BYTES {
+            let blk = w.as_ptr().add(b * BYTES);
+            let (d, m) = if BYTES == 20 {
+                f16x2(blk)
+            } else {
+                let d = f16x1(blk);
+                (d, -8.0 * d)
+            };
+            let q = nibbles(blk.add(BYTES - 16));
+            let p = _mm256_cvtepi32_ps(dot_u8_i8(q, acts(&a, b)));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[b]), p, acc);
+            offsets += m * a.s[b];
+        }
+        hsum(acc) + offsets
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_0(w: &[u8], a: ActRow<'_>) -> f32 {
+        dot_q4::<18>(w, a)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_1(w: &[u8], a: ActRow<'_>) -> f32 {
+        dot_q4::<20>(w, a)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q8_0(w: &[u8], a: ActRow<'_>) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..w.len() / 34 {
+            let blk = w.as_ptr().add(b * 34);
+            let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            // i8 x i8 through the u8 x i8 instruction: |q| times x with q's sign.
+            let p = dot_u8_i8(_mm256_abs_epi8(q), _mm256_sign_epi8(acts(&a, b), q));
+            let scale = _mm256_set1_ps(f16x1(blk) * a.d[b]);
+            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc);
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q4_k(w: &[u8], a: ActRow<'_>) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        let m4 = _mm256_set1_epi8(0x0F);
+        for sb in 0..w.len() / 144 {
+            let blk = w.as_ptr().add(sb * 144);
+            let (d, dmin) = f16x2(blk);
+            let scales = std::slice::from_raw_parts(blk.add(4), 12);
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+                let halves = [
+                    _mm256_and_si256(v, m4),
+                    _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                ];
+                for (half, q) in halves.into_iter().enumerate() {
+                    let j = 2 * c + half;
+                    let (sc, mn) = super::k4_scale_min(j, scales);
+                    let ab = sb * 8 + j;
+                    let p16 = _mm256_maddubs_epi16(q, acts(&a, ab));
+                    let p = _mm256_madd_epi16(p16, _mm256_set1_epi16(sc as i16));
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[ab]), _mm256_cvtepi32_ps(p), acc);
+                    mins += dmin * mn as f32 * a.s[ab];
+                }
+            }
+        }
+        hsum(acc) - mins
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_q6_k(w: &[u8], a: ActRow<'_>) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut offsets = 0f32;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(0x03);
+        for sb in 0..w.len() / 210 {
+            let blk = w.as_ptr().add(sb * 210);
+            let d = f16x1(blk.add(208));
+            for h in 0..2 {
+                let ql = [
+                    _mm256_loadu_si256(blk.add(64 * h) as *const __m256i),
+                    _mm256_loadu_si256(blk.add(64 * h + 32) as *const __m256i),
+                ];
+                let qh = _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i);
+                let sc = blk.add(192 + 8 * h) as *const i8;
+                for k in 0..4 {
+                    let low = if k < 2 {
+                        _mm256_and_si256(ql[k], m4)
+                    } else {
+                        _mm256_and_si256(_mm256_srli_epi16(ql[k - 2], 4), m4)
+                    };
+                    let high = match k {
+                        0 => _mm256_and_si256(qh, m2),
+                        1 => _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2),
+                        2 => _mm256_and_si256(_mm256_srli_epi16(qh, 4), m2),
+                        _ => _mm256_and_si256(_mm256_srli_epi16(qh, 6), m2),
+                    };
+                    let q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4)); // 0..64
+                    let ab = sb * 8 + 4 * h + k;
+                    let (s0, s1) = (*sc.add(2 * k) as i16, *sc.add(2 * k + 1) as i16);
+                    // Products of the first 16 values land in the low 8 i16 lanes.
+                    let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
+                    let p16 = _mm256_maddubs_epi16(q, acts(&a, ab));
+                    let p = _mm256_madd_epi16(p16, scale);
+                    let dd = d * a.d[ab];
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(p), acc);
+                    let shift = s0 as i32 * a.h[2 * ab] + s1 as i32 * a.h[2 * ab + 1];
+                    offsets += dd * (32 * shift) as f32;
+                }
+            }
+        }
+        hsum(acc) - offsets
+    }
+}
+
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The dot product for rows of `ty`.
+fn pick(ty: GgmlType, simd: bool) -> DotFn {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY (each closure): `simd` is true only when the CPU has AVX2, FMA and
+        // F16C (checked by `simd_available`); the kernels read whole blocks of `w` and
+        // the matching blocks of the activation row, which `matmul` sized together.
+        return match ty {
+            GgmlType::Q4_0 => |w, a| unsafe { avx2::dot_q4_0(w, a) },
+            GgmlType::Q4_1 => |w, a| unsafe { avx2::dot_q4_1(w, a) },
+            GgmlType::Q8_0 => |w, a| unsafe { avx2::dot_q8_0(w, a) },
+            GgmlType::Q4K => |w, a| unsafe { avx2::dot_q4_k(w, a) },
+            _ => |w, a| unsafe { avx2::dot_q6_k(w, a) },
+        };
+    }
+    let _ = simd;
+    match ty {
+        GgmlType::Q4_0 => dot_q4_0,
+        GgmlType::Q4_1 => dot_q4_1,
+        GgmlType::Q8_0 => dot_q8_0,
+        GgmlType::Q4K => dot_q4_k,
+        _ => dot_q6_k,
+    }
+}
+
+/// `x [n, cols] @ w^T -> [n, rows]`, row-major.
+pub fn matmul(x: &[f32], n: usize, w: &QMatrix, kernel: Kernel) -> Vec<f32> {
+    let (rows, cols) = (w.rows(), w.cols());
+    assert_eq!(x.len(), n * cols, "x is not [n, cols]");
+    let simd = kernel == Kernel::Auto && simd_available();
+    let acts = QActs::quantize(x, n, cols);
+    // Output rows in chunks across threads, a few chunks per thread so uneven cores
+    // balance; each weight row is read once and stays in cache while every activation
+    // row uses it.
+    let per_task = (rows / (rayon::current_num_threads() * 4)).max(16);
+    let mut out_t = vec![0f32; rows * n];
+    out_t
+        .par_chunks_mut(per_task * n)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let start = task * per_task;
+            let end = start + chunk.len() / n;
+            w.for_each_row(start..end, |r, ty, bytes| {
+                let dot = pick(ty, simd);
+                let out = &mut chunk[(r - start) * n..(r - start + 1) * n];
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = dot(bytes, acts.row(t));
+                }
+            });
+        });
+    if n == 1 {
+        return out_t;
+    }
+    let mut out = vec![0f32; n * rows];
+    for r in 0..rows {
+        for t in 0..n {
+            out[t * rows + r] = out_t[r * n + t];
+        }
+    }
+    out
+}
+
+/// The largest error [`matmul`] may make against `x @ dequantize(w)^T` for one output:
+/// each activation moves by at most half a step of its block's int8 grid
+/// (`amax / 127 / 2`), times the weights it meets, plus f32 rounding.
+pub fn error_bound(x_row: &[f32], w_row: &[f32]) -> f32 {
+    let grid: f32 = x_row
+        .chunks(QK)
+        .zip(w_row.chunks(QK))
+        .map(|(x, w)| {
+            let step = x.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            step / 2.0 * w.iter().map(|v| v.abs()).sum::<f32>()
+        })
+        .sum();
+    let exact: f32 = x_row.iter().zip(w_row).map(|(a, b)| (a * b).abs()).sum();
+    grid * (1.0 + 1e-5) + exact * 1e-5 + 1e-6
+}

@@ -1,0 +1,272 @@
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::format::{dequantize, GgmlType};
+
+/// Memory that quantized rows are read from: a memory-mapped file or our own bytes.
+pub trait Bytes: Send + Sync {
+    fn bytes(&self) -> &[u8];
+}
+
+impl<T: AsRef<[u8]> + Send + Sync> Bytes for T {
+    fn bytes(&self) -> &[u8] {
+        self.as_ref()
+    }
+}
+
+/// A run of consecutive rows of one block type, stored back to back.
+#[derive(Clone)]
+struct Segment {
+    ty: GgmlType,
+    store: Arc<dyn Bytes>,
+    /// Byte offset of the first row in `store`.
+    offset: usize,
+    rows: usize,
+}
+
+/// A `[rows, cols]` weight matrix whose rows are GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K or
+/// Q6_K), read where they are stored.
+///
+/// Rows are kept as segments into shared stores, so concatenating matrices (fused
+/// Q/K/V), taking some of their rows (a split of a fused checkpoint matrix) or
+/// reordering rows (GGUF's permuted Q/K heads) copies no weight bytes. Segments may
+/// even differ in block type (a Q4_K Q next to a Q6_K V).
+#[derive(Clone)]
+pub struct QMatrix {
+    cols: usize,
+    rows: usize,
+    segments: Vec<Segment>,
+    /// First row of each segment.
+    starts: Vec<usize>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QMatrix[{}x{}, {}]",
+            self.rows,
+            self.cols,
+            self.type_names()
+        )
+    }
+}
+
+/// Why a block matrix cannot be made.
+fn check(ty: GgmlType, rows: usize, cols: usize) -> Result<usize, String> {
+    if !ty.is_block_quantized() {
+        return Err(format!("{} is not a block-quantized type", ty.name()));
+    }
+    ty.bytes_for(cols).map(|b| b * rows).ok_or_else(|| {
+        format!(
+            "a row of {cols} values is not a whole number of {} blocks of {}",
+            ty.name(),
+            ty.block_len()
+        )
+    })
+}
+
+impl QMatrix {
+    /// `rows` rows of `cols` values of type `ty`, stored back to back in `store` from
+    /// byte `offset` on.
+    pub fn new(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        store: Arc<dyn Bytes>,
+        offset: usize,
+    ) -> Result<QMatrix, String> {
+        let need = check(ty, rows, cols)?;
+        let have = store.bytes().len();
+        if offset.checked_add(need).is_none_or(|end| end > have) {
+            return Err(format!(
+                "{rows}x{cols} {} needs {need} bytes from offset {offset}; the store has {have}",
+                ty.name()
+            ));
+        }
+        Ok(QMatrix {
+            cols,
+            rows,
+            segments: vec![Segment {
+                ty,
+                store,
+                offset,
+                rows,
+            }],
+            starts: vec![0],
+        })
+    }
+
+    /// A matrix over bytes of our own.
+    pub fn from_bytes(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    ) -> Result<QMatrix, String> {
+        Self::new(ty, rows, cols, Arc::new(bytes), 0)
+    }
+
+    /// Quantizes row-major f32 values to Q8_0 (blocks of 32 int8 values with an f16
+    /// scale); `None` when `cols` is not a whole number of blocks.
+    pub fn quantize_q8_0(data: &[f32], rows: usize, cols: usize) -> Option<QMatrix> {
+        if !cols.is_multiple_of(32) || data.len() != rows * cols {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(data.len() / 32 * 34);
+        for block in data.chunks_exact(32) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = half::f16::from_f32(amax / 127.0);
+            let inv = if d.to_f32() == 0.0 {
+                0.0
+            } else {
+                1.0 / d.to_f32()
+            };
+            bytes.extend_from_slice(&d.to_le_bytes());
+            bytes.extend(
+                block
+                    .iter()
+                    .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8),
+            );
+        }
+        Self::from_bytes(GgmlType::Q8_0, rows, cols, bytes).ok()
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Weight bytes this matrix reads.
+    pub fn bytes(&self) -> usize {
+        self.segments
+            .iter()
+            .map(|s| s.rows * s.ty.bytes_for(self.cols).unwrap_or(0))
+            .sum()
+    }
+
+    /// The block types of its rows, as `Q4_1` or `Q4_K+Q6_K`.
+    pub fn type_names(&self) -> String {
+        let mut names: Vec<&str> = self.segments.iter().map(|s| s.ty.name()).collect();
+        names.dedup();
+        names.join("+")
+    }
+
+    fn segment_of(&self, row: usize) -> usize {
+        self.starts.partition_point(|&s| s <= row) - 1
+    }
+
+    /// The block type and bytes of row `r`.
+    pub fn row(&self, r: usize) -> (GgmlType, &[u8]) {
+        let s = &self.segments[self.segment_of(r)];
+        let len = s.ty.bytes_for(self.cols).unwrap_or(0);
+        let at = s.offset + (r - self.starts[self.segment_of(r)]) * len;
+        (s.ty, &s.store.bytes()[at..at + len])
+    }
+
+    /// Calls `f(row, type, bytes)` for each row of `range`, in order.
+    pub fn for_each_row(&self, range: Range<usize>, mut f: impl FnMut(usize, GgmlType, &[u8])) {
+        if range.is_empty() {
+            return;
+        }
+        let mut seg = self.segment_of(range.start);
+        let mut r = range.start;
+        while r < range.end {
+            let s = &self.segments[seg];
+            let len = s.ty.bytes_for(self.cols).unwrap_or(0);
+            let bytes = s.store.bytes();
+            let end = (self.starts[seg] + s.rows).min(range.end);
+            for row in r..end {
+                let at = s.offset + (row - self.starts[seg]) * len;
+                f(row, s.ty, &bytes[at..at + len]);
+            }
+            r = end;
+            seg += 1;
+        }
+    }
+
+    /// Row `r` as f32, appended to `out`.
+    pub fn dequantize_row(&self, r: usize, out: &mut Vec<f32>) {
+        let (ty, bytes) = self.row(r);
+        dequantize(ty, bytes, out);
+    }
+
+    /// The whole matrix as row-major f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        self.for_each_row(0..self.rows, |_, ty, bytes| dequantize(ty, bytes, &mut out));
+        out
+    }
+
+    fn from_segments(cols: usize, parts: impl IntoIterator<Item = Segment>) -> QMatrix {
+        let mut segments: Vec<Segment> = Vec::new();
+        for s in parts.into_iter().filter(|s| s.rows > 0) {
+            // Rows that continue the previous segment in the same store join it.
+            if let Some(last) = segments.last_mut() {
+                let len = last.ty.bytes_for(cols).unwrap_or(0);
+                if last.ty == s.ty
+                    && Arc::ptr_eq(&last.store, &s.store)
+                    && last.offset + last.rows * len == s.offset
+                {
+                    last.rows += s.rows;
+                    continue;
+                }
+            }
+            segments.push(s);
+        }
+        let mut starts = Vec::with_capacity(segments.len());
+        let mut rows = 0;
+        for s in &segments {
+            starts.push(rows);
+            rows += s.rows;
+        }
+        QMatrix {
+            cols,
+            rows,
+            segments,
+            starts,
+        }
+    }
+
+    /// The rows of `parts` one after the other; `None` when their widths differ.
+    pub fn concat(parts: &[&QMatrix]) -> Option<QMatrix> {
+        let cols = parts.first()?.cols;
+        if parts.iter().any(|p| p.cols != cols) {
+            return None;
+        }
+        Some(Self::from_segments(
+            cols,
+            parts.iter().flat_map(|p| p.segments.iter().cloned()),
+        ))
+    }
+
+    /// Rows `order[0]`, `order[1]`, ... of this matrix; `None` if one is out of range.
+    pub fn select_rows(&self, order: &[usize]) -> Option<QMatrix> {
+        if order.iter().any(|&r| r >= self.rows) {
+            return None;
+        }
+        Some(Self::from_segments(
+            self.cols,
+            order.iter().map(|&r| {
+                let i = self.segment_of(r);
+                let s = &self.segments[i];
+                let len = s.ty.bytes_for(self.cols).unwrap_or(0);
+                Segment {
+                    ty: s.ty,
+                    store: s.store.clone(),
+                    offset: s.offset + (r - self.starts[i]) * len,
+                    rows: 1,
+                }
+            }),
+        ))
+    }
+
+    /// Rows `start..start + len`; `None` past the end.
+    pub fn slice_rows(&self, start: usize, len: usize) -> Option<QMatrix> {
+        let order: Vec<usize> = (start..start.checked_add(len)?).collect();
+        self.select_rows(&order)
+    }
+}

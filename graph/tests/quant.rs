@@ -1,0 +1,218 @@
+//! The block matmul kernels against dequantize-then-f32, for every block type, on
+//! awkward sizes and on every code path; and the zero-copy row operations of QMatrix.
+use llama_graph::quant::kernels::{error_bound, QActs};
+use llama_graph::quant::{matmul, GgmlType, Kernel, QMatrix};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+    }
+    /// Mostly small values with some large ones, as in real activations.
+    fn activation(&mut self) -> f32 {
+        let u = self.unit();
+        if self.next().is_multiple_of(17) {
+            u * 20.0
+        } else {
+            u
+        }
+    }
+}
+
+fn f16(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_le_bytes()
+}
+
+/// Random blocks of `ty` for `rows x cols` values: random quants, sane scales.
+fn random_blocks(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u8> {
+    let blocks = rows * cols / ty.block_len();
+    let mut out = Vec::new();
+    for _ in 0..blocks {
+        let mut b: Vec<u8> = (0..ty.block_bytes()).map(|_| rng.next() as u8).collect();
+        let scale = 0.01 + 0.05 * rng.unit().abs();
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q8_0 => b[..2].copy_from_slice(&f16(scale)),
+            GgmlType::Q4_1 | GgmlType::Q4K => {
+                b[..2].copy_from_slice(&f16(scale));
+                b[2..4].copy_from_slice(&f16(0.1 * rng.unit()));
+            }
+            GgmlType::Q6K => b[208..210].copy_from_slice(&f16(scale * 0.1)),
+            _ => unreachable!(),
+        }
+        out.extend(b);
+    }
+    out
+}
+
+fn reference(x: &[f32], n: usize, w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * rows];
+    for t in 0..n {
+        for r in 0..rows {
+            out[t * rows + r] = (0..cols)
+                .map(|c| x[t * cols + c] as f64 * w[r * cols + c] as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+/// Checks `matmul(x, w)` on both paths against f64 sums over the dequantized weights:
+/// tightly (f32 rounding only) against the activations as the kernels quantize them,
+/// and within [`error_bound`] against the activations themselves.
+fn check(w: &QMatrix, n: usize, rng: &mut Rng, what: &str) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let wd = w.dequantize();
+    assert_eq!(wd.len(), rows * cols);
+    let x: Vec<f32> = (0..n * cols).map(|_| rng.activation()).collect();
+    let acts = QActs::quantize(&x, n, cols);
+    let xq: Vec<f32> = (0..n).flat_map(|t| acts.dequantize_row(t)).collect();
+    let exact = reference(&xq, n, &wd, rows, cols);
+    let want = reference(&x, n, &wd, rows, cols);
+    for kernel in [Kernel::Auto, Kernel::Portable] {
+        let got = matmul(&x, n, w, kernel);
+        for t in 0..n {
+            for r in 0..rows {
+                let (xr, wr) = (&xq[t * cols..(t + 1) * cols], &wd[r * cols..(r + 1) * cols]);
+                let magnitude: f32 = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+                let (g, e) = (got[t * rows + r], exact[t * rows + r]);
+                assert!(
+                    (g - e).abs() <= magnitude * 1e-5 + 1e-6,
+                    "{what} {kernel:?} n={n} {rows}x{cols} [{t},{r}]: {g} vs {e} (same int8 activations)"
+                );
+                let bound = error_bound(&x[t * cols..(t + 1) * cols], wr);
+                let e = want[t * rows + r];
+                assert!(
+                    (g - e).abs() <= bound,
+                    "{what} {kernel:?} n={n} {rows}x{cols} [{t},{r}]: {g} vs {e} (bound {bound})"
+                );
+            }
+        }
+    }
+}
+
+const TYPES: [GgmlType; 5] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4K,
+    GgmlType::Q6K,
+];
+
+#[test]
+fn every_block_type_matches_dequantized_f32_within_the_bound() {
+    let mut rng = Rng(0x9E3779B97F4A7C15);
+    for ty in TYPES {
+        let per = ty.block_len();
+        // Rows that are no multiple of the SIMD width or the thread split; rows of one
+        // block and of several; one and several activation rows.
+        for (n, rows, blocks) in [(1, 37, 3), (3, 5, 1), (2, 129, 2), (1, 1, 9), (5, 300, 1)] {
+            let cols = per * blocks;
+            let bytes = random_blocks(ty, rows, cols, &mut rng);
+            let w = QMatrix::from_bytes(ty, rows, cols, bytes).expect("whole blocks");
+            check(&w, n, &mut rng, ty.name());
+        }
+    }
+}
+
+#[test]
+fn the_bound_is_tight_enough_to_catch_a_wrong_kernel() {
+    // A kernel that dropped one block's contribution would be off by about the block's
+    // share of the sum: far more than the bound for blocks of this size.
+    let mut rng = Rng(7);
+    let (rows, cols) = (4, 64);
+    let w = QMatrix::from_bytes(
+        GgmlType::Q4_1,
+        rows,
+        cols,
+        random_blocks(GgmlType::Q4_1, rows, cols, &mut rng),
+    )
+    .unwrap();
+    let wd = w.dequantize();
+    let x: Vec<f32> = (0..cols).map(|_| 1.0 + rng.unit().abs()).collect();
+    let half: f32 = x[..32].iter().zip(&wd[..32]).map(|(a, b)| a * b).sum();
+    assert!(half.abs() > error_bound(&x, &wd[..cols]), "{half}");
+}
+
+#[test]
+fn rows_are_joined_reordered_and_sliced_without_copies() {
+    let mut rng = Rng(99);
+    let cols = 256;
+    let a = QMatrix::from_bytes(
+        GgmlType::Q4K,
+        6,
+        cols,
+        random_blocks(GgmlType::Q4K, 6, cols, &mut rng),
+    )
+    .unwrap();
+    let b = QMatrix::from_bytes(
+        GgmlType::Q6K,
+        3,
+        cols,
+        random_blocks(GgmlType::Q6K, 3, cols, &mut rng),
+    )
+    .unwrap();
+    let ab = QMatrix::concat(&[&a, &b]).unwrap();
+    assert_eq!((ab.rows(), ab.type_names().as_str()), (9, "Q4_K+Q6_K"));
+    assert_eq!(ab.bytes(), a.bytes() + b.bytes());
+    let (da, db, dab) = (a.dequantize(), b.dequantize(), ab.dequantize());
+    assert_eq!(dab, [da.clone(), db.clone()].concat());
+    // Mixed block types in one matmul.
+    check(&ab, 2, &mut rng, "Q4_K+Q6_K");
+
+    let order = [8, 0, 3, 3, 7];
+    let picked = ab.select_rows(&order).unwrap();
+    let want: Vec<f32> = order
+        .iter()
+        .flat_map(|&r| dab[r * cols..(r + 1) * cols].to_vec())
+        .collect();
+    assert_eq!(picked.dequantize(), want);
+    check(&picked, 1, &mut rng, "reordered");
+    assert_eq!(
+        ab.slice_rows(5, 3).unwrap().dequantize(),
+        dab[5 * cols..8 * cols].to_vec()
+    );
+    assert!(ab.select_rows(&[9]).is_none());
+    assert!(ab.slice_rows(7, 3).is_none());
+    let narrow = QMatrix::from_bytes(GgmlType::Q8_0, 1, 32, vec![0; 34]).unwrap();
+    assert!(QMatrix::concat(&[&a, &narrow]).is_none(), "widths differ");
+}
+
+#[test]
+fn bad_block_matrices_are_refused() {
+    let err = QMatrix::from_bytes(GgmlType::Q4_1, 2, 48, vec![0; 200]).unwrap_err();
+    assert!(err.contains("not a whole number of Q4_1 blocks"), "{err}");
+    let err = QMatrix::from_bytes(GgmlType::Q4_1, 2, 64, vec![0; 79]).unwrap_err();
+    assert!(err.contains("needs 80 bytes"), "{err}");
+    let err = QMatrix::from_bytes(GgmlType::F32, 1, 1, vec![0; 4]).unwrap_err();
+    assert!(err.contains("not a block-quantized type"), "{err}");
+}
+
+#[test]
+fn q8_0_quantization_is_within_half_a_step() {
+    let mut rng = Rng(3);
+    let w: Vec<f32> = (0..8 * 64).map(|_| rng.activation()).collect();
+    let q = QMatrix::quantize_q8_0(&w, 8, 64).unwrap();
+    assert_eq!(q.bytes(), 8 * 2 * 34);
+    for (block, deq) in w.chunks(32).zip(q.dequantize().chunks(32)) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // The scale is rounded to f16, so the step is amax / 127 up to f16 precision.
+        let step = amax / 127.0 * (1.0 + 1e-3);
+        for (a, b) in block.iter().zip(deq) {
+            assert!((a - b).abs() <= step / 2.0 + 1e-6, "{a} vs {b}");
+        }
+    }
+    assert!(
+        QMatrix::quantize_q8_0(&w, 16, 30).is_none(),
+        "a partial block"
+    );
+    let zeros = QMatrix::quantize_q8_0(&[0.0; 64], 2, 32).unwrap();
+    assert!(zeros.dequantize().iter().all(|v| *v == 0.0));
+}
