@@ -410,6 +410,20 @@ impl Program {
         taps: &Taps,
         rows: Rows,
     ) -> Result<RunOutput> {
+        // The whole step runs on a worker of rayon's pool, where the CPU kernels and
+        // burn-flex split their work: each parallel op then shares it with the other
+        // workers directly, instead of handing it over from this thread and sleeping
+        // until it is done (two thread switches per op, hundreds of ops per token).
+        rayon::scope(|_| self.run_step(tokens, cache, taps, rows))
+    }
+
+    fn run_step(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        taps: &Taps,
+        rows: Rows,
+    ) -> Result<RunOutput> {
         let past = cache.len();
         let seq = tokens.len();
         if seq == 0 {

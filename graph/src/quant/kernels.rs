@@ -38,6 +38,7 @@ pub enum Kernel {
 
 /// Activation rows quantized to int8 blocks of [`QK`] values.
 pub struct QActs {
+    n: usize,
     cols: usize,
     qs: Vec<i8>,
     /// Per block: the scale `dx` (`x ≈ qx * dx`).
@@ -54,7 +55,6 @@ pub struct ActRow<'a> {
     qs: &'a [i8],
     d: &'a [f32],
     s: &'a [f32],
-    h: &'a [i32],
 }
 
 impl QActs {
@@ -63,6 +63,7 @@ impl QActs {
         assert!(cols.is_multiple_of(QK) && x.len() == n * cols);
         let blocks = x.len() / QK;
         let mut a = QActs {
+            n,
             cols,
             qs: vec![0; x.len()],
             d: Vec::with_capacity(blocks),
@@ -101,7 +102,6 @@ impl QActs {
             qs: &self.qs[t * self.cols..(t + 1) * self.cols],
             d: &self.d[t * b..(t + 1) * b],
             s: &self.s[t * b..(t + 1) * b],
-            h: &self.h[t * 2 * b..(t + 1) * 2 * b],
         }
     }
 }
@@ -201,13 +201,28 @@ fn dot_q6_k(w: &[u8], a: ActRow<'_>) -> f32 {
     acc
 }
 
+/// Computes `out[r * n + t]`, the dot product of weight row `r` of `w` (consecutive
+/// rows of `row_bytes` bytes each) with activation row `t`, for every row and every
+/// activation row.
+type RowsFn = fn(&[u8], usize, &QActs, &mut [f32]);
+
+fn rows_portable(dot: DotFn, w: &[u8], row_bytes: usize, a: &QActs, out: &mut [f32]) {
+    for (row, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(a.n)) {
+        for (t, o) in o.iter_mut().enumerate() {
+            *o = dot(row, a.row(t));
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! The same dot products with AVX2: 32 `u8 x i8` products per instruction
-    //! (`maddubs`), summed to i32 lanes, scaled in f32 once per block.
+    //! (`maddubs`), summed to i32 lanes, scaled in f32 once per block. Q4_0, Q4_1 and
+    //! Q8_0 rows meet four activation rows at a time, so each weight block is loaded
+    //! and unpacked once per four (prefill); K-quant rows meet one at a time.
     use std::arch::x86_64::*;
 
-    use super::{ActRow, QK};
+    use super::{QActs, QK};
 
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
@@ -247,63 +262,80 @@ mod avx2 {
         _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
     }
 
+    /// Activation block `i` (row-major over rows and blocks).
     #[inline(always)]
-    unsafe fn acts(a: &ActRow<'_>, block: usize) -> __m256i {
-        _mm256_loadu_si256(a.qs.as_ptr().add(block * QK) as *const __m256i)
+    unsafe fn act(a: &QActs, i: usize) -> __m256i {
+        _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i)
     }
 
-    /// Q4_0 and Q4_1 share everything but the offset: `m` is read (Q4_1) or `-8 d`.
+    /// One Q4_0 (`BYTES` 18) or Q4_1 (20) row with activation rows `t..t + R`. They
+    /// differ only in the offset: `m` is stored (Q4_1) or `-8 d` (Q4_0).
     #[inline(always)]
-    unsafe fn dot_q4<const BYTES: usize>(w: &[u8], a: ActRow<'_>) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut offsets = 0f32;
-        for b in 0..w.len() / BYTES {
-            let blk = w.as_ptr().add(b * BYTES);
-            let (d, m) = if BYTES == 20 {
+    unsafe fn q4<const BYTES: usize, const R: usize>(
+        row: &[u8],
+        a: &QActs,
+        t: usize,
+        out: &mut [f32],
+    ) {
+        let nb = a.cols / QK;
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut off = [0f32; R];
+        let (d, s) = (a.d.as_ptr(), a.s.as_ptr());
+        for b in 0..nb {
+            let blk = row.as_ptr().add(b * BYTES);
+            let (wd, wm) = if BYTES == 20 {
                 f16x2(blk)
             } else {
                 let d = f16x1(blk);
                 (d, -8.0 * d)
             };
             let q = nibbles(blk.add(BYTES - 16));
-            let p = _mm256_cvtepi32_ps(dot_u8_i8(q, acts(&a, b)));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[b]), p, acc);
-            offsets += m * a.s[b];
+            for j in 0..R {
+                let i = (t + j) * nb + b;
+                let p = _mm256_cvtepi32_ps(dot_u8_i8(q, act(a, i)));
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wd * *d.add(i)), p, acc[j]);
+                off[j] += wm * *s.add(i);
+            }
         }
-        hsum(acc) + offsets
+        for j in 0..R {
+            out[j] = hsum(acc[j]) + off[j];
+        }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_0(w: &[u8], a: ActRow<'_>) -> f32 {
-        dot_q4::<18>(w, a)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_1(w: &[u8], a: ActRow<'_>) -> f32 {
-        dot_q4::<20>(w, a)
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q8_0(w: &[u8], a: ActRow<'_>) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..w.len() / 34 {
-            let blk = w.as_ptr().add(b * 34);
+    #[inline(always)]
+    unsafe fn q8<const R: usize>(row: &[u8], a: &QActs, t: usize, out: &mut [f32]) {
+        let nb = a.cols / QK;
+        let mut acc = [_mm256_setzero_ps(); R];
+        let d = a.d.as_ptr();
+        for b in 0..nb {
+            let blk = row.as_ptr().add(b * 34);
+            let wd = f16x1(blk);
             let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
             // i8 x i8 through the u8 x i8 instruction: |q| times x with q's sign.
-            let p = dot_u8_i8(_mm256_abs_epi8(q), _mm256_sign_epi8(acts(&a, b), q));
-            let scale = _mm256_set1_ps(f16x1(blk) * a.d[b]);
-            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), acc);
+            let aq = _mm256_abs_epi8(q);
+            for j in 0..R {
+                let i = (t + j) * nb + b;
+                let p = dot_u8_i8(aq, _mm256_sign_epi8(act(a, i), q));
+                acc[j] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(wd * *d.add(i)),
+                    _mm256_cvtepi32_ps(p),
+                    acc[j],
+                );
+            }
         }
-        hsum(acc)
+        for j in 0..R {
+            out[j] = hsum(acc[j]);
+        }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_k(w: &[u8], a: ActRow<'_>) -> f32 {
+    #[inline(always)]
+    unsafe fn q4_k(row: &[u8], a: &QActs, t: usize) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         let m4 = _mm256_set1_epi8(0x0F);
-        for sb in 0..w.len() / 144 {
-            let blk = w.as_ptr().add(sb * 144);
+        let base = t * a.cols / QK;
+        for sb in 0..row.len() / 144 {
+            let blk = row.as_ptr().add(sb * 144);
             let (d, dmin) = f16x2(blk);
             let scales = std::slice::from_raw_parts(blk.add(4), 12);
             for c in 0..4 {
@@ -315,25 +347,27 @@ mod avx2 {
                 for (half, q) in halves.into_iter().enumerate() {
                     let j = 2 * c + half;
                     let (sc, mn) = super::k4_scale_min(j, scales);
-                    let ab = sb * 8 + j;
-                    let p16 = _mm256_maddubs_epi16(q, acts(&a, ab));
+                    let i = base + sb * 8 + j;
+                    let p16 = _mm256_maddubs_epi16(q, act(a, i));
                     let p = _mm256_madd_epi16(p16, _mm256_set1_epi16(sc as i16));
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d[ab]), _mm256_cvtepi32_ps(p), acc);
-                    mins += dmin * mn as f32 * a.s[ab];
+                    let dd = _mm256_set1_ps(d * *a.d.get_unchecked(i));
+                    acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p), acc);
+                    mins += dmin * mn as f32 * *a.s.get_unchecked(i);
                 }
             }
         }
         hsum(acc) - mins
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q6_k(w: &[u8], a: ActRow<'_>) -> f32 {
+    #[inline(always)]
+    unsafe fn q6_k(row: &[u8], a: &QActs, t: usize) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut offsets = 0f32;
         let m4 = _mm256_set1_epi8(0x0F);
         let m2 = _mm256_set1_epi8(0x03);
-        for sb in 0..w.len() / 210 {
-            let blk = w.as_ptr().add(sb * 210);
+        let base = t * a.cols / QK;
+        for sb in 0..row.len() / 210 {
+            let blk = row.as_ptr().add(sb * 210);
             let d = f16x1(blk.add(208));
             for h in 0..2 {
                 let ql = [
@@ -355,20 +389,69 @@ mod avx2 {
                         _ => _mm256_and_si256(_mm256_srli_epi16(qh, 6), m2),
                     };
                     let q = _mm256_or_si256(low, _mm256_slli_epi16(high, 4)); // 0..64
-                    let ab = sb * 8 + 4 * h + k;
+                    let i = base + sb * 8 + 4 * h + k;
                     let (s0, s1) = (*sc.add(2 * k) as i16, *sc.add(2 * k + 1) as i16);
                     // Products of the first 16 values land in the low 8 i16 lanes.
                     let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
-                    let p16 = _mm256_maddubs_epi16(q, acts(&a, ab));
-                    let p = _mm256_madd_epi16(p16, scale);
-                    let dd = d * a.d[ab];
+                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, act(a, i)), scale);
+                    let dd = d * *a.d.get_unchecked(i);
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(p), acc);
-                    let shift = s0 as i32 * a.h[2 * ab] + s1 as i32 * a.h[2 * ab + 1];
-                    offsets += dd * (32 * shift) as f32;
+                    let h = a.h.get_unchecked(2 * i..2 * i + 2);
+                    offsets += dd * (32 * (s0 as i32 * h[0] + s1 as i32 * h[1])) as f32;
                 }
             }
         }
         hsum(acc) - offsets
+    }
+
+    /// Every weight row of `w` with every activation row: four activation rows at a
+    /// time through `$four`, the rest one by one through `$one`.
+    macro_rules! rows {
+        ($name:ident, $four:expr, $one:expr) => {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            pub unsafe fn $name(w: &[u8], row_bytes: usize, a: &QActs, out: &mut [f32]) {
+                let n = a.n;
+                for (row, o) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+                    let mut t = 0;
+                    while t + 4 <= n {
+                        $four(row, a, t, &mut o[t..t + 4]);
+                        t += 4;
+                    }
+                    while t < n {
+                        $one(row, a, t, &mut o[t..t + 1]);
+                        t += 1;
+                    }
+                }
+            }
+        };
+    }
+
+    rows!(rows_q4_0, q4::<18, 4>, q4::<18, 1>);
+    rows!(rows_q4_1, q4::<20, 4>, q4::<20, 1>);
+    rows!(rows_q8_0, q8::<4>, q8::<1>);
+    rows!(
+        rows_q4_k,
+        |r, a, t, o: &mut [f32]| q4_k_n(r, a, t, o),
+        |r, a, t, o: &mut [f32]| q4_k_n(r, a, t, o)
+    );
+    rows!(
+        rows_q6_k,
+        |r, a, t, o: &mut [f32]| q6_k_n(r, a, t, o),
+        |r, a, t, o: &mut [f32]| q6_k_n(r, a, t, o)
+    );
+
+    #[inline(always)]
+    unsafe fn q4_k_n(row: &[u8], a: &QActs, t: usize, out: &mut [f32]) {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = q4_k(row, a, t + j);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q6_k_n(row: &[u8], a: &QActs, t: usize, out: &mut [f32]) {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = q6_k(row, a, t + j);
+        }
     }
 }
 
@@ -385,28 +468,28 @@ fn simd_available() -> bool {
     }
 }
 
-/// The dot product for rows of `ty`.
-fn pick(ty: GgmlType, simd: bool) -> DotFn {
+/// The row kernel for rows of `ty`.
+fn pick(ty: GgmlType, simd: bool) -> RowsFn {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY (each closure): `simd` is true only when the CPU has AVX2, FMA and
-        // F16C (checked by `simd_available`); the kernels read whole blocks of `w` and
-        // the matching blocks of the activation row, which `matmul` sized together.
+        // F16C (checked by `simd_available`); `matmul` hands whole rows of `ty` and
+        // activations quantized over the same width.
         return match ty {
-            GgmlType::Q4_0 => |w, a| unsafe { avx2::dot_q4_0(w, a) },
-            GgmlType::Q4_1 => |w, a| unsafe { avx2::dot_q4_1(w, a) },
-            GgmlType::Q8_0 => |w, a| unsafe { avx2::dot_q8_0(w, a) },
-            GgmlType::Q4K => |w, a| unsafe { avx2::dot_q4_k(w, a) },
-            _ => |w, a| unsafe { avx2::dot_q6_k(w, a) },
+            GgmlType::Q4_0 => |w, rb, a, o| unsafe { avx2::rows_q4_0(w, rb, a, o) },
+            GgmlType::Q4_1 => |w, rb, a, o| unsafe { avx2::rows_q4_1(w, rb, a, o) },
+            GgmlType::Q8_0 => |w, rb, a, o| unsafe { avx2::rows_q8_0(w, rb, a, o) },
+            GgmlType::Q4K => |w, rb, a, o| unsafe { avx2::rows_q4_k(w, rb, a, o) },
+            _ => |w, rb, a, o| unsafe { avx2::rows_q6_k(w, rb, a, o) },
         };
     }
     let _ = simd;
     match ty {
-        GgmlType::Q4_0 => dot_q4_0,
-        GgmlType::Q4_1 => dot_q4_1,
-        GgmlType::Q8_0 => dot_q8_0,
-        GgmlType::Q4K => dot_q4_k,
-        _ => dot_q6_k,
+        GgmlType::Q4_0 => |w, rb, a, o| rows_portable(dot_q4_0, w, rb, a, o),
+        GgmlType::Q4_1 => |w, rb, a, o| rows_portable(dot_q4_1, w, rb, a, o),
+        GgmlType::Q8_0 => |w, rb, a, o| rows_portable(dot_q8_0, w, rb, a, o),
+        GgmlType::Q4K => |w, rb, a, o| rows_portable(dot_q4_k, w, rb, a, o),
+        _ => |w, rb, a, o| rows_portable(dot_q6_k, w, rb, a, o),
     }
 }
 
@@ -418,23 +501,31 @@ pub fn matmul(x: &[f32], n: usize, w: &QMatrix, kernel: Kernel) -> Vec<f32> {
     let acts = QActs::quantize(x, n, cols);
     // Output rows in chunks across threads, a few chunks per thread so uneven cores
     // balance; each weight row is read once and stays in cache while every activation
-    // row uses it.
-    let per_task = (rows / (rayon::current_num_threads() * 4)).max(16);
-    let mut out_t = vec![0f32; rows * n];
-    out_t
-        .par_chunks_mut(per_task * n)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let start = task * per_task;
-            let end = start + chunk.len() / n;
-            w.for_each_row(start..end, |r, ty, bytes| {
-                let dot = pick(ty, simd);
-                let out = &mut chunk[(r - start) * n..(r - start + 1) * n];
-                for (t, o) in out.iter_mut().enumerate() {
-                    *o = dot(bytes, acts.row(t));
-                }
-            });
+    // row uses it. The output is computed transposed, `[rows, n]`.
+    let threads = rayon::current_num_threads();
+    let per_task = if threads == 1 {
+        rows
+    } else {
+        rows.div_ceil(threads * 4).max(16)
+    };
+    let run = |start: usize, chunk: &mut [f32]| {
+        let end = start + chunk.len() / n;
+        w.for_each_run(start..end, |first, ty, bytes| {
+            let row_bytes = ty.bytes_for(cols).unwrap_or(1);
+            let count = bytes.len() / row_bytes;
+            let out = &mut chunk[(first - start) * n..(first - start + count) * n];
+            pick(ty, simd)(bytes, row_bytes, &acts, out);
         });
+    };
+    let mut out_t = vec![0f32; rows * n];
+    if per_task >= rows {
+        run(0, &mut out_t);
+    } else {
+        out_t
+            .par_chunks_mut(per_task * n)
+            .enumerate()
+            .for_each(|(task, chunk)| run(task * per_task, chunk));
+    }
     if n == 1 {
         return out_t;
     }

@@ -167,8 +167,9 @@ impl QMatrix {
         (s.ty, &s.store.bytes()[at..at + len])
     }
 
-    /// Calls `f(row, type, bytes)` for each row of `range`, in order.
-    pub fn for_each_row(&self, range: Range<usize>, mut f: impl FnMut(usize, GgmlType, &[u8])) {
+    /// Calls `f(first_row, type, bytes)` for each run of consecutive rows of `range`
+    /// stored back to back, in order; `bytes` holds the run's rows.
+    pub fn for_each_run(&self, range: Range<usize>, mut f: impl FnMut(usize, GgmlType, &[u8])) {
         if range.is_empty() {
             return;
         }
@@ -177,12 +178,9 @@ impl QMatrix {
         while r < range.end {
             let s = &self.segments[seg];
             let len = s.ty.bytes_for(self.cols).unwrap_or(0);
-            let bytes = s.store.bytes();
             let end = (self.starts[seg] + s.rows).min(range.end);
-            for row in r..end {
-                let at = s.offset + (row - self.starts[seg]) * len;
-                f(row, s.ty, &bytes[at..at + len]);
-            }
+            let at = s.offset + (r - self.starts[seg]) * len;
+            f(r, s.ty, &s.store.bytes()[at..at + (end - r) * len]);
             r = end;
             seg += 1;
         }
@@ -197,7 +195,7 @@ impl QMatrix {
     /// The whole matrix as row-major f32.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        self.for_each_row(0..self.rows, |_, ty, bytes| dequantize(ty, bytes, &mut out));
+        self.for_each_run(0..self.rows, |_, ty, bytes| dequantize(ty, bytes, &mut out));
         out
     }
 

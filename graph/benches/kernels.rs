@@ -1,0 +1,75 @@
+//! The block matmul kernels on SmolLM2-135M's shapes: decode (one activation row) and
+//! prefill (64 rows), for every block type, on the SIMD path and the portable one.
+//! Throughput is the weight bytes read per call, so criterion prints the achieved GB/s
+//! (decode reads every weight once per token, so this is the number that bounds it).
+//!
+//!   cargo bench -p llama-graph --bench kernels [-- FILTER]
+//!
+//! Threads: rayon's default (every core) unless `RAYON_NUM_THREADS` is set.
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use llama_graph::quant::{matmul, GgmlType, Kernel, QMatrix};
+
+/// Random blocks with sane f16 scales (speed does not depend on the values).
+fn blocks(ty: GgmlType, rows: usize, cols: usize) -> QMatrix {
+    let mut x = 0x9E3779B97F4A7C15u64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    let mut bytes = Vec::new();
+    for _ in 0..rows * cols / ty.block_len() {
+        let mut b: Vec<u8> = (0..ty.block_bytes()).map(|_| next() as u8).collect();
+        match ty {
+            GgmlType::Q6K => b[208..210].copy_from_slice(&scale),
+            GgmlType::Q4_1 | GgmlType::Q4K => {
+                b[..2].copy_from_slice(&scale);
+                b[2..4].copy_from_slice(&scale);
+            }
+            _ => b[..2].copy_from_slice(&scale),
+        }
+        bytes.extend(b);
+    }
+    QMatrix::from_bytes(ty, rows, cols, bytes).expect("whole blocks")
+}
+
+fn kernels(c: &mut Criterion) {
+    // SmolLM2-135M: d_model 576, ffn 1536; gate+up fused is 3072 x 576, down 576 x 1536.
+    let shapes = [("gate_up", 3072, 576), ("down", 576, 1536)];
+    let types = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q8_0,
+        GgmlType::Q4K,
+        GgmlType::Q6K,
+    ];
+    for (name, rows, cols) in shapes {
+        for n in [1, 64] {
+            let mut group = c.benchmark_group(format!("{name}_{rows}x{cols}_n{n}"));
+            for ty in types {
+                if !cols.is_multiple_of(ty.block_len()) {
+                    continue; // K-quants need rows of whole 256-value super-blocks
+                }
+                let w = blocks(ty, rows, cols);
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| ((i % 7) as f32 - 3.0) * 0.1)
+                    .collect();
+                group.throughput(Throughput::Bytes(w.bytes() as u64));
+                for kernel in [Kernel::Auto, Kernel::Portable] {
+                    let id = BenchmarkId::new(format!("{}/{kernel:?}", ty.name()), n);
+                    group.bench_function(id, |b| b.iter(|| matmul(&x, n, &w, kernel)));
+                }
+            }
+            group.finish();
+        }
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
+    targets = kernels
+}
+criterion_main!(benches);
