@@ -371,3 +371,89 @@ fn an_adapter_that_does_not_exist_is_a_one_line_error() {
     ]);
     assert_one_line_error(&out, "--device 3");
 }
+
+#[test]
+fn bench_reports_speeds_memory_and_a_profile_as_json() {
+    let dir = fixture("llama3");
+    let out = llama(&[
+        "bench",
+        "--model",
+        dir.to_str().unwrap(),
+        "-p",
+        "6",
+        "-n",
+        "3",
+        "-r",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+        "--profile",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for field in ["prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_bytes"] {
+        let x = v[field].as_f64().unwrap_or_else(|| panic!("{field}: {v}"));
+        assert!(x > 0.0, "{field} = {x}");
+    }
+    for field in ["prefill_tok_s", "decode_tok_s"] {
+        let (lo, mid, hi) = (
+            v[format!("{field}_min")].as_f64().unwrap(),
+            v[field].as_f64().unwrap(),
+            v[format!("{field}_max")].as_f64().unwrap(),
+        );
+        assert!(lo <= mid && mid <= hi, "{field}: {lo} {mid} {hi}");
+    }
+    // The profile counts each op once per layer per token: attention once per layer,
+    // the output head once, for decode one token at a time.
+    let layers = load("llama3", &flex()).config.num_hidden_layers as f64;
+    let decode = v["profile"]["decode"].as_array().expect("decode profile");
+    let calls = |op: &str| {
+        decode
+            .iter()
+            .find(|r| r["op"] == op)
+            .and_then(|r| r["calls_per_token"].as_f64())
+            .unwrap_or_else(|| panic!("no {op} in {decode:?}"))
+    };
+    assert_eq!(calls("attention"), layers);
+    assert_eq!(calls("output head"), 1.0);
+    let total: f64 = decode
+        .iter()
+        .map(|r| r["ms_per_token"].as_f64().unwrap())
+        .sum();
+    assert!(total > 0.0);
+}
+
+#[test]
+fn precision_flags_pick_the_weight_storage() {
+    // On the tiny f32 checkpoint, native and f32 run the same exact math; q8_0 stores
+    // the matrices in Q8_0 blocks, and still generates.
+    let dir = fixture("llama2-mha");
+    let run = |precision: &str| {
+        let out = llama(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "abc",
+            "-n",
+            "6",
+            "--precision",
+            precision,
+        ]);
+        assert!(out.status.success(), "{precision}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    assert_eq!(run("native"), run("f32"));
+    assert!(!run("q8_0").trim().is_empty());
+    let out = llama(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "abc",
+        "--precision",
+        "int4",
+    ]);
+    assert_one_line_error(&out, "int4");
+}

@@ -66,6 +66,9 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Also time every op of one more decode run and print where the time goes.
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Where the graph runs.
@@ -962,6 +965,26 @@ fn run_bench(args: BenchArgs) -> Result<()> {
         d
     };
     let rss = peak_rss_bytes();
+    // Where the time goes: one more prefill and decode run with every op timed.
+    let profile = if args.profile {
+        session.reset();
+        session.program().start_profile();
+        let start = Instant::now();
+        let mut next = llama_runtime::argmax(&session.prefill_last(&prompt)?);
+        let prefill = (session.program().take_profile(), start.elapsed());
+        session.program().start_profile();
+        let start = Instant::now();
+        for _ in 0..args.n_gen {
+            next = llama_runtime::argmax(&session.decode(next)?);
+        }
+        let decode = (session.program().take_profile(), start.elapsed());
+        Some([
+            ("prefill", prefill.0, prefill.1, args.n_prompt),
+            ("decode", decode.0, decode.1, args.n_gen),
+        ])
+    } else {
+        None
+    };
     let backend = format!("{:?}", args.model.backend).to_lowercase();
     if args.json {
         println!(
@@ -976,6 +999,13 @@ fn run_bench(args: BenchArgs) -> Result<()> {
                 "decode_tok_s": d.0, "decode_tok_s_min": d.1, "decode_tok_s_max": d.2,
                 "ttft_ms": t.0,
                 "peak_rss_bytes": rss,
+                "profile": profile.as_ref().map(|phases| {
+                    phases
+                        .iter()
+                        .filter(|(_, _, _, tokens)| *tokens > 0)
+                        .map(|(name, p, total, tokens)| (name.to_string(), profile_json(p, *total, *tokens)))
+                        .collect::<serde_json::Map<_, _>>()
+                }),
             })
         );
     } else {
@@ -1002,8 +1032,63 @@ fn run_bench(args: BenchArgs) -> Result<()> {
             t.0,
             rss.map_or("unknown".into(), |b| human_bytes(b as usize))
         );
+        for (name, p, total, tokens) in profile.iter().flatten() {
+            if *tokens > 0 {
+                print_profile(name, p, *total, *tokens);
+            }
+        }
     }
     Ok(())
+}
+
+/// Op kinds by decode time per token, largest first, and the time between ops.
+fn profile_rows(
+    p: &llama_graph::OpProfile,
+    total: std::time::Duration,
+    tokens: usize,
+) -> Vec<(String, f64, f64)> {
+    let per_token = |d: std::time::Duration| d.as_secs_f64() * 1e3 / tokens as f64;
+    let mut rows: Vec<(String, f64, f64)> = p
+        .ops
+        .iter()
+        .map(|(k, (d, n))| (k.to_string(), per_token(*d), *n as f64 / tokens as f64))
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let ops: std::time::Duration = p.ops.values().map(|(d, _)| *d).sum();
+    rows.push((
+        "outside ops (executor, sampling)".into(),
+        per_token(total.saturating_sub(ops)),
+        0.0,
+    ));
+    rows
+}
+
+fn print_profile(
+    phase: &str,
+    p: &llama_graph::OpProfile,
+    total: std::time::Duration,
+    tokens: usize,
+) {
+    let all = total.as_secs_f64() * 1e3 / tokens as f64;
+    println!("{phase} profile ({tokens} tokens, {all:.3} ms per token):");
+    println!("| op | ms/token | share | calls/token |");
+    println!("|---|---|---|---|");
+    for (op, ms, calls) in profile_rows(p, total, tokens) {
+        println!("| {op} | {ms:.3} | {:.1}% | {calls:.0} |", 100.0 * ms / all);
+    }
+}
+
+fn profile_json(
+    p: &llama_graph::OpProfile,
+    total: std::time::Duration,
+    tokens: usize,
+) -> serde_json::Value {
+    serde_json::Value::Array(
+        profile_rows(p, total, tokens)
+            .into_iter()
+            .map(|(op, ms, calls)| serde_json::json!({"op": op, "ms_per_token": ms, "calls_per_token": calls}))
+            .collect(),
+    )
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -37,7 +37,7 @@ fn blocks(ty: GgmlType, rows: usize, cols: usize) -> QMatrix {
 
 fn kernels(c: &mut Criterion) {
     // SmolLM2-135M: d_model 576, ffn 1536; gate+up fused is 3072 x 576, down 576 x 1536.
-    let shapes = [("gate_up", 3072, 576), ("down", 576, 1536)];
+    let shapes: [(&str, usize, usize); 2] = [("gate_up", 3072, 576), ("down", 576, 1536)];
     let types = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,

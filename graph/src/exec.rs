@@ -6,7 +6,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::error::{GraphError, Result};
 use crate::graph::Graph;
-use crate::ir::{KvKind, Op, RopeScaling};
+use crate::ir::{KvKind, NodeId, Op, RopeScaling};
 use crate::value::Value;
 
 /// One attention layer's keys and values.
@@ -15,6 +15,11 @@ struct LayerCache {
     /// Keys and values, each `[rows, kv_heads * head_dim]`; `None` only while a step
     /// writes them.
     kv: [Option<Tensor<2>>; 2],
+    /// On CPU devices, layers without a window keep keys and values in host memory
+    /// instead (grown as positions arrive, `[positions, width]` row-major), so the host
+    /// attention reads them in place rather than copying the whole cache every step.
+    host: Option<[Vec<f32>; 2]>,
+    width: usize,
     /// With a sliding window, `rows` is a ring: position `p` lives in row `p % rows`.
     window: Option<usize>,
     rows: usize,
@@ -54,9 +59,20 @@ impl KvCache {
             .map(|spec| {
                 let (width, window) = spec.unwrap_or((0, None));
                 let rows = window.map_or(capacity, |w| w.min(capacity));
+                if window.is_none() && is_cpu(device) {
+                    return LayerCache {
+                        kv: [None, None],
+                        host: Some([Vec::new(), Vec::new()]),
+                        width,
+                        window,
+                        rows,
+                    };
+                }
                 let z = || Some(Tensor::<2>::zeros([rows, width], device));
                 LayerCache {
                     kv: [z(), z()],
+                    host: None,
+                    width,
                     window,
                     rows,
                 }
@@ -117,6 +133,15 @@ impl KvCache {
             .iter()
             .enumerate()
             .map(|(i, l)| {
+                if let Some([k, v]) = &l.host {
+                    let n = self.len * l.width;
+                    return Ok(LayerSnapshot {
+                        rows: self.len,
+                        width: l.width,
+                        keys: k[..n].to_vec(),
+                        values: v[..n].to_vec(),
+                    });
+                }
                 let read = |t: &Option<Tensor<2>>| -> Result<(usize, usize, Vec<f32>)> {
                     let t = t.as_ref().ok_or_else(|| {
                         GraphError::Input(format!(
@@ -156,7 +181,7 @@ impl KvCache {
             )));
         }
         for (i, (l, s)) in self.layers.iter().zip(&snap.layers).enumerate() {
-            let width = l.kv[0].as_ref().map_or(0, |t| t.dims()[1]);
+            let width = l.width;
             let rows_ok = if l.window.is_some() {
                 s.rows == l.rows
             } else {
@@ -173,6 +198,10 @@ impl KvCache {
             }
         }
         for (l, s) in self.layers.iter_mut().zip(&snap.layers) {
+            if let Some(host) = &mut l.host {
+                *host = [s.keys.clone(), s.values.clone()];
+                continue;
+            }
             for (slot, data) in l.kv.iter_mut().zip([&s.keys, &s.values]) {
                 let cache = slot.take().ok_or_else(|| {
                     GraphError::Input("a KV cache layer was lost by an earlier failure".into())
@@ -195,18 +224,24 @@ impl KvCache {
 
     /// Writes `new` (this step's rows) after position `past` of one layer's keys or
     /// values; returns the rows attention needs, oldest first.
-    fn append(
-        &mut self,
-        layer: usize,
-        kind: KvKind,
-        past: usize,
-        new: Tensor<2>,
-    ) -> Result<Tensor<2>> {
+    fn append(&mut self, layer: usize, kind: KvKind, past: usize, new: Tensor<2>) -> Result<Value> {
         let seq = new.dims()[0];
         let l = self
             .layers
             .get_mut(layer)
             .ok_or_else(|| GraphError::Input(format!("the KV cache has no layer {layer}")))?;
+        if let Some(host) = &mut l.host {
+            let data = &mut host[kind as usize];
+            // Rows past `past` belong to a step that failed; this step replaces them.
+            data.truncate(past * l.width);
+            data.extend(Value::F2(new).to_f32_vec()?);
+            return Ok(Value::Cached(CachedRows {
+                layer,
+                kind,
+                rows: past + seq,
+                width: l.width,
+            }));
+        }
         let (rows, window) = (l.rows, l.window);
         let slot = &mut l.kv[kind as usize];
         let mut cache = slot.take().ok_or_else(|| {
@@ -220,7 +255,7 @@ impl KvCache {
             let cache = cache.slice_assign([past..past + seq, 0..width], new);
             let all = cache.clone().narrow(0, 0, past + seq);
             *slot = Some(cache);
-            return Ok(all);
+            return Ok(Value::F2(all));
         };
         // Sliding window: the last min(past, w - 1) positions from the ring, then the new
         // rows; then the newest min(seq, rows) rows go into the ring.
@@ -241,8 +276,32 @@ impl KvCache {
             offset += n;
         }
         *slot = Some(cache);
-        Ok(out)
+        Ok(Value::F2(out))
     }
+
+    /// The first `rows.rows` keys or values of a host layer, row-major.
+    pub fn host_rows(&self, rows: &CachedRows) -> Result<&[f32]> {
+        self.layers
+            .get(rows.layer)
+            .and_then(|l| l.host.as_ref())
+            .and_then(|h| h[rows.kind as usize].get(..rows.rows * rows.width))
+            .ok_or_else(|| {
+                GraphError::Input(format!(
+                    "KV cache layer {} holds no host rows {}",
+                    rows.layer, rows.rows
+                ))
+            })
+    }
+}
+
+/// The first `rows` keys or values of one layer of a [`KvCache`] kept in host memory
+/// (what a `kv_append` node yields on CPU devices); read with [`KvCache::host_rows`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachedRows {
+    pub layer: usize,
+    pub kind: KvKind,
+    pub rows: usize,
+    pub width: usize,
 }
 
 /// A KV cache copied to the host.
@@ -315,6 +374,18 @@ pub struct Program {
     /// and the output head), so a run that needs only the last position's output
     /// narrows that input to its last row.
     row_wise_from: Option<usize>,
+    /// Time per op kind while profiling is on.
+    profile: std::sync::Arc<std::sync::Mutex<Option<OpProfile>>>,
+}
+
+/// Wall time per op kind over the runs since profiling started. Meaningful on CPU
+/// backends, where each op has finished when it returns.
+#[derive(Debug, Clone, Default)]
+pub struct OpProfile {
+    /// Op kind (`matmul`, `attention`, ...; the output head apart) to (time, count).
+    pub ops: std::collections::BTreeMap<&'static str, (std::time::Duration, u64)>,
+    /// Runs profiled.
+    pub runs: u64,
 }
 
 /// Which rows of the outputs a run computes.
@@ -352,14 +423,15 @@ fn row_wise_start(graph: &Graph) -> Option<usize> {
     let mut start = None;
     loop {
         let node = &nodes[cur];
-        let stored_rest = node.inputs[1..]
-            .iter()
-            .all(|x| matches!(nodes[x.0].op, Op::Param(_)));
-        if !row_wise(&node.op) || node.inputs.is_empty() || !stored_rest {
+        let Some((first, rest)) = node.inputs.split_first() else {
+            return start;
+        };
+        let stored_rest = rest.iter().all(|x| matches!(nodes[x.0].op, Op::Param(_)));
+        if !row_wise(&node.op) || !stored_rest {
             return start;
         }
         start = Some(cur);
-        cur = node.inputs[0].0;
+        cur = first.0;
     }
 }
 
@@ -381,6 +453,7 @@ impl Program {
             device,
             last_use,
             row_wise_from,
+            profile: Default::default(),
         })
     }
 
@@ -390,6 +463,34 @@ impl Program {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// A value that outlives the step: cached rows copied out of the cache.
+    fn materialize(&self, value: Value, cache: &KvCache) -> Result<Value> {
+        Ok(match value {
+            Value::Cached(r) => tensor2(
+                cache.host_rows(&r)?.to_vec(),
+                [r.rows, r.width],
+                &self.device,
+            ),
+            v => v,
+        })
+    }
+
+    /// Starts (or restarts) timing every op of every run.
+    pub fn start_profile(&self) {
+        if let Ok(mut p) = self.profile.lock() {
+            *p = Some(OpProfile::default());
+        }
+    }
+
+    /// Stops timing and returns what was measured since [`Program::start_profile`].
+    pub fn take_profile(&self) -> OpProfile {
+        self.profile
+            .lock()
+            .ok()
+            .and_then(|mut p| p.take())
+            .unwrap_or_default()
     }
 
     /// A KV cache for this program.
@@ -410,11 +511,16 @@ impl Program {
         taps: &Taps,
         rows: Rows,
     ) -> Result<RunOutput> {
-        // The whole step runs on a worker of rayon's pool, where the CPU kernels and
-        // burn-flex split their work: each parallel op then shares it with the other
-        // workers directly, instead of handing it over from this thread and sleeping
-        // until it is done (two thread switches per op, hundreds of ops per token).
-        rayon::scope(|_| self.run_step(tokens, cache, taps, rows))
+        // On CPU devices the whole step runs on a worker of rayon's pool, where the
+        // CPU kernels and burn-flex split their work: each parallel op then shares it
+        // with the other workers directly, instead of handing it over from this thread
+        // and sleeping until it is done (two thread switches per op, hundreds of ops
+        // per token). GPU backends keep their streams on the calling thread.
+        if is_cpu(&self.device) {
+            rayon::scope(|_| self.run_step(tokens, cache, taps, rows))
+        } else {
+            self.run_step(tokens, cache, taps, rows)
+        }
     }
 
     fn run_step(
@@ -439,6 +545,11 @@ impl Program {
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [seq]), &self.device);
         let mut step = Step { past, seq, cache };
+        let mut timer = self
+            .profile
+            .lock()
+            .ok()
+            .and_then(|p| p.as_ref().map(|_| OpProfile::default()));
         let nodes = self.graph.nodes();
         let mut env: Vec<Option<Value>> = vec![None; nodes.len()];
         let mut captured = Vec::new();
@@ -465,11 +576,26 @@ impl Program {
                             inputs[0] = Value::F2(t.clone().narrow(0, seq - 1, 1));
                         }
                     }
-                    eval(&node.name, op, inputs, &self.device, Some(&mut step))?
+                    if let Some(t) = timer.as_mut() {
+                        let start = std::time::Instant::now();
+                        let v = eval(&node.name, op, inputs, &self.device, Some(&mut step))?;
+                        let kind = if self.graph.outputs().contains(&NodeId(i)) {
+                            "output head"
+                        } else {
+                            op.mnemonic()
+                        };
+                        let e = t.ops.entry(kind).or_default();
+                        e.0 += start.elapsed();
+                        e.1 += 1;
+                        v
+                    } else {
+                        eval(&node.name, op, inputs, &self.device, Some(&mut step))?
+                    }
                 }
             };
             if taps.wants(&node.name, &node.op) {
-                captured.push((node.name.clone(), value.clone()));
+                let tapped = self.materialize(value.clone(), step.cache)?;
+                captured.push((node.name.clone(), tapped));
             }
             env[i] = Some(value);
             for inp in &node.inputs {
@@ -482,9 +608,21 @@ impl Program {
             .graph
             .outputs()
             .iter()
-            .map(|o| env[o.0].take().expect("outputs are kept"))
-            .collect();
+            .map(|o| self.materialize(env[o.0].take().expect("outputs are kept"), step.cache))
+            .collect::<Result<Vec<_>>>()?;
         step.cache.len = past + seq;
+        if let Some(t) = timer {
+            if let Ok(mut p) = self.profile.lock() {
+                if let Some(p) = p.as_mut() {
+                    for (k, (d, n)) in t.ops {
+                        let e = p.ops.entry(k).or_default();
+                        e.0 += d;
+                        e.1 += n;
+                    }
+                    p.runs += 1;
+                }
+            }
+        }
         Ok(RunOutput {
             outputs,
             taps: captured,
@@ -499,6 +637,28 @@ pub struct Step<'a> {
     pub cache: &'a mut KvCache,
 }
 
+/// burn-flex, the fast CPU backend: where [`crate::cpu`] runs the small ops and the KV
+/// cache lives in host memory. burn-ndarray keeps burn's own ops throughout, the
+/// portable reference the host versions are checked against.
+pub fn is_cpu(device: &Device) -> bool {
+    *device == Device::flex()
+}
+
+/// A rank-2 float tensor's values on the host, and its shape.
+fn host2(node: &str, t: Tensor<2>) -> Result<(Vec<f32>, [usize; 2])> {
+    let dims = t.dims();
+    Ok((
+        Value::F2(t)
+            .to_f32_vec()
+            .map_err(|e| bad(node, e.to_string()))?,
+        dims,
+    ))
+}
+
+fn tensor2(data: Vec<f32>, dims: [usize; 2], device: &Device) -> Value {
+    Value::F2(Tensor::from_data(TensorData::new(data, dims), device))
+}
+
 fn bad(node: &str, message: impl Into<String>) -> GraphError {
     GraphError::Invalid {
         node: node.to_string(),
@@ -509,6 +669,10 @@ fn bad(node: &str, message: impl Into<String>) -> GraphError {
 fn f2(node: &str, v: Value) -> Result<Tensor<2>> {
     match v {
         Value::F2(t) => Ok(t),
+        Value::Cached(r) => Err(bad(
+            node,
+            format!("cached rows of layer {} where a tensor is needed", r.layer),
+        )),
         Value::Quant(m) => Err(bad(
             node,
             format!(
@@ -607,6 +771,12 @@ pub fn eval(
             let Value::F1(w) = next()? else {
                 return Err(bad(node, "norm weight must be rank 1"));
             };
+            if is_cpu(device) {
+                let (mut x, dims) = host2(node, x)?;
+                let w = Value::F1(w).to_f32_vec()?;
+                crate::cpu::rms_norm(&mut x, &w, eps.get());
+                return Ok(tensor2(x, dims, device));
+            }
             let inv = x
                 .clone()
                 .powi_scalar(2)
@@ -628,6 +798,11 @@ pub fn eval(
             Value::F2(t) => Value::F2(t.add_scalar(value.get())),
             _ => return Err(bad(node, "add_scalar needs a float tensor")),
         },
+        Op::Silu if is_cpu(device) => {
+            let (mut x, dims) = host2(node, f2(node, next()?)?)?;
+            crate::cpu::silu(&mut x);
+            tensor2(x, dims, device)
+        }
         Op::Silu => Value::F2(activation::silu(f2(node, next()?)?)),
         Op::GeluTanh => Value::F2(activation::gelu_approximate(f2(node, next()?)?)),
         Op::Cos => Value::F2(f2(node, next()?)?.cos()),
@@ -641,6 +816,7 @@ pub fn eval(
                     .ok_or_else(|| bad(node, "row slice past the end of the matrix"))?,
             )),
             Value::Quant(_) => return Err(bad(node, "a block matrix is sliced by rows only")),
+            Value::Cached(_) => return Err(bad(node, "cannot slice cached rows")),
         },
         Op::Concat { axis } => {
             let mut all = Vec::new();
@@ -685,12 +861,30 @@ pub fn eval(
             let x = f2(node, next()?)?;
             let cos = f2(node, next()?)?;
             let sin = f2(node, next()?)?;
+            if is_cpu(device) {
+                let seq = x.dims()[0];
+                if step.past + seq > cos.dims()[0] {
+                    return Err(bad(
+                        node,
+                        format!(
+                            "position {} is past the rope table of {} positions",
+                            step.past + seq - 1,
+                            cos.dims()[0]
+                        ),
+                    ));
+                }
+                let (mut x, dims) = host2(node, x)?;
+                let (cos, _) = host2(node, cos.narrow(0, step.past, seq))?;
+                let (sin, _) = host2(node, sin.narrow(0, step.past, seq))?;
+                crate::cpu::rope(&mut x, &cos, &sin, *head_dim);
+                return Ok(tensor2(x, dims, device));
+            }
             Value::F2(rope(x, cos, sin, *head_dim, step.past, node)?)
         }
         Op::KvAppend { layer, kind, .. } => {
             let step = step.ok_or_else(|| bad(node, "kv_append needs a step"))?;
             let rows = f2(node, next()?)?;
-            Value::F2(step.cache.append(*layer, *kind, step.past, rows)?)
+            step.cache.append(*layer, *kind, step.past, rows)?
         }
         Op::Attention {
             n_heads,
@@ -701,8 +895,31 @@ pub fn eval(
         } => {
             let step = step.ok_or_else(|| bad(node, "attention needs a step"))?;
             let q = f2(node, next()?)?;
-            let k = f2(node, next()?)?;
-            let v = f2(node, next()?)?;
+            let (k, v) = (next()?, next()?);
+            if is_cpu(device) {
+                let (q, dims) = host2(node, q)?;
+                let host = |x: Value| -> Result<std::borrow::Cow<'_, [f32]>> {
+                    Ok(match x {
+                        Value::Cached(r) => std::borrow::Cow::Borrowed(step.cache.host_rows(&r)?),
+                        x => std::borrow::Cow::Owned(host2(node, f2(node, x)?)?.0),
+                    })
+                };
+                let (k, v) = (host(k)?, host(v)?);
+                let shape = crate::cpu::AttentionShape {
+                    n_heads: *n_heads,
+                    n_kv_heads: *n_kv_heads,
+                    head_dim: *head_dim,
+                    scale: scale.get(),
+                    window: *window,
+                    past: step.past,
+                };
+                return Ok(tensor2(
+                    crate::cpu::attention(&q, &k, &v, &shape),
+                    dims,
+                    device,
+                ));
+            }
+            let (k, v) = (f2(node, k)?, f2(node, v)?);
             let heads = Heads {
                 n_heads: *n_heads,
                 n_kv_heads: *n_kv_heads,

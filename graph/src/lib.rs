@@ -3,6 +3,7 @@
 //! A model builds its forward pass as a [`Graph`] of named ops ([`ir::Op`]) with
 //! symbolic shapes; [`passes`] rewrite it; [`dump()`] prints it; a [`Program`] runs it
 //! on any burn device, writing a [`KvCache`], with optional [`Taps`] on named nodes.
+pub mod cpu;
 pub mod dump;
 pub mod error;
 pub mod exec;
@@ -16,7 +17,7 @@ pub mod value;
 
 pub use dump::dump;
 pub use error::{GraphError, Result};
-pub use exec::{KvCache, KvSnapshot, Program, Rows, RunOutput, Taps};
+pub use exec::{KvCache, KvSnapshot, OpProfile, Program, Rows, RunOutput, Taps};
 pub use graph::Graph;
 pub use ir::{DType, Dim, F32Bits, KvKind, Node, NodeId, Op, ParamKind, RopeScaling, Shape};
 pub use passes::{Pass, PassContext, Pipeline};

@@ -12,6 +12,8 @@ pub enum Value {
     I1(Tensor<1, Int>),
     /// A weight matrix of GGML blocks in host memory, for the CPU matmul kernels.
     Quant(std::sync::Arc<crate::quant::QMatrix>),
+    /// Keys or values held in the host KV cache (CPU devices), read in place.
+    Cached(crate::exec::CachedRows),
 }
 
 impl Value {
@@ -21,6 +23,7 @@ impl Value {
             Value::F2(t) => t.dims().to_vec(),
             Value::I1(t) => t.dims().to_vec(),
             Value::Quant(m) => vec![m.rows(), m.cols()],
+            Value::Cached(r) => vec![r.rows, r.width],
         }
     }
 
@@ -38,6 +41,11 @@ impl Value {
             Value::F2(t) => t.to_data(),
             Value::I1(_) => return Err(GraphError::Input("integer value read as f32".into())),
             Value::Quant(m) => return Ok(m.dequantize()),
+            Value::Cached(_) => {
+                return Err(GraphError::Input(
+                    "cached KV rows are read through the cache".into(),
+                ))
+            }
         };
         data.convert::<f32>()
             .try_into_vec::<f32>()

@@ -268,8 +268,38 @@ mod avx2 {
         _mm256_loadu_si256(a.qs.as_ptr().add(i * QK) as *const __m256i)
     }
 
-    /// One Q4_0 (`BYTES` 18) or Q4_1 (20) row with activation rows `t..t + R`. They
-    /// differ only in the offset: `m` is stored (Q4_1) or `-8 d` (Q4_0).
+    /// Adds weight block `b` of a Q4_0 (`BYTES` 18) or Q4_1 (20) row times activation
+    /// rows `t..t + R` to `acc` and `off`. The two types differ only in the offset: `m`
+    /// is stored (Q4_1) or `-8 d` (Q4_0).
+    #[inline(always)]
+    unsafe fn q4_block<const BYTES: usize, const R: usize>(
+        row: &[u8],
+        a: &QActs,
+        t: usize,
+        b: usize,
+        acc: &mut [__m256; R],
+        off: &mut [f32; R],
+    ) {
+        let nb = a.cols / QK;
+        let blk = row.as_ptr().add(b * BYTES);
+        let (wd, wm) = if BYTES == 20 {
+            f16x2(blk)
+        } else {
+            let d = f16x1(blk);
+            (d, -8.0 * d)
+        };
+        let q = nibbles(blk.add(BYTES - 16));
+        for j in 0..R {
+            let i = (t + j) * nb + b;
+            let p = _mm256_cvtepi32_ps(dot_u8_i8(q, act(a, i)));
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wd * *a.d.as_ptr().add(i)), p, acc[j]);
+            off[j] += wm * *a.s.as_ptr().add(i);
+        }
+    }
+
+    /// One Q4_0 / Q4_1 row with activation rows `t..t + R`. Even and odd blocks go to
+    /// separate accumulators, so consecutive blocks do not wait on each other's
+    /// multiply-add (its latency, not the arithmetic, bounds a single chain).
     #[inline(always)]
     unsafe fn q4<const BYTES: usize, const R: usize>(
         row: &[u8],
@@ -278,59 +308,67 @@ mod avx2 {
         out: &mut [f32],
     ) {
         let nb = a.cols / QK;
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut off = [0f32; R];
-        let (d, s) = (a.d.as_ptr(), a.s.as_ptr());
-        for b in 0..nb {
-            let blk = row.as_ptr().add(b * BYTES);
-            let (wd, wm) = if BYTES == 20 {
-                f16x2(blk)
-            } else {
-                let d = f16x1(blk);
-                (d, -8.0 * d)
-            };
-            let q = nibbles(blk.add(BYTES - 16));
-            for j in 0..R {
-                let i = (t + j) * nb + b;
-                let p = _mm256_cvtepi32_ps(dot_u8_i8(q, act(a, i)));
-                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(wd * *d.add(i)), p, acc[j]);
-                off[j] += wm * *s.add(i);
-            }
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+        let (mut off0, mut off1) = ([0f32; R], [0f32; R]);
+        let mut b = 0;
+        while b + 2 <= nb {
+            q4_block::<BYTES, R>(row, a, t, b, &mut acc0, &mut off0);
+            q4_block::<BYTES, R>(row, a, t, b + 1, &mut acc1, &mut off1);
+            b += 2;
+        }
+        if b < nb {
+            q4_block::<BYTES, R>(row, a, t, b, &mut acc0, &mut off0);
         }
         for j in 0..R {
-            out[j] = hsum(acc[j]) + off[j];
+            out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j])) + (off0[j] + off1[j]);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q8_block<const R: usize>(
+        row: &[u8],
+        a: &QActs,
+        t: usize,
+        b: usize,
+        acc: &mut [__m256; R],
+    ) {
+        let nb = a.cols / QK;
+        let blk = row.as_ptr().add(b * 34);
+        let wd = f16x1(blk);
+        let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        // i8 x i8 through the u8 x i8 instruction: |q| times x with q's sign.
+        let aq = _mm256_abs_epi8(q);
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let i = (t + j) * nb + b;
+            let p = dot_u8_i8(aq, _mm256_sign_epi8(act(a, i), q));
+            let scale = _mm256_set1_ps(wd * *a.d.as_ptr().add(i));
+            *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), *acc);
         }
     }
 
     #[inline(always)]
     unsafe fn q8<const R: usize>(row: &[u8], a: &QActs, t: usize, out: &mut [f32]) {
         let nb = a.cols / QK;
-        let mut acc = [_mm256_setzero_ps(); R];
-        let d = a.d.as_ptr();
-        for b in 0..nb {
-            let blk = row.as_ptr().add(b * 34);
-            let wd = f16x1(blk);
-            let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            // i8 x i8 through the u8 x i8 instruction: |q| times x with q's sign.
-            let aq = _mm256_abs_epi8(q);
-            for j in 0..R {
-                let i = (t + j) * nb + b;
-                let p = dot_u8_i8(aq, _mm256_sign_epi8(act(a, i), q));
-                acc[j] = _mm256_fmadd_ps(
-                    _mm256_set1_ps(wd * *d.add(i)),
-                    _mm256_cvtepi32_ps(p),
-                    acc[j],
-                );
-            }
+        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
+        let mut b = 0;
+        while b + 2 <= nb {
+            q8_block::<R>(row, a, t, b, &mut acc0);
+            q8_block::<R>(row, a, t, b + 1, &mut acc1);
+            b += 2;
+        }
+        if b < nb {
+            q8_block::<R>(row, a, t, b, &mut acc0);
         }
         for j in 0..R {
-            out[j] = hsum(acc[j]);
+            out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j]));
         }
     }
 
     #[inline(always)]
     unsafe fn q4_k(row: &[u8], a: &QActs, t: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
+        // One accumulator per nibble half, so neighbouring sub-blocks do not wait on
+        // each other's multiply-add.
+        let mut acc = [_mm256_setzero_ps(); 2];
         let mut mins = 0f32;
         let m4 = _mm256_set1_epi8(0x0F);
         let base = t * a.cols / QK;
@@ -351,17 +389,18 @@ mod avx2 {
                     let p16 = _mm256_maddubs_epi16(q, act(a, i));
                     let p = _mm256_madd_epi16(p16, _mm256_set1_epi16(sc as i16));
                     let dd = _mm256_set1_ps(d * *a.d.get_unchecked(i));
-                    acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p), acc);
+                    acc[half] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p), acc[half]);
                     mins += dmin * mn as f32 * *a.s.get_unchecked(i);
                 }
             }
         }
-        hsum(acc) - mins
+        hsum(_mm256_add_ps(acc[0], acc[1])) - mins
     }
 
     #[inline(always)]
     unsafe fn q6_k(row: &[u8], a: &QActs, t: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
+        // Two accumulators (even and odd quarters), as in `q4_k`.
+        let mut acc = [_mm256_setzero_ps(); 2];
         let mut offsets = 0f32;
         let m4 = _mm256_set1_epi8(0x0F);
         let m2 = _mm256_set1_epi8(0x03);
@@ -395,13 +434,14 @@ mod avx2 {
                     let scale = _mm256_set_m128i(_mm_set1_epi16(s1), _mm_set1_epi16(s0));
                     let p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, act(a, i)), scale);
                     let dd = d * *a.d.get_unchecked(i);
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(p), acc);
+                    acc[k & 1] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(dd), _mm256_cvtepi32_ps(p), acc[k & 1]);
                     let h = a.h.get_unchecked(2 * i..2 * i + 2);
                     offsets += dd * (32 * (s0 as i32 * h[0] + s1 as i32 * h[1])) as f32;
                 }
             }
         }
-        hsum(acc) - offsets
+        hsum(_mm256_add_ps(acc[0], acc[1])) - offsets
     }
 
     /// Every weight row of `w` with every activation row: four activation rows at a
