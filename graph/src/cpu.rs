@@ -119,91 +119,6 @@ pub struct AttentionShape {
 /// `[rows, n_kv_heads * hd]` (the last `rows` positions, oldest first); query head `h`
 /// reads KV head `h / (n_heads / n_kv_heads)`. Returns `[seq, n_heads * hd]`.
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY (both closures): the CPU has AVX2 and FMA, checked by `simd`.
-        return attention_body(
-            q,
-            k,
-            v,
-            s,
-            |a, b| unsafe { avx2::dot(a, b) },
-            |o, p, x| unsafe { avx2::axpy(o, p, x) },
-        );
-    }
-    attention_body(q, k, v, s, dot, axpy)
-}
-
-/// `o += p * x`.
-fn axpy(o: &mut [f32], p: f32, x: &[f32]) {
-    for (o, x) in o.iter_mut().zip(x) {
-        *o += p * x;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= n {
-            s0 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
-                s0,
-            );
-            s1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-                _mm256_loadu_ps(b.as_ptr().add(i + 8)),
-                s1,
-            );
-            i += 16;
-        }
-        let s = _mm256_add_ps(s0, s1);
-        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-        let mut total = _mm_cvtss_f32(h);
-        while i < n {
-            total += a[i] * b[i];
-            i += 1;
-        }
-        total
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy(o: &mut [f32], p: f32, x: &[f32]) {
-        let n = o.len().min(x.len());
-        let pv = _mm256_set1_ps(p);
-        let mut i = 0;
-        while i + 8 <= n {
-            let at = o.as_mut_ptr().add(i);
-            _mm256_storeu_ps(
-                at,
-                _mm256_fmadd_ps(pv, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(at)),
-            );
-            i += 8;
-        }
-        while i < n {
-            o[i] += p * x[i];
-            i += 1;
-        }
-    }
-}
-
-#[inline(always)]
-fn attention_body(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: &AttentionShape,
-    dot: impl Fn(&[f32], &[f32]) -> f32 + Sync,
-    axpy: impl Fn(&mut [f32], f32, &[f32]) + Sync,
-) -> Vec<f32> {
     let hd = s.head_dim;
     let (qw, kw) = (s.n_heads * hd, s.n_kv_heads * hd);
     let seq = q.len() / qw;
@@ -211,8 +126,6 @@ fn attention_body(
     let group = s.n_heads / s.n_kv_heads;
     let first_key = s.past + seq - rows;
     let mut out = vec![0f32; q.len()];
-    // One query position: each KV head's key and value rows are read once for all the
-    // query heads of its group.
     let one = |(i, out): (usize, &mut [f32])| {
         let qp = s.past + i;
         // Keys j in lo..hi are visible: not after the query, and inside the window.
@@ -220,34 +133,29 @@ fn attention_body(
         let lo = s
             .window
             .map_or(0, |w| (qp + 1).saturating_sub(w).saturating_sub(first_key));
-        let n = hi.saturating_sub(lo);
-        let mut scores = vec![0f32; group * n];
-        for g in 0..s.n_kv_heads {
-            let heads = g * group..(g + 1) * group;
-            for (jj, j) in (lo..hi).enumerate() {
-                let kh = &k[j * kw + g * hd..j * kw + (g + 1) * hd];
-                for (x, h) in heads.clone().enumerate() {
-                    let qh = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
-                    scores[x * n + jj] = dot(qh, kh) * s.scale;
-                }
+        let mut scores = vec![0f32; hi.saturating_sub(lo)];
+        for h in 0..s.n_heads {
+            let g = h / group;
+            let qh = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
+            let mut max = f32::NEG_INFINITY;
+            for (j, sc) in (lo..hi).zip(scores.iter_mut()) {
+                *sc = dot(qh, &k[j * kw + g * hd..j * kw + (g + 1) * hd]) * s.scale;
+                max = max.max(*sc);
             }
-            for x in 0..group {
-                let sc = &mut scores[x * n..(x + 1) * n];
-                let max = sc.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-                let mut sum = 0.0;
-                for v in sc.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                sc.iter_mut().for_each(|v| *v *= inv);
+            let mut sum = 0.0;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
             }
-            for (jj, j) in (lo..hi).enumerate() {
+            let o = &mut out[h * hd..(h + 1) * hd];
+            for (j, &p) in (lo..hi).zip(scores.iter()) {
                 let vh = &v[j * kw + g * hd..j * kw + (g + 1) * hd];
-                for (x, h) in heads.clone().enumerate() {
-                    axpy(&mut out[h * hd..(h + 1) * hd], scores[x * n + jj], vh);
+                for (o, v) in o.iter_mut().zip(vh) {
+                    *o += p * v;
                 }
             }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|o| *o *= inv);
         }
     };
     if seq > 1 {
