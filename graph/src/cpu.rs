@@ -115,28 +115,29 @@ pub struct AttentionShape {
     pub past: usize,
 }
 
-/// Causal grouped-query attention of `q [seq, n_heads * hd]` over `k`, `v`
-/// `[rows, n_kv_heads * hd]` (the last `rows` positions, oldest first); query head `h`
-/// reads KV head `h / (n_heads / n_kv_heads)`. Returns `[seq, n_heads * hd]`.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32> {
-    let hd = s.head_dim;
-    let (qw, kw) = (s.n_heads * hd, s.n_kv_heads * hd);
-    let seq = q.len() / qw;
-    let rows = k.len() / kw;
-    let group = s.n_heads / s.n_kv_heads;
-    let first_key = s.past + seq - rows;
-    let mut out = vec![0f32; q.len()];
-    let one = |(i, out): (usize, &mut [f32])| {
-        let qp = s.past + i;
-        // Keys j in lo..hi are visible: not after the query, and inside the window.
-        let hi = (qp + 1 - first_key).min(rows);
-        let lo = s
-            .window
-            .map_or(0, |w| (qp + 1).saturating_sub(w).saturating_sub(first_key));
-        let mut scores = vec![0f32; hi.saturating_sub(lo)];
-        for h in 0..s.n_heads {
+/// The body of [`attention`], pasted into its baseline and its AVX2 + FMA build (a
+/// macro rather than a function so that the closures inside inherit the features).
+macro_rules! attention_body {
+    ($q:expr, $k:expr, $v:expr, $s:expr) => {{
+        let (q, k, v, s): (&[f32], &[f32], &[f32], &AttentionShape) = ($q, $k, $v, $s);
+        let hd = s.head_dim;
+        let (qw, kw) = (s.n_heads * hd, s.n_kv_heads * hd);
+        let seq = q.len() / qw;
+        let rows = k.len() / kw;
+        let group = s.n_heads / s.n_kv_heads;
+        let first_key = s.past + seq - rows;
+        let mut out = vec![0f32; q.len()];
+        // Query position `i`, head `h`, into `o [hd]`.
+        let head = |i: usize, h: usize, o: &mut [f32]| {
+            let qp = s.past + i;
+            // Keys j in lo..hi are visible: not after the query, and inside the window.
+            let hi = (qp + 1 - first_key).min(rows);
+            let lo = s
+                .window
+                .map_or(0, |w| (qp + 1).saturating_sub(w).saturating_sub(first_key));
             let g = h / group;
             let qh = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
+            let mut scores = vec![0f32; hi.saturating_sub(lo)];
             let mut max = f32::NEG_INFINITY;
             for (j, sc) in (lo..hi).zip(scores.iter_mut()) {
                 *sc = dot(qh, &k[j * kw + g * hd..j * kw + (g + 1) * hd]) * s.scale;
@@ -147,7 +148,6 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32
                 *sc = (*sc - max).exp();
                 sum += *sc;
             }
-            let o = &mut out[h * hd..(h + 1) * hd];
             for (j, &p) in (lo..hi).zip(scores.iter()) {
                 let vh = &v[j * kw + g * hd..j * kw + (g + 1) * hd];
                 for (o, v) in o.iter_mut().zip(vh) {
@@ -156,12 +156,35 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32
             }
             let inv = 1.0 / sum;
             o.iter_mut().for_each(|o| *o *= inv);
+        };
+        // Positions across threads in prefill; heads across threads in decode.
+        if seq > 1 {
+            out.par_chunks_mut(qw).enumerate().for_each(|(i, row)| {
+                for (h, o) in row.chunks_mut(hd).enumerate() {
+                    head(i, h, o);
+                }
+            });
+        } else {
+            out.par_chunks_mut(hd)
+                .enumerate()
+                .for_each(|(h, o)| head(0, h, o));
         }
-    };
-    if seq > 1 {
-        out.par_chunks_mut(qw).enumerate().for_each(one);
-    } else {
-        out.chunks_mut(qw).enumerate().for_each(one);
+        out
+    }};
+}
+
+/// Causal grouped-query attention of `q [seq, n_heads * hd]` over `k`, `v`
+/// `[rows, n_kv_heads * hd]` (the last `rows` positions, oldest first); query head `h`
+/// reads KV head `h / (n_heads / n_kv_heads)`. Returns `[seq, n_heads * hd]`.
+pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32> {
+            attention_body!(q, k, v, s)
+        }
+        // SAFETY: the CPU has AVX2 and FMA, checked by `simd`.
+        return unsafe { wide(q, k, v, s) };
     }
-    out
+    attention_body!(q, k, v, s)
 }

@@ -66,22 +66,26 @@ impl QActs {
             n,
             cols,
             qs: vec![0; x.len()],
-            d: Vec::with_capacity(blocks),
-            s: Vec::with_capacity(blocks),
-            h: Vec::with_capacity(blocks * 2),
+            d: vec![0.0; blocks],
+            s: vec![0.0; blocks],
+            h: vec![0; blocks * 2],
         };
-        for (xb, qb) in x.chunks_exact(QK).zip(a.qs.chunks_exact_mut(QK)) {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
-            for (q, v) in qb.iter_mut().zip(xb) {
-                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            }
-            let lo: i32 = qb[..16].iter().map(|&q| q as i32).sum();
-            let hi: i32 = qb[16..].iter().map(|&q| q as i32).sum();
-            a.d.push(d);
-            a.s.push(d * (lo + hi) as f32);
-            a.h.extend([lo, hi]);
+        let nb = cols / QK;
+        let rows =
+            a.qs.chunks_mut(cols)
+                .zip(a.d.chunks_mut(nb))
+                .zip(a.s.chunks_mut(nb))
+                .zip(a.h.chunks_mut(2 * nb))
+                .zip(x.chunks(cols));
+        let one = |((((qs, d), s), h), x): (
+            (((&mut [i8], &mut [f32]), &mut [f32]), &mut [i32]),
+            &[f32],
+        )| { quantize_row(x, qs, d, s, h) };
+        if n >= 8 {
+            // Prefill: rows across threads (this runs once per matmul, before the kernel).
+            rows.par_bridge().for_each(one);
+        } else {
+            rows.for_each(one);
         }
         a
     }
@@ -103,6 +107,28 @@ impl QActs {
             d: &self.d[t * b..(t + 1) * b],
             s: &self.s[t * b..(t + 1) * b],
         }
+    }
+}
+
+/// Quantizes one row: per block of 32, the scale, int8 values rounded to nearest, their
+/// scaled sum and the sums of their halves.
+fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], h: &mut [i32]) {
+    // Adding and removing 1.5 * 2^23 rounds an f32 below 2^22 to the nearest integer
+    // (ties to even) in two adds, where `f32::round` is a libm call per value.
+    const MAGIC: f32 = 12_582_912.0;
+    for (b, (xb, qb)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inv = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+        for (q, v) in qb.iter_mut().zip(xb) {
+            *q = ((v * inv).clamp(-127.0, 127.0) + MAGIC - MAGIC) as i8;
+        }
+        let lo: i32 = qb[..16].iter().map(|&q| q as i32).sum();
+        let hi: i32 = qb[16..].iter().map(|&q| q as i32).sum();
+        d[b] = scale;
+        s[b] = scale * (lo + hi) as f32;
+        h[2 * b] = lo;
+        h[2 * b + 1] = hi;
     }
 }
 
@@ -570,11 +596,11 @@ pub fn matmul(x: &[f32], n: usize, w: &QMatrix, kernel: Kernel) -> Vec<f32> {
         return out_t;
     }
     let mut out = vec![0f32; n * rows];
-    for r in 0..rows {
-        for t in 0..n {
-            out[t * rows + r] = out_t[r * n + t];
+    out.par_chunks_mut(rows).enumerate().for_each(|(t, row)| {
+        for (r, o) in row.iter_mut().enumerate() {
+            *o = out_t[r * n + t];
         }
-    }
+    });
     out
 }
 
