@@ -113,15 +113,15 @@ impl QActs {
 /// Quantizes one row: per block of 32, the scale, int8 values rounded to nearest, their
 /// scaled sum and the sums of their halves.
 fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], h: &mut [i32]) {
-    // Adding and removing 1.5 * 2^23 rounds an f32 below 2^22 to the nearest integer
-    // (ties to even) in two adds, where `f32::round` is a libm call per value.
-    const MAGIC: f32 = 12_582_912.0;
+    // Round half away from zero as `f32::round` does, without its libm call per
+    // value: add ±0.5 and truncate.
     for (b, (xb, qb)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = amax / 127.0;
         let inv = if scale == 0.0 { 0.0 } else { 1.0 / scale };
         for (q, v) in qb.iter_mut().zip(xb) {
-            *q = ((v * inv).clamp(-127.0, 127.0) + MAGIC - MAGIC) as i8;
+            let y = (v * inv).clamp(-127.0, 127.0);
+            *q = (y + 0.5f32.copysign(y)) as i8;
         }
         let lo: i32 = qb[..16].iter().map(|&q| q as i32).sum();
         let hi: i32 = qb[16..].iter().map(|&q| q as i32).sum();
