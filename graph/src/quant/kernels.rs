@@ -77,15 +77,12 @@ impl QActs {
                 .zip(a.s.chunks_mut(nb))
                 .zip(a.h.chunks_mut(2 * nb))
                 .zip(x.chunks(cols));
-        let one = |((((qs, d), s), h), x): (
-            (((&mut [i8], &mut [f32]), &mut [f32]), &mut [i32]),
-            &[f32],
-        )| { quantize_row(x, qs, d, s, h) };
         if n >= 8 {
             // Prefill: rows across threads (this runs once per matmul, before the kernel).
-            rows.par_bridge().for_each(one);
+            rows.par_bridge()
+                .for_each(|((((qs, d), s), h), x)| quantize_row(x, qs, d, s, h));
         } else {
-            rows.for_each(one);
+            rows.for_each(|((((qs, d), s), h), x)| quantize_row(x, qs, d, s, h));
         }
         a
     }
