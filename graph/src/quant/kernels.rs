@@ -347,9 +347,11 @@ mod avx2 {
         }
     }
 
-    /// Q4_0 as signed values: `q - 8` in -8..8, multiplied like Q8_0 (no offset term).
+    /// Adds weight block `b` of a row of signed blocks times activation rows `t..t + R`
+    /// to `acc`: Q8_0 (`BYTES` 34, int8 values) or Q4_0 (18, nibbles taken as `q - 8`,
+    /// so it needs no offset term).
     #[inline(always)]
-    unsafe fn q4_0_block<const R: usize>(
+    unsafe fn signed_block<const BYTES: usize, const R: usize>(
         row: &[u8],
         a: &QActs,
         t: usize,
@@ -357,48 +359,13 @@ mod avx2 {
         acc: &mut [__m256; R],
     ) {
         let nb = a.cols / QK;
-        let blk = row.as_ptr().add(b * 18);
+        let blk = row.as_ptr().add(b * BYTES);
         let wd = f16x1(blk);
-        let q = _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8));
-        let aq = _mm256_abs_epi8(q);
-        for (j, acc) in acc.iter_mut().enumerate() {
-            let i = (t + j) * nb + b;
-            let p = dot_u8_i8(aq, _mm256_sign_epi8(act(a, i), q));
-            let scale = _mm256_set1_ps(wd * *a.d.as_ptr().add(i));
-            *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(p), *acc);
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn q4_0<const R: usize>(row: &[u8], a: &QActs, t: usize, out: &mut [f32]) {
-        let nb = a.cols / QK;
-        let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-        let mut b = 0;
-        while b + 2 <= nb {
-            q4_0_block::<R>(row, a, t, b, &mut acc0);
-            q4_0_block::<R>(row, a, t, b + 1, &mut acc1);
-            b += 2;
-        }
-        if b < nb {
-            q4_0_block::<R>(row, a, t, b, &mut acc0);
-        }
-        for j in 0..R {
-            out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j]));
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn q8_block<const R: usize>(
-        row: &[u8],
-        a: &QActs,
-        t: usize,
-        b: usize,
-        acc: &mut [__m256; R],
-    ) {
-        let nb = a.cols / QK;
-        let blk = row.as_ptr().add(b * 34);
-        let wd = f16x1(blk);
-        let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        let q = if BYTES == 34 {
+            _mm256_loadu_si256(blk.add(2) as *const __m256i)
+        } else {
+            _mm256_sub_epi8(nibbles(blk.add(2)), _mm256_set1_epi8(8))
+        };
         // i8 x i8 through the u8 x i8 instruction: |q| times x with q's sign.
         let aq = _mm256_abs_epi8(q);
         for (j, acc) in acc.iter_mut().enumerate() {
@@ -409,18 +376,25 @@ mod avx2 {
         }
     }
 
+    /// One Q8_0 or Q4_0 row with activation rows `t..t + R`, even and odd blocks in
+    /// separate accumulators as in `q4`.
     #[inline(always)]
-    unsafe fn q8<const R: usize>(row: &[u8], a: &QActs, t: usize, out: &mut [f32]) {
+    unsafe fn signed<const BYTES: usize, const R: usize>(
+        row: &[u8],
+        a: &QActs,
+        t: usize,
+        out: &mut [f32],
+    ) {
         let nb = a.cols / QK;
         let (mut acc0, mut acc1) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
         let mut b = 0;
         while b + 2 <= nb {
-            q8_block::<R>(row, a, t, b, &mut acc0);
-            q8_block::<R>(row, a, t, b + 1, &mut acc1);
+            signed_block::<BYTES, R>(row, a, t, b, &mut acc0);
+            signed_block::<BYTES, R>(row, a, t, b + 1, &mut acc1);
             b += 2;
         }
         if b < nb {
-            q8_block::<R>(row, a, t, b, &mut acc0);
+            signed_block::<BYTES, R>(row, a, t, b, &mut acc0);
         }
         for j in 0..R {
             out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j]));
@@ -529,9 +503,9 @@ mod avx2 {
         };
     }
 
-    rows!(rows_q4_0, q4_0::<4>, q4_0::<1>);
+    rows!(rows_q4_0, signed::<18, 4>, signed::<18, 1>);
     rows!(rows_q4_1, q4::<20, 4>, q4::<20, 1>);
-    rows!(rows_q8_0, q8::<4>, q8::<1>);
+    rows!(rows_q8_0, signed::<34, 4>, signed::<34, 1>);
     rows!(
         rows_q4_k,
         |r, a, t, o: &mut [f32]| q4_k_n(r, a, t, o),
