@@ -253,9 +253,12 @@ fn the_default_cpu_path_multiplies_the_gguf_blocks_within_the_fidelity_bounds() 
         progress: None,
     };
     let model = llama::models::Model::load_with(&path, &device, &options).unwrap();
-    let pipeline = llama::graph::Pipeline::standard();
-    // The weights stay in the file's blocks: every matmul weight is Q4_1 or the Q8_0
-    // embedding table, and no f32 copy of any matrix exists.
+    // The pipeline `llama` runs on CPU backends by default.
+    let pipeline = llama::graph::Pipeline::standard_cpu(false);
+    // The weights stay in the file's blocks: every matmul weight is Q4_1 (packed for
+    // the grouped kernel where the CPU has it) or the Q8_0 embedding table, and no f32
+    // copy of any matrix exists.
+    let packs = llama::graph::quant::kernels::packed_kernel_available();
     let mut graph = model.build_graph().unwrap();
     pipeline
         .run(
@@ -271,6 +274,7 @@ fn the_default_cpu_path_multiplies_the_gguf_blocks_within_the_fidelity_bounds() 
             (llama::graph::Op::Param(_), Some(llama::graph::Value::Quant(m))) => {
                 let types = m.type_names();
                 assert!(types == "Q4_1" || types == "Q8_0", "{}: {types}", node.name);
+                assert_eq!(m.is_packed(), packs && types == "Q4_1", "{}", node.name);
             }
             (llama::graph::Op::Param(_), Some(v @ llama::graph::Value::F2(_))) => {
                 dense_bytes += v.dims().iter().product::<usize>() * 4;

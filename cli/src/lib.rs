@@ -480,8 +480,8 @@ struct ConvertArgs {
 
 fn pipeline(spec: &str, backend: Backend, precision: Precision) -> Result<Pipeline> {
     Ok(match spec {
-        "default" if precision == Precision::Q8_0 && !matches!(backend, Backend::Wgpu) => {
-            Pipeline::standard_cpu()
+        "default" if !matches!(backend, Backend::Wgpu) => {
+            Pipeline::standard_cpu(precision == Precision::Q8_0)
         }
         "default" => Pipeline::standard(),
         "none" => Pipeline::none(),

@@ -3,7 +3,10 @@
 //! Throughput is the weight bytes read per call, so criterion prints the achieved GB/s
 //! (decode reads every weight once per token, so this is the number that bounds it).
 //!
-//!   cargo bench -p llama-graph --bench kernels [-- FILTER]
+//!   cargo bench --workspace --bench kernels [-- FILTER]
+//!
+//! (`--workspace`, so burn keeps the features the rest of the build gave it.) Q4_0 and
+//! Q4_1 also run packed (`Q4_1/packed`), the layout the CPU pipeline gives them.
 //!
 //! Threads: rayon's default (every core) unless `RAYON_NUM_THREADS` is set.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -60,6 +63,10 @@ fn kernels(c: &mut Criterion) {
                 for kernel in [Kernel::Auto, Kernel::Portable] {
                     let id = BenchmarkId::new(format!("{}/{kernel:?}", ty.name()), n);
                     group.bench_function(id, |b| b.iter(|| matmul(&x, n, &w, kernel)));
+                }
+                if let Some(packed) = w.pack() {
+                    let id = BenchmarkId::new(format!("{}/packed", ty.name()), n);
+                    group.bench_function(id, |b| b.iter(|| matmul(&x, n, &packed, Kernel::Auto)));
                 }
             }
             group.finish();

@@ -216,3 +216,47 @@ fn q8_0_quantization_is_within_half_a_step() {
     let zeros = QMatrix::quantize_q8_0(&[0.0; 64], 2, 32).unwrap();
     assert!(zeros.dequantize().iter().all(|v| *v == 0.0));
 }
+
+#[test]
+fn packed_4_bit_rows_match_dequantized_f32_within_the_bound() {
+    let mut rng = Rng(0xC0FFEE);
+    // Groups of eight rows: one, five, and seventeen (split across tasks); rows of one
+    // block and of several; activation rows that are and are not multiples of four.
+    for (rows, blocks, ns) in [(8, 1, [1, 4]), (40, 3, [2, 5]), (136, 7, [1, 9])] {
+        let cols = 32 * blocks;
+        let q40 = QMatrix::from_bytes(
+            GgmlType::Q4_0,
+            rows / 2,
+            cols,
+            random_blocks(GgmlType::Q4_0, rows / 2, cols, &mut rng),
+        )
+        .unwrap();
+        let q41 = QMatrix::from_bytes(
+            GgmlType::Q4_1,
+            rows / 2,
+            cols,
+            random_blocks(GgmlType::Q4_1, rows / 2, cols, &mut rng),
+        )
+        .unwrap();
+        // Q4_0 and Q4_1 rows in one matrix, and a group that straddles them.
+        let mixed = QMatrix::concat(&[&q40, &q41]).unwrap();
+        for w in [&q40, &q41, &mixed] {
+            if w.rows() % 8 != 0 {
+                assert!(w.pack().is_none(), "{} rows are not whole groups", w.rows());
+                continue;
+            }
+            let packed = w.pack().expect("4-bit rows in whole groups");
+            assert!(packed.is_packed());
+            assert_eq!(packed.dequantize(), w.dequantize(), "the rows are kept");
+            for n in ns {
+                check(&packed, n, &mut rng, &format!("packed {}", w.type_names()));
+            }
+            assert!(
+                !packed.slice_rows(0, 8).unwrap().is_packed(),
+                "row operations read the rows"
+            );
+        }
+    }
+    let q8 = QMatrix::from_bytes(GgmlType::Q8_0, 8, 32, vec![0; 8 * 34]).unwrap();
+    assert!(q8.pack().is_none(), "only 4-bit rows are packed");
+}

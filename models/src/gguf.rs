@@ -106,6 +106,35 @@ pub struct GgufTensor {
     pub len: usize,
 }
 
+/// The mapped file, as the store that block matrices read their rows from.
+struct Mapped(Mmap);
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl llama_graph::quant::Bytes for Mapped {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn release(&self, range: std::ops::Range<usize>) {
+        // SAFETY: the map is read-only and shared with the file, so dropped pages hold
+        // nothing of ours: a later read faults them in again from the file. A failed
+        // hint changes nothing.
+        let _ = unsafe {
+            self.0.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                range.start,
+                range.len(),
+            )
+        };
+    }
+}
+
 /// An open GGUF file.
 pub struct GgufFile {
     pub path: PathBuf,
@@ -114,7 +143,7 @@ pub struct GgufFile {
     pub tensors: Vec<GgufTensor>,
     /// Tensor name to its index in `tensors`.
     index: std::collections::HashMap<String, usize>,
-    map: std::sync::Arc<Mmap>,
+    map: std::sync::Arc<Mapped>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -332,7 +361,7 @@ impl GgufFile {
                 .map(|(i, t)| (t.name.clone(), i))
                 .collect(),
             tensors,
-            map: std::sync::Arc::new(map),
+            map: std::sync::Arc::new(Mapped(map)),
         })
     }
 

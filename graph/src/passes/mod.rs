@@ -5,6 +5,7 @@
 mod constant_fold;
 mod dead_nodes;
 mod fuse_matmul;
+mod pack;
 mod quantize;
 
 use burn::tensor::Device;
@@ -12,6 +13,7 @@ use burn::tensor::Device;
 pub use constant_fold::ConstantFold;
 pub use dead_nodes::DeadNodes;
 pub use fuse_matmul::FuseSiblingMatMuls;
+pub use pack::PackBlocks;
 pub use quantize::QuantizeWeights;
 
 use crate::error::Result;
@@ -58,11 +60,15 @@ impl Pipeline {
         }
     }
 
-    /// The standard pipeline, then int8 weights for the CPU matmul kernel: the
-    /// default on CPU backends.
-    pub fn standard_cpu() -> Self {
+    /// The default on CPU backends: the standard pipeline, then (with `quantize`) Q8_0
+    /// blocks for f32 matmul weights, then 4-bit block weights packed for the grouped
+    /// kernel.
+    pub fn standard_cpu(quantize: bool) -> Self {
         let mut p = Self::standard();
-        p.passes.push(Box::new(QuantizeWeights));
+        if quantize {
+            p.passes.push(Box::new(QuantizeWeights));
+        }
+        p.passes.push(Box::new(PackBlocks));
         p
     }
 
@@ -73,6 +79,7 @@ impl Pipeline {
             "constant-fold" => Some(Box::new(ConstantFold)),
             "dead-nodes" => Some(Box::new(DeadNodes)),
             "quantize-weights" => Some(Box::new(QuantizeWeights)),
+            "pack-blocks" => Some(Box::new(PackBlocks)),
             _ => None,
         }
     }
@@ -83,6 +90,7 @@ impl Pipeline {
         "constant-fold",
         "dead-nodes",
         "quantize-weights",
+        "pack-blocks",
     ];
 
     pub fn from_passes(passes: Vec<Box<dyn Pass>>) -> Self {

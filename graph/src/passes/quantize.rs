@@ -57,7 +57,7 @@ impl Pass for QuantizeWeights {
     }
 }
 
-fn is_matmul_weight(graph: &Graph, user: NodeId, w: NodeId) -> bool {
+pub(super) fn is_matmul_weight(graph: &Graph, user: NodeId, w: NodeId) -> bool {
     let n = graph.node(user);
     n.op == Op::MatMul && n.inputs.get(1) == Some(&w) && n.inputs.first() != Some(&w)
 }

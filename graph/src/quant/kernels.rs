@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use super::format::{f16_at, k4_scale_min, GgmlType};
 use super::matrix::QMatrix;
+use super::packed::GROUP;
 
 /// Values per activation block (and per Q4_0 / Q4_1 / Q8_0 weight block).
 pub const QK: usize = 32;
@@ -38,13 +39,13 @@ pub enum Kernel {
 
 /// Activation rows quantized to int8 blocks of [`QK`] values.
 pub struct QActs {
-    n: usize,
-    cols: usize,
-    qs: Vec<i8>,
+    pub(super) n: usize,
+    pub(super) cols: usize,
+    pub(super) qs: Vec<i8>,
     /// Per block: the scale `dx` (`x ≈ qx * dx`).
-    d: Vec<f32>,
+    pub(super) d: Vec<f32>,
     /// Per block: `dx * sum(qx)`.
-    s: Vec<f32>,
+    pub(super) s: Vec<f32>,
     /// Per 16 values: `sum(qx)`.
     h: Vec<i32>,
 }
@@ -532,6 +533,12 @@ mod avx2 {
     }
 }
 
+/// Whether [`matmul`] reads the packed copy of a [`QMatrix::pack`]ed matrix on this
+/// CPU (it reads the rows otherwise, and packing would only cost memory).
+pub fn packed_kernel_available() -> bool {
+    simd_available()
+}
+
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -580,13 +587,23 @@ pub fn matmul(x: &[f32], n: usize, w: &QMatrix, kernel: Kernel) -> Vec<f32> {
     // balance; each weight row is read once and stays in cache while every activation
     // row uses it. The output is computed transposed, `[rows, n]`.
     let threads = rayon::current_num_threads();
+    let packed = w.packed().filter(|_| simd);
     let per_task = if threads == 1 {
         rows
     } else {
-        rows.div_ceil(threads * 4).max(16)
+        // Whole groups of the packed layout per task.
+        rows.div_ceil(threads * 4).max(16).next_multiple_of(GROUP)
     };
     let run = |start: usize, chunk: &mut [f32]| {
         let end = start + chunk.len() / n;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = packed {
+            // SAFETY: `simd` is true only when the CPU has AVX2, FMA and F16C; tasks
+            // start at multiples of GROUP and `rows` is one (`Packed::new`).
+            unsafe { super::packed::avx2::rows(p, start / GROUP..end / GROUP, &acts, chunk) };
+            return;
+        }
+        let _ = packed;
         w.for_each_run(start..end, |first, ty, bytes| {
             let row_bytes = ty.bytes_for(cols).unwrap_or(1);
             let count = bytes.len() / row_bytes;

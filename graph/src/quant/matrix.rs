@@ -2,10 +2,15 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::format::{dequantize, GgmlType};
+use super::packed::Packed;
 
 /// Memory that quantized rows are read from: a memory-mapped file or our own bytes.
 pub trait Bytes: Send + Sync {
     fn bytes(&self) -> &[u8];
+    /// A hint that `range` will not be read for a while (its rows were copied to a
+    /// packed layout): a mapped file may drop those pages from memory; reading them
+    /// again stays valid.
+    fn release(&self, _range: Range<usize>) {}
 }
 
 impl<T: AsRef<[u8]> + Send + Sync> Bytes for T {
@@ -38,6 +43,8 @@ pub struct QMatrix {
     segments: Vec<Segment>,
     /// First row of each segment.
     starts: Vec<usize>,
+    /// The same rows interleaved for the grouped kernel (see [`QMatrix::pack`]).
+    packed: Option<Arc<Packed>>,
 }
 
 impl std::fmt::Debug for QMatrix {
@@ -94,6 +101,7 @@ impl QMatrix {
                 rows,
             }],
             starts: vec![0],
+            packed: None,
         })
     }
 
@@ -226,6 +234,37 @@ impl QMatrix {
             rows,
             segments,
             starts,
+            packed: None,
+        }
+    }
+
+    /// This matrix with a copy of its rows interleaved eight at a time, which the
+    /// matmul then reads instead of the rows (about twice as fast on AVX2); `None`
+    /// unless every row is Q4_0 or Q4_1 and the rows are a multiple of eight. Row
+    /// operations on the result read the rows and drop the packed copy.
+    pub fn pack(&self) -> Option<QMatrix> {
+        let packed = Packed::new(self)?;
+        Some(QMatrix {
+            packed: Some(Arc::new(packed)),
+            ..self.clone()
+        })
+    }
+
+    pub(crate) fn packed(&self) -> Option<&Packed> {
+        self.packed.as_deref()
+    }
+
+    /// Whether [`QMatrix::pack`] made this matrix.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
+    }
+
+    /// Tells the stores that these rows will not be read for a while (see
+    /// [`Bytes::release`]).
+    pub fn release_rows(&self) {
+        for s in &self.segments {
+            let len = s.ty.bytes_for(self.cols).unwrap_or(0) * s.rows;
+            s.store.release(s.offset..s.offset + len);
         }
     }
 

@@ -8,6 +8,7 @@
 pub mod format;
 pub mod kernels;
 mod matrix;
+pub mod packed;
 
 pub use format::{dequantize, GgmlType};
 pub use kernels::{matmul, Kernel};

@@ -1,0 +1,54 @@
+use std::sync::Arc;
+
+use super::quantize::is_matmul_weight;
+use super::{Pass, PassContext};
+use crate::error::Result;
+use crate::graph::Graph;
+use crate::ir::{NodeId, Op};
+use crate::quant::kernels::packed_kernel_available;
+use crate::value::Value;
+
+/// For CPU backends: stores each Q4_0 / Q4_1 matmul weight with its rows interleaved
+/// eight at a time ([`crate::quant::QMatrix::pack`]), the layout the grouped kernel
+/// reads. The rows' own bytes are then released: a memory-mapped GGUF drops those pages,
+/// so the packed copy takes their place in memory instead of adding to it. Does nothing
+/// on a CPU without the grouped kernel, or to weights that are not whole groups of
+/// 4-bit rows.
+pub struct PackBlocks;
+
+impl Pass for PackBlocks {
+    fn name(&self) -> &'static str {
+        "pack-blocks"
+    }
+
+    fn run(&self, graph: &mut Graph, _ctx: &PassContext) -> Result<usize> {
+        if !packed_kernel_available() {
+            return Ok(0);
+        }
+        let users = graph.users();
+        let weights: Vec<NodeId> = (0..graph.nodes().len())
+            .map(NodeId)
+            .filter(|&w| matches!(graph.node(w).op, Op::Param(_)))
+            .filter(|&w| {
+                !users[w.0].is_empty() && users[w.0].iter().all(|u| is_matmul_weight(graph, *u, w))
+            })
+            .collect();
+        let mut done = 0;
+        for w in weights {
+            let name = graph.node(w).name.clone();
+            let Some(Value::Quant(m)) = graph.param(&name).cloned() else {
+                continue;
+            };
+            if m.is_packed() {
+                continue;
+            }
+            // One matrix at a time: its rows are read once here and released at once,
+            // so loading never holds both layouts of more than one matrix.
+            let Some(packed) = m.pack() else { continue };
+            m.release_rows();
+            graph.set_param(&name, Value::Quant(Arc::new(packed)))?;
+            done += 1;
+        }
+        Ok(done)
+    }
+}
