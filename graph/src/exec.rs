@@ -232,6 +232,11 @@ impl KvCache {
             .ok_or_else(|| GraphError::Input(format!("the KV cache has no layer {layer}")))?;
         if let Some(host) = &mut l.host {
             let data = &mut host[kind as usize];
+            if data.capacity() == 0 {
+                // All positions at once, so growing never copies the cache (nor holds
+                // twice its size); pages are only touched as positions are written.
+                data.reserve_exact(l.rows * l.width);
+            }
             // Rows past `past` belong to a step that failed; this step replaces them.
             data.truncate(past * l.width);
             data.extend(Value::F2(new).to_f32_vec()?);

@@ -351,6 +351,10 @@ impl GgufFile {
                 }
             }
         }
+        let map = Mapped(map);
+        // Everything before the tensors is parsed now (the vocabulary and merges are
+        // most of it): its pages need not stay resident.
+        llama_graph::quant::Bytes::release(&map, 0..data_start);
         Ok(GgufFile {
             path: path.to_path_buf(),
             version,
@@ -361,7 +365,7 @@ impl GgufFile {
                 .map(|(i, t)| (t.name.clone(), i))
                 .collect(),
             tensors,
-            map: std::sync::Arc::new(Mapped(map)),
+            map: std::sync::Arc::new(map),
         })
     }
 
