@@ -373,6 +373,13 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
+    /// Drops the file's pages from this process's memory once the weights are loaded:
+    /// what was copied (f32 norms) is not read again, and block matrices that are read
+    /// in place fault their pages back in as they are used.
+    pub fn release_pages(&self) {
+        llama_graph::quant::Bytes::release(&*self.map, 0..self.map.len());
+    }
+
     pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
         self.index.get(name).map(|&i| &self.tensors[i])
     }

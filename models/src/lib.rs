@@ -142,6 +142,9 @@ impl Model {
             let weights = (entry.load)(&config, &loader)?;
             Ok((entry.hf, config, weights))
         })?;
+        if let ModelSource::Gguf(file) = &source {
+            file.release_pages();
+        }
         Ok(Model {
             path: path.to_path_buf(),
             source,
