@@ -139,10 +139,7 @@ fn metadata_of_every_type_and_custom_alignment() {
     );
     assert_eq!(
         m("t.strings"),
-        MetaValue::Array(vec![
-            MetaValue::String("a".into()),
-            MetaValue::String("bc".into())
-        ])
+        MetaValue::Strings(["a", "bc"].into_iter().collect())
     );
     assert_eq!(m("t.u64"), MetaValue::U64(u64::MAX));
     assert_eq!(m("t.i64"), MetaValue::I64(i64::MIN));

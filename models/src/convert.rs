@@ -164,11 +164,10 @@ pub fn gguf_to_hf(
     )?;
     let tokens = file
         .get("tokenizer.ggml.tokens")
-        .and_then(MetaValue::as_array);
+        .and_then(MetaValue::as_strings);
     let token_text = |k: &str| {
         token_id(k)
             .and_then(|id| tokens.and_then(|t| t.get(id as usize)))
-            .and_then(MetaValue::as_str)
             .map(str::to_string)
     };
     let tok_path = out.join("tokenizer.json");

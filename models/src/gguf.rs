@@ -34,7 +34,55 @@ pub enum MetaValue {
     F64(f64),
     Bool(bool),
     String(String),
+    /// An array of anything but strings.
     Array(Vec<MetaValue>),
+    /// An array of strings (a vocabulary, merges), kept in one buffer.
+    Strings(StrArray),
+}
+
+/// Strings stored back to back in one buffer: a 50k-token vocabulary is two
+/// allocations, not 50k values of a 32-byte enum and 50k more of their text.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StrArray {
+    text: String,
+    /// End of each string in `text`.
+    ends: Vec<usize>,
+}
+
+impl StrArray {
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// String `i`.
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.text[start..end])
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+
+    pub fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+        self.ends.push(self.text.len());
+    }
+}
+
+impl<'a> FromIterator<&'a str> for StrArray {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
+        let mut a = StrArray::default();
+        for s in iter {
+            a.push(s);
+        }
+        a
+    }
 }
 
 impl MetaValue {
@@ -74,9 +122,18 @@ impl MetaValue {
         }
     }
 
+    /// An array of anything but strings.
     pub fn as_array(&self) -> Option<&[MetaValue]> {
         match self {
             MetaValue::Array(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// An array of strings.
+    pub fn as_strings(&self) -> Option<&StrArray> {
+        match self {
+            MetaValue::Strings(v) => Some(v),
             _ => None,
         }
     }
@@ -85,6 +142,7 @@ impl MetaValue {
     pub fn brief(&self) -> String {
         match self {
             MetaValue::Array(v) => format!("[{} values]", v.len()),
+            MetaValue::Strings(v) => format!("[{} strings]", v.len()),
             MetaValue::String(s) if s.len() > 80 => {
                 format!("{:?}...", &s[..s.floor_char_boundary(80)])
             }
@@ -231,6 +289,17 @@ impl<'a> Cursor<'a> {
                 }
                 let item = self.u32("array type")?;
                 let n = self.len("array", 1)?;
+                if item == 8 {
+                    let mut v = StrArray::default();
+                    for _ in 0..n {
+                        let len = self.len("string", 1)?;
+                        let bytes = self.take(len, "string")?;
+                        let s = std::str::from_utf8(bytes)
+                            .map_err(|_| self.err("a string of an array is not UTF-8"))?;
+                        v.push(s);
+                    }
+                    return Ok(MetaValue::Strings(v));
+                }
                 let mut v = Vec::with_capacity(n.min(1 << 20));
                 for _ in 0..n {
                     v.push(self.value(item, depth + 1)?);
@@ -453,8 +522,8 @@ impl GgufFile {
             Some(v) => v,
             None => self
                 .get("tokenizer.ggml.tokens")
-                .and_then(MetaValue::as_array)
-                .map(|a| a.len())
+                .and_then(MetaValue::as_strings)
+                .map(StrArray::len)
                 .or_else(|| self.tensor("token_embd.weight").map(|t| t.shape[0]))
                 .ok_or_else(|| self.missing(&format!("{arch}.vocab_size")))?,
         };

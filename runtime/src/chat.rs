@@ -99,11 +99,8 @@ impl ChatTemplate {
                     let id = file.get(k).and_then(MetaValue::as_u64)?;
                     let tokens = file
                         .get("tokenizer.ggml.tokens")
-                        .and_then(MetaValue::as_array)?;
-                    tokens
-                        .get(id as usize)
-                        .and_then(MetaValue::as_str)
-                        .map(str::to_string)
+                        .and_then(MetaValue::as_strings)?;
+                    tokens.get(id as usize).map(str::to_string)
                 };
                 Ok(file
                     .get("tokenizer.chat_template")

@@ -200,15 +200,14 @@ impl GgufVocab<'_> {
 }
 
 fn strings<'a>(file: &'a GgufFile, key: &str) -> std::result::Result<Vec<&'a str>, String> {
-    file.get(key)
-        .and_then(MetaValue::as_array)
-        .ok_or(format!("no {key}"))?
-        .iter()
-        .map(|t| {
-            t.as_str()
-                .ok_or(format!("an entry of {key} is not a string"))
-        })
-        .collect()
+    match file.get(key) {
+        Some(v) => Ok(v
+            .as_strings()
+            .ok_or(format!("{key} is not an array of strings"))?
+            .iter()
+            .collect()),
+        None => Err(format!("no {key}")),
+    }
 }
 
 /// Control (3) and user-defined (4) tokens are matched whole in the text.

@@ -34,6 +34,7 @@ impl Pass for PackBlocks {
             })
             .collect();
         let mut done = 0;
+        let mut packed_from = Vec::new();
         for w in weights {
             let name = graph.node(w).name.clone();
             let Some(Value::Quant(m)) = graph.param(&name).cloned() else {
@@ -47,7 +48,14 @@ impl Pass for PackBlocks {
             let Some(packed) = m.pack() else { continue };
             m.release_rows();
             graph.set_param(&name, Value::Quant(Arc::new(packed)))?;
+            packed_from.push(m);
             done += 1;
+        }
+        // Reading rows also maps the pages around them (the kernel faults in whole
+        // neighbourhoods): release the files once more, whole. Blocks still read in
+        // place (an embedding table) come back as they are used.
+        for m in &packed_from {
+            m.release_stores();
         }
         Ok(done)
     }

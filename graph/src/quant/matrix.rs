@@ -268,6 +268,19 @@ impl QMatrix {
         }
     }
 
+    /// Tells every store this matrix reads from that none of it will be read for a
+    /// while (see [`Bytes::release`]): also the pages next to its rows that reading
+    /// them brought in.
+    pub fn release_stores(&self) {
+        let mut seen: Vec<&Arc<dyn Bytes>> = Vec::new();
+        for s in &self.segments {
+            if !seen.iter().any(|x| Arc::ptr_eq(x, &s.store)) {
+                s.store.release(0..s.store.bytes().len());
+                seen.push(&s.store);
+            }
+        }
+    }
+
     /// The rows of `parts` one after the other; `None` when their widths differ.
     pub fn concat(parts: &[&QMatrix]) -> Option<QMatrix> {
         let cols = parts.first()?.cols;
