@@ -206,14 +206,7 @@ mod decode_avx2 {
     use rayon::prelude::*;
 
     use super::AttentionShape;
-
-    #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
+    use crate::quant::kernels::avx2::hsum;
 
     /// `a · b` over `n` values.
     #[inline(always)]

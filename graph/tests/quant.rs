@@ -224,20 +224,11 @@ fn packed_4_bit_rows_match_dequantized_f32_within_the_bound() {
     // block and of several; activation rows that are and are not multiples of four.
     for (rows, blocks, ns) in [(8, 1, [1, 4]), (40, 3, [2, 5]), (136, 7, [1, 9])] {
         let cols = 32 * blocks;
-        let q40 = QMatrix::from_bytes(
-            GgmlType::Q4_0,
-            rows / 2,
-            cols,
-            random_blocks(GgmlType::Q4_0, rows / 2, cols, &mut rng),
-        )
-        .unwrap();
-        let q41 = QMatrix::from_bytes(
-            GgmlType::Q4_1,
-            rows / 2,
-            cols,
-            random_blocks(GgmlType::Q4_1, rows / 2, cols, &mut rng),
-        )
-        .unwrap();
+        let mut half_of = |ty| {
+            let bytes = random_blocks(ty, rows / 2, cols, &mut rng);
+            QMatrix::from_bytes(ty, rows / 2, cols, bytes).unwrap()
+        };
+        let (q40, q41) = (half_of(GgmlType::Q4_0), half_of(GgmlType::Q4_1));
         // Q4_0 and Q4_1 rows in one matrix, and a group that straddles them.
         let mixed = QMatrix::concat(&[&q40, &q41]).unwrap();
         for w in [&q40, &q41, &mixed] {

@@ -239,7 +239,7 @@ fn rows_portable(dot: DotFn, w: &[u8], row_bytes: usize, a: &QActs, out: &mut [f
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     //! The same dot products with AVX2: 32 `u8 x i8` products per instruction
     //! (`maddubs`), summed to i32 lanes, scaled in f32 once per block. Q4_0, Q4_1 and
     //! Q8_0 rows meet four activation rows at a time, so each weight block is loaded
@@ -248,8 +248,9 @@ mod avx2 {
 
     use super::{QActs, QK};
 
+    /// The sum of the eight lanes.
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(crate) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
