@@ -6,7 +6,8 @@
 //!   cargo bench --workspace --bench kernels [-- FILTER]
 //!
 //! (`--workspace`, so burn keeps the features the rest of the build gave it.) Q4_0 and
-//! Q4_1 also run packed (`Q4_1/packed`), the layout the CPU pipeline gives them.
+//! Q4_1 also run packed (`Q4_1/packed/Auto` with VNNI where the CPU has it,
+//! `Q4_1/packed/Avx2` without), the layout the CPU pipeline gives them.
 //!
 //! Threads: rayon's default (every core) unless `RAYON_NUM_THREADS` is set.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -65,8 +66,10 @@ fn kernels(c: &mut Criterion) {
                     group.bench_function(id, |b| b.iter(|| matmul(&x, n, &w, kernel)));
                 }
                 if let Some(packed) = w.pack() {
-                    let id = BenchmarkId::new(format!("{}/packed", ty.name()), n);
-                    group.bench_function(id, |b| b.iter(|| matmul(&x, n, &packed, Kernel::Auto)));
+                    for kernel in [Kernel::Auto, Kernel::Avx2] {
+                        let id = BenchmarkId::new(format!("{}/packed/{kernel:?}", ty.name()), n);
+                        group.bench_function(id, |b| b.iter(|| matmul(&x, n, &packed, kernel)));
+                    }
                 }
             }
             group.finish();

@@ -76,7 +76,12 @@ fn check(w: &QMatrix, n: usize, rng: &mut Rng, what: &str) {
     let xq: Vec<f32> = (0..n).flat_map(|t| acts.dequantize_row(t)).collect();
     let exact = reference(&xq, n, &wd, rows, cols);
     let want = reference(&x, n, &wd, rows, cols);
-    for kernel in [Kernel::Auto, Kernel::Portable] {
+    for kernel in [
+        Kernel::Auto,
+        Kernel::Avx2,
+        Kernel::Avx512Vnni,
+        Kernel::Portable,
+    ] {
         let got = matmul(&x, n, w, kernel);
         for t in 0..n {
             for r in 0..rows {

@@ -31,8 +31,15 @@ pub const QK: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
     /// The fastest this CPU supports, detected at run time (AVX2 + FMA + F16C on
-    /// x86-64; the portable loop elsewhere).
+    /// x86-64, with VNNI dot products for packed rows where the CPU has AVX-VNNI or
+    /// AVX-512 VNNI; the portable loop elsewhere).
     Auto,
+    /// AVX2 without VNNI where the CPU has AVX2 (for tests of that path); as `Auto`
+    /// otherwise.
+    Avx2,
+    /// Packed rows through AVX-512 VNNI where the CPU has it, even if it also has
+    /// AVX-VNNI (for tests of that path); as `Auto` otherwise.
+    Avx512Vnni,
     /// The portable loop (for tests of the fallback, and CPUs without SIMD).
     Portable,
 }
@@ -582,7 +589,7 @@ fn pick(ty: GgmlType, simd: bool) -> RowsFn {
 pub fn matmul(x: &[f32], n: usize, w: &QMatrix, kernel: Kernel) -> Vec<f32> {
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), n * cols, "x is not [n, cols]");
-    let simd = kernel == Kernel::Auto && simd_available();
+    let simd = kernel != Kernel::Portable && simd_available();
     let acts = QActs::quantize(x, n, cols);
     // Output rows in chunks across threads, a few chunks per thread so uneven cores
     // balance; each weight row is read once and stays in cache while every activation
@@ -599,9 +606,16 @@ pub fn matmul(x: &[f32], n: usize, w: &QMatrix, kernel: Kernel) -> Vec<f32> {
         let end = start + chunk.len() / n;
         #[cfg(target_arch = "x86_64")]
         if let Some(p) = packed {
-            // SAFETY: `simd` is true only when the CPU has AVX2, FMA and F16C; tasks
-            // start at multiples of GROUP and `rows` is one (`Packed::new`).
-            unsafe { super::packed::avx2::rows(p, start / GROUP..end / GROUP, &acts, chunk) };
+            use super::packed::avx2;
+            let rows = match kernel {
+                Kernel::Avx2 => avx2::rows,
+                Kernel::Avx512Vnni if avx2::has_avx512vnni() => avx2::rows_avx512vnni,
+                _ => avx2::pick(),
+            };
+            // SAFETY: `simd` is true only when the CPU has AVX2, FMA and F16C (and
+            // `pick` checks VNNI); tasks start at multiples of GROUP and `rows` is one
+            // (`Packed::new`).
+            unsafe { rows(p, start / GROUP..end / GROUP, &acts, chunk) };
             return;
         }
         let _ = packed;

@@ -87,11 +87,70 @@ pub(crate) mod avx2 {
         ))
     }
 
+    /// The i32 sums of one block: eight rows' nibbles (`lo`: values 0..16 of the
+    /// block, `hi`: 16..32, chunk `c` holding four values of each row) times
+    /// activation block `i`, one row per lane.
+    pub trait BlockSum {
+        unsafe fn sum(lo: &[__m256i; 4], hi: &[__m256i; 4], a: &QActs, i: usize) -> __m256i;
+    }
+
+    /// AVX2: `u8 x i8` pair sums in i16 (`maddubs`), widened once per block.
+    pub struct Maddubs;
+
+    impl BlockSum for Maddubs {
+        #[inline(always)]
+        unsafe fn sum(lo: &[__m256i; 4], hi: &[__m256i; 4], a: &QActs, i: usize) -> __m256i {
+            // Eight pair sums per lane, each at most 2 * 15 * 127: their total fits i16.
+            let mut s = _mm256_maddubs_epi16(lo[0], bcast(a, i, 0));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[0], bcast(a, i, 16)));
+            for c in 1..4 {
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[c], bcast(a, i, 4 * c)));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[c], bcast(a, i, 16 + 4 * c)));
+            }
+            _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+        }
+    }
+
+    /// AVX-VNNI (`vpdpbusd`, VEX): four `u8 x i8` products added to an i32 lane in one
+    /// instruction, in two chains.
+    pub struct AvxVnni;
+
+    impl BlockSum for AvxVnni {
+        #[inline(always)]
+        unsafe fn sum(lo: &[__m256i; 4], hi: &[__m256i; 4], a: &QActs, i: usize) -> __m256i {
+            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for c in 0..4 {
+                s0 = _mm256_dpbusd_avx_epi32(s0, lo[c], bcast(a, i, 4 * c));
+                s1 = _mm256_dpbusd_avx_epi32(s1, hi[c], bcast(a, i, 16 + 4 * c));
+            }
+            _mm256_add_epi32(s0, s1)
+        }
+    }
+
+    /// AVX-512 VNNI on 256-bit registers (CPUs with AVX-512 but not AVX-VNNI).
+    pub struct Avx512Vnni;
+
+    impl BlockSum for Avx512Vnni {
+        #[inline(always)]
+        unsafe fn sum(lo: &[__m256i; 4], hi: &[__m256i; 4], a: &QActs, i: usize) -> __m256i {
+            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for c in 0..4 {
+                s0 = _mm256_dpbusd_epi32(s0, lo[c], bcast(a, i, 4 * c));
+                s1 = _mm256_dpbusd_epi32(s1, hi[c], bcast(a, i, 16 + 4 * c));
+            }
+            _mm256_add_epi32(s0, s1)
+        }
+    }
+
     /// Eight rows (one group) times activation rows `t..t + R`: `out[j][r]`.
     #[inline(always)]
-    unsafe fn group<const R: usize>(g: &[u8], nb: usize, a: &QActs, t: usize) -> [__m256; R] {
+    unsafe fn group<S: BlockSum, const R: usize>(
+        g: &[u8],
+        nb: usize,
+        a: &QActs,
+        t: usize,
+    ) -> [__m256; R] {
         let m4 = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = [_mm256_setzero_ps(); R];
         let mut off = [_mm256_setzero_ps(); R];
         let an = a.cols / 32;
@@ -108,15 +167,7 @@ pub(crate) mod avx2 {
             }
             for j in 0..R {
                 let i = (t + j) * an + b;
-                // Eight `u8 x i8` pair sums per lane, each at most 2 * 15 * 127: their
-                // total fits an i16 lane.
-                let mut s = _mm256_maddubs_epi16(lo[0], bcast(a, i, 0));
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[0], bcast(a, i, 16)));
-                for c in 1..4 {
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[c], bcast(a, i, 4 * c)));
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[c], bcast(a, i, 16 + 4 * c)));
-                }
-                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+                let s = _mm256_cvtepi32_ps(S::sum(&lo, &hi, a, i));
                 let dx = _mm256_set1_ps(*a.d.as_ptr().add(i));
                 acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), s, acc[j]);
                 off[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.s.as_ptr().add(i)), off[j]);
@@ -131,15 +182,20 @@ pub(crate) mod avx2 {
 
     /// Groups `groups` of `p` times every activation row, into `out [rows, n]` (the
     /// groups' rows only, transposed as the row kernels write them).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn rows(p: &Packed, groups: std::ops::Range<usize>, a: &QActs, out: &mut [f32]) {
+    #[inline(always)]
+    unsafe fn rows_with<S: BlockSum>(
+        p: &Packed,
+        groups: std::ops::Range<usize>,
+        a: &QActs,
+        out: &mut [f32],
+    ) {
         let n = a.n;
         for (g, o) in groups.zip(out.chunks_exact_mut(GROUP * n)) {
             let w = p.group(g);
             let mut t = 0;
             let mut lanes = [0f32; GROUP];
             while t + 4 <= n {
-                for (j, v) in group::<4>(w, p.nb, a, t).into_iter().enumerate() {
+                for (j, v) in group::<S, 4>(w, p.nb, a, t).into_iter().enumerate() {
                     _mm256_storeu_ps(lanes.as_mut_ptr(), v);
                     for (r, l) in lanes.iter().enumerate() {
                         o[r * n + t + j] = *l;
@@ -148,7 +204,7 @@ pub(crate) mod avx2 {
                 t += 4;
             }
             while t < n {
-                let [v] = group::<1>(w, p.nb, a, t);
+                let [v] = group::<S, 1>(w, p.nb, a, t);
                 if n == 1 {
                     _mm256_storeu_ps(o.as_mut_ptr(), v);
                 } else {
@@ -159,6 +215,48 @@ pub(crate) mod avx2 {
                 }
                 t += 1;
             }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows(p: &Packed, groups: std::ops::Range<usize>, a: &QActs, out: &mut [f32]) {
+        rows_with::<Maddubs>(p, groups, a, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn rows_avxvnni(
+        p: &Packed,
+        groups: std::ops::Range<usize>,
+        a: &QActs,
+        out: &mut [f32],
+    ) {
+        rows_with::<AvxVnni>(p, groups, a, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+    pub unsafe fn rows_avx512vnni(
+        p: &Packed,
+        groups: std::ops::Range<usize>,
+        a: &QActs,
+        out: &mut [f32],
+    ) {
+        rows_with::<Avx512Vnni>(p, groups, a, out)
+    }
+
+    pub fn has_avx512vnni() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// The fastest of the three that this CPU runs (AVX2, FMA and F16C assumed).
+    pub fn pick() -> unsafe fn(&Packed, std::ops::Range<usize>, &QActs, &mut [f32]) {
+        if is_x86_feature_detected!("avxvnni") {
+            rows_avxvnni
+        } else if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            rows_avx512vnni
+        } else {
+            rows
         }
     }
 }
