@@ -239,7 +239,7 @@ impl KvCache {
             }
             // Rows past `past` belong to a step that failed; this step replaces them.
             data.truncate(past * l.width);
-            data.extend(Value::F2(new).to_f32_vec()?);
+            data.extend(Value::F2(new).into_f32_vec()?);
             return Ok(Value::Cached(CachedRows {
                 layer,
                 kind,
@@ -567,13 +567,20 @@ impl Program {
                     .cloned()
                     .ok_or_else(|| GraphError::MissingParam(node.name.clone()))?,
                 op => {
+                    // An input read for the last time is moved, not cloned, so a host
+                    // op can take its buffer over instead of copying it.
                     let mut inputs: Vec<Value> = node
                         .inputs
                         .iter()
-                        .map(|x| {
-                            env[x.0]
-                                .clone()
-                                .expect("inputs precede users and live until their last use")
+                        .enumerate()
+                        .map(|(k, x)| {
+                            let last = self.last_use[x.0] == i && !node.inputs[k + 1..].contains(x);
+                            let v = if last {
+                                env[x.0].take()
+                            } else {
+                                env[x.0].clone()
+                            };
+                            v.expect("inputs precede users and live until their last use")
                         })
                         .collect();
                     if rows == Rows::Last && Some(i) == self.row_wise_from && seq > 1 {
@@ -654,7 +661,7 @@ fn host2(node: &str, t: Tensor<2>) -> Result<(Vec<f32>, [usize; 2])> {
     let dims = t.dims();
     Ok((
         Value::F2(t)
-            .to_f32_vec()
+            .into_f32_vec()
             .map_err(|e| bad(node, e.to_string()))?,
         dims,
     ))
@@ -756,7 +763,7 @@ pub fn eval(
                 Value::Quant(w) => {
                     // The block kernels run on the host: bring the activations over and back.
                     let [n, _] = x.dims();
-                    let host = Value::F2(x).to_f32_vec()?;
+                    let host = Value::F2(x).into_f32_vec()?;
                     let out = crate::quant::matmul(&host, n, &w, crate::quant::Kernel::Auto);
                     Value::F2(Tensor::from_data(
                         TensorData::new(out, [n, w.rows()]),

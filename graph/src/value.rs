@@ -52,6 +52,19 @@ impl Value {
             .map_err(|e| GraphError::Input(format!("reading tensor data: {e:?}")))
     }
 
+    /// A float value's data on the host, row-major: without a copy where the tensor's
+    /// buffer is contiguous and not shared (burn-flex hands it over).
+    pub fn into_f32_vec(self) -> Result<Vec<f32>> {
+        let data: TensorData = match self {
+            Value::F1(t) => t.into_data(),
+            Value::F2(t) => t.into_data(),
+            other => return other.to_f32_vec(),
+        };
+        data.convert::<f32>()
+            .try_into_vec::<f32>()
+            .map_err(|e| GraphError::Input(format!("reading tensor data: {e:?}")))
+    }
+
     /// Copies an integer value to the host.
     pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
         let Value::I1(t) = self else {
