@@ -194,3 +194,34 @@ fn last_row_logits_equal_the_last_row_of_all_logits() {
         assert!(max_abs_diff(&a, &b) <= 1e-5, "{name}: the next step");
     }
 }
+
+#[test]
+fn a_session_built_for_a_context_has_rope_tables_of_that_length_and_matches_transformers() {
+    for name in TINY {
+        let r = reference(name);
+        let ids = &r.input_ids;
+        let model = load(name, &flex());
+        let context = ids.len();
+        assert!(context < model.config.max_position_embeddings);
+        let graph = model.build_graph_for(context).expect("graph builds");
+        let tables: Vec<usize> = graph
+            .nodes()
+            .iter()
+            .filter_map(|n| match n.op {
+                llama::graph::Op::RopeAngles { max_positions, .. } => Some(max_positions),
+                _ => None,
+            })
+            .collect();
+        assert!(!tables.is_empty(), "{name}: no RoPE table");
+        assert!(tables.iter().all(|&n| n == context), "{name}: {tables:?}");
+        // The whole context still computes transformers' logits, and a step past it is
+        // refused.
+        let mut s =
+            llama::runtime::Session::from_model(&model, &flex(), &Pipeline::standard(), context)
+                .expect("session");
+        let logits = s.prefill(ids).expect("prefill");
+        let diff = max_abs_diff(logits.last(), r.logits.last().expect("logits"));
+        assert!(diff <= 1e-4, "{name}: last row differs by {diff}");
+        assert!(s.decode(0).is_err(), "{name}: a step past the context");
+    }
+}

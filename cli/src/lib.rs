@@ -500,8 +500,12 @@ fn pipeline(spec: &str, backend: Backend, precision: Precision) -> Result<Pipeli
     })
 }
 
-/// Loads the model (with a progress bar on a terminal) and compiles its graph.
-fn compile(args: &ModelArgs) -> Result<(Model, Program)> {
+/// Loads the model (with a progress bar on a terminal) and compiles its graph for the
+/// number of positions `positions` picks for it (the RoPE tables hold that many rows).
+fn compile(
+    args: &ModelArgs,
+    positions: impl FnOnce(&Model) -> Result<usize>,
+) -> Result<(Model, Program, usize)> {
     let pipeline = pipeline(&args.passes, args.backend, args.precision)?;
     let threads = args
         .threads
@@ -541,14 +545,15 @@ fn compile(args: &ModelArgs) -> Result<(Model, Program)> {
         bar.finish_and_clear();
     }
     let model = model?;
-    let mut graph = model.build_graph()?;
+    let positions = positions(&model)?;
+    let mut graph = model.build_graph_for(positions)?;
     pipeline.run(
         &mut graph,
         &PassContext {
             device: device.clone(),
         },
     )?;
-    Ok((model, Program::new(graph, device)?))
+    Ok((model, Program::new(graph, device)?, positions))
 }
 
 fn tokenizer(model: &Model) -> Result<Tokenizer> {
@@ -599,7 +604,7 @@ fn chat_template(model: &Model) -> Result<ChatTemplate> {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    let (model, program) = compile(&args.model)?;
+    let (model, program, context) = compile(&args.model, |m| context_for(m, args.run.ctx_size))?;
     let tokenizer = tokenizer(&model)?;
     let opts = options(&model, &args.run);
     let prompt = if args.chat {
@@ -613,7 +618,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     } else {
         tokenizer.encode(&args.prompt)?
     };
-    let mut session = Session::new(program, context_for(&model, args.run.ctx_size)?)?;
+    let mut session = Session::new(program, context)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let json = args.json;
@@ -651,11 +656,11 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
 /// The interactive loop: one user line a turn; the cache keeps the conversation, so only
 /// the new turn is prefilled.
 fn run_chat(args: ChatArgs) -> Result<()> {
-    let (model, program) = compile(&args.model)?;
+    let (model, program, context) = compile(&args.model, |m| context_for(m, args.run.ctx_size))?;
     let tokenizer = tokenizer(&model)?;
     let template = chat_template(&model)?;
     let mut opts = options(&model, &args.run);
-    let mut session = Session::new(program, context_for(&model, args.run.ctx_size)?)?;
+    let mut session = Session::new(program, context)?;
     let interactive = std::io::stdin().is_terminal();
     let cancel = Arc::new(AtomicBool::new(false));
     opts.cancel = Some(cancel.clone());
@@ -707,7 +712,8 @@ fn run_chat(args: ChatArgs) -> Result<()> {
 }
 
 fn run_graph(args: GraphArgs) -> Result<()> {
-    let (model, program) = compile(&args.model)?;
+    // The graph as the model declares it: RoPE tables for its whole context.
+    let (model, program, _) = compile(&args.model, |m| Ok(m.config.max_position_embeddings))?;
     match args.prompt {
         Some(prompt) if args.taps => {
             let tokenizer = tokenizer(&model)?;
@@ -726,11 +732,11 @@ fn run_graph(args: GraphArgs) -> Result<()> {
 fn run_perplexity(args: PerplexityArgs) -> Result<()> {
     let text =
         std::fs::read_to_string(&args.file).with_context(|| format!("{}", args.file.display()))?;
-    let (model, program) = compile(&args.model)?;
+    let (model, program, context) = compile(&args.model, |m| context_for(m, args.ctx_size))?;
     let tokenizer = tokenizer(&model)?;
     // No BOS: the text is scored as it is.
     let ids = tokenizer.encode_plain(&text)?;
-    let window = context_for(&model, args.ctx_size)?.min(ids.len().max(1));
+    let window = context.min(ids.len().max(1));
     let mut session = Session::new(program, window)?;
     let start = Instant::now();
     let tty = std::io::stderr().is_terminal();
@@ -917,21 +923,23 @@ fn run_bench(args: BenchArgs) -> Result<()> {
     if args.n_prompt == 0 {
         bail!("-p must be at least 1");
     }
-    let (model, program) = compile(&args.model)?;
+    let (model, program, context) = compile(&args.model, |m| {
+        let context = args.n_prompt + args.n_gen;
+        if context > m.config.max_position_embeddings {
+            bail!(
+                "-p {} plus -n {} exceed the model's {} positions",
+                args.n_prompt,
+                args.n_gen,
+                m.config.max_position_embeddings
+            );
+        }
+        Ok(context)
+    })?;
     let vocab = model.config.vocab_size as u64;
     // A fixed, varied prompt: speed does not depend on which ids.
     let prompt: Vec<u32> = (0..args.n_prompt as u64)
         .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
         .collect();
-    let context = args.n_prompt + args.n_gen;
-    if context > model.config.max_position_embeddings {
-        bail!(
-            "-p {} plus -n {} exceed the model's {} positions",
-            args.n_prompt,
-            args.n_gen,
-            model.config.max_position_embeddings
-        );
-    }
     let mut session = Session::new(program, context)?;
     let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
     // One untimed warm-up run (kernel compilation on GPUs, page faults on CPUs).

@@ -156,8 +156,13 @@ impl Model {
 
     /// The forward graph, with RoPE tables for the model's whole context.
     pub fn build_graph(&self) -> Result<Graph> {
-        self.weights
-            .build(&self.config, self.config.max_position_embeddings)
+        self.build_graph_for(self.config.max_position_embeddings)
+    }
+
+    /// The forward graph for sessions of up to `positions` positions: its RoPE tables
+    /// hold that many rows (a 128k-position model's tables are 64 MiB in full).
+    pub fn build_graph_for(&self, positions: usize) -> Result<Graph> {
+        self.weights.build(&self.config, positions)
     }
 
     /// The model's own `tokenizer.json`, if it has one.

@@ -47,15 +47,15 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session on a loaded model: builds its graph, runs `pipeline` and allocates a
-    /// KV cache of `context` positions on `device`.
+    /// A session on a loaded model: builds its graph for `context` positions, runs
+    /// `pipeline` and allocates a KV cache of `context` positions on `device`.
     pub fn from_model(
         model: &llama_models::Model,
         device: &burn::tensor::Device,
         pipeline: &llama_graph::Pipeline,
         context: usize,
     ) -> Result<Self> {
-        let mut graph = model.build_graph()?;
+        let mut graph = model.build_graph_for(context)?;
         pipeline.run(
             &mut graph,
             &llama_graph::PassContext {
