@@ -139,7 +139,7 @@ fn metadata_of_every_type_and_custom_alignment() {
     );
     assert_eq!(
         m("t.strings"),
-        MetaValue::Strings(["a", "bc"].into_iter().collect())
+        MetaValue::Strings(Box::new(["a", "bc"].into_iter().collect()))
     );
     assert_eq!(m("t.u64"), MetaValue::U64(u64::MAX));
     assert_eq!(m("t.i64"), MetaValue::I64(i64::MIN));

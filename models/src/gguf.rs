@@ -36,8 +36,9 @@ pub enum MetaValue {
     String(String),
     /// An array of anything but strings.
     Array(Vec<MetaValue>),
-    /// An array of strings (a vocabulary, merges), kept in one buffer.
-    Strings(StrArray),
+    /// An array of strings (a vocabulary, merges), kept in one buffer (boxed: the
+    /// values of an array of numbers stay small).
+    Strings(Box<StrArray>),
 }
 
 /// Strings stored back to back in one buffer: a 50k-token vocabulary is two
@@ -290,7 +291,10 @@ impl<'a> Cursor<'a> {
                 let item = self.u32("array type")?;
                 let n = self.len("array", 1)?;
                 if item == 8 {
-                    let mut v = StrArray::default();
+                    let mut v = StrArray {
+                        text: String::new(),
+                        ends: Vec::with_capacity(n.min(1 << 20)),
+                    };
                     for _ in 0..n {
                         let len = self.len("string", 1)?;
                         let bytes = self.take(len, "string")?;
@@ -298,7 +302,8 @@ impl<'a> Cursor<'a> {
                             .map_err(|_| self.err("a string of an array is not UTF-8"))?;
                         v.push(s);
                     }
-                    return Ok(MetaValue::Strings(v));
+                    v.text.shrink_to_fit();
+                    return Ok(MetaValue::Strings(Box::new(v)));
                 }
                 let mut v = Vec::with_capacity(n.min(1 << 20));
                 for _ in 0..n {
