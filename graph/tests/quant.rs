@@ -224,6 +224,7 @@ fn q8_0_quantization_is_within_half_a_step() {
 
 #[test]
 fn packed_4_bit_rows_match_dequantized_f32_within_the_bound() {
+    // Q4_0 and Q4_1.
     let mut rng = Rng(0xC0FFEE);
     // Groups of eight rows: one, five, and seventeen (split across tasks); rows of one
     // block and of several; activation rows that are and are not multiples of four.
@@ -252,6 +253,26 @@ fn packed_4_bit_rows_match_dequantized_f32_within_the_bound() {
                 "row operations read the rows"
             );
         }
+    }
+    // Q4_K: one and three super-blocks, one group and three (split across tasks).
+    for (rows, supers, ns) in [(8, 1, [1, 4]), (24, 3, [3, 6])] {
+        let cols = 256 * supers;
+        let bytes = random_blocks(GgmlType::Q4K, rows, cols, &mut rng);
+        let w = QMatrix::from_bytes(GgmlType::Q4K, rows, cols, bytes).unwrap();
+        let packed = w.pack().expect("Q4_K rows in whole groups");
+        assert_eq!(packed.dequantize(), w.dequantize(), "the rows are kept");
+        for n in ns {
+            check(&packed, n, &mut rng, "packed Q4_K");
+        }
+        let q40 = QMatrix::from_bytes(
+            GgmlType::Q4_0,
+            8,
+            cols,
+            random_blocks(GgmlType::Q4_0, 8, cols, &mut rng),
+        )
+        .unwrap();
+        let mixed = QMatrix::concat(&[&w, &q40]).unwrap();
+        assert!(mixed.pack().is_none(), "Q4_K and Q4_0 rows in one matrix");
     }
     let q8 = QMatrix::from_bytes(GgmlType::Q8_0, 8, 32, vec![0; 8 * 34]).unwrap();
     assert!(q8.pack().is_none(), "only 4-bit rows are packed");

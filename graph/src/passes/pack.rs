@@ -8,12 +8,12 @@ use crate::ir::{NodeId, Op};
 use crate::quant::kernels::packed_kernel_available;
 use crate::value::Value;
 
-/// For CPU backends: stores each Q4_0 / Q4_1 matmul weight with its rows interleaved
+/// For CPU backends: stores each Q4_0 / Q4_1 / Q4_K matmul weight with its rows interleaved
 /// eight at a time ([`crate::quant::QMatrix::pack`]), the layout the grouped kernel
 /// reads. The rows' own bytes are then released: a memory-mapped GGUF drops those pages,
 /// so the packed copy takes their place in memory instead of adding to it. Does nothing
 /// on a CPU without the grouped kernel, or to weights that are not whole groups of
-/// 4-bit rows.
+/// such rows (a Q4_K_M file's fused Q/K/V with a Q6_K V stays as rows).
 pub struct PackBlocks;
 
 impl Pass for PackBlocks {

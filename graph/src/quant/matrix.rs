@@ -240,7 +240,7 @@ impl QMatrix {
 
     /// This matrix with a copy of its rows interleaved eight at a time, which the
     /// matmul then reads instead of the rows (about twice as fast on AVX2); `None`
-    /// unless every row is Q4_0 or Q4_1 and the rows are a multiple of eight. Row
+    /// unless the rows are a multiple of eight and all Q4_0 / Q4_1 or all Q4_K. Row
     /// operations on the result read the rows and drop the packed copy.
     pub fn pack(&self) -> Option<QMatrix> {
         let packed = Packed::new(self)?;

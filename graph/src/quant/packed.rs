@@ -1,5 +1,5 @@
-//! Q4_0 / Q4_1 weights repacked eight rows at a time, for a kernel that computes eight
-//! output rows in one SIMD register.
+//! Q4_0 / Q4_1 / Q4_K weights repacked eight rows at a time, for a kernel that computes
+//! eight output rows in one SIMD register.
 //!
 //! Row by row, a 4-bit block's dot product ends in a horizontal sum of eight lanes, and
 //! its two f16 scales are converted and applied one block at a time: about twenty
@@ -14,61 +14,123 @@
 //! stores `-8 d`, its values being `d (q - 8)`), then four chunks of 32 bytes; in chunk
 //! `c`, bytes `4r..4r + 4` are row `r`'s quant bytes `4c..4c + 4`, whose low nibbles are
 //! values `4c..4c + 4` and high nibbles values `16 + 4c..16 + 4c + 4` of the block.
-use super::format::GgmlType;
+//!
+//! Q4_K, per group and 256-value super-block column (1184 bytes; 1152 as rows): the
+//! eight rows' `d` and `dmin` (f16), their eight sub-block scales and minimums decoded
+//! from 6 bits to one byte each (`[sub-block][row]`), then for each pair of sub-blocks
+//! eight chunks of 32 bytes; in chunk `k`, bytes `4r..4r + 4` are row `r`'s bytes
+//! `4k..4k + 4` of the pair's 32, whose low nibbles are values `4k..4k + 4` of the first
+//! sub-block and high nibbles those of the second.
+use super::format::{k4_scale_min, GgmlType};
 use super::matrix::QMatrix;
 
 /// Rows per group.
 pub const GROUP: usize = 8;
-/// Bytes per group and block column.
+/// Bytes per group and Q4_0 / Q4_1 block column.
 const BLOCK: usize = 2 * 2 * GROUP + 16 * GROUP;
+/// Bytes per group and Q4_K super-block column.
+const SUPER: usize = 2 * 2 * GROUP + 2 * 8 * GROUP + 128 * GROUP;
 
-/// The packed copy of a [`QMatrix`] whose rows are Q4_0 or Q4_1.
+/// Which packed layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Q4_0 or Q4_1 rows: blocks of 32 with a scale and an offset.
+    Q4,
+    /// Q4_K rows.
+    Q4K,
+}
+
+/// The packed copy of a [`QMatrix`] whose rows are Q4_0 / Q4_1, or Q4_K.
 pub struct Packed {
-    /// Blocks per row.
-    nb: usize,
+    kind: Kind,
+    /// Block (Q4) or super-block (Q4_K) columns.
+    units: usize,
     bytes: Vec<u8>,
 }
 
 impl Packed {
-    /// Packs `m`; `None` unless every row is Q4_0 or Q4_1 and the rows are a whole
-    /// number of groups.
+    /// Packs `m`; `None` unless the rows are a whole number of groups and all Q4_0 /
+    /// Q4_1 or all Q4_K.
     pub fn new(m: &QMatrix) -> Option<Packed> {
         let (rows, cols) = (m.rows(), m.cols());
-        if rows == 0 || !rows.is_multiple_of(GROUP) || !cols.is_multiple_of(32) {
+        if rows == 0 || !rows.is_multiple_of(GROUP) {
             return None;
         }
-        let nb = cols / 32;
-        let mut bytes = vec![0u8; rows / GROUP * nb * BLOCK];
-        for (g, group) in bytes.chunks_exact_mut(nb * BLOCK).enumerate() {
+        let kind = match m.row(0).0 {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => Kind::Q4,
+            GgmlType::Q4K => Kind::Q4K,
+            _ => return None,
+        };
+        let (units, unit) = match kind {
+            Kind::Q4 => (cols / 32, BLOCK),
+            Kind::Q4K => (cols / 256, SUPER),
+        };
+        let mut bytes = vec![0u8; rows / GROUP * units * unit];
+        for (g, group) in bytes.chunks_exact_mut(units * unit).enumerate() {
             for r in 0..GROUP {
                 let (ty, row) = m.row(g * GROUP + r);
-                let (bb, qs_at) = match ty {
-                    GgmlType::Q4_0 => (18, 2),
-                    GgmlType::Q4_1 => (20, 4),
+                let dst = group.chunks_exact_mut(unit);
+                match (kind, ty) {
+                    (Kind::Q4, GgmlType::Q4_0 | GgmlType::Q4_1) => pack_q4(ty, row, r, dst),
+                    (Kind::Q4K, GgmlType::Q4K) => pack_q4k(row, r, dst),
                     _ => return None,
-                };
-                for (blk, dst) in row.chunks_exact(bb).zip(group.chunks_exact_mut(BLOCK)) {
-                    dst[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
-                    let m = if ty == GgmlType::Q4_1 {
-                        [blk[2], blk[3]]
-                    } else {
-                        let d = half::f16::from_le_bytes([blk[0], blk[1]]);
-                        (d * half::f16::from_f32(-8.0)).to_le_bytes()
-                    };
-                    dst[16 + 2 * r..18 + 2 * r].copy_from_slice(&m);
-                    for c in 0..4 {
-                        let at = 32 + 32 * c + 4 * r;
-                        dst[at..at + 4].copy_from_slice(&blk[qs_at + 4 * c..qs_at + 4 * c + 4]);
-                    }
                 }
             }
         }
-        Some(Packed { nb, bytes })
+        Some(Packed { kind, units, bytes })
     }
 
     /// Bytes of group `g`.
     fn group(&self, g: usize) -> &[u8] {
-        &self.bytes[g * self.nb * BLOCK..(g + 1) * self.nb * BLOCK]
+        let len = self.units
+            * match self.kind {
+                Kind::Q4 => BLOCK,
+                Kind::Q4K => SUPER,
+            };
+        &self.bytes[g * len..(g + 1) * len]
+    }
+}
+
+/// Row `r` of a group, Q4_0 or Q4_1 blocks, into the group's block columns.
+fn pack_q4<'a>(ty: GgmlType, row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>) {
+    let (bb, qs_at) = if ty == GgmlType::Q4_1 {
+        (20, 4)
+    } else {
+        (18, 2)
+    };
+    for (blk, dst) in row.chunks_exact(bb).zip(units) {
+        dst[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+        let m = if ty == GgmlType::Q4_1 {
+            [blk[2], blk[3]]
+        } else {
+            let d = half::f16::from_le_bytes([blk[0], blk[1]]);
+            (d * half::f16::from_f32(-8.0)).to_le_bytes()
+        };
+        dst[16 + 2 * r..18 + 2 * r].copy_from_slice(&m);
+        for c in 0..4 {
+            let at = 32 + 32 * c + 4 * r;
+            dst[at..at + 4].copy_from_slice(&blk[qs_at + 4 * c..qs_at + 4 * c + 4]);
+        }
+    }
+}
+
+/// Row `r` of a group, Q4_K super-blocks, into the group's super-block columns.
+fn pack_q4k<'a>(row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>) {
+    for (blk, dst) in row.chunks_exact(144).zip(units) {
+        dst[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+        dst[16 + 2 * r..18 + 2 * r].copy_from_slice(&blk[2..4]);
+        for j in 0..8 {
+            let (sc, mn) = k4_scale_min(j, &blk[4..16]);
+            dst[32 + 8 * j + r] = sc;
+            dst[96 + 8 * j + r] = mn;
+        }
+        for pair in 0..4 {
+            for k in 0..8 {
+                let at = 160 + 256 * pair + 32 * k + 4 * r;
+                let from = 16 + 32 * pair + 4 * k;
+                dst[at..at + 4].copy_from_slice(&blk[from..from + 4]);
+            }
+        }
     }
 }
 
@@ -76,7 +138,7 @@ impl Packed {
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Packed, BLOCK, GROUP};
+    use super::{Kind, Packed, BLOCK, GROUP, SUPER};
     use crate::quant::kernels::QActs;
 
     /// Activation bytes `at..at + 4` of block `i`, in every 32-bit lane.
@@ -87,11 +149,11 @@ pub(crate) mod avx2 {
         ))
     }
 
-    /// The i32 sums of one block: eight rows' nibbles (`lo`: values 0..16 of the
-    /// block, `hi`: 16..32, chunk `c` holding four values of each row) times
-    /// activation block `i`, one row per lane.
+    /// The i32 sums of one 32-value block, one row per lane: eight chunks of the eight
+    /// rows' values in 0..16 (chunk `k`: four values of each row) times the activation
+    /// block `i`'s bytes `4k..4k + 4`.
     pub trait BlockSum {
-        unsafe fn sum(lo: &[__m256i; 4], hi: &[__m256i; 4], a: &QActs, i: usize) -> __m256i;
+        unsafe fn sum(q: &[__m256i; 8], a: &QActs, i: usize) -> __m256i;
     }
 
     /// AVX2: `u8 x i8` pair sums in i16 (`maddubs`), widened once per block.
@@ -99,13 +161,11 @@ pub(crate) mod avx2 {
 
     impl BlockSum for Maddubs {
         #[inline(always)]
-        unsafe fn sum(lo: &[__m256i; 4], hi: &[__m256i; 4], a: &QActs, i: usize) -> __m256i {
+        unsafe fn sum(q: &[__m256i; 8], a: &QActs, i: usize) -> __m256i {
             // Eight pair sums per lane, each at most 2 * 15 * 127: their total fits i16.
-            let mut s = _mm256_maddubs_epi16(lo[0], bcast(a, i, 0));
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[0], bcast(a, i, 16)));
-            for c in 1..4 {
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[c], bcast(a, i, 4 * c)));
-                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[c], bcast(a, i, 16 + 4 * c)));
+            let mut s = _mm256_maddubs_epi16(q[0], bcast(a, i, 0));
+            for (k, q) in q.iter().enumerate().skip(1) {
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(*q, bcast(a, i, 4 * k)));
             }
             _mm256_madd_epi16(s, _mm256_set1_epi16(1))
         }
@@ -117,11 +177,11 @@ pub(crate) mod avx2 {
 
     impl BlockSum for AvxVnni {
         #[inline(always)]
-        unsafe fn sum(lo: &[__m256i; 4], hi: &[__m256i; 4], a: &QActs, i: usize) -> __m256i {
+        unsafe fn sum(q: &[__m256i; 8], a: &QActs, i: usize) -> __m256i {
             let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            for c in 0..4 {
-                s0 = _mm256_dpbusd_avx_epi32(s0, lo[c], bcast(a, i, 4 * c));
-                s1 = _mm256_dpbusd_avx_epi32(s1, hi[c], bcast(a, i, 16 + 4 * c));
+            for k in 0..4 {
+                s0 = _mm256_dpbusd_avx_epi32(s0, q[k], bcast(a, i, 4 * k));
+                s1 = _mm256_dpbusd_avx_epi32(s1, q[4 + k], bcast(a, i, 16 + 4 * k));
             }
             _mm256_add_epi32(s0, s1)
         }
@@ -132,42 +192,62 @@ pub(crate) mod avx2 {
 
     impl BlockSum for Avx512Vnni {
         #[inline(always)]
-        unsafe fn sum(lo: &[__m256i; 4], hi: &[__m256i; 4], a: &QActs, i: usize) -> __m256i {
+        unsafe fn sum(q: &[__m256i; 8], a: &QActs, i: usize) -> __m256i {
             let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            for c in 0..4 {
-                s0 = _mm256_dpbusd_epi32(s0, lo[c], bcast(a, i, 4 * c));
-                s1 = _mm256_dpbusd_epi32(s1, hi[c], bcast(a, i, 16 + 4 * c));
+            for k in 0..4 {
+                s0 = _mm256_dpbusd_epi32(s0, q[k], bcast(a, i, 4 * k));
+                s1 = _mm256_dpbusd_epi32(s1, q[4 + k], bcast(a, i, 16 + 4 * k));
             }
             _mm256_add_epi32(s0, s1)
         }
     }
 
-    /// Eight rows (one group) times activation rows `t..t + R`: `out[j][r]`.
+    /// Eight f16 values at `p` as f32.
     #[inline(always)]
-    unsafe fn group<S: BlockSum, const R: usize>(
+    unsafe fn f16x8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// Eight bytes at `p` as f32.
+    #[inline(always)]
+    unsafe fn u8x8(p: *const u8) -> __m256 {
+        let v = _mm_loadl_epi64(p as *const __m128i);
+        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+    }
+
+    /// Low and high nibbles of the 32-byte chunk at `p`.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> (__m256i, __m256i) {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let v = _mm256_loadu_si256(p as *const __m256i);
+        (
+            _mm256_and_si256(v, m4),
+            _mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+        )
+    }
+
+    /// Eight Q4_0 / Q4_1 rows (one group) times activation rows `t..t + R`.
+    #[inline(always)]
+    unsafe fn group_q4<S: BlockSum, const R: usize>(
         g: &[u8],
         nb: usize,
         a: &QActs,
         t: usize,
     ) -> [__m256; R] {
-        let m4 = _mm256_set1_epi8(0x0F);
         let mut acc = [_mm256_setzero_ps(); R];
         let mut off = [_mm256_setzero_ps(); R];
         let an = a.cols / 32;
         for b in 0..nb {
             let p = g.as_ptr().add(b * BLOCK);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            let m = _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i));
-            let mut lo = [_mm256_setzero_si256(); 4];
-            let mut hi = [_mm256_setzero_si256(); 4];
+            let (d, m) = (f16x8(p), f16x8(p.add(16)));
+            // Low nibbles are values 0..16 of the block, high ones 16..32.
+            let mut q = [_mm256_setzero_si256(); 8];
             for c in 0..4 {
-                let v = _mm256_loadu_si256(p.add(32 + 32 * c) as *const __m256i);
-                lo[c] = _mm256_and_si256(v, m4);
-                hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                (q[c], q[4 + c]) = nibbles(p.add(32 + 32 * c));
             }
             for j in 0..R {
                 let i = (t + j) * an + b;
-                let s = _mm256_cvtepi32_ps(S::sum(&lo, &hi, a, i));
+                let s = _mm256_cvtepi32_ps(S::sum(&q, a, i));
                 let dx = _mm256_set1_ps(*a.d.as_ptr().add(i));
                 acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), s, acc[j]);
                 off[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.s.as_ptr().add(i)), off[j]);
@@ -178,6 +258,63 @@ pub(crate) mod avx2 {
             out[j] = _mm256_add_ps(acc[j], off[j]);
         }
         out
+    }
+
+    /// Eight Q4_K rows (one group) times activation rows `t..t + R`: per 32-value
+    /// sub-block `d sc dx sum(q qx) - dmin mn sx`.
+    #[inline(always)]
+    unsafe fn group_q4k<S: BlockSum, const R: usize>(
+        g: &[u8],
+        units: usize,
+        a: &QActs,
+        t: usize,
+    ) -> [__m256; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [_mm256_setzero_ps(); R];
+        let an = a.cols / 32;
+        for sb in 0..units {
+            let p = g.as_ptr().add(sb * SUPER);
+            let (d, dmin) = (f16x8(p), f16x8(p.add(16)));
+            for pair in 0..4 {
+                let mut lo = [_mm256_setzero_si256(); 8];
+                let mut hi = [_mm256_setzero_si256(); 8];
+                for k in 0..8 {
+                    (lo[k], hi[k]) = nibbles(p.add(160 + 256 * pair + 32 * k));
+                }
+                for (half, q) in [lo, hi].iter().enumerate() {
+                    let sub = 2 * pair + half;
+                    let scale = _mm256_mul_ps(d, u8x8(p.add(32 + 8 * sub)));
+                    let min = _mm256_mul_ps(dmin, u8x8(p.add(96 + 8 * sub)));
+                    for j in 0..R {
+                        let i = (t + j) * an + 8 * sb + sub;
+                        let s = _mm256_cvtepi32_ps(S::sum(q, a, i));
+                        let dx = _mm256_set1_ps(*a.d.as_ptr().add(i));
+                        acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(scale, dx), s, acc[j]);
+                        let sx = _mm256_set1_ps(*a.s.as_ptr().add(i));
+                        mins[j] = _mm256_fmadd_ps(min, sx, mins[j]);
+                    }
+                }
+            }
+        }
+        let mut out = [_mm256_setzero_ps(); R];
+        for j in 0..R {
+            out[j] = _mm256_sub_ps(acc[j], mins[j]);
+        }
+        out
+    }
+
+    /// One group times activation rows `t..t + R`: `out[j][r]`.
+    #[inline(always)]
+    unsafe fn group<S: BlockSum, const R: usize>(
+        p: &Packed,
+        w: &[u8],
+        a: &QActs,
+        t: usize,
+    ) -> [__m256; R] {
+        match p.kind {
+            Kind::Q4 => group_q4::<S, R>(w, p.units, a, t),
+            Kind::Q4K => group_q4k::<S, R>(w, p.units, a, t),
+        }
     }
 
     /// Groups `groups` of `p` times every activation row, into `out [rows, n]` (the
@@ -195,7 +332,7 @@ pub(crate) mod avx2 {
             let mut t = 0;
             let mut lanes = [0f32; GROUP];
             while t + 4 <= n {
-                for (j, v) in group::<S, 4>(w, p.nb, a, t).into_iter().enumerate() {
+                for (j, v) in group::<S, 4>(p, w, a, t).into_iter().enumerate() {
                     _mm256_storeu_ps(lanes.as_mut_ptr(), v);
                     for (r, l) in lanes.iter().enumerate() {
                         o[r * n + t + j] = *l;
@@ -204,7 +341,7 @@ pub(crate) mod avx2 {
                 t += 4;
             }
             while t < n {
-                let [v] = group::<S, 1>(w, p.nb, a, t);
+                let [v] = group::<S, 1>(p, w, a, t);
                 if n == 1 {
                     _mm256_storeu_ps(o.as_mut_ptr(), v);
                 } else {
