@@ -36,20 +36,8 @@ impl Value {
 
     /// Copies a float value to the host, row-major.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
-        let data: TensorData = match self {
-            Value::F1(t) => t.to_data(),
-            Value::F2(t) => t.to_data(),
-            Value::I1(_) => return Err(GraphError::Input("integer value read as f32".into())),
-            Value::Quant(m) => return Ok(m.dequantize()),
-            Value::Cached(_) => {
-                return Err(GraphError::Input(
-                    "cached KV rows are read through the cache".into(),
-                ))
-            }
-        };
-        data.convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| GraphError::Input(format!("reading tensor data: {e:?}")))
+        // The clone shares the tensor's buffer, so reading it out copies it.
+        self.clone().into_f32_vec()
     }
 
     /// A float value's data on the host, row-major: without a copy where the tensor's
@@ -58,7 +46,13 @@ impl Value {
         let data: TensorData = match self {
             Value::F1(t) => t.into_data(),
             Value::F2(t) => t.into_data(),
-            other => return other.to_f32_vec(),
+            Value::I1(_) => return Err(GraphError::Input("integer value read as f32".into())),
+            Value::Quant(m) => return Ok(m.dequantize()),
+            Value::Cached(_) => {
+                return Err(GraphError::Input(
+                    "cached KV rows are read through the cache".into(),
+                ))
+            }
         };
         data.convert::<f32>()
             .try_into_vec::<f32>()

@@ -426,9 +426,6 @@ impl GgufFile {
             }
         }
         let map = Mapped(map);
-        // Everything before the tensors is parsed now (the vocabulary and merges are
-        // most of it): its pages need not stay resident.
-        llama_graph::quant::Bytes::release(&map, 0..data_start);
         Ok(GgufFile {
             path: path.to_path_buf(),
             version,

@@ -6,6 +6,7 @@ use crate::error::Result;
 use crate::graph::Graph;
 use crate::ir::{NodeId, Op};
 use crate::quant::kernels::packed_kernel_available;
+use crate::quant::QMatrix;
 use crate::value::Value;
 
 /// For CPU backends: stores each Q4_0 / Q4_1 / Q4_K matmul weight with its rows interleaved
@@ -54,9 +55,7 @@ impl Pass for PackBlocks {
         // Reading rows also maps the pages around them (the kernel faults in whole
         // neighbourhoods): release the files once more, whole. Blocks still read in
         // place (an embedding table) come back as they are used.
-        for m in &packed_from {
-            m.release_stores();
-        }
+        QMatrix::release_stores(packed_from.iter().map(|m| &**m));
         Ok(done)
     }
 }

@@ -268,12 +268,12 @@ impl QMatrix {
         }
     }
 
-    /// Tells every store this matrix reads from that none of it will be read for a
-    /// while (see [`Bytes::release`]): also the pages next to its rows that reading
-    /// them brought in.
-    pub fn release_stores(&self) {
+    /// Tells every store these matrices read from, once each, that none of it will be
+    /// read for a while (see [`Bytes::release`]): also the pages next to their rows that
+    /// reading them brought in.
+    pub fn release_stores<'a>(matrices: impl IntoIterator<Item = &'a QMatrix>) {
         let mut seen: Vec<&Arc<dyn Bytes>> = Vec::new();
-        for s in &self.segments {
+        for s in matrices.into_iter().flat_map(|m| &m.segments) {
             if !seen.iter().any(|x| Arc::ptr_eq(x, &s.store)) {
                 s.store.release(0..s.store.bytes().len());
                 seen.push(&s.store);

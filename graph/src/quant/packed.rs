@@ -40,6 +40,16 @@ enum Kind {
     Q4K,
 }
 
+impl Kind {
+    /// Bytes per group and block (Q4) or super-block (Q4_K) column.
+    fn unit(self) -> usize {
+        match self {
+            Kind::Q4 => BLOCK,
+            Kind::Q4K => SUPER,
+        }
+    }
+}
+
 /// The packed copy of a [`QMatrix`] whose rows are Q4_0 / Q4_1, or Q4_K.
 pub struct Packed {
     kind: Kind,
@@ -61,10 +71,11 @@ impl Packed {
             GgmlType::Q4K => Kind::Q4K,
             _ => return None,
         };
-        let (units, unit) = match kind {
-            Kind::Q4 => (cols / 32, BLOCK),
-            Kind::Q4K => (cols / 256, SUPER),
+        let units = match kind {
+            Kind::Q4 => cols / 32,
+            Kind::Q4K => cols / 256,
         };
+        let unit = kind.unit();
         let mut bytes = vec![0u8; rows / GROUP * units * unit];
         for (g, group) in bytes.chunks_exact_mut(units * unit).enumerate() {
             for r in 0..GROUP {
@@ -82,11 +93,7 @@ impl Packed {
 
     /// Bytes of group `g`.
     fn group(&self, g: usize) -> &[u8] {
-        let len = self.units
-            * match self.kind {
-                Kind::Q4 => BLOCK,
-                Kind::Q4K => SUPER,
-            };
+        let len = self.units * self.kind.unit();
         &self.bytes[g * len..(g + 1) * len]
     }
 }
