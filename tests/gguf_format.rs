@@ -86,6 +86,15 @@ fn metadata_of_every_type_and_custom_alignment() {
     strings.extend_from_slice(&2u64.to_le_bytes());
     strings.extend(gguf_string("a"));
     strings.extend(gguf_string("bc"));
+    // An array of two arrays: [u8; 2] and [strings; 1].
+    let mut nested = 9u32.to_le_bytes().to_vec();
+    nested.extend_from_slice(&2u64.to_le_bytes());
+    nested.extend_from_slice(&0u32.to_le_bytes());
+    nested.extend_from_slice(&2u64.to_le_bytes());
+    nested.extend_from_slice(&[7, 9]);
+    nested.extend_from_slice(&8u32.to_le_bytes());
+    nested.extend_from_slice(&1u64.to_le_bytes());
+    nested.extend(gguf_string("xyz"));
     w.kv("general.alignment", 4, 64u32.to_le_bytes().to_vec())
         .kv("t.u8", 0, vec![200])
         .kv("t.i8", 1, vec![0xFE])
@@ -98,6 +107,7 @@ fn metadata_of_every_type_and_custom_alignment() {
         .kv("t.string", 8, gguf_string("héllo"))
         .kv("t.array", 9, arr)
         .kv("t.strings", 9, strings)
+        .kv("t.nested", 9, nested)
         .kv("t.u64", 10, u64::MAX.to_le_bytes().to_vec())
         .kv("t.i64", 11, i64::MIN.to_le_bytes().to_vec())
         .kv("t.f64", 12, 1e300f64.to_le_bytes().to_vec());
@@ -135,11 +145,27 @@ fn metadata_of_every_type_and_custom_alignment() {
     assert_eq!(m("t.string"), MetaValue::String("héllo".into()));
     assert_eq!(
         m("t.array"),
-        MetaValue::Array(vec![MetaValue::F32(1.5), MetaValue::F32(-2.0)])
+        MetaValue::Numbers(Box::new(
+            [MetaValue::F32(1.5), MetaValue::F32(-2.0)]
+                .into_iter()
+                .collect()
+        ))
     );
     assert_eq!(
         m("t.strings"),
         MetaValue::Strings(Box::new(["a", "bc"].into_iter().collect()))
+    );
+    let strings = m("t.strings");
+    let strings = strings.as_strings().unwrap();
+    assert_eq!((strings.get(1), strings.get(2)), (Some("bc"), None));
+    assert_eq!(
+        m("t.nested"),
+        MetaValue::Array(vec![
+            MetaValue::Numbers(Box::new(
+                [MetaValue::U8(7), MetaValue::U8(9)].into_iter().collect()
+            )),
+            MetaValue::Strings(Box::new(["xyz"].into_iter().collect())),
+        ])
     );
     assert_eq!(m("t.u64"), MetaValue::U64(u64::MAX));
     assert_eq!(m("t.i64"), MetaValue::I64(i64::MIN));

@@ -191,6 +191,48 @@ fn rows_are_joined_reordered_and_sliced_without_copies() {
 }
 
 #[test]
+fn every_other_row_is_two_runs_per_head() {
+    // GGUF's Q/K rows undone: per head of 8 rows, rows 0, 2, 4, 6, then 1, 3, 5, 7.
+    let mut rng = Rng(5);
+    let (rows, cols) = (24, 96);
+    let m = QMatrix::from_bytes(
+        GgmlType::Q4_1,
+        rows,
+        cols,
+        random_blocks(GgmlType::Q4_1, rows, cols, &mut rng),
+    )
+    .unwrap();
+    let order: Vec<usize> = (0..rows / 8)
+        .flat_map(|h| (0..8).map(move |i| h * 8 + if i < 4 { 2 * i } else { 2 * (i - 4) + 1 }))
+        .collect();
+    let picked = m.select_rows(&order).unwrap();
+    assert_eq!(picked.segment_count(), 2 * rows / 8);
+    let dm = m.dequantize();
+    let want: Vec<f32> = order
+        .iter()
+        .flat_map(|&r| dm[r * cols..(r + 1) * cols].to_vec())
+        .collect();
+    assert_eq!(picked.dequantize(), want);
+    for (i, &r) in order.iter().enumerate() {
+        assert_eq!(picked.row(i), m.row(r), "row {i}");
+    }
+    check(&picked, 3, &mut rng, "strided");
+    let packed = picked.pack().expect("24 Q4_1 rows pack");
+    check(&packed, 2, &mut rng, "strided, packed");
+    // A step that changes starts a new run; rows read back in order all the same.
+    let uneven = m.select_rows(&[0, 2, 4, 5, 6, 9, 12]).unwrap();
+    assert_eq!(uneven.segment_count(), 3);
+    assert_eq!(
+        uneven.dequantize(),
+        [0, 2, 4, 5, 6, 9, 12]
+            .iter()
+            .flat_map(|&r| dm[r * cols..(r + 1) * cols].to_vec())
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(uneven.slice_rows(2, 3).unwrap().row(1), m.row(5));
+}
+
+#[test]
 fn bad_block_matrices_are_refused() {
     let err = QMatrix::from_bytes(GgmlType::Q4_1, 2, 48, vec![0; 200]).unwrap_err();
     assert!(err.contains("not a whole number of Q4_1 blocks"), "{err}");

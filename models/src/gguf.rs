@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -14,7 +15,7 @@ use crate::config::ModelConfig;
 use crate::error::{io_err, ModelError, Result};
 use crate::registry::GgufConventions;
 use crate::weights::{HostTensor, TensorInfo, TensorSource};
-use llama_graph::quant::{dequantize, GgmlType};
+use llama_graph::quant::{dequantize, Bytes, GgmlType};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: usize = 32;
@@ -34,55 +35,179 @@ pub enum MetaValue {
     F64(f64),
     Bool(bool),
     String(String),
-    /// An array of anything but strings.
-    Array(Vec<MetaValue>),
-    /// An array of strings (a vocabulary, merges), kept in one buffer (boxed: the
-    /// values of an array of numbers stay small).
+    /// An array of numbers or booleans (token types, scores), read where the file
+    /// stores it.
+    Numbers(Box<NumArray>),
+    /// An array of strings (a vocabulary, merges), read where the file stores it.
     Strings(Box<StrArray>),
+    /// An array of arrays.
+    Array(Vec<MetaValue>),
 }
 
-/// Strings stored back to back in one buffer: a 50k-token vocabulary is two
-/// allocations, not 50k values of a 32-byte enum and 50k more of their text.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct StrArray {
-    text: String,
-    /// End of each string in `text`.
-    ends: Vec<usize>,
+/// Bytes of an array's items as GGUF lays them out, in the mapped file (or, for arrays
+/// made in memory, a buffer of our own): a 50k-token vocabulary costs no memory until
+/// it is read, and reading it again after the model's pages were released is valid.
+#[derive(Clone)]
+struct Items {
+    store: Arc<dyn Bytes>,
+    range: std::ops::Range<usize>,
+    len: usize,
 }
+
+impl Items {
+    fn owned(bytes: Vec<u8>, len: usize) -> Items {
+        Items {
+            range: 0..bytes.len(),
+            store: Arc::new(bytes),
+            len,
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.store.bytes()[self.range.clone()]
+    }
+}
+
+/// An array of strings of a GGUF file, each read from the file when asked for.
+#[derive(Clone)]
+pub struct StrArray(Items);
 
 impl StrArray {
     pub fn len(&self) -> usize {
-        self.ends.len()
+        self.0.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ends.is_empty()
+        self.0.len == 0
     }
 
-    /// String `i`.
+    /// String `i` (a walk over the strings before it: GGUF stores no index).
     pub fn get(&self, i: usize) -> Option<&str> {
-        let end = *self.ends.get(i)?;
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        Some(&self.text[start..end])
+        self.iter().nth(i)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &str> {
-        (0..self.len()).filter_map(|i| self.get(i))
-    }
-
-    pub fn push(&mut self, s: &str) {
-        self.text.push_str(s);
-        self.ends.push(self.text.len());
+        let mut rest = self.0.bytes();
+        (0..self.0.len).map(move |_| {
+            // Lengths and UTF-8 were checked when the file was opened.
+            let (n, tail) = rest.split_at_checked(8).unwrap_or((&[0; 8], &[]));
+            let n = u64::from_le_bytes(n.try_into().unwrap_or_default()) as usize;
+            let (s, tail) = tail.split_at_checked(n).unwrap_or((&[], &[]));
+            rest = tail;
+            std::str::from_utf8(s).unwrap_or_default()
+        })
     }
 }
 
 impl<'a> FromIterator<&'a str> for StrArray {
     fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
-        let mut a = StrArray::default();
+        let (mut bytes, mut len) = (Vec::new(), 0);
         for s in iter {
-            a.push(s);
+            bytes.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(s.as_bytes());
+            len += 1;
         }
-        a
+        StrArray(Items::owned(bytes, len))
+    }
+}
+
+impl PartialEq for StrArray {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl std::fmt::Debug for StrArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// An array of numbers (or booleans) of one GGUF type, each read when asked for.
+#[derive(Clone)]
+pub struct NumArray {
+    items: Items,
+    /// The GGUF type of the items (0-7 or 10-12, not 6 strings or 9 arrays).
+    ty: u32,
+}
+
+/// Bytes per item of a GGUF number type.
+fn number_size(ty: u32) -> Option<usize> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+impl NumArray {
+    pub fn len(&self) -> usize {
+        self.items.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.len == 0
+    }
+
+    pub fn get(&self, i: usize) -> Option<MetaValue> {
+        let size = number_size(self.ty)?;
+        let b = self.items.bytes().get(i * size..(i + 1) * size)?;
+        let mut c = Cursor {
+            buf: b,
+            pos: 0,
+            path: Path::new(""),
+            store: None,
+        };
+        c.value(self.ty, 0).ok()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = MetaValue> + '_ {
+        (0..self.len()).filter_map(|i| self.get(i))
+    }
+}
+
+impl FromIterator<MetaValue> for NumArray {
+    /// Items of the first one's type; others of another type are left out.
+    fn from_iter<I: IntoIterator<Item = MetaValue>>(iter: I) -> Self {
+        let (mut bytes, mut len, mut ty) = (Vec::new(), 0, None);
+        for v in iter {
+            let (t, b): (u32, Vec<u8>) = match v {
+                MetaValue::U8(x) => (0, x.to_le_bytes().into()),
+                MetaValue::I8(x) => (1, x.to_le_bytes().into()),
+                MetaValue::U16(x) => (2, x.to_le_bytes().into()),
+                MetaValue::I16(x) => (3, x.to_le_bytes().into()),
+                MetaValue::U32(x) => (4, x.to_le_bytes().into()),
+                MetaValue::I32(x) => (5, x.to_le_bytes().into()),
+                MetaValue::F32(x) => (6, x.to_le_bytes().into()),
+                MetaValue::Bool(x) => (7, vec![x as u8]),
+                MetaValue::U64(x) => (10, x.to_le_bytes().into()),
+                MetaValue::I64(x) => (11, x.to_le_bytes().into()),
+                MetaValue::F64(x) => (12, x.to_le_bytes().into()),
+                _ => continue,
+            };
+            if *ty.get_or_insert(t) == t {
+                bytes.extend(b);
+                len += 1;
+            }
+        }
+        NumArray {
+            items: Items::owned(bytes, len),
+            ty: ty.unwrap_or(0),
+        }
+    }
+}
+
+impl PartialEq for NumArray {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl std::fmt::Debug for NumArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
     }
 }
 
@@ -123,7 +248,15 @@ impl MetaValue {
         }
     }
 
-    /// An array of anything but strings.
+    /// An array of numbers or booleans.
+    pub fn as_numbers(&self) -> Option<&NumArray> {
+        match self {
+            MetaValue::Numbers(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// An array of arrays.
     pub fn as_array(&self) -> Option<&[MetaValue]> {
         match self {
             MetaValue::Array(v) => Some(v),
@@ -142,7 +275,8 @@ impl MetaValue {
     /// A short description for listings: arrays by length only.
     pub fn brief(&self) -> String {
         match self {
-            MetaValue::Array(v) => format!("[{} values]", v.len()),
+            MetaValue::Array(v) => format!("[{} arrays]", v.len()),
+            MetaValue::Numbers(v) => format!("[{} values]", v.len()),
             MetaValue::Strings(v) => format!("[{} strings]", v.len()),
             MetaValue::String(s) if s.len() > 80 => {
                 format!("{:?}...", &s[..s.floor_char_boundary(80)])
@@ -175,7 +309,7 @@ impl std::ops::Deref for Mapped {
     }
 }
 
-impl llama_graph::quant::Bytes for Mapped {
+impl Bytes for Mapped {
     fn bytes(&self) -> &[u8] {
         &self.0
     }
@@ -202,7 +336,7 @@ pub struct GgufFile {
     pub tensors: Vec<GgufTensor>,
     /// Tensor name to its index in `tensors`.
     index: std::collections::HashMap<String, usize>,
-    map: std::sync::Arc<Mapped>,
+    map: Arc<Mapped>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -220,6 +354,8 @@ struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// What `buf` is, for arrays that stay where they are.
+    store: Option<&'a Arc<dyn Bytes>>,
 }
 
 impl<'a> Cursor<'a> {
@@ -267,6 +403,18 @@ impl<'a> Cursor<'a> {
         Ok(n as usize)
     }
 
+    /// The `n` items read from `start` up to here.
+    fn items(&self, start: usize, n: usize) -> Items {
+        match self.store {
+            Some(store) => Items {
+                store: store.clone(),
+                range: start..self.pos,
+                len: n,
+            },
+            None => Items::owned(self.buf[start..self.pos].to_vec(), n),
+        }
+    }
+
     fn string(&mut self, what: &str) -> Result<String> {
         let n = self.len(what, 1)?;
         let bytes = self.take(n, what)?;
@@ -289,23 +437,28 @@ impl<'a> Cursor<'a> {
                     return Err(self.err("arrays nested too deep"));
                 }
                 let item = self.u32("array type")?;
-                let n = self.len("array", 1)?;
+                if let Some(size) = number_size(item) {
+                    let n = self.len("array", size)?;
+                    let start = self.pos;
+                    self.take(n * size, "array")?;
+                    return Ok(MetaValue::Numbers(Box::new(NumArray {
+                        items: self.items(start, n),
+                        ty: item,
+                    })));
+                }
                 if item == 8 {
-                    let mut v = StrArray {
-                        text: String::new(),
-                        ends: Vec::with_capacity(n.min(1 << 20)),
-                    };
+                    let n = self.len("array", 8)?;
+                    let start = self.pos;
                     for _ in 0..n {
                         let len = self.len("string", 1)?;
                         let bytes = self.take(len, "string")?;
-                        let s = std::str::from_utf8(bytes)
+                        std::str::from_utf8(bytes)
                             .map_err(|_| self.err("a string of an array is not UTF-8"))?;
-                        v.push(s);
                     }
-                    v.text.shrink_to_fit();
-                    return Ok(MetaValue::Strings(Box::new(v)));
+                    return Ok(MetaValue::Strings(Box::new(StrArray(self.items(start, n)))));
                 }
-                let mut v = Vec::with_capacity(n.min(1 << 20));
+                let n = self.len("array", 1)?;
+                let mut v = Vec::with_capacity(n.min(1 << 10));
                 for _ in 0..n {
                     v.push(self.value(item, depth + 1)?);
                 }
@@ -334,11 +487,13 @@ impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(io_err(path))?;
         // SAFETY: read-only map; see `SafetensorsSource::open_files`.
-        let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+        let map = Arc::new(Mapped(unsafe { Mmap::map(&file) }.map_err(io_err(path))?));
+        let store: Arc<dyn Bytes> = map.clone();
         let mut c = Cursor {
             buf: &map,
             pos: 0,
             path,
+            store: Some(&store),
         };
         if c.take(4, "the magic")? != MAGIC {
             return Err(ModelError::Gguf {
@@ -425,7 +580,6 @@ impl GgufFile {
                 }
             }
         }
-        let map = Mapped(map);
         Ok(GgufFile {
             path: path.to_path_buf(),
             version,
@@ -436,7 +590,7 @@ impl GgufFile {
                 .map(|(i, t)| (t.name.clone(), i))
                 .collect(),
             tensors,
-            map: std::sync::Arc::new(map),
+            map,
         })
     }
 
@@ -448,7 +602,7 @@ impl GgufFile {
     /// what was copied (f32 norms) is not read again, and block matrices that are read
     /// in place fault their pages back in as they are used.
     pub fn release_pages(&self) {
-        llama_graph::quant::Bytes::release(&*self.map, 0..self.map.len());
+        Bytes::release(&*self.map, 0..self.map.len());
     }
 
     pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {

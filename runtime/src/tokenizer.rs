@@ -295,7 +295,7 @@ fn gguf_tokenizer_json(file: &GgufFile) -> std::result::Result<Value, String> {
     let tokens = strings(file, "tokenizer.ggml.tokens")?;
     let types: Vec<u64> = file
         .get("tokenizer.ggml.token_type")
-        .and_then(MetaValue::as_array)
+        .and_then(MetaValue::as_numbers)
         .map(|a| a.iter().map(|t| t.as_u64().unwrap_or(1)).collect())
         .unwrap_or_else(|| vec![1; tokens.len()]);
     if types.len() != tokens.len() {
@@ -349,7 +349,7 @@ fn gpt2_json(file: &GgufFile, v: &GgufVocab) -> std::result::Result<Value, Strin
 fn sentencepiece_json(file: &GgufFile, v: &GgufVocab) -> std::result::Result<Value, String> {
     let scores: Vec<f64> = file
         .get("tokenizer.ggml.scores")
-        .and_then(MetaValue::as_array)
+        .and_then(MetaValue::as_numbers)
         .ok_or("no tokenizer.ggml.scores")?
         .iter()
         .map(|s| s.as_f64().ok_or("a score is not a number"))

@@ -19,7 +19,8 @@ impl<T: AsRef<[u8]> + Send + Sync> Bytes for T {
     }
 }
 
-/// A run of consecutive rows of one block type, stored back to back.
+/// A run of consecutive rows of one block type, stored at a constant distance: back to
+/// back, or every other row of the store (a head's half of GGUF's permuted Q/K rows).
 #[derive(Clone)]
 struct Segment {
     ty: GgmlType,
@@ -27,6 +28,34 @@ struct Segment {
     /// Byte offset of the first row in `store`.
     offset: usize,
     rows: usize,
+    /// Bytes from one row's start to the next's; the row size when back to back.
+    step: usize,
+}
+
+impl Segment {
+    /// Where row `i` of the segment starts in the store.
+    fn at(&self, i: usize) -> usize {
+        self.offset + i * self.step
+    }
+
+    /// `next` as more rows of this segment, if it continues it at the same step.
+    fn extend(&mut self, next: &Segment, row_len: usize) -> bool {
+        if self.ty != next.ty || !Arc::ptr_eq(&self.store, &next.store) {
+            return false;
+        }
+        let last = self.at(self.rows - 1);
+        let Some(step) = next.offset.checked_sub(last).filter(|&d| d >= row_len) else {
+            return false;
+        };
+        // A one-row segment has no step of its own yet.
+        let fits = |s: &Segment| s.rows == 1 || s.step == step;
+        if !fits(self) || !fits(next) {
+            return false;
+        }
+        self.step = step;
+        self.rows += next.rows;
+        true
+    }
 }
 
 /// A `[rows, cols]` weight matrix whose rows are GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K or
@@ -99,6 +128,7 @@ impl QMatrix {
                 store,
                 offset,
                 rows,
+                step: ty.bytes_for(cols).unwrap_or(0),
             }],
             starts: vec![0],
             packed: None,
@@ -163,20 +193,27 @@ impl QMatrix {
         names.join("+")
     }
 
+    /// How many runs of rows it is kept as (each a few words of memory).
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
     fn segment_of(&self, row: usize) -> usize {
         self.starts.partition_point(|&s| s <= row) - 1
     }
 
     /// The block type and bytes of row `r`.
     pub fn row(&self, r: usize) -> (GgmlType, &[u8]) {
-        let s = &self.segments[self.segment_of(r)];
+        let i = self.segment_of(r);
+        let s = &self.segments[i];
         let len = s.ty.bytes_for(self.cols).unwrap_or(0);
-        let at = s.offset + (r - self.starts[self.segment_of(r)]) * len;
+        let at = s.at(r - self.starts[i]);
         (s.ty, &s.store.bytes()[at..at + len])
     }
 
     /// Calls `f(first_row, type, bytes)` for each run of consecutive rows of `range`
-    /// stored back to back, in order; `bytes` holds the run's rows.
+    /// stored back to back, in order; `bytes` holds the run's rows (one row at a time
+    /// where they are not back to back).
     pub fn for_each_run(&self, range: Range<usize>, mut f: impl FnMut(usize, GgmlType, &[u8])) {
         if range.is_empty() {
             return;
@@ -186,11 +223,18 @@ impl QMatrix {
         while r < range.end {
             let s = &self.segments[seg];
             let len = s.ty.bytes_for(self.cols).unwrap_or(0);
-            let end = (self.starts[seg] + s.rows).min(range.end);
-            let at = s.offset + (r - self.starts[seg]) * len;
+            let seg_end = self.starts[seg] + s.rows;
+            let end = if s.step == len {
+                seg_end.min(range.end)
+            } else {
+                r + 1
+            };
+            let at = s.at(r - self.starts[seg]);
             f(r, s.ty, &s.store.bytes()[at..at + (end - r) * len]);
             r = end;
-            seg += 1;
+            if r == seg_end {
+                seg += 1;
+            }
         }
     }
 
@@ -210,19 +254,16 @@ impl QMatrix {
     fn from_segments(cols: usize, parts: impl IntoIterator<Item = Segment>) -> QMatrix {
         let mut segments: Vec<Segment> = Vec::new();
         for s in parts.into_iter().filter(|s| s.rows > 0) {
-            // Rows that continue the previous segment in the same store join it.
+            // Rows that continue the previous segment in the same store at its step join
+            // it: GGUF's permuted Q/K rows make two segments per head, not one per row.
             if let Some(last) = segments.last_mut() {
-                let len = last.ty.bytes_for(cols).unwrap_or(0);
-                if last.ty == s.ty
-                    && Arc::ptr_eq(&last.store, &s.store)
-                    && last.offset + last.rows * len == s.offset
-                {
-                    last.rows += s.rows;
+                if last.extend(&s, s.ty.bytes_for(cols).unwrap_or(0)) {
                     continue;
                 }
             }
             segments.push(s);
         }
+        segments.shrink_to_fit();
         let mut starts = Vec::with_capacity(segments.len());
         let mut rows = 0;
         for s in &segments {
@@ -262,9 +303,9 @@ impl QMatrix {
     /// Tells the stores that these rows will not be read for a while (see
     /// [`Bytes::release`]).
     pub fn release_rows(&self) {
-        for s in &self.segments {
-            let len = s.ty.bytes_for(self.cols).unwrap_or(0) * s.rows;
-            s.store.release(s.offset..s.offset + len);
+        for s in self.segments.iter().filter(|s| s.rows > 0) {
+            let len = s.ty.bytes_for(self.cols).unwrap_or(0);
+            s.store.release(s.offset..s.at(s.rows - 1) + len);
         }
     }
 
@@ -307,8 +348,9 @@ impl QMatrix {
                 Segment {
                     ty: s.ty,
                     store: s.store.clone(),
-                    offset: s.offset + (r - self.starts[i]) * len,
+                    offset: s.at(r - self.starts[i]),
                     rows: 1,
+                    step: len,
                 }
             }),
         ))
