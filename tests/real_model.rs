@@ -285,9 +285,14 @@ fn the_default_cpu_path_multiplies_the_gguf_blocks_within_the_fidelity_bounds() 
     // Only the RoPE tables are f32 matrices.
     let rope = 2 * model.config.max_position_embeddings * model.config.head_dim() / 2 * 4;
     assert!(dense_bytes <= rope, "{dense_bytes} bytes of f32 matrices");
+    // With the KV cache `llama` keeps on CPU backends by default: f16.
     let r = smollm2::perplexity();
-    let mut s =
-        llama::runtime::Session::from_model(&model, &device, &pipeline, r.ids.len()).unwrap();
+    let mut s = llama::runtime::Session::with_cache_type(
+        llama::graph::Program::new(graph, device.clone()).unwrap(),
+        r.ids.len(),
+        llama::graph::KvType::F16,
+    )
+    .unwrap();
     let got = perplexity(&mut s, &r.ids, r.ids.len(), |_, _| {}).unwrap();
     let rel = (got.perplexity - r.perplexity).abs() / r.perplexity;
     assert!(

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use llama::graph::{Pipeline, Taps};
+use llama::graph::{Pipeline, Program, Taps};
 use llama::runtime::{argmax, generate_greedy};
 
 fn check_logits(name: &str, pipeline: &Pipeline) {
@@ -86,6 +86,66 @@ fn kv_cache_prefill_then_decode_equals_full_forward() {
             }
             assert_eq!(s.position(), ids.len());
         }
+    }
+}
+
+#[test]
+fn an_f16_kv_cache_holds_f16_values_and_stays_near_the_f32_cache() {
+    for name in TINY {
+        let ids = reference(name).input_ids;
+        let g = graph(name, &flex(), &Pipeline::standard());
+        let program = || Program::new(g.clone(), flex()).expect("program");
+        let mut exact = session_of(g.clone(), &flex(), 64);
+        let mut half =
+            llama::runtime::Session::with_cache_type(program(), 64, llama::graph::KvType::F16)
+                .expect("session");
+        let n = ids.len() / 2;
+        let (a, b) = (
+            exact.prefill(&ids[..n]).unwrap(),
+            half.prefill(&ids[..n]).unwrap(),
+        );
+        let mut worst = max_abs_diff(a.last(), b.last());
+        let mut spread = a.last().iter().fold(0f32, |m, x| m.max(x.abs()));
+        for &id in &ids[n..] {
+            let (a, b) = (exact.decode(id).unwrap(), half.decode(id).unwrap());
+            worst = worst.max(max_abs_diff(&a, &b));
+            spread = spread.max(a.iter().fold(0f32, |m, x| m.max(x.abs())));
+        }
+        // Host layers (no sliding window: their rows are the positions so far, not a
+        // ring) keep keys and values as f16: every cached value is one.
+        let state = half.state().expect("state");
+        let mut host_layers = 0;
+        for l in state
+            .cache
+            .layers
+            .iter()
+            .filter(|l| l.rows == state.cache.len)
+        {
+            for &x in l.keys.iter().chain(&l.values) {
+                assert_eq!(
+                    half::f16::from_f32(x).to_f32(),
+                    x,
+                    "{name}: {x} is not an f16"
+                );
+            }
+            host_layers += 1;
+        }
+        if host_layers == 0 {
+            // Mistral's layers all have a window (kept as f32 tensors): nothing rounds.
+            assert_eq!(*name, "mistral", "{name}: no host KV layers");
+            assert_eq!(worst, 0.0, "{name}");
+            continue;
+        }
+        let exact_state = exact.state().expect("state");
+        assert_ne!(
+            exact_state.cache, state.cache,
+            "{name}: the f32 cache is rounded too"
+        );
+        // Rounding keys and values by 2^-11 moves the logits a little, not a lot.
+        assert!(
+            worst > 0.0 && worst <= 1e-2 * spread.max(1.0),
+            "{name}: f16 cache logits differ by {worst} (largest logit {spread})"
+        );
     }
 }
 

@@ -15,7 +15,9 @@ use rayon::prelude::*;
 fn simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -173,15 +175,62 @@ macro_rules! attention_body {
     }};
 }
 
+/// Keys or values as attention reads them: f32, or the f16 of a KV cache kept at half
+/// the size.
+#[derive(Debug, Clone, Copy)]
+pub enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl KvRows<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            KvRows::F32(x) => x.len(),
+            KvRows::F16(x) => x.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as f32 (borrowed when they are).
+    pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            KvRows::F32(x) => std::borrow::Cow::Borrowed(x),
+            KvRows::F16(x) => {
+                let mut out = vec![0f32; x.len()];
+                x.convert_to_f32_slice(&mut out);
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+}
+
 /// Causal grouped-query attention of `q [seq, n_heads * hd]` over `k`, `v`
 /// `[rows, n_kv_heads * hd]` (the last `rows` positions, oldest first); query head `h`
 /// reads KV head `h / (n_heads / n_kv_heads)`. Returns `[seq, n_heads * hd]`.
-pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32> {
+///
+/// One query position (decode) reads f16 keys and values in place; prefill converts
+/// them to f32 once per call, which is small next to its `seq` passes over them.
+pub fn attention(q: &[f32], k: KvRows, v: KvRows, s: &AttentionShape) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if simd() && q.len() == s.n_heads * s.head_dim {
-        // SAFETY: the CPU has AVX2 and FMA, checked by `simd`; one query position.
-        return unsafe { decode_avx2::attention(q, k, v, s) };
+        // SAFETY: the CPU has AVX2, FMA and F16C, checked by `simd`; one query position.
+        match (k, v) {
+            (KvRows::F32(k), KvRows::F32(v)) => {
+                return unsafe { decode_avx2::attention(q, k, v, s) }
+            }
+            (KvRows::F16(k), KvRows::F16(v)) => {
+                return unsafe { decode_avx2::attention(q, k, v, s) }
+            }
+            _ => {}
+        }
     }
+    let (k, v) = (k.to_f32(), v.to_f32());
+    let (k, v): (&[f32], &[f32]) = (&k, &v);
     #[cfg(target_arch = "x86_64")]
     if simd() {
         #[target_feature(enable = "avx2,fma")]
@@ -203,10 +252,48 @@ mod decode_avx2 {
     //! 64-value slices of the head.
     use std::arch::x86_64::*;
 
+    use half::f16;
     use rayon::prelude::*;
 
     use super::AttentionShape;
     use crate::quant::kernels::avx2::hsum;
+
+    /// A key or value element: eight of them into a register, one into an f32.
+    pub trait Elem: Copy + Sync {
+        /// # Safety
+        /// Eight elements must be readable at `p`; the CPU must have AVX, and F16C for
+        /// f16.
+        unsafe fn load8(p: *const Self) -> __m256;
+        fn get(self) -> f32;
+    }
+
+    impl Elem for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        fn get(self) -> f32 {
+            self
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8_f16(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+    }
+
+    impl Elem for f16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            load8_f16(p)
+        }
+        #[inline(always)]
+        fn get(self) -> f32 {
+            self.to_f32()
+        }
+    }
 
     /// `e^x` per lane, within about one ulp of `f32::exp` for `x` in [-87.3, 88.3]
     /// (clamped outside: softmax arguments are at most 0, and below -87.3 their share
@@ -269,25 +356,21 @@ mod decode_avx2 {
 
     /// `a · b` over `n` values.
     #[inline(always)]
-    unsafe fn dot(a: *const f32, b: *const f32, n: usize) -> f32 {
+    unsafe fn dot<T: Elem>(a: *const f32, b: *const T, n: usize) -> f32 {
         let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut c = 0;
         while c + 16 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), _mm256_loadu_ps(b.add(c)), a0);
-            a1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(a.add(c + 8)),
-                _mm256_loadu_ps(b.add(c + 8)),
-                a1,
-            );
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), T::load8(b.add(c)), a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c + 8)), T::load8(b.add(c + 8)), a1);
             c += 16;
         }
         if c + 8 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), _mm256_loadu_ps(b.add(c)), a0);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), T::load8(b.add(c)), a0);
             c += 8;
         }
         let mut sum = hsum(_mm256_add_ps(a0, a1));
         while c < n {
-            sum += *a.add(c) * *b.add(c);
+            sum += *a.add(c) * (*b.add(c)).get();
             c += 1;
         }
         sum
@@ -295,12 +378,12 @@ mod decode_avx2 {
 
     /// One query head `qh` over keys and values `lo..hi` of KV head column `col`,
     /// into `o`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn head(
+    unsafe fn head<T: Elem>(
         qh: &[f32],
-        k: &[f32],
-        v: &[f32],
+        k: &[T],
+        v: &[T],
         kw: usize,
         col: usize,
         (lo, hi): (usize, usize),
@@ -320,14 +403,14 @@ mod decode_avx2 {
             while c + 8 <= hd {
                 let qv = _mm256_loadu_ps(q.add(c));
                 for (a, row) in acc.iter_mut().zip(rows) {
-                    *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(row.add(c)), *a);
+                    *a = _mm256_fmadd_ps(qv, T::load8(row.add(c)), *a);
                 }
                 c += 8;
             }
             let mut sums = [0f32; 4];
             _mm_storeu_ps(sums.as_mut_ptr(), hsum4(acc));
             for (u, (sc, sum)) in scores[j - lo..j - lo + 4].iter_mut().zip(sums).enumerate() {
-                let tail: f32 = (c..hd).map(|c| *q.add(c) * *rows[u].add(c)).sum();
+                let tail: f32 = (c..hd).map(|c| *q.add(c) * (*rows[u].add(c)).get()).sum();
                 *sc = (sum + tail) * scale;
             }
             j += 4;
@@ -360,7 +443,7 @@ mod decode_avx2 {
                 let row = v.as_ptr().add(j * kw + col + c);
                 let p = _mm256_set1_ps(p);
                 for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(row.add(8 * i)), *a);
+                    *a = _mm256_fmadd_ps(p, T::load8(row.add(8 * i)), *a);
                 }
             }
             for (i, a) in acc.iter().enumerate() {
@@ -373,7 +456,7 @@ mod decode_avx2 {
             let mut acc = _mm256_setzero_ps();
             for (j, &p) in (lo..hi).zip(&scores) {
                 let row = v.as_ptr().add(j * kw + col + c);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(p), _mm256_loadu_ps(row), acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(p), T::load8(row), acc);
             }
             let at = o.as_mut_ptr().add(c);
             _mm256_storeu_ps(at, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
@@ -382,15 +465,15 @@ mod decode_avx2 {
         for (c, o) in o.iter_mut().enumerate().skip(c) {
             let acc: f32 = (lo..hi)
                 .zip(&scores)
-                .map(|(j, p)| p * v[j * kw + col + c])
+                .map(|(j, p)| p * v[j * kw + col + c].get())
                 .sum();
             *o = acc * inv;
         }
     }
 
     /// [`super::attention`] for one query position; the caller checks that the CPU has
-    /// AVX2 and FMA.
-    pub unsafe fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32> {
+    /// AVX2, FMA and F16C.
+    pub unsafe fn attention<T: Elem>(q: &[f32], k: &[T], v: &[T], s: &AttentionShape) -> Vec<f32> {
         let hd = s.head_dim;
         let kw = s.n_kv_heads * hd;
         let rows = k.len() / kw;
@@ -400,7 +483,7 @@ mod decode_avx2 {
         let mut out = vec![0f32; q.len()];
         out.par_chunks_mut(hd).enumerate().for_each(|(h, o)| {
             let col = h / group * hd;
-            // SAFETY: the caller's CPU has AVX2 and FMA; rows are `kw` wide.
+            // SAFETY: the caller's CPU has AVX2, FMA and F16C; rows are `kw` wide.
             unsafe {
                 head(
                     &q[h * hd..(h + 1) * hd],
@@ -518,13 +601,34 @@ mod tests {
                 .collect();
             let k: Vec<f32> = (0..rows * n_kv_heads * head_dim).map(|_| rand()).collect();
             let v: Vec<f32> = (0..rows * n_kv_heads * head_dim).map(|_| rand()).collect();
-            let got = attention(&q, &k, &v, &s);
-            let want = reference(&q, &k, &v, &s);
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - w).abs() <= 1e-5,
-                    "seq {seq} rows {rows} heads {n_heads}/{n_kv_heads} hd {head_dim} window {window:?} [{i}]: {g} vs {w}"
-                );
+            // f32 keys and values, and the f16 of a half-size cache (against the
+            // definition on the same rounded values).
+            let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (
+                k.iter().map(|&x| half::f16::from_f32(x)).collect(),
+                v.iter().map(|&x| half::f16::from_f32(x)).collect(),
+            );
+            let (kr, vr): (Vec<f32>, Vec<f32>) = (
+                k16.iter().map(|x| x.to_f32()).collect(),
+                v16.iter().map(|x| x.to_f32()).collect(),
+            );
+            for (what, got, want) in [
+                (
+                    "f32",
+                    attention(&q, KvRows::F32(&k), KvRows::F32(&v), &s),
+                    reference(&q, &k, &v, &s),
+                ),
+                (
+                    "f16",
+                    attention(&q, KvRows::F16(&k16), KvRows::F16(&v16), &s),
+                    reference(&q, &kr, &vr, &s),
+                ),
+            ] {
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - w).abs() <= 1e-5,
+                        "{what} seq {seq} rows {rows} heads {n_heads}/{n_kv_heads} hd {head_dim} window {window:?} [{i}]: {g} vs {w}"
+                    );
+                }
             }
         }
     }

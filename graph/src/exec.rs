@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use burn::tensor::activation;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
+use crate::cpu::KvRows;
 use crate::error::{GraphError, Result};
 use crate::graph::Graph;
 use crate::ir::{KvKind, NodeId, Op, RopeScaling};
@@ -18,11 +19,76 @@ struct LayerCache {
     /// On CPU devices, layers without a window keep keys and values in host memory
     /// instead (grown as positions arrive, `[positions, width]` row-major), so the host
     /// attention reads them in place rather than copying the whole cache every step.
-    host: Option<[Vec<f32>; 2]>,
+    host: Option<HostKv>,
     width: usize,
     /// With a sliding window, `rows` is a ring: position `p` lives in row `p % rows`.
     window: Option<usize>,
     rows: usize,
+}
+
+/// How a KV cache in host memory stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvType {
+    /// Exactly as computed.
+    #[default]
+    F32,
+    /// Rounded to f16 (11 significant bits): half the memory, and half the bytes that
+    /// decode attention reads per step.
+    F16,
+}
+
+/// One host layer's keys and values.
+#[derive(Debug, Clone)]
+enum HostKv {
+    F32([Vec<f32>; 2]),
+    F16([Vec<half::f16>; 2]),
+}
+
+impl HostKv {
+    fn new(ty: KvType) -> HostKv {
+        match ty {
+            KvType::F32 => HostKv::F32([Vec::new(), Vec::new()]),
+            KvType::F16 => HostKv::F16([Vec::new(), Vec::new()]),
+        }
+    }
+
+    /// Keys (0) or values (1), rows `0..n / width`.
+    fn rows(&self, kind: usize, n: usize) -> Option<KvRows<'_>> {
+        Some(match self {
+            HostKv::F32(x) => KvRows::F32(x[kind].get(..n)?),
+            HostKv::F16(x) => KvRows::F16(x[kind].get(..n)?),
+        })
+    }
+
+    /// Replaces everything from value `from` on with `new`, reserving `total` values
+    /// the first time so that growing never copies (nor holds twice the size); pages
+    /// are only touched as positions are written.
+    fn write(&mut self, kind: usize, from: usize, new: Vec<f32>, total: usize) {
+        fn put<T>(data: &mut Vec<T>, from: usize, total: usize, new: impl Iterator<Item = T>) {
+            if data.capacity() == 0 {
+                data.reserve_exact(total);
+            }
+            data.truncate(from);
+            data.extend(new);
+        }
+        match self {
+            HostKv::F32(x) => put(&mut x[kind], from, total, new.into_iter()),
+            HostKv::F16(x) => put(
+                &mut x[kind],
+                from,
+                total,
+                new.into_iter().map(half::f16::from_f32),
+            ),
+        }
+    }
+
+    /// Keys (0) or values (1) from f32, as a restored state.
+    fn set(&mut self, kind: usize, data: &[f32]) {
+        match self {
+            HostKv::F32(x) => x[kind] = data.to_vec(),
+            HostKv::F16(x) => x[kind] = data.iter().map(|&v| half::f16::from_f32(v)).collect(),
+        }
+    }
 }
 
 /// Preallocated keys and values of every attention layer, written in place.
@@ -41,6 +107,16 @@ pub struct KvCache {
 impl KvCache {
     /// A cache for every `KvAppend` node of `graph`, holding `capacity` positions.
     pub fn for_graph(graph: &Graph, capacity: usize, device: &Device) -> Result<Self> {
+        Self::for_graph_of(graph, capacity, device, KvType::F32)
+    }
+
+    /// The same with host layers (CPU devices, no window) stored as `ty`.
+    pub fn for_graph_of(
+        graph: &Graph,
+        capacity: usize,
+        device: &Device,
+        ty: KvType,
+    ) -> Result<Self> {
         let mut specs: Vec<Option<(usize, Option<usize>)>> = Vec::new();
         for node in graph.nodes() {
             if let Op::KvAppend { layer, window, .. } = node.op {
@@ -62,7 +138,7 @@ impl KvCache {
                 if window.is_none() && is_cpu(device) {
                     return LayerCache {
                         kv: [None, None],
-                        host: Some([Vec::new(), Vec::new()]),
+                        host: Some(HostKv::new(ty)),
                         width,
                         window,
                         rows,
@@ -133,13 +209,20 @@ impl KvCache {
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                if let Some([k, v]) = &l.host {
+                if let Some(host) = &l.host {
                     let n = self.len * l.width;
+                    let read = |kind| {
+                        host.rows(kind, n)
+                            .map(|r| r.to_f32().into_owned())
+                            .ok_or_else(|| {
+                                GraphError::Input(format!("KV cache layer {i} is short"))
+                            })
+                    };
                     return Ok(LayerSnapshot {
                         rows: self.len,
                         width: l.width,
-                        keys: k[..n].to_vec(),
-                        values: v[..n].to_vec(),
+                        keys: read(0)?,
+                        values: read(1)?,
                     });
                 }
                 let read = |t: &Option<Tensor<2>>| -> Result<(usize, usize, Vec<f32>)> {
@@ -199,7 +282,8 @@ impl KvCache {
         }
         for (l, s) in self.layers.iter_mut().zip(&snap.layers) {
             if let Some(host) = &mut l.host {
-                *host = [s.keys.clone(), s.values.clone()];
+                host.set(0, &s.keys);
+                host.set(1, &s.values);
                 continue;
             }
             for (slot, data) in l.kv.iter_mut().zip([&s.keys, &s.values]) {
@@ -231,15 +315,9 @@ impl KvCache {
             .get_mut(layer)
             .ok_or_else(|| GraphError::Input(format!("the KV cache has no layer {layer}")))?;
         if let Some(host) = &mut l.host {
-            let data = &mut host[kind as usize];
-            if data.capacity() == 0 {
-                // All positions at once, so growing never copies the cache (nor holds
-                // twice its size); pages are only touched as positions are written.
-                data.reserve_exact(l.rows * l.width);
-            }
             // Rows past `past` belong to a step that failed; this step replaces them.
-            data.truncate(past * l.width);
-            data.extend(Value::F2(new).into_f32_vec()?);
+            let new = Value::F2(new).into_f32_vec()?;
+            host.write(kind as usize, past * l.width, new, l.rows * l.width);
             return Ok(Value::Cached(CachedRows {
                 layer,
                 kind,
@@ -285,11 +363,11 @@ impl KvCache {
     }
 
     /// The first `rows.rows` keys or values of a host layer, row-major.
-    pub fn host_rows(&self, rows: &CachedRows) -> Result<&[f32]> {
+    pub fn host_rows(&self, rows: &CachedRows) -> Result<KvRows<'_>> {
         self.layers
             .get(rows.layer)
             .and_then(|l| l.host.as_ref())
-            .and_then(|h| h[rows.kind as usize].get(..rows.rows * rows.width))
+            .and_then(|h| h.rows(rows.kind as usize, rows.rows * rows.width))
             .ok_or_else(|| {
                 GraphError::Input(format!(
                     "KV cache layer {} holds no host rows {}",
@@ -474,7 +552,7 @@ impl Program {
     fn materialize(&self, value: Value, cache: &KvCache) -> Result<Value> {
         Ok(match value {
             Value::Cached(r) => tensor2(
-                cache.host_rows(&r)?.to_vec(),
+                cache.host_rows(&r)?.to_f32().into_owned(),
                 [r.rows, r.width],
                 &self.device,
             ),
@@ -501,6 +579,11 @@ impl Program {
     /// A KV cache for this program.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         KvCache::for_graph(&self.graph, capacity, &self.device)
+    }
+
+    /// A KV cache whose host layers store `ty`.
+    pub fn new_cache_of(&self, capacity: usize, ty: KvType) -> Result<KvCache> {
+        KvCache::for_graph_of(&self.graph, capacity, &self.device, ty)
     }
 
     /// Runs one step over `tokens` at positions `cache.len()..`, writing the cache.
@@ -911,12 +994,24 @@ pub fn eval(
             if is_cpu(device) {
                 let (q, dims) = host2(node, q)?;
                 let host = |x: Value| -> Result<std::borrow::Cow<'_, [f32]>> {
-                    Ok(match x {
-                        Value::Cached(r) => std::borrow::Cow::Borrowed(step.cache.host_rows(&r)?),
-                        x => std::borrow::Cow::Owned(host2(node, f2(node, x)?)?.0),
-                    })
+                    Ok(std::borrow::Cow::Owned(host2(node, f2(node, x)?)?.0))
                 };
-                let (k, v) = (host(k)?, host(v)?);
+                // Cached rows are read in place; others (windowed layers) come over.
+                let (k_own, v_own);
+                let k = match k {
+                    Value::Cached(r) => step.cache.host_rows(&r)?,
+                    x => {
+                        k_own = host(x)?;
+                        KvRows::F32(&k_own)
+                    }
+                };
+                let v = match v {
+                    Value::Cached(r) => step.cache.host_rows(&r)?,
+                    x => {
+                        v_own = host(x)?;
+                        KvRows::F32(&v_own)
+                    }
+                };
                 let shape = crate::cpu::AttentionShape {
                     n_heads: *n_heads,
                     n_kv_heads: *n_kv_heads,
@@ -926,7 +1021,7 @@ pub fn eval(
                     past: step.past,
                 };
                 return Ok(tensor2(
-                    crate::cpu::attention(&q, &k, &v, &shape),
+                    crate::cpu::attention(&q, k, v, &shape),
                     dims,
                     device,
                 ));

@@ -17,7 +17,7 @@ pub mod value;
 
 pub use dump::dump;
 pub use error::{GraphError, Result};
-pub use exec::{KvCache, KvSnapshot, OpProfile, Program, Rows, RunOutput, Taps};
+pub use exec::{KvCache, KvSnapshot, KvType, OpProfile, Program, Rows, RunOutput, Taps};
 pub use graph::Graph;
 pub use ir::{DType, Dim, F32Bits, KvKind, Node, NodeId, Op, ParamKind, RopeScaling, Shape};
 pub use passes::{Pass, PassContext, Pipeline};

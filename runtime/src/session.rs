@@ -1,7 +1,7 @@
 //! A session: a compiled graph, its KV cache and the tokens seen so far.
 use std::path::Path;
 
-use llama_graph::{KvCache, KvSnapshot, Program, Rows, RunOutput, Taps, Value};
+use llama_graph::{KvCache, KvSnapshot, KvType, Program, Rows, RunOutput, Taps, Value};
 
 use crate::error::{Result, RuntimeError};
 
@@ -67,6 +67,11 @@ impl Session {
 
     /// A session holding up to `context` positions; its KV cache is allocated now.
     pub fn new(program: Program, context: usize) -> Result<Self> {
+        Self::with_cache_type(program, context, KvType::F32)
+    }
+
+    /// The same with the KV cache's host layers (CPU devices) stored as `ty`.
+    pub fn with_cache_type(program: Program, context: usize, ty: KvType) -> Result<Self> {
         let vocab = program
             .graph()
             .outputs()
@@ -75,7 +80,7 @@ impl Session {
             .ok_or_else(|| {
                 llama_graph::GraphError::Input("the graph has no logits output".into())
             })?;
-        let cache = program.new_cache(context)?;
+        let cache = program.new_cache_of(context, ty)?;
         Ok(Session {
             program,
             cache,
