@@ -77,6 +77,7 @@ fn case(op: &Op, device: &Device) -> Option<Graph> {
         Op::Scale { .. } => b.op("out", Op::Scale { factor: f(-1.5) }, &[x]),
         Op::AddScalar { .. } => b.op("out", Op::AddScalar { value: f(0.75) }, &[x]),
         Op::Silu => b.op("out", Op::Silu, &[x]),
+        Op::SwiGlu => b.op("out", Op::SwiGlu, &[x]),
         Op::GeluTanh => b.op("out", Op::GeluTanh, &[x]),
         Op::Cos => b.op("out", Op::Cos, &[x]),
         Op::Sin => b.op("out", Op::Sin, &[x]),
@@ -203,6 +204,7 @@ fn every_op_kind() -> Vec<Op> {
         Op::Scale { factor: f(1.0) },
         Op::AddScalar { value: f(1.0) },
         Op::Silu,
+        Op::SwiGlu,
         Op::GeluTanh,
         Op::Slice {
             axis: 0,
@@ -260,6 +262,7 @@ fn covered(op: &Op) {
         | Op::Scale { .. }
         | Op::AddScalar { .. }
         | Op::Silu
+        | Op::SwiGlu
         | Op::GeluTanh
         | Op::Slice { .. }
         | Op::Concat { .. }

@@ -25,6 +25,34 @@ fn simd() -> bool {
     }
 }
 
+/// Rows of `[gate | up]` (each `n` wide) to rows of `silu(gate) * up`, in place: each
+/// row gated into its own first half (rows across threads), then the halves moved
+/// together (row `r` from `2rn` to `rn`, so nothing is overwritten before it is read)
+/// and the buffer's second half given back.
+pub fn swiglu(x: &mut Vec<f32>, n: usize) {
+    if n == 0 {
+        return;
+    }
+    let rows = x.len() / (2 * n);
+    let gate = |row: &mut [f32]| {
+        let (gate, up) = row.split_at_mut(n);
+        silu(gate);
+        for (g, u) in gate.iter_mut().zip(up.iter()) {
+            *g *= *u;
+        }
+    };
+    if rows > 1 {
+        x.par_chunks_mut(2 * n).for_each(gate);
+    } else {
+        x.chunks_mut(2 * n).for_each(gate);
+    }
+    for r in 1..rows {
+        x.copy_within(2 * r * n..(2 * r + 1) * n, r * n);
+    }
+    x.truncate(rows * n);
+    x.shrink_to_fit();
+}
+
 /// `x / (1 + e^-x)` in place.
 pub fn silu(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]

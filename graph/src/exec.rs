@@ -490,6 +490,7 @@ fn row_wise(op: &Op) -> bool {
             | Op::Scale { .. }
             | Op::AddScalar { .. }
             | Op::Silu
+            | Op::SwiGlu
             | Op::GeluTanh
             | Op::Add
             | Op::Mul
@@ -899,6 +900,17 @@ pub fn eval(
             tensor2(x, dims, device)
         }
         Op::Silu => Value::F2(activation::silu(f2(node, next()?)?)),
+        Op::SwiGlu if is_cpu(device) => {
+            let (mut x, [rows, width]) = host2(node, f2(node, next()?)?)?;
+            crate::cpu::swiglu(&mut x, width / 2);
+            tensor2(x, [rows, width / 2], device)
+        }
+        Op::SwiGlu => {
+            let x = f2(node, next()?)?;
+            let n = x.dims()[1] / 2;
+            let (gate, up) = (x.clone().narrow(1, 0, n), x.narrow(1, n, n));
+            Value::F2(activation::silu(gate).mul(up))
+        }
         Op::GeluTanh => Value::F2(activation::gelu_approximate(f2(node, next()?)?)),
         Op::Cos => Value::F2(f2(node, next()?)?.cos()),
         Op::Sin => Value::F2(f2(node, next()?)?.sin()),

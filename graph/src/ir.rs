@@ -184,6 +184,10 @@ pub enum Op {
         value: F32Bits,
     },
     Silu,
+    /// A gate and an up projection side by side, gated: `x [.., 2n] -> [.., n]`,
+    /// `silu(x[.., :n]) * x[.., n:]` (what `mul(silu(gate), up)` of a fused gate/up
+    /// matmul becomes on CPU backends, in one pass and one buffer).
+    SwiGlu,
     /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
     GeluTanh,
     /// A contiguous range of one axis.
@@ -245,6 +249,7 @@ impl Op {
             Op::Scale { .. } => "scale",
             Op::AddScalar { .. } => "add_scalar",
             Op::Silu => "silu",
+            Op::SwiGlu => "swiglu",
             Op::GeluTanh => "gelu_tanh",
             Op::Slice { .. } => "slice",
             Op::Concat { .. } => "concat",

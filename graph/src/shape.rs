@@ -121,6 +121,26 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
             arity(node, op, inputs, 1)?;
             f32(inputs[0].0.clone())
         }
+        Op::SwiGlu => {
+            arity(node, op, inputs, 1)?;
+            let x = &inputs[0].0;
+            let last = x.rank().checked_sub(1);
+            match last.and_then(|a| x.fixed_dim(a)) {
+                Some(w) if w % 2 == 0 && w > 0 => {
+                    let mut out = x.0.clone();
+                    if let Some(d) = out.last_mut() {
+                        *d = Dim::Fixed(w / 2);
+                    }
+                    f32(Shape(out))
+                }
+                _ => Err(mismatch(
+                    node,
+                    "input for swiglu (an even last dimension)",
+                    "[.., 2n]",
+                    x,
+                )),
+            }
+        }
         Op::Slice { axis, start, len } => {
             arity(node, op, inputs, 1)?;
             let x = &inputs[0].0;

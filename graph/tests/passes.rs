@@ -87,7 +87,10 @@ fn run(g: &Graph, device: &Device) -> Vec<Vec<f32>> {
 
 fn check(pass: Box<dyn Pass>) {
     let device = Device::flex();
-    let before = small_graph(&device);
+    check_on(pass, small_graph(&device), &device);
+}
+
+fn check_on(pass: Box<dyn Pass>, before: Graph, device: &Device) {
     let mut after = before.clone();
     let n = pass
         .run(
@@ -100,8 +103,8 @@ fn check(pass: Box<dyn Pass>) {
     assert!(n > 0, "{} rewrote nothing", pass.name());
     after.validate().expect("valid after the pass");
     assert_eq!(
-        run(&before, &device),
-        run(&after, &device),
+        run(&before, device),
+        run(&after, device),
         "{} changed the outputs",
         pass.name()
     );
@@ -129,6 +132,70 @@ fn constant_fold() {
 #[test]
 fn fuse_matmul() {
     check(Box::new(llama_graph::passes::FuseSiblingMatMuls));
+}
+
+/// A gated MLP over a fused gate/up matmul, three times: fusable with the product's
+/// operands either way round, and with the gate also read elsewhere (left alone).
+fn gated_mlp(device: &Device) -> Graph {
+    let mut g = Graph::new();
+    let p = |v: Vec<f32>, d: &[usize]| Value::from_f32(v, d, device).expect("value");
+    let tokens = g.add_tokens("tokens").unwrap();
+    let table = g
+        .add_param(
+            "token_embd.weight",
+            ParamKind::Weight,
+            p(values(32, 1), &[8, 4]),
+        )
+        .unwrap();
+    let x = g.add("inp_embd", Op::Embedding, &[table, tokens]).unwrap();
+    let mut outs = Vec::new();
+    for l in 0..3 {
+        let w = g
+            .add_param(
+                &format!("blk.{l}.ffn_gate_up.weight"),
+                ParamKind::Weight,
+                p(values(24, 2 + l), &[6, 4]),
+            )
+            .unwrap();
+        let gu = g
+            .add(&format!("blk.{l}.ffn_gate_up"), Op::MatMul, &[x, w])
+            .unwrap();
+        let slice = |g: &mut Graph, name: &str, start| {
+            g.add(
+                &format!("blk.{l}.{name}"),
+                Op::Slice {
+                    axis: 1,
+                    start,
+                    len: 3,
+                },
+                &[gu],
+            )
+            .unwrap()
+        };
+        let gate = slice(&mut g, "ffn_gate", 0);
+        let up = slice(&mut g, "ffn_up", 3);
+        let act = g
+            .add(&format!("blk.{l}.ffn_silu"), Op::Silu, &[gate])
+            .unwrap();
+        // The product with its operands either way round.
+        let ins = if l == 0 { [act, up] } else { [up, act] };
+        outs.push(g.add(&format!("blk.{l}.ffn_act"), Op::Mul, &ins).unwrap());
+        if l == 2 {
+            outs.push(gate);
+        }
+    }
+    g.set_outputs(outs);
+    g
+}
+
+#[test]
+fn fuse_swiglu() {
+    let device = Device::flex();
+    check_on(
+        Box::new(llama_graph::passes::FuseSwiGlu),
+        gated_mlp(&device),
+        &device,
+    );
 }
 
 #[test]

@@ -117,8 +117,16 @@ fn every_block_type_matches_dequantized_f32_within_the_bound() {
     for ty in TYPES {
         let per = ty.block_len();
         // Rows that are no multiple of the SIMD width or the thread split; rows of one
-        // block and of several; one and several activation rows.
-        for (n, rows, blocks) in [(1, 37, 3), (3, 5, 1), (2, 129, 2), (1, 1, 9), (5, 300, 1)] {
+        // block and of several; one and several activation rows; tasks of several
+        // blocks of output rows at any thread count.
+        for (n, rows, blocks) in [
+            (1, 37, 3),
+            (3, 5, 1),
+            (2, 129, 2),
+            (1, 1, 9),
+            (5, 300, 1),
+            (3, 1100, 1),
+        ] {
             let cols = per * blocks;
             let bytes = random_blocks(ty, rows, cols, &mut rng);
             let w = QMatrix::from_bytes(ty, rows, cols, bytes).expect("whole blocks");
@@ -268,9 +276,15 @@ fn q8_0_quantization_is_within_half_a_step() {
 fn packed_4_bit_rows_match_dequantized_f32_within_the_bound() {
     // Q4_0 and Q4_1.
     let mut rng = Rng(0xC0FFEE);
-    // Groups of eight rows: one, five, and seventeen (split across tasks); rows of one
-    // block and of several; activation rows that are and are not multiples of four.
-    for (rows, blocks, ns) in [(8, 1, [1, 4]), (40, 3, [2, 5]), (136, 7, [1, 9])] {
+    // Groups of eight rows: one, five, seventeen and 130 (split across tasks, each of
+    // several blocks of output rows); rows of one block and of several; activation rows
+    // that are and are not multiples of four.
+    for (rows, blocks, ns) in [
+        (8, 1, [1, 4]),
+        (40, 3, [2, 5]),
+        (136, 7, [1, 9]),
+        (1040, 1, [1, 3]),
+    ] {
         let cols = 32 * blocks;
         let mut half_of = |ty| {
             let bytes = random_blocks(ty, rows / 2, cols, &mut rng);

@@ -5,6 +5,7 @@
 mod constant_fold;
 mod dead_nodes;
 mod fuse_matmul;
+mod fuse_swiglu;
 mod pack;
 mod quantize;
 
@@ -13,6 +14,7 @@ use burn::tensor::Device;
 pub use constant_fold::ConstantFold;
 pub use dead_nodes::DeadNodes;
 pub use fuse_matmul::FuseSiblingMatMuls;
+pub use fuse_swiglu::FuseSwiGlu;
 pub use pack::PackBlocks;
 pub use quantize::QuantizeWeights;
 
@@ -60,11 +62,12 @@ impl Pipeline {
         }
     }
 
-    /// The default on CPU backends: the standard pipeline, then (with `quantize`) Q8_0
-    /// blocks for f32 matmul weights, then 4-bit block weights packed for the grouped
-    /// kernel.
+    /// The default on CPU backends: the standard pipeline, then the gated MLP as one
+    /// op, then (with `quantize`) Q8_0 blocks for f32 matmul weights, then 4-bit block
+    /// weights packed for the grouped kernel.
     pub fn standard_cpu(quantize: bool) -> Self {
         let mut p = Self::standard();
+        p.passes.push(Box::new(FuseSwiGlu));
         if quantize {
             p.passes.push(Box::new(QuantizeWeights));
         }
@@ -76,6 +79,7 @@ impl Pipeline {
     pub fn by_name(name: &str) -> Option<Box<dyn Pass>> {
         match name {
             "fuse-matmul" => Some(Box::new(FuseSiblingMatMuls)),
+            "fuse-swiglu" => Some(Box::new(FuseSwiGlu)),
             "constant-fold" => Some(Box::new(ConstantFold)),
             "dead-nodes" => Some(Box::new(DeadNodes)),
             "quantize-weights" => Some(Box::new(QuantizeWeights)),
@@ -87,6 +91,7 @@ impl Pipeline {
     /// Names accepted by [`Pipeline::by_name`].
     pub const NAMES: &'static [&'static str] = &[
         "fuse-matmul",
+        "fuse-swiglu",
         "constant-fold",
         "dead-nodes",
         "quantize-weights",

@@ -626,25 +626,66 @@ pub fn matmul(x: &[f32], n: usize, w: &QMatrix, kernel: Kernel) -> Vec<f32> {
             pick(ty, simd)(bytes, row_bytes, &acts, out);
         });
     };
-    let mut out_t = vec![0f32; rows * n];
-    if per_task >= rows {
-        run(0, &mut out_t);
-    } else {
-        out_t
-            .par_chunks_mut(per_task * n)
-            .enumerate()
-            .for_each(|(task, chunk)| run(task * per_task, chunk));
-    }
     if n == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; n * rows];
-    out.par_chunks_mut(rows).enumerate().for_each(|(t, row)| {
-        for (r, o) in row.iter_mut().enumerate() {
-            *o = out_t[r * n + t];
+        // One activation row: the transposed output is the output.
+        let mut out = vec![0f32; rows];
+        if per_task >= rows {
+            run(0, &mut out);
+        } else {
+            out.par_chunks_mut(per_task)
+                .enumerate()
+                .for_each(|(task, chunk)| run(task * per_task, chunk));
         }
-    });
+        return out;
+    }
+    // Each task computes BLOCK rows at a time for every activation row into a buffer of
+    // its own and writes them into their columns of the `[n, rows]` output, so no
+    // transposed copy of the whole output is ever held (at n = 64, a fused gate/up's
+    // output is 786 KB).
+    const BLOCK: usize = 8 * GROUP;
+    let mut out = vec![0f32; n * rows];
+    let dst = Columns(out.as_mut_ptr());
+    let task = |t: usize| {
+        let (start, end) = (t * per_task, ((t + 1) * per_task).min(rows));
+        let mut buf = vec![0f32; BLOCK.min(end - start) * n];
+        for first in (start..end).step_by(BLOCK) {
+            let len = BLOCK.min(end - first);
+            let buf = &mut buf[..len * n];
+            run(first, buf);
+            // Per activation row, the block's outputs are side by side in `out`.
+            for t in 0..n {
+                for r in 0..len {
+                    // SAFETY: `t < n` and `first + r < rows`, so in bounds of `out`; each
+                    // output column belongs to one task.
+                    unsafe { dst.write(t * rows + first + r, buf[r * n + t]) };
+                }
+            }
+        }
+    };
+    let tasks = rows.div_ceil(per_task);
+    if tasks == 1 {
+        task(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
     out
+}
+
+/// The output of [`matmul`] as tasks write their columns of it.
+#[derive(Clone, Copy)]
+struct Columns(*mut f32);
+
+// SAFETY: tasks write disjoint elements (their own columns) and nothing reads the
+// output until every task is done.
+unsafe impl Send for Columns {}
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    /// # Safety
+    /// `at` is in bounds and no other thread touches it.
+    unsafe fn write(self, at: usize, v: f32) {
+        *self.0.add(at) = v;
+    }
 }
 
 /// The largest error [`matmul`] may make against `x @ dequantize(w)^T` for one output:
