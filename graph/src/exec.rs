@@ -20,6 +20,9 @@ struct LayerCache {
     /// instead (grown as positions arrive, `[positions, width]` row-major), so the host
     /// attention reads them in place rather than copying the whole cache every step.
     host: Option<HostKv>,
+    /// Keys and values a step of several positions wrote to an f16 host cache, as
+    /// computed, until its attention reads them (see [`KvCache::take_fresh`]).
+    fresh: [Option<Vec<f32>>; 2],
     width: usize,
     /// With a sliding window, `rows` is a ring: position `p` lives in row `p % rows`.
     window: Option<usize>,
@@ -63,7 +66,7 @@ impl HostKv {
     /// Replaces everything from value `from` on with `new`, reserving `total` values
     /// the first time so that growing never copies (nor holds twice the size); pages
     /// are only touched as positions are written.
-    fn write(&mut self, kind: usize, from: usize, new: Vec<f32>, total: usize) {
+    fn write(&mut self, kind: usize, from: usize, new: &[f32], total: usize) {
         fn put<T>(data: &mut Vec<T>, from: usize, total: usize, new: impl Iterator<Item = T>) {
             if data.capacity() == 0 {
                 data.reserve_exact(total);
@@ -72,12 +75,12 @@ impl HostKv {
             data.extend(new);
         }
         match self {
-            HostKv::F32(x) => put(&mut x[kind], from, total, new.into_iter()),
+            HostKv::F32(x) => put(&mut x[kind], from, total, new.iter().copied()),
             HostKv::F16(x) => put(
                 &mut x[kind],
                 from,
                 total,
-                new.into_iter().map(half::f16::from_f32),
+                new.iter().map(|&v| half::f16::from_f32(v)),
             ),
         }
     }
@@ -139,6 +142,7 @@ impl KvCache {
                     return LayerCache {
                         kv: [None, None],
                         host: Some(HostKv::new(ty)),
+                        fresh: [None, None],
                         width,
                         window,
                         rows,
@@ -148,6 +152,7 @@ impl KvCache {
                 LayerCache {
                     kv: [z(), z()],
                     host: None,
+                    fresh: [None, None],
                     width,
                     window,
                     rows,
@@ -317,7 +322,10 @@ impl KvCache {
         if let Some(host) = &mut l.host {
             // Rows past `past` belong to a step that failed; this step replaces them.
             let new = Value::F2(new).into_f32_vec()?;
-            host.write(kind as usize, past * l.width, new, l.rows * l.width);
+            host.write(kind as usize, past * l.width, &new, l.rows * l.width);
+            // A prompt's own keys and values stay exact for its attention; later steps
+            // read them rounded.
+            l.fresh[kind as usize] = (matches!(host, HostKv::F16(_)) && seq > 1).then_some(new);
             return Ok(Value::Cached(CachedRows {
                 layer,
                 kind,
@@ -360,6 +368,14 @@ impl KvCache {
         }
         *slot = Some(cache);
         Ok(Value::F2(out))
+    }
+
+    /// The rows a step of several positions just wrote to an f16 host layer, as they
+    /// were computed (once: they are handed over). `None` for other caches and steps.
+    pub fn take_fresh(&mut self, rows: &CachedRows) -> Option<Vec<f32>> {
+        let l = self.layers.get_mut(rows.layer)?;
+        let fresh = l.fresh[rows.kind as usize].take()?;
+        (fresh.len() <= rows.rows * rows.width).then_some(fresh)
     }
 
     /// The first `rows.rows` keys or values of a host layer, row-major.
@@ -1008,19 +1024,44 @@ pub fn eval(
                 let host = |x: Value| -> Result<std::borrow::Cow<'_, [f32]>> {
                     Ok(std::borrow::Cow::Owned(host2(node, f2(node, x)?)?.0))
                 };
-                // Cached rows are read in place; others (windowed layers) come over.
+                // Cached rows are read in place (a prompt's own rows of an f16 cache as
+                // computed, after the earlier ones widened); others (windowed layers)
+                // come over.
+                let fresh = |x: &Value, cache: &mut KvCache| match x {
+                    Value::Cached(r) => cache.take_fresh(r),
+                    _ => None,
+                };
+                let (fresh_k, fresh_v) = (fresh(&k, step.cache), fresh(&v, step.cache));
+                let cache = &*step.cache;
+                let read =
+                    |x: Value, fresh: Option<Vec<f32>>| -> Result<std::borrow::Cow<'_, [f32]>> {
+                        Ok(match (x, fresh) {
+                            (Value::Cached(r), Some(new)) => {
+                                let all = cache.host_rows(&r)?;
+                                let mut rows = match all {
+                                    KvRows::F16(x) => KvRows::F16(&x[..x.len() - new.len()]),
+                                    KvRows::F32(x) => KvRows::F32(&x[..x.len() - new.len()]),
+                                }
+                                .to_f32()
+                                .into_owned();
+                                rows.extend_from_slice(&new);
+                                std::borrow::Cow::Owned(rows)
+                            }
+                            (x, _) => host(x)?,
+                        })
+                    };
                 let (k_own, v_own);
                 let k = match k {
-                    Value::Cached(r) => step.cache.host_rows(&r)?,
+                    Value::Cached(r) if fresh_k.is_none() => cache.host_rows(&r)?,
                     x => {
-                        k_own = host(x)?;
+                        k_own = read(x, fresh_k)?;
                         KvRows::F32(&k_own)
                     }
                 };
                 let v = match v {
-                    Value::Cached(r) => step.cache.host_rows(&r)?,
+                    Value::Cached(r) if fresh_v.is_none() => cache.host_rows(&r)?,
                     x => {
-                        v_own = host(x)?;
+                        v_own = read(x, fresh_v)?;
                         KvRows::F32(&v_own)
                     }
                 };
