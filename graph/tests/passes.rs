@@ -2,8 +2,8 @@
 //! before and after is a snapshot.
 use burn::tensor::Device;
 use llama_graph::{
-    dump, F32Bits, Graph, Op, ParamKind, Pass, PassContext, Pipeline, Program, RopeScaling, Taps,
-    Value,
+    dump, F32Bits, Graph, NodeId, Op, ParamKind, Pass, PassContext, Pipeline, Program, RopeScaling,
+    Taps, Value,
 };
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -17,19 +17,22 @@ fn values(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-/// tokens -> embedding -> two matmuls sharing the input; a RoPE table; a dead branch.
-fn small_graph(device: &Device) -> Graph {
+/// A graph of tokens -> `inp_embd` `[seq, 4]`, and that node.
+fn embedded(device: &Device) -> (Graph, NodeId) {
     let mut g = Graph::new();
-    let p = |v: Vec<f32>, d: &[usize]| Value::from_f32(v, d, device).expect("value");
     let tokens = g.add_tokens("tokens").unwrap();
+    let table = Value::from_f32(values(32, 1), &[8, 4], device).expect("value");
     let table = g
-        .add_param(
-            "token_embd.weight",
-            ParamKind::Weight,
-            p(values(32, 1), &[8, 4]),
-        )
+        .add_param("token_embd.weight", ParamKind::Weight, table)
         .unwrap();
     let x = g.add("inp_embd", Op::Embedding, &[table, tokens]).unwrap();
+    (g, x)
+}
+
+/// tokens -> embedding -> two matmuls sharing the input; a RoPE table; a dead branch.
+fn small_graph(device: &Device) -> Graph {
+    let (mut g, x) = embedded(device);
+    let p = |v: Vec<f32>, d: &[usize]| Value::from_f32(v, d, device).expect("value");
     let wa = g
         .add_param(
             "blk.0.ffn_gate.weight",
@@ -137,17 +140,8 @@ fn fuse_matmul() {
 /// A gated MLP over a fused gate/up matmul, three times: fusable with the product's
 /// operands either way round, and with the gate also read elsewhere (left alone).
 fn gated_mlp(device: &Device) -> Graph {
-    let mut g = Graph::new();
+    let (mut g, x) = embedded(device);
     let p = |v: Vec<f32>, d: &[usize]| Value::from_f32(v, d, device).expect("value");
-    let tokens = g.add_tokens("tokens").unwrap();
-    let table = g
-        .add_param(
-            "token_embd.weight",
-            ParamKind::Weight,
-            p(values(32, 1), &[8, 4]),
-        )
-        .unwrap();
-    let x = g.add("inp_embd", Op::Embedding, &[table, tokens]).unwrap();
     let mut outs = Vec::new();
     for l in 0..3 {
         let w = g
