@@ -318,6 +318,7 @@ fn bad_sampling_flags_are_one_line_errors() {
     let m = dir.to_str().unwrap();
     for (flag, value) in [
         ("--top-k", "-2"),
+        ("--top-k", "many"),
         ("--top-p", "0"),
         ("--top-p", "1.5"),
         ("--min-p", "2"),
@@ -339,7 +340,7 @@ fn bad_sampling_flags_are_one_line_errors() {
 fn json_output_and_seeded_cli_runs() {
     let dir = fixture("llama2-mha");
     let m = dir.to_str().unwrap();
-    let run = || {
+    let run = |top_k: &str| {
         llama(&[
             "generate",
             "-m",
@@ -351,13 +352,13 @@ fn json_output_and_seeded_cli_runs() {
             "--temperature",
             "0.8",
             "--top-k",
-            "20",
+            top_k,
             "--seed",
             "11",
             "--json",
         ])
     };
-    let (a, b) = (run(), run());
+    let (a, b) = (run("20"), run("20"));
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     let v: serde_json::Value = serde_json::from_slice(&a.stdout).unwrap();
     for field in ["text", "ids", "finish_reason", "timings"] {
@@ -367,6 +368,17 @@ fn json_output_and_seeded_cli_runs() {
     assert_eq!(v["finish_reason"], "length");
     let w: serde_json::Value = serde_json::from_slice(&b.stdout).unwrap();
     assert_eq!(v["ids"], w["ids"], "same seed, same tokens");
+    // `--top-k 0` keeps every token (llama.cpp's "off"): the vocabulary's size does the
+    // same.
+    let ids = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["ids"].clone()
+    };
+    assert_eq!(ids(run("0")), ids(run("1000000")), "--top-k 0 is off");
 }
 
 #[test]

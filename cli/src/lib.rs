@@ -268,8 +268,8 @@ struct SamplingArgs {
     /// 0 picks the most likely token at every step (greedy).
     #[arg(long, default_value_t = 0.0, value_parser = non_negative)]
     temperature: f32,
-    /// Keep only the k most likely tokens.
-    #[arg(long)]
+    /// Keep only the k most likely tokens; 0 keeps them all (off, as in llama.cpp).
+    #[arg(long, allow_negative_numbers = true, value_parser = token_count)]
     top_k: Option<usize>,
     /// Keep the smallest set of tokens whose probability reaches p, in (0, 1].
     #[arg(long, value_parser = unit_open)]
@@ -301,7 +301,7 @@ impl SamplingArgs {
     fn config(&self) -> SamplerConfig {
         SamplerConfig {
             temperature: self.temperature,
-            top_k: self.top_k,
+            top_k: self.top_k.filter(|&k| k > 0),
             top_p: self.top_p,
             min_p: self.min_p,
             repeat_penalty: self.repeat_penalty,
@@ -335,6 +335,11 @@ fn non_negative(s: &str) -> std::result::Result<f32, String> {
     (v.is_finite() && v >= 0.0)
         .then_some(v)
         .ok_or_else(|| format!("{s} must be 0 or more"))
+}
+
+fn token_count(s: &str) -> std::result::Result<usize, String> {
+    s.parse::<usize>()
+        .map_err(|_| format!("{s} is not a count of tokens (0 turns top-k off)"))
 }
 
 fn positive(s: &str) -> std::result::Result<f32, String> {
