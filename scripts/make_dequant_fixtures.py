@@ -29,6 +29,10 @@ def blocks(qtype, n_blocks):
             b = np.concatenate([f16_bytes(-0.1, 0.1, 1), rng.integers(0, 256, 16, dtype=np.uint8)])
         elif qtype == T.Q4_1:
             b = np.concatenate([f16_bytes(0.001, 0.1, 1), f16_bytes(-0.5, 0.5, 1), rng.integers(0, 256, 16, dtype=np.uint8)])
+        elif qtype == T.Q5_0:
+            b = np.concatenate([f16_bytes(-0.1, 0.1, 1), rng.integers(0, 256, 4 + 16, dtype=np.uint8)])
+        elif qtype == T.Q5_1:
+            b = np.concatenate([f16_bytes(0.001, 0.1, 1), f16_bytes(-0.5, 0.5, 1), rng.integers(0, 256, 4 + 16, dtype=np.uint8)])
         elif qtype == T.Q8_0:
             b = np.concatenate([f16_bytes(-0.01, 0.01, 1), rng.integers(0, 256, 32, dtype=np.uint8)])
         elif qtype == T.Q4_K:
@@ -51,6 +55,8 @@ for qtype, shape in [
     (T.Q8_0, (2, 64)),
     (T.Q4_K, (2, 256)),
     (T.Q6_K, (2, 256)),
+    (T.Q5_0, (2, 64)),
+    (T.Q5_1, (2, 64)),
 ]:
     values = rng.standard_normal(shape).astype(np.float32)
     if qtype == T.F32:

@@ -28,7 +28,7 @@ fn blocks(ty: GgmlType, rows: usize, cols: usize) -> QMatrix {
         let mut b: Vec<u8> = (0..ty.block_bytes()).map(|_| next() as u8).collect();
         match ty {
             GgmlType::Q6K => b[208..210].copy_from_slice(&scale),
-            GgmlType::Q4_1 | GgmlType::Q4K => {
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => {
                 b[..2].copy_from_slice(&scale);
                 b[2..4].copy_from_slice(&scale);
             }
@@ -45,6 +45,8 @@ fn kernels(c: &mut Criterion) {
     let types = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4K,
         GgmlType::Q6K,

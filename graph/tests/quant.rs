@@ -39,8 +39,8 @@ fn random_blocks(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u
         let mut b: Vec<u8> = (0..ty.block_bytes()).map(|_| rng.next() as u8).collect();
         let scale = 0.01 + 0.05 * rng.unit().abs();
         match ty {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => b[..2].copy_from_slice(&f16(scale)),
-            GgmlType::Q4_1 | GgmlType::Q4K => {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => b[..2].copy_from_slice(&f16(scale)),
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => {
                 b[..2].copy_from_slice(&f16(scale));
                 b[2..4].copy_from_slice(&f16(0.1 * rng.unit()));
             }
@@ -103,9 +103,11 @@ fn check(w: &QMatrix, n: usize, rng: &mut Rng, what: &str) {
     }
 }
 
-const TYPES: [GgmlType; 5] = [
+const TYPES: [GgmlType; 7] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::Q4K,
     GgmlType::Q6K,
@@ -238,6 +240,37 @@ fn every_other_row_is_two_runs_per_head() {
             .collect::<Vec<_>>()
     );
     assert_eq!(uneven.slice_rows(2, 3).unwrap().row(1), m.row(5));
+}
+
+#[test]
+fn q5_blocks_read_as_the_format_defines() {
+    // Q5_0: d = 0.5; bits 0 and 31 of the high word set; nibbles: weight 0 low 1,
+    // weight 16 (high nibble of byte 0) 2, weight 31 (high nibble of byte 15) 15.
+    let mut q5_0 = vec![0u8; 22];
+    q5_0[..2].copy_from_slice(&f16(0.5));
+    q5_0[2..6].copy_from_slice(&0x8000_0001u32.to_le_bytes());
+    q5_0[6] = 0x21;
+    q5_0[21] = 0xF0;
+    // q = nibble | bit << 4: weight 0 is 17, 16 is 2, 31 is 31, the rest 0.
+    let q = |i: usize| match i {
+        0 => 17.0,
+        16 => 2.0,
+        31 => 31.0,
+        _ => 0.0,
+    };
+    let m = QMatrix::from_bytes(GgmlType::Q5_0, 1, 32, q5_0.clone()).unwrap();
+    let want: Vec<f32> = (0..32).map(|i| 0.5 * (q(i) - 16.0)).collect();
+    assert_eq!(m.dequantize(), want);
+    // Q5_1: the same quants with d = 0.25 and m = -1: weight = q d + m.
+    let mut q5_1 = vec![0u8; 24];
+    q5_1[..2].copy_from_slice(&f16(0.25));
+    q5_1[2..4].copy_from_slice(&f16(-1.0));
+    q5_1[4..].copy_from_slice(&q5_0[2..]);
+    let m = QMatrix::from_bytes(GgmlType::Q5_1, 1, 32, q5_1).unwrap();
+    let want: Vec<f32> = (0..32).map(|i| 0.25 * q(i) - 1.0).collect();
+    assert_eq!(m.dequantize(), want);
+    let mut rng = Rng(17);
+    check(&m, 1, &mut rng, "Q5_1 by hand");
 }
 
 #[test]

@@ -104,8 +104,9 @@ pub struct Inventory {
 /// How [`Model::load_with`] loads weights.
 #[derive(Default)]
 pub struct LoadOptions<'a> {
-    /// Keep matrices stored as GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) in those
-    /// blocks, read in place from the memory-mapped file, for the CPU block kernels.
+    /// Keep matrices stored as GGML blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) in
+    /// those blocks, read in place from the memory-mapped file, for the CPU block
+    /// kernels.
     /// Otherwise every weight is widened to f32 on the device.
     pub keep_blocks: bool,
     /// Called with (tensors loaded, tensors in the checkpoint) after each tensor.

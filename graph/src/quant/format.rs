@@ -13,6 +13,8 @@ pub enum GgmlType {
     BF16,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
     Q8_0,
     Q4K,
     Q6K,
@@ -26,6 +28,8 @@ impl GgmlType {
             1 => GgmlType::F16,
             2 => GgmlType::Q4_0,
             3 => GgmlType::Q4_1,
+            6 => GgmlType::Q5_0,
+            7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
             12 => GgmlType::Q4K,
             14 => GgmlType::Q6K,
@@ -41,6 +45,8 @@ impl GgmlType {
             GgmlType::F16 => 1,
             GgmlType::Q4_0 => 2,
             GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
             GgmlType::Q4K => 12,
             GgmlType::Q6K => 14,
@@ -55,6 +61,8 @@ impl GgmlType {
             GgmlType::BF16 => "BF16",
             GgmlType::Q4_0 => "Q4_0",
             GgmlType::Q4_1 => "Q4_1",
+            GgmlType::Q5_0 => "Q5_0",
+            GgmlType::Q5_1 => "Q5_1",
             GgmlType::Q8_0 => "Q8_0",
             GgmlType::Q4K => "Q4_K",
             GgmlType::Q6K => "Q6_K",
@@ -65,7 +73,9 @@ impl GgmlType {
     pub fn block_len(self) -> usize {
         match self {
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 => 32,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+                32
+            }
             GgmlType::Q4K | GgmlType::Q6K => 256,
         }
     }
@@ -77,13 +87,16 @@ impl GgmlType {
             GgmlType::F16 | GgmlType::BF16 => 2,
             GgmlType::Q4_0 => 2 + 16,
             GgmlType::Q4_1 => 2 + 2 + 16,
+            GgmlType::Q5_0 => 2 + 4 + 16,
+            GgmlType::Q5_1 => 2 + 2 + 4 + 16,
             GgmlType::Q8_0 => 2 + 32,
             GgmlType::Q4K => 2 + 2 + 12 + 128,
             GgmlType::Q6K => 128 + 64 + 16 + 2,
         }
     }
 
-    /// Q4_0, Q4_1, Q8_0, Q4_K or Q6_K: blocks our matmul kernels multiply directly.
+    /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q6_K: blocks our matmul kernels multiply
+    /// directly.
     pub fn is_block_quantized(self) -> bool {
         self.block_len() > 1
     }
@@ -137,6 +150,20 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
                 out.extend(qs.iter().map(|q| (q >> 4) as f32 * d + m));
             }
         }
+        GgmlType::Q5_0 | GgmlType::Q5_1 => {
+            // d (and m for Q5_1): f16; 32 high bits, bit i for weight i; nibbles as in
+            // Q4_0. q = nibble | high bit << 4; weight = d (q - 16), or d q + m.
+            for blk in bytes.chunks_exact(bb) {
+                let (d, m, at) = if ty == GgmlType::Q5_1 {
+                    (f16_at(blk, 0), f16_at(blk, 2), 4)
+                } else {
+                    let d = f16_at(blk, 0);
+                    (d, -16.0 * d, 2)
+                };
+                let high = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
+                out.extend((0..32).map(|i| d * q5(&blk[at + 4..], high, i) as f32 + m));
+            }
+        }
         GgmlType::Q8_0 => {
             for blk in bytes.chunks_exact(bb) {
                 let d = f16_at(blk, 0);
@@ -188,6 +215,18 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
             }
         }
     }
+}
+
+/// Weight `i` (0..32) of a Q5_0 / Q5_1 block as its unsigned 5-bit value: the low or
+/// high nibble of `qs[i % 16]` and bit `i` of `high`.
+#[inline(always)]
+pub(crate) fn q5(qs: &[u8], high: u32, i: usize) -> u8 {
+    let nibble = if i < 16 {
+        qs[i] & 0x0F
+    } else {
+        qs[i - 16] >> 4
+    };
+    nibble | (((high >> i) & 1) as u8) << 4
 }
 
 /// The `j`-th 6-bit (scale, min) pair of a Q4_K super-block: pairs 0..4 sit in the low

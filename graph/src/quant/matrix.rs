@@ -58,8 +58,8 @@ impl Segment {
     }
 }
 
-/// A `[rows, cols]` weight matrix whose rows are GGML blocks (Q8_0, Q4_0, Q4_1, Q4_K or
-/// Q6_K), read where they are stored.
+/// A `[rows, cols]` weight matrix whose rows are GGML blocks (Q8_0, Q4_0, Q4_1, Q5_0,
+/// Q5_1, Q4_K or Q6_K), read where they are stored.
 ///
 /// Rows are kept as segments into shared stores, so concatenating matrices (fused
 /// Q/K/V), taking some of their rows (a split of a fused checkpoint matrix) or
