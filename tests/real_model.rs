@@ -68,14 +68,7 @@ fn perplexity_matches_transformers() {
         "the passage tokenizes as in transformers"
     );
     let mut s = session_for(&real_model_path(), &flex(), r.ids.len());
-    let got = perplexity(&mut s, &r.ids, r.ids.len(), |_, _| {}).unwrap();
-    let rel = (got.perplexity - r.perplexity).abs() / r.perplexity;
-    assert!(
-        rel <= 1e-3,
-        "perplexity {} vs {} ({rel:.2e})",
-        got.perplexity,
-        r.perplexity
-    );
+    let got = r.check(&mut s, 1e-3, "f32");
     assert_eq!((got.windows, got.scored), (1, r.ids.len() - 1));
 }
 
@@ -181,14 +174,7 @@ fn q8_0_precision_keeps_the_fidelity_bound(model: &llama::models::Model) {
         r.ids.len(),
     )
     .unwrap();
-    let got = perplexity(&mut s, &r.ids, r.ids.len(), |_, _| {}).unwrap();
-    let rel = (got.perplexity - r.perplexity).abs() / r.perplexity;
-    assert!(
-        rel <= 2e-2,
-        "q8_0 perplexity {} vs {} ({rel:.2e})",
-        got.perplexity,
-        r.perplexity
-    );
+    r.check(&mut s, 2e-2, "q8_0");
 }
 
 #[test]
@@ -330,14 +316,7 @@ fn the_default_cpu_path_multiplies_the_gguf_blocks_within_the_fidelity_bounds() 
         llama::graph::KvType::F16,
     )
     .unwrap();
-    let got = perplexity(&mut s, &r.ids, r.ids.len(), |_, _| {}).unwrap();
-    let rel = (got.perplexity - r.perplexity).abs() / r.perplexity;
-    assert!(
-        rel <= 1e-2,
-        "block-kernel perplexity {} vs {} ({rel:.2e})",
-        got.perplexity,
-        r.perplexity
-    );
+    r.check(&mut s, 1e-2, "block-kernel");
     // Greedy continuations up to the first step whose reference margin is under 0.3.
     for p in smollm2::greedy().prompts {
         s.reset();

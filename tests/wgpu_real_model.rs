@@ -5,7 +5,7 @@ mod common;
 
 use common::smollm2;
 use common::*;
-use llama::runtime::{argmax, generate_greedy, perplexity};
+use llama::runtime::{argmax, generate_greedy};
 
 fn margin(row: &[f32]) -> f32 {
     let mut v = row.to_vec();
@@ -53,14 +53,7 @@ fn logits_greedy_and_perplexity_on_wgpu_match_transformers() {
 
     // Perplexity of the passage, one prefill, within 0.5%.
     let r = smollm2::perplexity();
-    let got = perplexity(&mut s, &r.ids, r.ids.len(), |_, _| {}).unwrap();
-    let rel = (got.perplexity - r.perplexity).abs() / r.perplexity;
-    assert!(
-        rel <= 5e-3,
-        "perplexity {} vs {} ({rel:.2e})",
-        got.perplexity,
-        r.perplexity
-    );
+    r.check(&mut s, 5e-3, "wgpu");
 }
 
 #[test]

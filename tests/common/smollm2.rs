@@ -73,3 +73,25 @@ pub fn greedy() -> Greedy {
 pub fn perplexity() -> Perplexity {
     read_json(&smollm2_fixture("perplexity.json"))
 }
+
+impl Perplexity {
+    /// Scores the passage in one prefill on `s` and checks that its perplexity is within
+    /// `bound` (relative) of transformers'.
+    #[allow(dead_code)]
+    pub fn check(
+        &self,
+        s: &mut llama::runtime::Session,
+        bound: f64,
+        what: &str,
+    ) -> llama::runtime::Perplexity {
+        let got = llama::runtime::perplexity(s, &self.ids, self.ids.len(), |_, _| {}).unwrap();
+        let rel = (got.perplexity - self.perplexity).abs() / self.perplexity;
+        assert!(
+            rel <= bound,
+            "{what} perplexity {} vs {} ({rel:.2e})",
+            got.perplexity,
+            self.perplexity
+        );
+        got
+    }
+}
