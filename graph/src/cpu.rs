@@ -223,6 +223,14 @@ impl KvRows<'_> {
         self.len() == 0
     }
 
+    /// The first `n` values.
+    pub fn first(&self, n: usize) -> KvRows<'_> {
+        match self {
+            KvRows::F32(x) => KvRows::F32(&x[..n]),
+            KvRows::F16(x) => KvRows::F16(&x[..n]),
+        }
+    }
+
     /// The values as f32 (borrowed when they are).
     pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
         use half::slice::HalfFloatSliceExt;

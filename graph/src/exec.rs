@@ -816,6 +816,42 @@ fn binary(
     })
 }
 
+/// Keys or values for the host attention.
+enum AttentionInput<'a> {
+    /// Cached rows, read in place.
+    Cached(KvRows<'a>),
+    /// A prompt's own rows of an f16 cache as computed, after the earlier ones widened;
+    /// or the rows of a layer kept as tensors (a sliding window), brought over.
+    Host(Vec<f32>),
+}
+
+impl<'a> AttentionInput<'a> {
+    fn new(
+        node: &str,
+        x: Value,
+        fresh: Option<Vec<f32>>,
+        cache: &'a KvCache,
+    ) -> Result<AttentionInput<'a>> {
+        Ok(match (x, fresh) {
+            (Value::Cached(r), None) => AttentionInput::Cached(cache.host_rows(&r)?),
+            (Value::Cached(r), Some(new)) => {
+                let all = cache.host_rows(&r)?;
+                let mut rows = all.first(all.len() - new.len()).to_f32().into_owned();
+                rows.extend_from_slice(&new);
+                AttentionInput::Host(rows)
+            }
+            (x, _) => AttentionInput::Host(host2(node, f2(node, x)?)?.0),
+        })
+    }
+
+    fn rows(&self) -> KvRows<'_> {
+        match self {
+            AttentionInput::Cached(r) => *r,
+            AttentionInput::Host(x) => KvRows::F32(x),
+        }
+    }
+}
+
 /// Evaluates one op on `device`. `step` is `None` during constant folding, where only
 /// pure ops run.
 pub fn eval(
@@ -1021,50 +1057,14 @@ pub fn eval(
             let (k, v) = (next()?, next()?);
             if is_cpu(device) {
                 let (q, dims) = host2(node, q)?;
-                let host = |x: Value| -> Result<std::borrow::Cow<'_, [f32]>> {
-                    Ok(std::borrow::Cow::Owned(host2(node, f2(node, x)?)?.0))
-                };
-                // Cached rows are read in place (a prompt's own rows of an f16 cache as
-                // computed, after the earlier ones widened); others (windowed layers)
-                // come over.
                 let fresh = |x: &Value, cache: &mut KvCache| match x {
                     Value::Cached(r) => cache.take_fresh(r),
                     _ => None,
                 };
                 let (fresh_k, fresh_v) = (fresh(&k, step.cache), fresh(&v, step.cache));
                 let cache = &*step.cache;
-                let read =
-                    |x: Value, fresh: Option<Vec<f32>>| -> Result<std::borrow::Cow<'_, [f32]>> {
-                        Ok(match (x, fresh) {
-                            (Value::Cached(r), Some(new)) => {
-                                let all = cache.host_rows(&r)?;
-                                let mut rows = match all {
-                                    KvRows::F16(x) => KvRows::F16(&x[..x.len() - new.len()]),
-                                    KvRows::F32(x) => KvRows::F32(&x[..x.len() - new.len()]),
-                                }
-                                .to_f32()
-                                .into_owned();
-                                rows.extend_from_slice(&new);
-                                std::borrow::Cow::Owned(rows)
-                            }
-                            (x, _) => host(x)?,
-                        })
-                    };
-                let (k_own, v_own);
-                let k = match k {
-                    Value::Cached(r) if fresh_k.is_none() => cache.host_rows(&r)?,
-                    x => {
-                        k_own = read(x, fresh_k)?;
-                        KvRows::F32(&k_own)
-                    }
-                };
-                let v = match v {
-                    Value::Cached(r) if fresh_v.is_none() => cache.host_rows(&r)?,
-                    x => {
-                        v_own = read(x, fresh_v)?;
-                        KvRows::F32(&v_own)
-                    }
-                };
+                let k = AttentionInput::new(node, k, fresh_k, cache)?;
+                let v = AttentionInput::new(node, v, fresh_v, cache)?;
                 let shape = crate::cpu::AttentionShape {
                     n_heads: *n_heads,
                     n_kv_heads: *n_kv_heads,
@@ -1074,7 +1074,7 @@ pub fn eval(
                     past: step.past,
                 };
                 return Ok(tensor2(
-                    crate::cpu::attention(&q, k, v, &shape),
+                    crate::cpu::attention(&q, k.rows(), v.rows(), &shape),
                     dims,
                     device,
                 ));

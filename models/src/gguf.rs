@@ -127,7 +127,7 @@ impl std::fmt::Debug for StrArray {
 #[derive(Clone)]
 pub struct NumArray {
     items: Items,
-    /// The GGUF type of the items (0-7 or 10-12, not 6 strings or 9 arrays).
+    /// The GGUF type of the items (0-7 or 10-12; 8 is strings, 9 arrays).
     ty: u32,
 }
 

@@ -671,16 +671,21 @@ pub fn matmul(x: &[f32], n: usize, w: &QMatrix, kernel: Kernel) -> Vec<f32> {
         // Whole groups of the packed layout per task.
         rows.div_ceil(threads * 4).max(16).next_multiple_of(GROUP)
     };
+    // The packed kernel, picked once per matmul rather than per block of rows.
+    #[cfg(target_arch = "x86_64")]
+    let packed = packed.map(|p| {
+        use super::packed::avx2;
+        let rows = match kernel {
+            Kernel::Avx2 => avx2::rows,
+            Kernel::Avx512Vnni if avx2::has_avx512vnni() => avx2::rows_avx512vnni,
+            _ => avx2::pick(),
+        };
+        (p, rows)
+    });
     let run = |start: usize, chunk: &mut [f32]| {
         let end = start + chunk.len() / n;
         #[cfg(target_arch = "x86_64")]
-        if let Some(p) = packed {
-            use super::packed::avx2;
-            let rows = match kernel {
-                Kernel::Avx2 => avx2::rows,
-                Kernel::Avx512Vnni if avx2::has_avx512vnni() => avx2::rows_avx512vnni,
-                _ => avx2::pick(),
-            };
+        if let Some((p, rows)) = packed {
             // SAFETY: `simd` is true only when the CPU has AVX2, FMA and F16C (and
             // `pick` checks VNNI); tasks start at multiples of GROUP and `rows` is one
             // (`Packed::new`).

@@ -397,7 +397,7 @@ pub(crate) mod avx2 {
     pub fn pick() -> unsafe fn(&Packed, std::ops::Range<usize>, &QActs, &mut [f32]) {
         if is_x86_feature_detected!("avxvnni") {
             rows_avxvnni
-        } else if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+        } else if has_avx512vnni() {
             rows_avx512vnni
         } else {
             rows
