@@ -111,6 +111,22 @@ fn graph_dumps_raw_and_optimized() {
 }
 
 #[test]
+fn ndarray_compiles_the_pure_burn_graph() {
+    // flex gets the CPU-only passes (the gated MLP as one `swiglu` op); ndarray, the
+    // reference, gets only the standard ones.
+    let dir = fixture("llama3");
+    let dump = |backend: &str| {
+        let out = llama(&["graph", "-m", dir.to_str().unwrap(), "--backend", backend]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let (flex, reference) = (dump("flex"), dump("ndarray"));
+    assert!(flex.contains("= swiglu("), "{flex}");
+    assert!(!reference.contains("swiglu"), "{reference}");
+    assert!(reference.contains("blk.1.attn_qkv = matmul"), "{reference}");
+}
+
+#[test]
 fn graph_taps_summarize_every_node() {
     let dir = fixture("llama3");
     let out = llama(&[

@@ -386,7 +386,15 @@ fn chat_from_a_pipe_reuses_the_conversation_and_resets() {
     use std::io::Write;
     let model = real_model_path();
     let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
-        .args(["chat", "-m", model.to_str().unwrap(), "-n", "24"])
+        .args([
+            "chat",
+            "-m",
+            model.to_str().unwrap(),
+            "-n",
+            "24",
+            "--temperature",
+            "0",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -425,6 +433,67 @@ fn chat_from_a_pipe_reuses_the_conversation_and_resets() {
     assert_eq!(
         prompts[2], prompts[0],
         "after /reset the whole prompt is prefilled again"
+    );
+}
+
+/// `llama chat` on a pipe: stdout and stderr of one conversation.
+fn chat_once(args: &[&str], input: &str) -> (String, String) {
+    use std::io::Write;
+    let model = real_model_path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
+        .args(["chat", "-m", model.to_str().unwrap()])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn chat_samples_by_default_and_generate_stays_greedy() {
+    // The stats line names the seed only when the sampler draws (temperature > 0).
+    let question = "Write a short poem about the sea.\n";
+    let (first, stderr) = chat_once(&["-n", "16", "--seed", "5"], question);
+    assert!(
+        stderr.contains("| seed 5"),
+        "chat samples by default: {stderr}"
+    );
+    let (again, _) = chat_once(&["-n", "16", "--seed", "5"], question);
+    assert_eq!(first, again, "the same seed gives the same answer");
+    let (_, greedy) = chat_once(&["-n", "4", "--temperature", "0"], question);
+    assert!(
+        !greedy.contains("seed"),
+        "--temperature 0 is greedy: {greedy}"
+    );
+    let model = real_model_path();
+    let out = llama(&[
+        "generate",
+        "-m",
+        model.to_str().unwrap(),
+        "-p",
+        "The sea",
+        "-n",
+        "4",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("seed"),
+        "generate is greedy by default: {stderr}"
     );
 }
 

@@ -12,6 +12,11 @@ use safetensors::SafeTensors;
 
 /// Writes `tiny/<name>` as a GGUF of architecture `arch` into `out`.
 fn write_gguf(name: &str, arch: &str, out: &Path) {
+    gguf_of(name, arch).write(out);
+}
+
+/// `tiny/<name>` as a GGUF of architecture `arch`.
+fn gguf_of(name: &str, arch: &str) -> Writer {
     let dir = fixture(name);
     let config: serde_json::Value = read_json(&dir.join("config.json"));
     let get = |k: &str| config[k].as_u64().unwrap_or_else(|| panic!("{k}")) as u32;
@@ -85,7 +90,7 @@ fn write_gguf(name: &str, arch: &str, out: &Path) {
         }
         w.f32_tensor(&ours, &shape, &data);
     }
-    w.write(out);
+    w
 }
 
 #[test]
@@ -125,6 +130,33 @@ fn an_unsupported_gguf_architecture_names_itself_and_the_supported_ones() {
         err.contains("falcon") && err.contains("llama") && err.contains("gemma"),
         "{err}"
     );
+}
+
+#[test]
+fn a_gguf_tensor_that_no_weight_consumes_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("extra.gguf");
+    let mut w = gguf_of("llama-tied", "llama");
+    w.f32_tensor("blk.1.attn_extra.weight", &[4], &[0.5; 4]);
+    w.write(&file);
+    for keep_blocks in [false, true] {
+        let options = llama::models::LoadOptions {
+            keep_blocks,
+            ..Default::default()
+        };
+        let err = llama::models::Model::load_with(&file, &flex(), &options)
+            .unwrap_err()
+            .to_string();
+        let want = format!(
+            "{}: tensor blk.1.attn_extra.weight is not used by LlamaForCausalLM (expected: ",
+            file.display()
+        );
+        assert!(err.contains(&want), "{err}");
+        assert!(
+            err.contains("token_embd.weight") && err.contains("blk.0.attn_q.weight"),
+            "{err}"
+        );
+    }
 }
 
 #[test]

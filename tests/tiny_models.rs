@@ -286,9 +286,20 @@ fn a_session_built_for_a_context_has_rope_tables_of_that_length_and_matches_tran
         assert!(tables.iter().all(|&n| n == context), "{name}: {tables:?}");
         // The whole context still computes transformers' logits, and a step past it is
         // refused.
-        let mut s =
-            llama::runtime::Session::from_model(&model, &flex(), &Pipeline::standard(), context)
-                .expect("session");
+        let options = llama::runtime::SessionOptions {
+            passes: llama::runtime::Passes::List(
+                Pipeline::standard()
+                    .names()
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect(),
+            ),
+            context: llama::runtime::Context::Positions(context),
+            ..Default::default()
+        };
+        let engine = llama::runtime::Engine::load(&fixture(name), &options).expect("engine");
+        assert_eq!(engine.context(), context);
+        let mut s = engine.session().expect("session");
         let logits = s.prefill(ids).expect("prefill");
         let diff = max_abs_diff(logits.last(), r.logits.last().expect("logits"));
         assert!(diff <= 1e-4, "{name}: last row differs by {diff}");

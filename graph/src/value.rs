@@ -11,7 +11,7 @@ pub enum Value {
     F2(Tensor<2>),
     I1(Tensor<1, Int>),
     /// A weight matrix of GGML blocks in host memory, for the CPU matmul kernels.
-    Quant(std::sync::Arc<crate::quant::QMatrix>),
+    Quant(std::sync::Arc<llama_kernels::quant::QMatrix>),
     /// Keys or values held in the host KV cache (CPU devices), read in place.
     Cached(crate::exec::CachedRows),
 }

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 
 use crate::error::{io_err, ModelError, Result};
 use crate::gguf::{GgufFile, GgufSource, MetaValue};
-use crate::registry;
+use crate::registry::Family;
 use crate::weights::{ours_to_hf, TensorSource};
 
 /// Element type of the written weights.
@@ -66,20 +66,23 @@ pub fn gguf_to_hf(
     dtype: Dtype,
     tokenizer_json: &str,
 ) -> Result<usize> {
-    let entry = registry::lookup_gguf(file.architecture()?)?;
-    let conventions = entry
-        .gguf
+    let family = Family::from_gguf(file.architecture()?)?;
+    let conventions = family
+        .gguf_conventions()
         .ok_or_else(|| ModelError::NotAModel(file.path.clone()))?;
-    if entry.hf != "LlamaForCausalLM" {
-        return Err(ModelError::Gguf {
-            path: file.path.clone(),
-            message: format!(
-                "converting {} files is not supported yet (llama)",
-                conventions.name
-            ),
-        });
+    match family {
+        Family::Llama => {}
+        Family::Mistral | Family::Qwen2 | Family::Phi3 | Family::Gemma => {
+            return Err(ModelError::Gguf {
+                path: file.path.clone(),
+                message: format!(
+                    "converting {} files is not supported yet (llama)",
+                    conventions.name
+                ),
+            })
+        }
     }
-    let config = file.config(entry.hf, &conventions)?;
+    let config = file.config(family.hf_name(), &conventions)?;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
 
     let source = GgufSource::new(file, &config, conventions);
@@ -128,7 +131,7 @@ pub fn gguf_to_hf(
     write_json(
         &out.join("config.json"),
         &json!({
-            "architectures": [entry.hf],
+            "architectures": [family.hf_name()],
             "model_type": conventions.name,
             "hidden_size": config.hidden_size,
             "intermediate_size": config.intermediate_size,
@@ -145,9 +148,9 @@ pub fn gguf_to_hf(
             "bos_token_id": config.bos_token_id,
             "eos_token_id": config.eos_token_ids().first(),
             "hidden_act": "silu",
-            "attention_bias": false,
+            "attention_bias": config.attention_bias,
             "attention_dropout": 0.0,
-            "mlp_bias": false,
+            "mlp_bias": config.mlp_bias,
             "pretraining_tp": 1,
             "use_cache": true,
             "torch_dtype": dtype.torch_name(),

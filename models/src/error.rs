@@ -28,6 +28,20 @@ pub enum ModelError {
     Gguf { path: PathBuf, message: String },
     #[error("tensor `{name}` not found in {path}")]
     MissingTensor { name: String, path: PathBuf },
+    #[error(
+        "{path}: tensor {name} is not used by {family}{} (expected: {expected})",
+        others(*more)
+    )]
+    UnusedTensor {
+        path: PathBuf,
+        /// The first unused tensor, by checkpoint name.
+        name: String,
+        /// How many more are unused.
+        more: usize,
+        family: &'static str,
+        /// What the family read.
+        expected: String,
+    },
     #[error("tensor `{name}` has shape {actual:?}, but the config implies {expected:?}")]
     TensorShape {
         name: String,
@@ -40,6 +54,14 @@ pub enum ModelError {
     NotAModel(PathBuf),
     #[error(transparent)]
     Graph(#[from] llama_graph::GraphError),
+}
+
+fn others(more: usize) -> String {
+    match more {
+        0 => String::new(),
+        1 => " (nor is 1 other)".into(),
+        n => format!(" (nor are {n} others)"),
+    }
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

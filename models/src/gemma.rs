@@ -7,7 +7,6 @@ use llama_graph::{F32Bits, Graph, Op};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::{Activation, BlockLayout, BlockOptions, BlockWeights, GraphBuilder};
-use crate::registry::Architecture;
 use crate::weights::{Matrix, WeightLoader};
 
 /// The whole model's weights; norm weights as in HF checkpoints (without the 1).
@@ -20,9 +19,9 @@ pub struct Gemma {
     pub output_norm: Param<Tensor<1>>,
 }
 
-impl Architecture for Gemma {
-    /// The forward pass, top to bottom.
-    fn build(&self, c: &ModelConfig, max_positions: usize) -> Result<Graph> {
+impl Gemma {
+    /// The forward pass, top to bottom, with RoPE tables for `max_positions`.
+    pub fn build(&self, c: &ModelConfig, max_positions: usize) -> Result<Graph> {
         let mut b = GraphBuilder::new();
         let opts = BlockOptions {
             activation: Activation::from_config(c)?,
@@ -44,14 +43,23 @@ impl Architecture for Gemma {
     }
 }
 
-/// Registry entry.
-pub fn load(c: &ModelConfig, w: &WeightLoader) -> Result<Box<dyn Architecture>> {
+/// Gemma's weights: `attention_bias` puts a bias on all four attention projections
+/// (transformers' `GemmaAttention` is `LlamaAttention`); the feed-forward has none.
+/// The head is always the embedding table (`tie_word_embeddings` defaults to true in
+/// `GemmaConfig`), so a stored `lm_head.weight` is left unread, as transformers does.
+pub fn load(c: &ModelConfig, w: &WeightLoader) -> Result<Gemma> {
     let d = c.hidden_size;
-    Ok(Box::new(Gemma {
+    let layout = BlockLayout {
+        qkv_bias: c.attention_bias,
+        o_bias: c.attention_bias,
+        ..BlockLayout::default()
+    };
+    w.ignore("output.weight");
+    Ok(Gemma {
         token_embd: w.table("token_embd.weight", c.vocab_size, d)?,
         blocks: (0..c.num_hidden_layers)
-            .map(|l| BlockWeights::load(w, l, c, BlockLayout::default()))
+            .map(|l| BlockWeights::load(w, l, c, layout))
             .collect::<Result<_>>()?,
         output_norm: w.vector("output_norm.weight", d)?,
-    }))
+    })
 }

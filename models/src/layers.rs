@@ -25,13 +25,16 @@ pub struct AttentionWeights {
     pub v: Matrix,
     /// `[d_model, n_heads * head_dim]`
     pub o: Matrix,
-    /// `[n_heads * head_dim]`, `[n_kv_heads * head_dim]` x2 (Qwen2).
+    /// `[n_heads * head_dim]`, `[n_kv_heads * head_dim]` x2 (Qwen2; Llama and Gemma
+    /// with `attention_bias`).
     pub q_bias: Option<Param<Tensor<1>>>,
     pub k_bias: Option<Param<Tensor<1>>>,
     pub v_bias: Option<Param<Tensor<1>>>,
+    /// `[d_model]` (Llama and Gemma with `attention_bias`).
+    pub o_bias: Option<Param<Tensor<1>>>,
 }
 
-/// Gated feed-forward of one block, `[out, in]`.
+/// Gated feed-forward of one block, `[out, in]`, with optional biases.
 #[derive(Module, Debug)]
 pub struct MlpWeights {
     /// `[ffn, d_model]`
@@ -40,6 +43,10 @@ pub struct MlpWeights {
     pub up: Matrix,
     /// `[d_model, ffn]`
     pub down: Matrix,
+    /// `[ffn]`, `[ffn]`, `[d_model]` (Llama with `mlp_bias`).
+    pub gate_bias: Option<Param<Tensor<1>>>,
+    pub up_bias: Option<Param<Tensor<1>>>,
+    pub down_bias: Option<Param<Tensor<1>>>,
 }
 
 /// One pre-norm transformer block.
@@ -58,20 +65,36 @@ pub struct BlockWeights {
 pub struct BlockLayout {
     /// Q, K and V carry biases.
     pub qkv_bias: bool,
+    /// The attention output projection carries a bias.
+    pub o_bias: bool,
+    /// Gate, up and down carry biases.
+    pub mlp_bias: bool,
     /// Q, K, V in one `attn_qkv` matrix and gate, up in one `ffn_up` matrix of twice
     /// the width (Phi-3): split here, at load, so the graph sees the usual weights.
+    /// (Biases are read unfused: no fused family has any.)
     pub fused: bool,
+}
+
+impl BlockLayout {
+    /// transformers' `LlamaAttention` and `LlamaMLP`: `attention_bias` puts a bias on
+    /// all four attention projections (`o_proj` included), `mlp_bias` on all three of
+    /// the feed-forward.
+    pub fn llama(c: &ModelConfig) -> Self {
+        BlockLayout {
+            qkv_bias: c.attention_bias,
+            o_bias: c.attention_bias,
+            mlp_bias: c.mlp_bias,
+            fused: false,
+        }
+    }
 }
 
 impl BlockWeights {
     pub fn load(w: &WeightLoader, l: usize, c: &ModelConfig, layout: BlockLayout) -> Result<Self> {
         let (d, hd, ffn) = (c.hidden_size, c.head_dim(), c.intermediate_size);
         let (q_out, kv_out) = (c.num_attention_heads * hd, c.n_kv_heads() * hd);
-        let bias = |name: &str, n: usize| -> Result<Option<Param<Tensor<1>>>> {
-            layout
-                .qkv_bias
-                .then(|| w.vector(&blk(l, name), n))
-                .transpose()
+        let bias = |on: bool, name: &str, n: usize| -> Result<Option<Param<Tensor<1>>>> {
+            on.then(|| w.vector(&blk(l, name), n)).transpose()
         };
         let (q, k, v) = if layout.fused {
             let qkv = w.linear(&blk(l, "attn_qkv.weight"), d, q_out + 2 * kv_out)?;
@@ -104,15 +127,19 @@ impl BlockWeights {
                 k,
                 v,
                 o: w.linear(&blk(l, "attn_output.weight"), q_out, d)?,
-                q_bias: bias("attn_q.bias", q_out)?,
-                k_bias: bias("attn_k.bias", kv_out)?,
-                v_bias: bias("attn_v.bias", kv_out)?,
+                q_bias: bias(layout.qkv_bias, "attn_q.bias", q_out)?,
+                k_bias: bias(layout.qkv_bias, "attn_k.bias", kv_out)?,
+                v_bias: bias(layout.qkv_bias, "attn_v.bias", kv_out)?,
+                o_bias: bias(layout.o_bias, "attn_output.bias", d)?,
             },
             ffn_norm: w.vector(&blk(l, "ffn_norm.weight"), d)?,
             mlp: MlpWeights {
                 gate,
                 up,
                 down: w.linear(&blk(l, "ffn_down.weight"), ffn, d)?,
+                gate_bias: bias(layout.mlp_bias, "ffn_gate.bias", ffn)?,
+                up_bias: bias(layout.mlp_bias, "ffn_up.bias", ffn)?,
+                down_bias: bias(layout.mlp_bias, "ffn_down.bias", d)?,
             },
         })
     }
@@ -156,11 +183,14 @@ struct BlockNodes {
     k: NodeId,
     v: NodeId,
     o: NodeId,
-    biases: [Option<NodeId>; 3],
+    /// Q, K, V, output.
+    attn_biases: [Option<NodeId>; 4],
     ffn_norm: NodeId,
     gate: NodeId,
     up: NodeId,
     down: NodeId,
+    /// Gate, up, down.
+    ffn_biases: [Option<NodeId>; 3],
 }
 
 /// A graph under construction.
@@ -281,16 +311,22 @@ impl GraphBuilder {
         w: &BlockWeights,
         offset: Option<f32>,
     ) -> Result<BlockNodes> {
-        let a = &w.attn;
+        let (a, m) = (&w.attn, &w.mlp);
         let mut bias = |name: &str, p: &Option<Param<Tensor<1>>>| {
             p.as_ref()
                 .map(|p| self.weight1(&blk(l, name), p))
                 .transpose()
         };
-        let biases = [
+        let attn_biases = [
             bias("attn_q.bias", &a.q_bias)?,
             bias("attn_k.bias", &a.k_bias)?,
             bias("attn_v.bias", &a.v_bias)?,
+            bias("attn_output.bias", &a.o_bias)?,
+        ];
+        let ffn_biases = [
+            bias("ffn_gate.bias", &m.gate_bias)?,
+            bias("ffn_up.bias", &m.up_bias)?,
+            bias("ffn_down.bias", &m.down_bias)?,
         ];
         Ok(BlockNodes {
             attn_norm: self.norm_weight(&blk(l, "attn_norm"), &w.attn_norm, offset)?,
@@ -298,11 +334,12 @@ impl GraphBuilder {
             k: self.weight2(&blk(l, "attn_k.weight"), &a.k)?,
             v: self.weight2(&blk(l, "attn_v.weight"), &a.v)?,
             o: self.weight2(&blk(l, "attn_output.weight"), &a.o)?,
-            biases,
+            attn_biases,
             ffn_norm: self.norm_weight(&blk(l, "ffn_norm"), &w.ffn_norm, offset)?,
-            gate: self.weight2(&blk(l, "ffn_gate.weight"), &w.mlp.gate)?,
-            up: self.weight2(&blk(l, "ffn_up.weight"), &w.mlp.up)?,
-            down: self.weight2(&blk(l, "ffn_down.weight"), &w.mlp.down)?,
+            gate: self.weight2(&blk(l, "ffn_gate.weight"), &m.gate)?,
+            up: self.weight2(&blk(l, "ffn_up.weight"), &m.up)?,
+            down: self.weight2(&blk(l, "ffn_down.weight"), &m.down)?,
+            ffn_biases,
         })
     }
 
@@ -338,9 +375,10 @@ impl GraphBuilder {
     ) -> Result<NodeId> {
         let head_dim = c.head_dim();
         let window = c.sliding_window_of(l);
-        let q = self.linear(&blk(l, "attn_q"), x, n.q, n.biases[0])?; // [seq, heads * hd]
-        let k = self.linear(&blk(l, "attn_k"), x, n.k, n.biases[1])?; // [seq, kv_heads * hd]
-        let v = self.linear(&blk(l, "attn_v"), x, n.v, n.biases[2])?;
+        let [q_bias, k_bias, v_bias, o_bias] = n.attn_biases;
+        let q = self.linear(&blk(l, "attn_q"), x, n.q, q_bias)?; // [seq, heads * hd]
+        let k = self.linear(&blk(l, "attn_k"), x, n.k, k_bias)?; // [seq, kv_heads * hd]
+        let v = self.linear(&blk(l, "attn_v"), x, n.v, v_bias)?;
         let q = self.op(
             &blk(l, "attn_q_rope"),
             Op::Rope { head_dim },
@@ -366,10 +404,11 @@ impl GraphBuilder {
             window,
         };
         let out = self.op(&blk(l, "attn_out"), attn, &[q, k, v])?; // [seq, heads * hd]
-        self.matmul(&blk(l, "attn_output"), out, n.o)
+        self.linear(&blk(l, "attn_output"), out, n.o, o_bias) // [seq, d_model]
     }
 
-    /// Gated feed-forward: `down(act(gate(x)) * up(x))`.
+    /// Gated feed-forward: `down(act(gate(x)) * up(x))`, each projection with its bias
+    /// where it has one.
     fn gated_ffn(
         &mut self,
         l: usize,
@@ -377,14 +416,15 @@ impl GraphBuilder {
         n: &BlockNodes,
         act: Activation,
     ) -> Result<NodeId> {
-        let g = self.matmul(&blk(l, "ffn_gate"), x, n.gate)?; // [seq, ffn]
+        let [gate_bias, up_bias, down_bias] = n.ffn_biases;
+        let g = self.linear(&blk(l, "ffn_gate"), x, n.gate, gate_bias)?; // [seq, ffn]
         let g = match act {
             Activation::Silu => self.op(&blk(l, "ffn_silu"), Op::Silu, &[g])?,
             Activation::GeluTanh => self.op(&blk(l, "ffn_gelu"), Op::GeluTanh, &[g])?,
         };
-        let u = self.matmul(&blk(l, "ffn_up"), x, n.up)?;
+        let u = self.linear(&blk(l, "ffn_up"), x, n.up, up_bias)?;
         let h = self.op(&blk(l, "ffn_gate_par"), Op::Mul, &[g, u])?;
-        self.matmul(&blk(l, "ffn_down"), h, n.down) // [seq, d_model]
+        self.linear(&blk(l, "ffn_down"), h, n.down, down_bias) // [seq, d_model]
     }
 }
 

@@ -14,7 +14,7 @@ pub mod safetensors;
 pub mod weights;
 
 /// GGML block types and their dequantization (they live with the kernels in the graph).
-pub use llama_graph::quant;
+pub use llama_kernels::quant;
 
 use std::path::{Path, PathBuf};
 
@@ -24,7 +24,7 @@ use llama_graph::Graph;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use gguf::GgufFile;
-pub use registry::{Architecture, REGISTRY};
+pub use registry::{Family, FamilyWeights, GgufConventions};
 
 /// Where a model was loaded from.
 #[derive(Debug)]
@@ -60,32 +60,32 @@ impl ModelSource {
     /// any tensor; `f` gets them.
     fn with_checkpoint<T>(
         &self,
-        f: impl FnOnce(&'static registry::Entry, ModelConfig, &dyn weights::TensorSource) -> Result<T>,
+        f: impl FnOnce(Family, ModelConfig, &dyn weights::TensorSource) -> Result<T>,
     ) -> Result<T> {
         match self {
             ModelSource::HfDir(dir) => {
                 let config = ModelConfig::from_file(&dir.join("config.json"))?;
-                let entry = registry::lookup(&config)?;
+                let family = Family::from_config(&config)?;
                 let source = safetensors::SafetensorsSource::open_dir(dir)?;
-                f(entry, config, &source)
+                f(family, config, &source)
             }
             ModelSource::Gguf(file) => {
-                let entry = registry::lookup_gguf(file.architecture()?)?;
-                let conventions = entry
-                    .gguf
+                let family = Family::from_gguf(file.architecture()?)?;
+                let conventions = family
+                    .gguf_conventions()
                     .ok_or_else(|| ModelError::NotAModel(file.path.clone()))?;
-                let config = file.config(entry.hf, &conventions)?;
+                let config = file.config(family.hf_name(), &conventions)?;
                 let source = gguf::GgufSource::new(file, &config, conventions);
-                f(entry, config, &source)
+                f(family, config, &source)
             }
         }
     }
 
     /// The family, config and every stored tensor, without loading weights.
     pub fn inventory(&self) -> Result<Inventory> {
-        self.with_checkpoint(|entry, config, source| {
+        self.with_checkpoint(|family, config, source| {
             Ok(Inventory {
-                arch: entry.hf,
+                arch: family,
                 tensors: source.inventory(),
                 config,
             })
@@ -96,7 +96,8 @@ impl ModelSource {
 /// What a model file holds, read without loading weights.
 #[derive(Debug, Clone)]
 pub struct Inventory {
-    pub arch: &'static str,
+    /// The family; prints as its HF name (`LlamaForCausalLM`), [`Family::hf_name`].
+    pub arch: Family,
     pub config: ModelConfig,
     pub tensors: Vec<weights::TensorInfo>,
 }
@@ -118,10 +119,10 @@ pub struct LoadOptions<'a> {
 pub struct Model {
     pub path: PathBuf,
     pub source: ModelSource,
-    /// The registry name of its family (`LlamaForCausalLM`).
-    pub arch: &'static str,
+    /// Its family; prints as its HF name (`LlamaForCausalLM`), [`Family::hf_name`].
+    pub arch: Family,
     pub config: ModelConfig,
-    pub weights: Box<dyn Architecture>,
+    pub weights: FamilyWeights,
 }
 
 impl Model {
@@ -134,14 +135,14 @@ impl Model {
     /// Loads with `options`: GGUF block matrices kept as stored, progress reports.
     pub fn load_with(path: &Path, device: &Device, options: &LoadOptions) -> Result<Model> {
         let source = ModelSource::open(path)?;
-        let (arch, config, weights) = source.with_checkpoint(|entry, config, checkpoint| {
+        let (arch, config, weights) = source.with_checkpoint(|family, config, checkpoint| {
             let mut loader =
                 weights::WeightLoader::new(checkpoint, device).keep_blocks(options.keep_blocks);
             if let Some(progress) = options.progress {
                 loader = loader.with_progress(progress);
             }
-            let weights = (entry.load)(&config, &loader)?;
-            Ok((entry.hf, config, weights))
+            let weights = family.load(&config, &loader)?;
+            Ok((family, config, weights))
         })?;
         if let ModelSource::Gguf(file) = &source {
             file.release_pages();

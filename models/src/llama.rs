@@ -8,7 +8,6 @@ use llama_graph::Graph;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::layers::{Activation, BlockLayout, BlockOptions, BlockWeights, GraphBuilder};
-use crate::registry::Architecture;
 use crate::weights::{Matrix, WeightLoader};
 
 /// The whole model's weights.
@@ -24,7 +23,8 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Loads every weight, checking each shape against `config`.
+    /// Loads every weight, checking each shape against `config`. A tied model's
+    /// checkpoint may still carry `lm_head.weight`; transformers ignores it, as we do.
     pub fn load(c: &ModelConfig, w: &WeightLoader, layout: BlockLayout) -> Result<Self> {
         if Activation::from_config(c)? != Activation::Silu {
             return Err(ModelError::Config {
@@ -33,6 +33,9 @@ impl Llama {
             });
         }
         let d = c.hidden_size;
+        if c.tie_word_embeddings {
+            w.ignore("output.weight");
+        }
         Ok(Llama {
             token_embd: w.table("token_embd.weight", c.vocab_size, d)?,
             blocks: (0..c.num_hidden_layers)
@@ -46,9 +49,9 @@ impl Llama {
     }
 }
 
-impl Architecture for Llama {
-    /// The forward pass, top to bottom.
-    fn build(&self, c: &ModelConfig, max_positions: usize) -> Result<Graph> {
+impl Llama {
+    /// The forward pass, top to bottom, with RoPE tables for `max_positions`.
+    pub fn build(&self, c: &ModelConfig, max_positions: usize) -> Result<Graph> {
         let mut b = GraphBuilder::new();
         let opts = BlockOptions {
             activation: Activation::Silu,
@@ -72,7 +75,7 @@ impl Architecture for Llama {
     }
 }
 
-/// Registry entry.
-pub fn load(c: &ModelConfig, w: &WeightLoader) -> Result<Box<dyn Architecture>> {
-    Ok(Box::new(Llama::load(c, w, BlockLayout::default())?))
+/// Llama's weights: biases where config.json's `attention_bias` / `mlp_bias` say.
+pub fn load(c: &ModelConfig, w: &WeightLoader) -> Result<Llama> {
+    Llama::load(c, w, BlockLayout::llama(c))
 }

@@ -5,10 +5,10 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::BlockLayout;
 use crate::llama::Llama;
-use crate::registry::Architecture;
 use crate::weights::WeightLoader;
 
-/// Registry entry.
-pub fn load(c: &ModelConfig, w: &WeightLoader) -> Result<Box<dyn Architecture>> {
-    Ok(Box::new(Llama::load(c, w, BlockLayout::default())?))
+/// Mistral's weights. No biases, whatever config.json says: transformers'
+/// `MistralAttention` and `MistralMLP` build every projection with `bias=False`.
+pub fn load(c: &ModelConfig, w: &WeightLoader) -> Result<Llama> {
+    Llama::load(c, w, BlockLayout::default())
 }

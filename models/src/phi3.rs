@@ -6,14 +6,13 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::BlockLayout;
 use crate::llama::Llama;
-use crate::registry::Architecture;
 use crate::weights::WeightLoader;
 
-/// Registry entry.
-pub fn load(c: &ModelConfig, w: &WeightLoader) -> Result<Box<dyn Architecture>> {
+/// Phi-3's weights: fused, no biases (transformers' `Phi3Attention`, `Phi3MLP`).
+pub fn load(c: &ModelConfig, w: &WeightLoader) -> Result<Llama> {
     let layout = BlockLayout {
-        qkv_bias: false,
         fused: true,
+        ..BlockLayout::default()
     };
-    Ok(Box::new(Llama::load(c, w, layout)?))
+    Llama::load(c, w, layout)
 }

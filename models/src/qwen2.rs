@@ -4,14 +4,14 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::layers::BlockLayout;
 use crate::llama::Llama;
-use crate::registry::Architecture;
 use crate::weights::WeightLoader;
 
-/// Registry entry.
-pub fn load(c: &ModelConfig, w: &WeightLoader) -> Result<Box<dyn Architecture>> {
+/// Qwen2's weights: Q/K/V biases always, none on the output projection or the
+/// feed-forward (transformers' `Qwen2Attention`, `Qwen2MLP`).
+pub fn load(c: &ModelConfig, w: &WeightLoader) -> Result<Llama> {
     let layout = BlockLayout {
         qkv_bias: true,
-        fused: false,
+        ..BlockLayout::default()
     };
-    Ok(Box::new(Llama::load(c, w, layout)?))
+    Llama::load(c, w, layout)
 }

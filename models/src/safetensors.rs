@@ -7,7 +7,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, SafeTensors};
 
 use crate::error::{io_err, ModelError, Result};
-use crate::weights::{HostTensor, TensorInfo, TensorSource};
+use crate::weights::{ours_to_hf_all, HostTensor, TensorInfo, TensorSource};
 
 struct Shard {
     path: PathBuf,
@@ -84,6 +84,22 @@ impl TensorSource for SafetensorsSource {
         match self.shards.as_slice() {
             [one] => one.path.display().to_string(),
             many => format!("{} safetensors shards", many.len()),
+        }
+    }
+
+    fn describe_tensor(&self, name: &str) -> String {
+        match self.names.get(name) {
+            Some(&s) => self.shards[s].path.display().to_string(),
+            None => self.describe(),
+        }
+    }
+
+    fn checkpoint_name(&self, ours: &str) -> String {
+        let hf = ours_to_hf_all(ours);
+        if hf.is_empty() {
+            ours.to_string()
+        } else {
+            hf.join(" or ")
         }
     }
 

@@ -2,6 +2,8 @@
 //!
 //! Our names are llama.cpp's GGUF names (`blk.3.attn_q.weight`), so GGUF checkpoints map
 //! one to one and HF checkpoints go through [`hf_to_ours`].
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use burn::module::{Module, Param};
@@ -9,6 +11,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use llama_graph::quant::QMatrix;
 
 use crate::error::{ModelError, Result};
+use crate::registry::Family;
 
 /// A tensor read from a checkpoint, as f32 on the host, row-major.
 #[derive(Debug, Clone)]
@@ -24,6 +27,15 @@ pub trait TensorSource {
     fn names(&self) -> Vec<String>;
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     fn load(&self, name: &str) -> Result<Option<HostTensor>>;
+    /// The name under which this checkpoint stores one of our tensors (`ours` itself
+    /// unless the checkpoint uses other names), for error messages.
+    fn checkpoint_name(&self, ours: &str) -> String {
+        ours.to_string()
+    }
+    /// The file that holds checkpoint tensor `name`, for error messages.
+    fn describe_tensor(&self, _name: &str) -> String {
+        self.describe()
+    }
     /// A matrix kept in its stored GGML blocks, if it is stored that way.
     fn load_blocks(&self, _name: &str) -> Result<Option<QMatrix>> {
         Ok(None)
@@ -137,16 +149,21 @@ const LAYER_NAMES: &[(&str, &str)] = &[
     ("self_attn.q_proj.bias", "attn_q.bias"),
     ("self_attn.k_proj.bias", "attn_k.bias"),
     ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.o_proj.bias", "attn_output.bias"),
     ("post_attention_layernorm.weight", "ffn_norm.weight"),
     ("mlp.gate_proj.weight", "ffn_gate.weight"),
     ("mlp.up_proj.weight", "ffn_up.weight"),
     ("mlp.down_proj.weight", "ffn_down.weight"),
+    ("mlp.gate_proj.bias", "ffn_gate.bias"),
+    ("mlp.up_proj.bias", "ffn_up.bias"),
+    ("mlp.down_proj.bias", "ffn_down.bias"),
     // Phi-3's fused matrices, under llama.cpp's names for them.
     ("self_attn.qkv_proj.weight", "attn_qkv.weight"),
     ("mlp.gate_up_proj.weight", "ffn_up.weight"),
 ];
 
-fn translate(name: &str, from_prefix: &str, to_prefix: &str, hf_to_ours: bool) -> Option<String> {
+/// Every name `name` maps to, in table order.
+fn translate(name: &str, from_prefix: &str, to_prefix: &str, hf_to_ours: bool) -> Vec<String> {
     let pick = |(hf, ours): &(&'static str, &'static str)| {
         if hf_to_ours {
             (*hf, *ours)
@@ -154,34 +171,61 @@ fn translate(name: &str, from_prefix: &str, to_prefix: &str, hf_to_ours: bool) -
             (*ours, *hf)
         }
     };
-    if let Some((_, to)) = GLOBAL_NAMES
+    let global: Vec<String> = GLOBAL_NAMES
         .iter()
         .map(pick)
-        .find(|(from, _)| *from == name)
-    {
-        return Some(to.to_string());
+        .filter(|(from, _)| *from == name)
+        .map(|(_, to)| to.to_string())
+        .collect();
+    if !global.is_empty() {
+        return global;
     }
-    let rest = name.strip_prefix(from_prefix)?;
-    let (layer, leaf) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (_, to) = LAYER_NAMES
+    let Some((layer, leaf)) = name
+        .strip_prefix(from_prefix)
+        .and_then(|rest| rest.split_once('.'))
+    else {
+        return Vec::new();
+    };
+    let Ok(layer) = layer.parse::<usize>() else {
+        return Vec::new();
+    };
+    LAYER_NAMES
         .iter()
         .map(pick)
-        .find(|(from, _)| *from == leaf)?;
-    Some(format!("{to_prefix}{layer}.{to}"))
+        .filter(|(from, _)| *from == leaf)
+        .map(|(_, to)| format!("{to_prefix}{layer}.{to}"))
+        .collect()
 }
 
 /// Maps an HF checkpoint name to ours; `None` for names we do not use.
 pub fn hf_to_ours(name: &str) -> Option<String> {
     translate(name, "model.layers.", "blk.", true)
+        .into_iter()
+        .next()
 }
 
-/// Maps one of our names to the HF checkpoint name.
+/// Maps one of our names to the HF checkpoint name (the unfused one where a fused
+/// matrix shares our name: `ffn_up.weight` is `mlp.up_proj.weight`).
 pub fn ours_to_hf(name: &str) -> Option<String> {
+    translate(name, "blk.", "model.layers.", false)
+        .into_iter()
+        .next()
+}
+
+/// Every HF checkpoint name that maps to one of ours (`ffn_up.weight`: `up_proj`, and
+/// Phi-3's `gate_up_proj`).
+pub fn ours_to_hf_all(name: &str) -> Vec<String> {
     translate(name, "blk.", "model.layers.", false)
 }
 
-/// Reads weights by our names from a checkpoint, checking every shape against the config.
+/// Tensors that checkpoints may carry but that no family reads, by name suffix: the RoPE
+/// frequencies that transformers before 4.31 saved with every layer (we compute them
+/// from the config).
+const BUFFERS: &[&str] = &["rotary_emb.inv_freq"];
+
+/// Reads weights by our names from a checkpoint, checking every shape against the config,
+/// and records what it read so that [`WeightLoader::check_all_used`] can refuse a
+/// checkpoint with tensors no family weight consumes.
 pub struct WeightLoader<'a> {
     source: &'a dyn TensorSource,
     /// Called with (tensors loaded, tensors in the checkpoint) after each tensor.
@@ -190,6 +234,10 @@ pub struct WeightLoader<'a> {
     total: usize,
     /// Our name to checkpoint name.
     table: std::collections::HashMap<String, String>,
+    /// Checkpoint names read so far.
+    used: RefCell<BTreeSet<String>>,
+    /// Checkpoint names a family leaves unread on purpose ([`WeightLoader::ignore`]).
+    ignored: RefCell<BTreeSet<String>>,
     device: Device,
     /// Keep matrices stored as GGML blocks in their blocks.
     keep_blocks: bool,
@@ -209,6 +257,8 @@ impl<'a> WeightLoader<'a> {
             loaded: std::cell::Cell::new(0),
             total,
             table,
+            used: RefCell::default(),
+            ignored: RefCell::default(),
             device: device.clone(),
             keep_blocks: false,
         }
@@ -232,16 +282,53 @@ impl<'a> WeightLoader<'a> {
         self.table.contains_key(ours)
     }
 
-    fn checkpoint_name(&self, ours: &str) -> Result<&String> {
-        self.table
-            .get(ours)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: ours.to_string(),
-                path: self.source.describe().into(),
-            })
+    /// Leaves tensor `ours` unread on purpose, if the checkpoint has it: an output head
+    /// that config.json ties to the embeddings (transformers then ignores the stored one).
+    pub fn ignore(&self, ours: &str) {
+        if let Some(name) = self.table.get(ours) {
+            self.ignored.borrow_mut().insert(name.clone());
+        }
     }
 
-    fn loaded_one(&self) {
+    /// Once `family` has loaded its weights: every tensor of the checkpoint was read,
+    /// ignored on purpose, or is a buffer no family reads ([`BUFFERS`]). Otherwise an
+    /// error names the first other one, with what the family read.
+    pub fn check_all_used(&self, family: Family) -> Result<()> {
+        let (used, ignored) = (self.used.borrow(), self.ignored.borrow());
+        let mut unused: Vec<String> = self
+            .source
+            .names()
+            .into_iter()
+            .filter(|n| {
+                !used.contains(n) && !ignored.contains(n) && !BUFFERS.iter().any(|b| n.ends_with(b))
+            })
+            .collect();
+        unused.sort();
+        let Some(first) = unused.first() else {
+            return Ok(());
+        };
+        Err(ModelError::UnusedTensor {
+            path: self.source.describe_tensor(first).into(),
+            name: first.clone(),
+            more: unused.len() - 1,
+            family: family.hf_name(),
+            expected: expected_names(&used),
+        })
+    }
+
+    fn missing(&self, ours: &str) -> ModelError {
+        ModelError::MissingTensor {
+            name: self.source.checkpoint_name(ours),
+            path: self.source.describe().into(),
+        }
+    }
+
+    fn checkpoint_name(&self, ours: &str) -> Result<&String> {
+        self.table.get(ours).ok_or_else(|| self.missing(ours))
+    }
+
+    fn loaded_one(&self, name: &str) {
+        self.used.borrow_mut().insert(name.to_string());
         self.loaded.set(self.loaded.get() + 1);
         if let Some(f) = self.progress {
             f(self.loaded.get(), self.total);
@@ -250,14 +337,8 @@ impl<'a> WeightLoader<'a> {
 
     fn host(&self, ours: &str, expected: &[usize]) -> Result<HostTensor> {
         let name = self.checkpoint_name(ours)?;
-        let t = self
-            .source
-            .load(name)?
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: ours.to_string(),
-                path: self.source.describe().into(),
-            })?;
-        self.loaded_one();
+        let t = self.source.load(name)?.ok_or_else(|| self.missing(ours))?;
+        self.loaded_one(name);
         if t.shape != expected {
             return Err(ModelError::TensorShape {
                 name: ours.to_string(),
@@ -286,8 +367,9 @@ impl<'a> WeightLoader<'a> {
     /// A table stored as it is, `[rows, cols]` (embeddings).
     pub fn table(&self, ours: &str, rows: usize, cols: usize) -> Result<Matrix> {
         if self.keep_blocks {
-            if let Some(m) = self.source.load_blocks(self.checkpoint_name(ours)?)? {
-                self.loaded_one();
+            let name = self.checkpoint_name(ours)?;
+            if let Some(m) = self.source.load_blocks(name)? {
+                self.loaded_one(name);
                 if [m.rows(), m.cols()] != [rows, cols] {
                     return Err(ModelError::TensorShape {
                         name: ours.to_string(),
@@ -304,4 +386,28 @@ impl<'a> WeightLoader<'a> {
             &self.device,
         ))))
     }
+}
+
+/// What a family read, for an error message: every name when there are few, else the
+/// whole-model tensors and layer 0's (every layer holds the same) and the count.
+fn expected_names(used: &BTreeSet<String>) -> String {
+    const FEW: usize = 16;
+    if used.len() <= FEW {
+        return used.iter().cloned().collect::<Vec<_>>().join(", ");
+    }
+    let layer = |name: &str| {
+        let ours = hf_to_ours(name).unwrap_or_else(|| name.to_string());
+        let rest = ours.strip_prefix("blk.")?;
+        rest.split_once('.')?.0.parse::<usize>().ok()
+    };
+    let shown: Vec<&str> = used
+        .iter()
+        .map(String::as_str)
+        .filter(|n| layer(n).is_none_or(|l| l == 0))
+        .collect();
+    format!(
+        "{}, ... ({} tensors in all; every layer has layer 0's)",
+        shown.join(", "),
+        used.len()
+    )
 }

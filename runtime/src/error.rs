@@ -32,6 +32,20 @@ pub enum RuntimeError {
     State { path: String, message: String },
     #[error("{0} has no chat template")]
     NoChatTemplate(String),
+    #[error("{0}")]
+    Device(String),
+    #[error("{0}")]
+    Options(String),
+    #[error("{}", context_size_message(*requested, *max))]
+    ContextSize { requested: usize, max: usize },
+}
+
+fn context_size_message(requested: usize, max: usize) -> String {
+    if requested == 0 {
+        "the context size must be positive".into()
+    } else {
+        format!("a context of {requested} positions exceeds the model's {max}")
+    }
 }
 
 pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;

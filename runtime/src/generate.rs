@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::error::{Result, RuntimeError};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::session::Session;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{TextStream, Tokenizer};
 
 /// Why generation stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -88,6 +88,152 @@ impl Generation {
     }
 }
 
+/// Checks that `prompt` and `opts.max_tokens` fit a session at `position` of
+/// `context` positions (or that a context shift can make room).
+pub fn check_fit(
+    position: usize,
+    context: usize,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(RuntimeError::EmptyPrompt);
+    }
+    opts.sampler.validate().map_err(RuntimeError::Sampling)?;
+    let needed = position + prompt.len() + opts.max_tokens.saturating_sub(1);
+    match opts.context_shift {
+        None if needed > context => Err(RuntimeError::ContextExceeded {
+            prompt: position + prompt.len(),
+            requested: opts.max_tokens,
+            context,
+        }),
+        Some(keep) if keep + 2 > context => Err(RuntimeError::Sampling(format!(
+            "context shift keeps {keep} tokens of a {context}-token context; nothing would be left to drop"
+        ))),
+        Some(_) if position + prompt.len() > context => Err(RuntimeError::ContextExceeded {
+            prompt: position + prompt.len(),
+            requested: opts.max_tokens,
+            context,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// One sequence's choices, token by token: its sampler, end ids, token limit and
+/// cancellation. Whoever runs the model (one session, or a batched step of many)
+/// hands it the logits of the sequence's last position and feeds back the token it
+/// picks, until it says it is done.
+#[derive(Debug)]
+pub struct Decoder {
+    opts: GenerateOptions,
+    sampler: Sampler,
+    ids: Vec<u32>,
+    finish: Option<FinishReason>,
+    prompt_tokens: usize,
+    start: Instant,
+    first: Option<Instant>,
+    decode_steps: usize,
+    context_shifts: usize,
+}
+
+impl Decoder {
+    /// A decoder for a prompt of `prompt_tokens`, started now (for the timings).
+    pub fn new(prompt_tokens: usize, opts: &GenerateOptions) -> Result<Decoder> {
+        opts.sampler.validate().map_err(RuntimeError::Sampling)?;
+        Ok(Decoder {
+            opts: opts.clone(),
+            sampler: Sampler::new(opts.sampler.clone()),
+            ids: Vec::new(),
+            finish: None,
+            prompt_tokens,
+            start: Instant::now(),
+            first: None,
+            decode_steps: 0,
+            context_shifts: 0,
+        })
+    }
+
+    /// The next token after `logits` (the sequence's last position; `history` is every
+    /// token of its context), or `None` once the sequence is done. `on_token` sees each
+    /// new id and returns whether to go on. A returned token must be run next.
+    pub fn next(
+        &mut self,
+        logits: &[f32],
+        history: &[u32],
+        mut on_token: impl FnMut(u32) -> bool,
+    ) -> Option<u32> {
+        if self.finish.is_some() {
+            return None;
+        }
+        if self.ids.len() >= self.opts.max_tokens {
+            return self.end(FinishReason::Length);
+        }
+        let cancelled = self
+            .opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed));
+        if cancelled {
+            return self.end(FinishReason::Cancelled);
+        }
+        let next = self.sampler.sample(logits, history);
+        self.first.get_or_insert_with(Instant::now);
+        if self.opts.eos.contains(&next) {
+            return self.end(FinishReason::Eos);
+        }
+        self.ids.push(next);
+        if !on_token(next) {
+            return self.end(FinishReason::Stop);
+        }
+        if self.ids.len() == self.opts.max_tokens {
+            return self.end(FinishReason::Length);
+        }
+        self.decode_steps += 1;
+        Some(next)
+    }
+
+    fn end(&mut self, reason: FinishReason) -> Option<u32> {
+        self.finish = Some(reason);
+        None
+    }
+
+    /// Whether the sequence is done.
+    pub fn is_done(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// Ends the sequence early (the caller's reason: a stop string, a cancellation).
+    pub fn stop(&mut self, reason: FinishReason) {
+        self.finish.get_or_insert(reason);
+    }
+
+    /// Counts a context shift.
+    pub fn shifted(&mut self) {
+        self.context_shifts += 1;
+    }
+
+    /// The ids generated so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// What was generated, and how long it took.
+    pub fn finish(self) -> Generation {
+        let end = Instant::now();
+        let first = self.first.unwrap_or(end);
+        Generation {
+            ids: self.ids,
+            text: String::new(),
+            finish: self.finish.unwrap_or(FinishReason::Length),
+            prompt_tokens: self.prompt_tokens,
+            ttft: first - self.start,
+            decode_time: end - first,
+            decode_steps: self.decode_steps,
+            context_shifts: self.context_shifts,
+        }
+    }
+}
+
 /// Generates after `prompt`, which is prefilled at the session's current position.
 /// `on_token` sees each new id and returns whether to go on.
 pub fn generate_ids(
@@ -96,86 +242,19 @@ pub fn generate_ids(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(RuntimeError::EmptyPrompt);
-    }
-    opts.sampler.validate().map_err(RuntimeError::Sampling)?;
-    let context = session.context();
-    let needed = session.position() + prompt.len() + opts.max_tokens.saturating_sub(1);
-    match opts.context_shift {
-        None if needed > context => {
-            return Err(RuntimeError::ContextExceeded {
-                prompt: session.position() + prompt.len(),
-                requested: opts.max_tokens,
-                context,
-            })
-        }
-        Some(keep) if keep + 2 > context => {
-            return Err(RuntimeError::Sampling(format!(
-                "context shift keeps {keep} tokens of a {context}-token context; nothing would be left to drop"
-            )))
-        }
-        Some(_) if session.position() + prompt.len() > context => {
-            return Err(RuntimeError::ContextExceeded {
-                prompt: session.position() + prompt.len(),
-                requested: opts.max_tokens,
-                context,
-            })
-        }
-        _ => {}
-    }
-    let cancelled = || {
-        opts.cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
-    };
-    let mut sampler = Sampler::new(opts.sampler.clone());
-    let start = Instant::now();
+    check_fit(session.position(), session.context(), prompt, opts)?;
+    let mut decoder = Decoder::new(prompt.len(), opts)?;
     let mut logits = session.prefill_last(prompt)?;
-    let mut ids = Vec::new();
-    let mut finish = FinishReason::Length;
-    let mut first: Option<Instant> = None;
-    let (mut decode_steps, mut context_shifts) = (0, 0);
-    while ids.len() < opts.max_tokens {
-        if cancelled() {
-            finish = FinishReason::Cancelled;
-            break;
-        }
-        let next = sampler.sample(&logits, session.tokens());
-        first.get_or_insert_with(Instant::now);
-        if opts.eos.contains(&next) {
-            finish = FinishReason::Eos;
-            break;
-        }
-        ids.push(next);
-        if !on_token(next) {
-            finish = FinishReason::Stop;
-            break;
-        }
-        if ids.len() == opts.max_tokens {
-            break;
-        }
-        if session.position() + 1 > context {
+    while let Some(next) = decoder.next(&logits, session.tokens(), &mut on_token) {
+        if session.position() + 1 > session.context() {
             if let Some(keep) = opts.context_shift {
                 session.shift_context(keep)?;
-                context_shifts += 1;
+                decoder.shifted();
             }
         }
         logits = session.decode(next)?;
-        decode_steps += 1;
     }
-    let end = Instant::now();
-    let first = first.unwrap_or(end);
-    Ok(Generation {
-        ids,
-        text: String::new(),
-        finish,
-        prompt_tokens: prompt.len(),
-        ttft: first - start,
-        decode_time: end - first,
-        decode_steps,
-        context_shifts,
-    })
+    Ok(decoder.finish())
 }
 
 /// Greedy generation of up to `max_tokens`, stopping at any of `eos`.
@@ -249,6 +328,62 @@ impl StopFilter {
     }
 }
 
+/// A sequence's text as its tokens arrive: whole characters only, and nothing of a
+/// stop string (the text ends before it).
+pub struct TextOutput<'t> {
+    stream: TextStream<'t>,
+    filter: StopFilter,
+    text: String,
+    stopped: bool,
+}
+
+impl<'t> TextOutput<'t> {
+    pub fn new(tokenizer: &'t Tokenizer, stops: &[String]) -> Self {
+        TextOutput {
+            stream: tokenizer.stream(),
+            filter: StopFilter::new(stops),
+            text: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// Adds a token; returns the text that became final (maybe empty), and whether a
+    /// stop string ended the text.
+    pub fn push(&mut self, id: u32) -> Result<(String, bool)> {
+        let piece = self.stream.push(id)?;
+        let (shown, hit) = self.filter.push(&piece);
+        self.text.push_str(&shown);
+        self.stopped |= hit;
+        Ok((shown, hit))
+    }
+
+    /// Once generation ended: the text held back (a partial character, the start of a
+    /// stop string that never completed), and whether it completed a stop string after all.
+    pub fn finish(&mut self) -> Result<(String, bool)> {
+        if self.stopped {
+            return Ok((String::new(), true));
+        }
+        let (shown, hit) = self.filter.push(&self.stream.finish()?);
+        let rest = if hit {
+            shown
+        } else {
+            shown + &self.filter.finish()
+        };
+        self.text.push_str(&rest);
+        self.stopped |= hit;
+        Ok((rest, hit))
+    }
+
+    /// All the text shown so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    pub fn into_text(self) -> String {
+        self.text
+    }
+}
+
 /// Generates text after `prompt`: `on_text` receives each piece as it becomes final
 /// (never half a character, never any part of a stop string).
 pub fn generate(
@@ -258,41 +393,30 @@ pub fn generate(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
-    let mut stream = tokenizer.stream();
-    let mut filter = StopFilter::new(&opts.stop);
-    let mut text = String::new();
+    let mut out = TextOutput::new(tokenizer, &opts.stop);
     let mut failure = None;
-    let mut stopped = false;
-    let mut generation = generate_ids(session, prompt, opts, |id| {
-        let piece = match stream.push(id) {
-            Ok(p) => p,
-            Err(e) => {
-                failure = Some(e);
-                return false;
+    let mut generation = generate_ids(session, prompt, opts, |id| match out.push(id) {
+        Ok((shown, hit)) => {
+            if !shown.is_empty() {
+                on_text(&shown);
             }
-        };
-        let (shown, hit) = filter.push(&piece);
-        if !shown.is_empty() {
-            on_text(&shown);
-            text.push_str(&shown);
+            !hit
         }
-        stopped = hit;
-        !hit
+        Err(e) => {
+            failure = Some(e);
+            false
+        }
     })?;
     if let Some(e) = failure {
         return Err(e);
     }
-    if !stopped {
-        let (shown, hit) = filter.push(&stream.finish()?);
-        let rest = if hit { shown } else { shown + &filter.finish() };
-        if !rest.is_empty() {
-            on_text(&rest);
-            text.push_str(&rest);
-        }
-        if hit {
-            generation.finish = FinishReason::Stop;
-        }
+    let (rest, hit) = out.finish()?;
+    if !rest.is_empty() {
+        on_text(&rest);
     }
-    generation.text = text;
+    if hit {
+        generation.finish = FinishReason::Stop;
+    }
+    generation.text = out.into_text();
     Ok(generation)
 }

@@ -1,5 +1,7 @@
 //! llama-runtime: sessions, the KV cache, tokenization and the generation loop.
 pub mod chat;
+pub mod device;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod perplexity;
@@ -8,11 +10,14 @@ pub mod session;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};
+pub use device::Backend;
+pub use engine::{Context, Engine, Passes, Policy, Precision, SessionOptions, DEFAULT_CONTEXT};
 pub use error::{Result, RuntimeError};
 pub use generate::{
-    generate, generate_greedy, generate_ids, FinishReason, GenerateOptions, Generation, StopFilter,
+    check_fit, generate, generate_greedy, generate_ids, Decoder, FinishReason, GenerateOptions,
+    Generation, StopFilter, TextOutput,
 };
-pub use llama_graph::KvCache;
+pub use llama_graph::{Capabilities, KvCache, KvType};
 pub use perplexity::{perplexity, Perplexity};
 pub use sampler::{Sampler, SamplerConfig};
 pub use session::{argmax, Logits, Session, SessionState};

@@ -48,6 +48,20 @@ impl Default for SamplerConfig {
 }
 
 impl SamplerConfig {
+    /// The settings a conversation starts from, as llama.cpp's: temperature 0.8, top-k
+    /// 40, top-p 0.95, min-p 0.05. Greedy decoding makes small models loop in a chat
+    /// (SmolLM2-135M repeats one phrase until the context ends), so chat front-ends
+    /// sample by default; `generate` stays greedy.
+    pub fn chat() -> Self {
+        SamplerConfig {
+            temperature: 0.8,
+            top_k: Some(40),
+            top_p: Some(0.95),
+            min_p: Some(0.05),
+            ..SamplerConfig::default()
+        }
+    }
+
     /// Checks every value; the error says which setting is wrong and why.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {

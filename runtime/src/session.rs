@@ -47,25 +47,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session on a loaded model: builds its graph for `context` positions, runs
-    /// `pipeline` and allocates a KV cache of `context` positions on `device`.
-    pub fn from_model(
-        model: &llama_models::Model,
-        device: &burn::tensor::Device,
-        pipeline: &llama_graph::Pipeline,
-        context: usize,
-    ) -> Result<Self> {
-        let mut graph = model.build_graph_for(context)?;
-        pipeline.run(
-            &mut graph,
-            &llama_graph::PassContext {
-                device: device.clone(),
-            },
-        )?;
-        Session::new(Program::new(graph, device.clone())?, context)
-    }
-
     /// A session holding up to `context` positions; its KV cache is allocated now.
+    /// [`crate::Engine::session`] opens one with the device's policy; this is the
+    /// low-level constructor for a program compiled by hand.
     pub fn new(program: Program, context: usize) -> Result<Self> {
         Self::with_cache_type(program, context, KvType::F32)
     }

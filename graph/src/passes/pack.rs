@@ -1,16 +1,17 @@
 use std::sync::Arc;
 
+use llama_kernels::quant::kernels::packed_kernel_available;
+use llama_kernels::quant::QMatrix;
+
 use super::quantize::is_matmul_weight;
 use super::{Pass, PassContext};
 use crate::error::Result;
 use crate::graph::Graph;
 use crate::ir::{NodeId, Op};
-use crate::quant::kernels::packed_kernel_available;
-use crate::quant::QMatrix;
 use crate::value::Value;
 
 /// For CPU backends: stores each Q4_0 / Q4_1 / Q4_K matmul weight with its rows interleaved
-/// eight at a time ([`crate::quant::QMatrix::pack`]), the layout the grouped kernel
+/// eight at a time ([`QMatrix::pack`]), the layout the grouped kernel
 /// reads. The rows' own bytes are then released: a memory-mapped GGUF drops those pages,
 /// so the packed copy takes their place in memory instead of adding to it. Does nothing
 /// on a CPU without the grouped kernel, or to weights that are not whole groups of

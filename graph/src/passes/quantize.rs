@@ -1,10 +1,11 @@
 use std::sync::Arc;
 
+use llama_kernels::quant::QMatrix;
+
 use super::{Pass, PassContext};
 use crate::error::{GraphError, Result};
 use crate::graph::Graph;
 use crate::ir::{NodeId, Op, ParamKind};
-use crate::quant::QMatrix;
 use crate::value::Value;
 
 /// For CPU backends: stores every f32 matmul weight as Q8_0 blocks ([`QMatrix`]) so

@@ -146,6 +146,7 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Kind, Packed, BLOCK, GROUP, SUPER};
+    use crate::features::features;
     use crate::quant::kernels::QActs;
 
     /// Activation bytes `at..at + 4` of block `i`, in every 32-bit lane.
@@ -387,17 +388,12 @@ pub(crate) mod avx2 {
         rows_with::<Avx512Vnni>(p, groups, a, out)
     }
 
-    pub fn has_avx512vnni() -> bool {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512vl")
-            && is_x86_feature_detected!("avx512vnni")
-    }
-
     /// The fastest of the three that this CPU runs (AVX2, FMA and F16C assumed).
     pub fn pick() -> unsafe fn(&Packed, std::ops::Range<usize>, &QActs, &mut [f32]) {
-        if is_x86_feature_detected!("avxvnni") {
+        let cpu = features();
+        if cpu.avxvnni {
             rows_avxvnni
-        } else if has_avx512vnni() {
+        } else if cpu.avx512vnni {
             rows_avx512vnni
         } else {
             rows

@@ -1,138 +1,14 @@
-//! Host implementations of the small per-token ops, used when the graph runs on
-//! burn-flex.
+//! Causal grouped-query attention over host rows of keys and values ([`KvRows`]: f32,
+//! or the f16 of a half-size KV cache).
 //!
-//! On a CPU each of these is a few microseconds of arithmetic, but expressed as burn
-//! tensor ops it becomes a dozen allocations and dispatches (a RoPE is ten ops, an
-//! attention twenty): with 30 layers that was a quarter of a decode step. Here each is
-//! one pass over host memory. The burn versions in `exec` stay the path of every other
-//! backend (burn-ndarray included, the reference); the tiny-model and parity tests check
-//! both against transformers and each other.
+//! Decode (one query position) has a hand-written AVX2 + FMA + F16C build with its own
+//! `exp` (`decode_avx2`); every other call runs the plain loops, compiled once for the
+//! baseline target and once for AVX2 + FMA, picked at run time ([`crate::features`]).
 use rayon::prelude::*;
 
-/// True where the AVX2 + FMA builds of these loops may run. They are plain Rust that
-/// the compiler vectorizes; the baseline x86-64 target allows only SSE2, so each entry
-/// point below has a copy compiled with `#[target_feature]` (closures inside inherit it).
-fn simd() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Rows of `[gate | up]` (each `n` wide) to rows of `silu(gate) * up`, in place: each
-/// row gated into its own first half (rows across threads), then the halves moved
-/// together (row `r` from `2rn` to `rn`, so nothing is overwritten before it is read)
-/// and the buffer's second half given back.
-pub fn swiglu(x: &mut Vec<f32>, n: usize) {
-    if n == 0 {
-        return;
-    }
-    let rows = x.len() / (2 * n);
-    let gate = |row: &mut [f32]| {
-        let (gate, up) = row.split_at_mut(n);
-        silu(gate);
-        for (g, u) in gate.iter_mut().zip(up.iter()) {
-            *g *= *u;
-        }
-    };
-    if rows > 1 {
-        x.par_chunks_mut(2 * n).for_each(gate);
-    } else {
-        x.chunks_mut(2 * n).for_each(gate);
-    }
-    for r in 1..rows {
-        x.copy_within(2 * r * n..(2 * r + 1) * n, r * n);
-    }
-    x.truncate(rows * n);
-    x.shrink_to_fit();
-}
-
-/// `x / (1 + e^-x)` in place.
-pub fn silu(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide(x: &mut [f32]) {
-            silu_body(x)
-        }
-        // SAFETY: the CPU has AVX2 and FMA, checked by `simd`.
-        return unsafe { wide(x) };
-    }
-    silu_body(x)
-}
-
-#[inline(always)]
-fn silu_body(x: &mut [f32]) {
-    let chunk = 4096;
-    let run = |c: &mut [f32]| {
-        for v in c.iter_mut() {
-            *v /= 1.0 + (-*v).exp();
-        }
-    };
-    if x.len() >= 4 * chunk {
-        x.par_chunks_mut(chunk).for_each(run);
-    } else {
-        run(x);
-    }
-}
-
-/// RMSNorm of each row of `x [rows, width]` in place, times `w [width]`.
-pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
-    for row in x.chunks_exact_mut(w.len()) {
-        let ms = dot(row, row) / w.len() as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for (v, w) in row.iter_mut().zip(w) {
-            *v = *v * inv * w;
-        }
-    }
-}
-
-/// Rotate-half RoPE in place on `x [seq, heads * head_dim]`; `cos`, `sin` are the rows
-/// `[seq, head_dim / 2]` of this step's positions.
-pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], head_dim: usize) {
-    let half = head_dim / 2;
-    let width = x.len() / (cos.len() / half);
-    for (i, row) in x.chunks_exact_mut(width).enumerate() {
-        let (c, s) = (
-            &cos[i * half..(i + 1) * half],
-            &sin[i * half..(i + 1) * half],
-        );
-        for head in row.chunks_exact_mut(head_dim) {
-            let (x1, x2) = head.split_at_mut(half);
-            for j in 0..half {
-                let (a, b) = (x1[j], x2[j]);
-                x1[j] = a * c[j] - b * s[j];
-                x2[j] = b * c[j] + a * s[j];
-            }
-        }
-    }
-}
-
-/// `a · b` in eight independent partial sums, so the compiler keeps them in one SIMD
-/// register instead of one long chain of dependent adds.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
+#[cfg(target_arch = "x86_64")]
+use crate::features::features;
+use crate::norm::dot;
 
 /// Shape of an attention call.
 pub struct AttentionShape {
@@ -253,8 +129,8 @@ impl KvRows<'_> {
 /// them to f32 once per call, which is small next to its `seq` passes over them.
 pub fn attention(q: &[f32], k: KvRows, v: KvRows, s: &AttentionShape) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if simd() && q.len() == s.n_heads * s.head_dim {
-        // SAFETY: the CPU has AVX2, FMA and F16C, checked by `simd`; one query position.
+    if features().avx2_fma_f16c && q.len() == s.n_heads * s.head_dim {
+        // SAFETY: the CPU has AVX2, FMA and F16C, checked by `features`; one query position.
         match (k, v) {
             (KvRows::F32(k), KvRows::F32(v)) => {
                 return unsafe { decode_avx2::attention(q, k, v, s) }
@@ -268,12 +144,12 @@ pub fn attention(q: &[f32], k: KvRows, v: KvRows, s: &AttentionShape) -> Vec<f32
     let (k, v) = (k.to_f32(), v.to_f32());
     let (k, v): (&[f32], &[f32]) = (&k, &v);
     #[cfg(target_arch = "x86_64")]
-    if simd() {
+    if features().avx2_fma_f16c {
         #[target_feature(enable = "avx2,fma")]
         unsafe fn wide(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32> {
             attention_body!(q, k, v, s)
         }
-        // SAFETY: the CPU has AVX2 and FMA, checked by `simd`.
+        // SAFETY: the CPU has AVX2 and FMA, checked by `features`.
         return unsafe { wide(q, k, v, s) };
     }
     attention_body!(q, k, v, s)
@@ -585,7 +461,7 @@ mod tests {
     #[test]
     fn the_vector_exp_is_within_two_ulps_of_exp() {
         assert!(
-            simd(),
+            features().avx2_fma_f16c,
             "this test checks the AVX2 + FMA exp, and this CPU has neither"
         );
         let mut x = -90.0f32;

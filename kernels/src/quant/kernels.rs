@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use super::format::{f16_at, k4_scale_min, q5, GgmlType};
 use super::matrix::QMatrix;
 use super::packed::GROUP;
+use crate::features::features;
 
 /// Values per activation block (and per Q4_0 / Q4_1 / Q8_0 weight block).
 pub const QK: usize = 32;
@@ -609,20 +610,7 @@ pub(crate) mod avx2 {
 /// Whether [`matmul`] reads the packed copy of a [`QMatrix::pack`]ed matrix on this
 /// CPU (it reads the rows otherwise, and packing would only cost memory).
 pub fn packed_kernel_available() -> bool {
-    simd_available()
-}
-
-fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    features().avx2_fma_f16c
 }
 
 /// The row kernel for rows of `ty`.
@@ -630,7 +618,7 @@ fn pick(ty: GgmlType, simd: bool) -> RowsFn {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY (each closure): `simd` is true only when the CPU has AVX2, FMA and
-        // F16C (checked by `simd_available`); `matmul` hands whole rows of `ty` and
+        // F16C (checked by `features`); `matmul` hands whole rows of `ty` and
         // activations quantized over the same width.
         return match ty {
             GgmlType::Q4_0 => |w, rb, a, o| unsafe { avx2::rows_q4_0(w, rb, a, o) },
@@ -658,7 +646,7 @@ fn pick(ty: GgmlType, simd: bool) -> RowsFn {
 pub fn matmul(x: &[f32], n: usize, w: &QMatrix, kernel: Kernel) -> Vec<f32> {
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), n * cols, "x is not [n, cols]");
-    let simd = kernel != Kernel::Portable && simd_available();
+    let simd = kernel != Kernel::Portable && features().avx2_fma_f16c;
     let acts = QActs::quantize(x, n, cols);
     // Output rows in chunks across threads, a few chunks per thread so uneven cores
     // balance; each weight row is read once and stays in cache while every activation
@@ -677,7 +665,7 @@ pub fn matmul(x: &[f32], n: usize, w: &QMatrix, kernel: Kernel) -> Vec<f32> {
         use super::packed::avx2;
         let rows = match kernel {
             Kernel::Avx2 => avx2::rows,
-            Kernel::Avx512Vnni if avx2::has_avx512vnni() => avx2::rows_avx512vnni,
+            Kernel::Avx512Vnni if features().avx512vnni => avx2::rows_avx512vnni,
             _ => avx2::pick(),
         };
         (p, rows)

@@ -1,7 +1,7 @@
 //! The block matmul kernels against dequantize-then-f32, for every block type, on
 //! awkward sizes and on every code path; and the zero-copy row operations of QMatrix.
-use llama_graph::quant::kernels::{error_bound, QActs};
-use llama_graph::quant::{matmul, GgmlType, Kernel, QMatrix};
+use llama_kernels::quant::kernels::{error_bound, QActs};
+use llama_kernels::quant::{matmul, GgmlType, Kernel, QMatrix};
 
 struct Rng(u64);
 

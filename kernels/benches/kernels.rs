@@ -3,15 +3,14 @@
 //! Throughput is the weight bytes read per call, so criterion prints the achieved GB/s
 //! (decode reads every weight once per token, so this is the number that bounds it).
 //!
-//!   cargo bench --workspace --bench kernels [-- FILTER]
+//!   cargo bench -p llama-kernels --bench kernels [-- FILTER]
 //!
-//! (`--workspace`, so burn keeps the features the rest of the build gave it.) Q4_0 and
-//! Q4_1 also run packed (`Q4_1/packed/Auto` with VNNI where the CPU has it,
-//! `Q4_1/packed/Avx2` without), the layout the CPU pipeline gives them.
+//! Q4_0, Q4_1 and Q4_K also run packed (`Q4_1/packed/Auto` with VNNI where the CPU has
+//! it, `Q4_1/packed/Avx2` without), the layout the CPU pipeline gives them.
 //!
 //! Threads: rayon's default (every core) unless `RAYON_NUM_THREADS` is set.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use llama_graph::quant::{matmul, GgmlType, Kernel, QMatrix};
+use llama_kernels::quant::{matmul, GgmlType, Kernel, QMatrix};
 
 /// Random blocks with sane f16 scales (speed does not depend on the values).
 fn blocks(ty: GgmlType, rows: usize, cols: usize) -> QMatrix {

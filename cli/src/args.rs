@@ -1,0 +1,253 @@
+//! Arguments shared by the commands: the model and engine flags, sampling, generation.
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use llama_runtime::{Backend, Context, KvType, Passes, Precision, SamplerConfig, SessionOptions};
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// An HF model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file.
+    #[arg(long, short = 'm')]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value = "flex")]
+    pub backend: BackendArg,
+    /// With --backend wgpu: the adapter's index in `llama devices` (default: the best).
+    #[arg(long)]
+    pub device: Option<usize>,
+    /// Worker threads of the CPU backends (default: the physical cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..1025))]
+    pub threads: Option<u32>,
+    /// Graph passes: `default`, `none`, or a comma-separated list of pass names.
+    #[arg(long, default_value = "default", value_parser = passes)]
+    pub passes: Passes,
+    /// How CPU backends store matmul weights. `native`: GGUF block weights (Q8_0, Q4_0,
+    /// Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) stay as stored, memory-mapped, through our block kernels; other
+    /// weights run in f32. `q8_0`: as native, and f32 weights are quantized to Q8_0 too.
+    /// `f32`: every weight widened to f32 (the exact path, for fidelity work). GPU
+    /// backends and the ndarray reference use f32.
+    #[arg(long, value_enum, default_value = "native")]
+    pub precision: PrecisionArg,
+    /// How CPU backends keep the KV cache: `f16` halves its memory and what decode
+    /// attention reads (default), `f32` keeps keys and values exactly (the default with
+    /// --precision f32). GPU backends and the ndarray reference keep f32.
+    #[arg(long, value_enum)]
+    pub cache_type: Option<CacheTypeArg>,
+}
+
+impl ModelArgs {
+    /// The engine options these flags ask for, with sessions of `context` positions.
+    pub fn options(&self, context: Context) -> SessionOptions {
+        SessionOptions {
+            backend: match self.backend {
+                BackendArg::Ndarray => Backend::Ndarray,
+                BackendArg::Flex => Backend::Flex,
+                BackendArg::Wgpu => Backend::Wgpu,
+            },
+            device: self.device,
+            threads: self.threads.map(|t| t as usize),
+            precision: match self.precision {
+                PrecisionArg::Native => Precision::Native,
+                PrecisionArg::Q8_0 => Precision::Q8_0,
+                PrecisionArg::F32 => Precision::F32,
+            },
+            cache_type: self.cache_type.map(|c| match c {
+                CacheTypeArg::F16 => KvType::F16,
+                CacheTypeArg::F32 => KvType::F32,
+            }),
+            passes: self.passes.clone(),
+            context,
+        }
+    }
+}
+
+fn passes(s: &str) -> Result<Passes, String> {
+    s.parse()
+        .map_err(|e: llama_runtime::RuntimeError| e.to_string())
+}
+
+/// Where the graph runs.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BackendArg {
+    /// burn-ndarray (CPU, pure burn: the portable reference).
+    Ndarray,
+    /// burn-flex (CPU, fast: our host kernels).
+    Flex,
+    /// burn-wgpu: Vulkan, Metal or DX12 through wgpu (a GPU, or lavapipe on the CPU).
+    Wgpu,
+}
+
+/// How CPU backends store matmul weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    Native,
+    #[value(name = "q8_0")]
+    Q8_0,
+    F32,
+}
+
+/// How CPU backends store the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CacheTypeArg {
+    F16,
+    F32,
+}
+
+pub const SAMPLING_HELP: &str = "Sampling runs in this order: logit bias; repetition, frequency and presence \
+penalties over the last --repeat-last-n tokens; then temperature 0 takes the argmax; otherwise top-k, \
+top-p, min-p, temperature, and a draw seeded by --seed.";
+
+/// Sampling flags. Unset ones take the command's defaults: `generate` is greedy,
+/// `chat` samples as llama.cpp does ([`SamplerConfig::chat`]).
+#[derive(Args)]
+#[command(next_help_heading = "Sampling")]
+pub struct SamplingArgs {
+    /// 0 picks the most likely token at every step (greedy; `generate`'s default);
+    /// `chat` defaults to 0.8.
+    #[arg(long, value_parser = non_negative)]
+    temperature: Option<f32>,
+    /// Keep only the k most likely tokens; 0 keeps them all (off, as in llama.cpp).
+    /// `chat` defaults to 40.
+    #[arg(long, allow_negative_numbers = true, value_parser = token_count)]
+    top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches p, in (0, 1]. `chat`
+    /// defaults to 0.95.
+    #[arg(long, value_parser = unit_open)]
+    top_p: Option<f32>,
+    /// Drop tokens less likely than min-p times the most likely one, in [0, 1]. `chat`
+    /// defaults to 0.05.
+    #[arg(long, value_parser = unit_closed)]
+    min_p: Option<f32>,
+    /// Repetition penalty (1 = off), llama.cpp's definition.
+    #[arg(long, default_value_t = 1.0, value_parser = positive)]
+    repeat_penalty: f32,
+    /// How many recent tokens the penalties look at.
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    /// OpenAI presence penalty: subtracted once from every token seen.
+    #[arg(long, default_value_t = 0.0, value_parser = finite)]
+    presence_penalty: f32,
+    /// OpenAI frequency penalty: subtracted once per occurrence.
+    #[arg(long, default_value_t = 0.0, value_parser = finite)]
+    frequency_penalty: f32,
+    /// ID=BIAS added to a token's logit before anything else (repeatable).
+    #[arg(long, value_parser = logit_bias)]
+    logit_bias: Vec<(u32, f32)>,
+    /// Seed of the sampler (default: a random one, shown in the stats line).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    /// The flags over `defaults` (greedy, or [`SamplerConfig::chat`]).
+    pub fn config(&self, defaults: SamplerConfig) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature.unwrap_or(defaults.temperature),
+            // `--top-k 0` turns top-k off.
+            top_k: self.top_k.map_or(defaults.top_k, |k| (k > 0).then_some(k)),
+            top_p: self.top_p.or(defaults.top_p),
+            min_p: self.min_p.or(defaults.min_p),
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone(),
+            seed: self.seed.unwrap_or_else(rand_seed),
+        }
+    }
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
+fn parse_f32(s: &str) -> Result<f32, String> {
+    s.parse::<f32>()
+        .map_err(|_| format!("`{s}` is not a number"))
+}
+
+fn non_negative(s: &str) -> Result<f32, String> {
+    let v = parse_f32(s)?;
+    (v.is_finite() && v >= 0.0)
+        .then_some(v)
+        .ok_or_else(|| format!("{s} must be 0 or more"))
+}
+
+fn token_count(s: &str) -> Result<usize, String> {
+    s.parse::<usize>()
+        .map_err(|_| format!("{s} is not a count of tokens (0 turns top-k off)"))
+}
+
+fn positive(s: &str) -> Result<f32, String> {
+    let v = parse_f32(s)?;
+    (v.is_finite() && v > 0.0)
+        .then_some(v)
+        .ok_or_else(|| format!("{s} must be more than 0"))
+}
+
+fn finite(s: &str) -> Result<f32, String> {
+    let v = parse_f32(s)?;
+    v.is_finite()
+        .then_some(v)
+        .ok_or_else(|| format!("{s} must be a finite number"))
+}
+
+fn unit_open(s: &str) -> Result<f32, String> {
+    let v = parse_f32(s)?;
+    (v > 0.0 && v <= 1.0)
+        .then_some(v)
+        .ok_or_else(|| format!("{s} must be in (0, 1]"))
+}
+
+fn unit_closed(s: &str) -> Result<f32, String> {
+    let v = parse_f32(s)?;
+    (0.0..=1.0)
+        .contains(&v)
+        .then_some(v)
+        .ok_or_else(|| format!("{s} must be in [0, 1]"))
+}
+
+fn logit_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, bias) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not ID=BIAS"))?;
+    let id = id
+        .trim()
+        .parse::<u32>()
+        .map_err(|_| format!("`{id}` in `{s}` is not a token id"))?;
+    let bias = bias.trim();
+    let bias = match bias {
+        "-inf" | "-infinity" => f32::NEG_INFINITY,
+        _ => finite(bias)?,
+    };
+    Ok((id, bias))
+}
+
+/// Flags of the commands that generate.
+#[derive(Args)]
+pub struct RunArgs {
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(long, short = 'c')]
+    pub ctx_size: Option<usize>,
+    /// End generation before this string, which is never printed (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// When the context fills, drop the oldest tokens after the first --keep and go on
+    /// (instead of refusing a request that does not fit).
+    #[arg(long)]
+    pub context_shift: bool,
+    /// Tokens at the start that a context shift keeps.
+    #[arg(long, default_value_t = 0, requires = "context_shift")]
+    pub keep: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}

@@ -1,0 +1,225 @@
+//! `bench`: prefill and decode speed in the manner of llama-bench, and where the time
+//! goes.
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use llama_runtime::Context;
+
+use crate::args::ModelArgs;
+use crate::info::human_bytes;
+use crate::load;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens to prefill.
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 64)]
+    n_prompt: usize,
+    /// Tokens to decode after the prompt.
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    n_gen: usize,
+    /// Repetitions; the report gives median, min and max.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    repetitions: u32,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Also time every op of one more decode run and print where the time goes.
+    #[arg(long)]
+    profile: bool,
+}
+
+/// The peak resident set of this process, from /proc (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn stats(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let median = if values.len() % 2 == 1 {
+        values[values.len() / 2]
+    } else {
+        (values[values.len() / 2 - 1] + values[values.len() / 2]) / 2.0
+    };
+    (median, values[0], values[values.len() - 1])
+}
+
+pub fn run_bench(args: BenchArgs) -> Result<()> {
+    if args.n_prompt == 0 {
+        bail!("-p must be at least 1");
+    }
+    let context = Context::Positions(args.n_prompt + args.n_gen);
+    let engine = load(&args.model, context, |_, max| {
+        format!(
+            "-p {} plus -n {} exceed the model's {max} positions",
+            args.n_prompt, args.n_gen
+        )
+    })?;
+    let vocab = engine.model().config.vocab_size as u64;
+    // A fixed, varied prompt: speed does not depend on which ids.
+    let prompt: Vec<u32> = (0..args.n_prompt as u64)
+        .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
+        .collect();
+    let mut session = engine.session()?;
+    let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    // One untimed warm-up run (kernel compilation on GPUs, page faults on CPUs).
+    for rep in 0..=args.repetitions {
+        session.reset();
+        let start = Instant::now();
+        let logits = session.prefill_last(&prompt)?;
+        let mut next = llama_runtime::argmax(&logits);
+        let first = start.elapsed();
+        let start = Instant::now();
+        for _ in 0..args.n_gen {
+            next = llama_runtime::argmax(&session.decode(next)?);
+        }
+        let gen = start.elapsed();
+        if rep > 0 {
+            prefill.push(args.n_prompt as f64 / first.as_secs_f64());
+            ttft.push(first.as_secs_f64() * 1e3);
+            if args.n_gen > 0 {
+                decode.push(args.n_gen as f64 / gen.as_secs_f64());
+            }
+        }
+    }
+    let (p, d, t) = (
+        stats(&mut prefill),
+        stats(&mut decode.clone()),
+        stats(&mut ttft),
+    );
+    let d = if decode.is_empty() {
+        (0.0, 0.0, 0.0)
+    } else {
+        d
+    };
+    let rss = peak_rss_bytes();
+    // Where the time goes: one more prefill and decode run with every op timed.
+    let profile = if args.profile {
+        session.reset();
+        session.program().start_profile();
+        let start = Instant::now();
+        let mut next = llama_runtime::argmax(&session.prefill_last(&prompt)?);
+        let prefill = (session.program().take_profile(), start.elapsed());
+        session.program().start_profile();
+        let start = Instant::now();
+        for _ in 0..args.n_gen {
+            next = llama_runtime::argmax(&session.decode(next)?);
+        }
+        let decode = (session.program().take_profile(), start.elapsed());
+        Some([
+            ("prefill", prefill.0, prefill.1, args.n_prompt),
+            ("decode", decode.0, decode.1, args.n_gen),
+        ])
+    } else {
+        None
+    };
+    let backend = format!("{:?}", args.model.backend).to_lowercase();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": args.model.model.display().to_string(),
+                "backend": backend,
+                "n_prompt": args.n_prompt,
+                "n_gen": args.n_gen,
+                "repetitions": args.repetitions,
+                "prefill_tok_s": p.0, "prefill_tok_s_min": p.1, "prefill_tok_s_max": p.2,
+                "decode_tok_s": d.0, "decode_tok_s_min": d.1, "decode_tok_s_max": d.2,
+                "ttft_ms": t.0,
+                "peak_rss_bytes": rss,
+                "profile": profile.as_ref().map(|phases| {
+                    phases
+                        .iter()
+                        .filter(|(_, _, _, tokens)| *tokens > 0)
+                        .map(|(name, p, total, tokens)| (name.to_string(), profile_json(p, *total, *tokens)))
+                        .collect::<serde_json::Map<_, _>>()
+                }),
+            })
+        );
+    } else {
+        println!("| model | backend | test | tok/s (median) | min | max |");
+        println!("|---|---|---|---|---|---|");
+        let name = args
+            .model
+            .model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        println!(
+            "| {name} | {backend} | pp{} | {:.1} | {:.1} | {:.1} |",
+            args.n_prompt, p.0, p.1, p.2
+        );
+        if args.n_gen > 0 {
+            println!(
+                "| {name} | {backend} | tg{} | {:.1} | {:.1} | {:.1} |",
+                args.n_gen, d.0, d.1, d.2
+            );
+        }
+        println!(
+            "time to first token {:.1} ms (median); peak RSS {}",
+            t.0,
+            rss.map_or("unknown".into(), |b| human_bytes(b as usize))
+        );
+        for (name, p, total, tokens) in profile.iter().flatten() {
+            if *tokens > 0 {
+                print_profile(name, p, *total, *tokens);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Op kinds by decode time per token, largest first, and the time between ops.
+fn profile_rows(
+    p: &llama_graph::OpProfile,
+    total: std::time::Duration,
+    tokens: usize,
+) -> Vec<(String, f64, f64)> {
+    let per_token = |d: std::time::Duration| d.as_secs_f64() * 1e3 / tokens as f64;
+    let mut rows: Vec<(String, f64, f64)> = p
+        .ops
+        .iter()
+        .map(|(k, (d, n))| (k.to_string(), per_token(*d), *n as f64 / tokens as f64))
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let ops: std::time::Duration = p.ops.values().map(|(d, _)| *d).sum();
+    rows.push((
+        "outside ops (executor, sampling)".into(),
+        per_token(total.saturating_sub(ops)),
+        0.0,
+    ));
+    rows
+}
+
+fn print_profile(
+    phase: &str,
+    p: &llama_graph::OpProfile,
+    total: std::time::Duration,
+    tokens: usize,
+) {
+    let all = total.as_secs_f64() * 1e3 / tokens as f64;
+    println!("{phase} profile ({tokens} tokens, {all:.3} ms per token):");
+    println!("| op | ms/token | share | calls/token |");
+    println!("|---|---|---|---|");
+    for (op, ms, calls) in profile_rows(p, total, tokens) {
+        println!("| {op} | {ms:.3} | {:.1}% | {calls:.0} |", 100.0 * ms / all);
+    }
+}
+
+fn profile_json(
+    p: &llama_graph::OpProfile,
+    total: std::time::Duration,
+    tokens: usize,
+) -> serde_json::Value {
+    serde_json::Value::Array(
+        profile_rows(p, total, tokens)
+            .into_iter()
+            .map(|(op, ms, calls)| serde_json::json!({"op": op, "ms_per_token": ms, "calls_per_token": calls}))
+            .collect(),
+    )
+}

@@ -1,0 +1,182 @@
+//! `generate` and `chat`: text after a prompt, and a conversation turn by turn.
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use llama_runtime::{generate, Engine, GenerateOptions, Generation, Message, SamplerConfig};
+
+use crate::args::{ModelArgs, RunArgs, SAMPLING_HELP};
+use crate::{ctx_size, ctx_size_error, load};
+
+#[derive(Args)]
+#[command(after_help = SAMPLING_HELP)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, short = 'p')]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// With --chat: a system message before the prompt.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Print one JSON object (text, ids, finish reason, timings) instead of streaming.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+#[command(after_help = SAMPLING_HELP)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A system message at the start of the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Generation options from the flags, over the command's sampling defaults.
+fn options(engine: &Engine, run: &RunArgs, defaults: SamplerConfig) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens: run.max_tokens,
+        sampler: run.sampling.config(defaults),
+        eos: engine.eos_token_ids(),
+        stop: run.stop.clone(),
+        context_shift: run.context_shift.then_some(run.keep),
+        cancel: None,
+    }
+}
+
+fn stats_line(g: &Generation, seed: u64, sampled: bool) -> String {
+    let seed = if sampled {
+        format!(" | seed {seed}")
+    } else {
+        String::new()
+    };
+    format!(
+        "prompt {} tokens | ttft {:.0} ms | prefill {:.1} tok/s | generated {} tokens, decode {:.1} tok/s | stop: {:?}{seed}",
+        g.prompt_tokens,
+        g.ttft.as_secs_f64() * 1e3,
+        g.prefill_tok_s(),
+        g.ids.len(),
+        g.decode_tok_s(),
+        g.finish
+    )
+}
+
+pub fn run_generate(args: GenerateArgs) -> Result<()> {
+    let engine = load(&args.model, ctx_size(args.run.ctx_size), ctx_size_error)?;
+    let tokenizer = engine.tokenizer()?;
+    // `generate` stays greedy unless asked: the same prompt gives the same text.
+    let opts = options(&engine, &args.run, SamplerConfig::default());
+    let prompt = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", &args.prompt));
+        // As transformers' apply_chat_template: the template writes the special tokens.
+        tokenizer.encode_plain(&engine.chat_template()?.render(&messages, true)?)?
+    } else {
+        tokenizer.encode(&args.prompt)?
+    };
+    let mut session = engine.session()?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let json = args.json;
+    let g = generate(&mut session, &tokenizer, &prompt, &opts, |piece| {
+        if !json {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    if json {
+        let object = serde_json::json!({
+            "text": g.text,
+            "ids": g.ids,
+            "finish_reason": g.finish,
+            "prompt_tokens": g.prompt_tokens,
+            "timings": {
+                "ttft_ms": g.ttft.as_secs_f64() * 1e3,
+                "prefill_tok_s": g.prefill_tok_s(),
+                "decode_tok_s": g.decode_tok_s(),
+            },
+            "seed": opts.sampler.seed,
+        });
+        writeln!(out, "{object}")?;
+    } else {
+        writeln!(out)?;
+        out.flush()?;
+        eprintln!(
+            "{}",
+            stats_line(&g, opts.sampler.seed, opts.sampler.temperature > 0.0)
+        );
+    }
+    Ok(())
+}
+
+/// The interactive loop: one user line a turn; the cache keeps the conversation, so only
+/// the new turn is prefilled.
+pub fn run_chat(args: ChatArgs) -> Result<()> {
+    let engine = load(&args.model, ctx_size(args.run.ctx_size), ctx_size_error)?;
+    let tokenizer = engine.tokenizer()?;
+    let template = engine.chat_template()?;
+    // A conversation samples as llama.cpp's does: greedy decoding makes small models loop.
+    let mut opts = options(&engine, &args.run, SamplerConfig::chat());
+    let mut session = engine.session()?;
+    let interactive = std::io::stdin().is_terminal();
+    let cancel = Arc::new(AtomicBool::new(false));
+    opts.cancel = Some(cancel.clone());
+    let start_messages: Vec<Message> = args
+        .system
+        .iter()
+        .map(|s| Message::new("system", s))
+        .collect();
+    let mut messages = start_messages.clone();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin")?;
+        let text = line.trim();
+        match text {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages = start_messages.clone();
+                session.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message::new("user", text));
+        let ids = tokenizer.encode_plain(&template.render(&messages, true)?)?;
+        let new = session.sync_prefix(&ids)?;
+        cancel.store(false, Ordering::Relaxed);
+        let mut out = std::io::stdout().lock();
+        let g = generate(&mut session, &tokenizer, &new, &opts, |piece| {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        })?;
+        writeln!(out)?;
+        out.flush()?;
+        eprintln!(
+            "{}",
+            stats_line(&g, opts.sampler.seed, opts.sampler.temperature > 0.0)
+        );
+        messages.push(Message::new("assistant", &g.text));
+    }
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! The burn lowering: every op as burn tensor ops, on any device. The reference that
+//! the host lowering is checked against, and the whole path on ndarray and wgpu.
+use burn::tensor::activation;
+use burn::tensor::{Bool, Device, Tensor, TensorData};
+
+use super::{bad, f2, Step};
+use crate::error::Result;
+use crate::ir::{Op, RopeScaling};
+use crate::value::Value;
+
+/// Evaluates one op with burn's tensor ops on `device`: the lowering of every op on
+/// every backend (the host lowering replaces some on devices with host kernels). `step`
+/// is `None` during constant folding, where only pure ops run.
+pub fn eval(
+    node: &str,
+    op: &Op,
+    inputs: Vec<Value>,
+    device: &Device,
+    step: Option<&mut Step<'_>>,
+) -> Result<Value> {
+    let mut it = inputs.into_iter();
+    let mut next = || it.next().ok_or_else(|| bad(node, "missing input"));
+    Ok(match op {
+        Op::Tokens | Op::Param(_) => return Err(bad(node, "source nodes are not evaluated")),
+        Op::Embedding => {
+            let table = next()?;
+            let Value::I1(ids) = next()? else {
+                return Err(bad(node, "token ids must be integers"));
+            };
+            match table {
+                // A block-quantized table: only the looked-up rows are widened.
+                Value::Quant(table) => {
+                    let ids = Value::I1(ids).to_i64_vec()?;
+                    let mut rows = Vec::with_capacity(ids.len() * table.cols());
+                    for &id in &ids {
+                        let r = usize::try_from(id)
+                            .ok()
+                            .filter(|&r| r < table.rows())
+                            .ok_or_else(|| {
+                                bad(node, format!("token id {id} is outside the table"))
+                            })?;
+                        table.dequantize_row(r, &mut rows);
+                    }
+                    Value::F2(Tensor::from_data(
+                        TensorData::new(rows, [ids.len(), table.cols()]),
+                        device,
+                    ))
+                }
+                table => Value::F2(f2(node, table)?.select(0, ids)),
+            }
+        }
+        Op::MatMul => {
+            let x = f2(node, next()?)?;
+            match next()? {
+                Value::F2(w) => Value::F2(x.matmul(w.transpose())),
+                other => {
+                    return Err(bad(
+                        node,
+                        format!("matmul weight of shape {:?} is not a matrix", other.dims()),
+                    ))
+                }
+            }
+        }
+        Op::RmsNorm { eps } => {
+            let x = f2(node, next()?)?;
+            let Value::F1(w) = next()? else {
+                return Err(bad(node, "norm weight must be rank 1"));
+            };
+            let inv = x
+                .clone()
+                .powi_scalar(2)
+                .mean_dim(1)
+                .add_scalar(eps.get())
+                .sqrt()
+                .recip();
+            Value::F2(x.mul(inv).mul(w.unsqueeze_dim(0)))
+        }
+        Op::Add => binary(node, next()?, next()?, |a, b| a.add(b), |a, b| a.add(b))?,
+        Op::Mul => binary(node, next()?, next()?, |a, b| a.mul(b), |a, b| a.mul(b))?,
+        Op::Scale { factor } => match next()? {
+            Value::F1(t) => Value::F1(t.mul_scalar(factor.get())),
+            Value::F2(t) => Value::F2(t.mul_scalar(factor.get())),
+            _ => return Err(bad(node, "scale needs a float tensor")),
+        },
+        Op::AddScalar { value } => match next()? {
+            Value::F1(t) => Value::F1(t.add_scalar(value.get())),
+            Value::F2(t) => Value::F2(t.add_scalar(value.get())),
+            _ => return Err(bad(node, "add_scalar needs a float tensor")),
+        },
+        Op::Silu => Value::F2(activation::silu(f2(node, next()?)?)),
+        Op::SwiGlu => {
+            let x = f2(node, next()?)?;
+            let n = x.dims()[1] / 2;
+            let (gate, up) = (x.clone().narrow(1, 0, n), x.narrow(1, n, n));
+            Value::F2(activation::silu(gate).mul(up))
+        }
+        Op::GeluTanh => Value::F2(activation::gelu_approximate(f2(node, next()?)?)),
+        Op::Cos => Value::F2(f2(node, next()?)?.cos()),
+        Op::Sin => Value::F2(f2(node, next()?)?.sin()),
+        Op::Slice { axis, start, len } => match next()? {
+            Value::F1(t) => Value::F1(t.narrow(*axis, *start, *len)),
+            Value::F2(t) => Value::F2(t.narrow(*axis, *start, *len)),
+            Value::I1(t) => Value::I1(t.narrow(*axis, *start, *len)),
+            Value::Quant(m) if *axis == 0 => Value::Quant(std::sync::Arc::new(
+                m.slice_rows(*start, *len)
+                    .ok_or_else(|| bad(node, "row slice past the end of the matrix"))?,
+            )),
+            Value::Quant(_) => return Err(bad(node, "a block matrix is sliced by rows only")),
+            Value::Cached(_) => return Err(bad(node, "cannot slice cached rows")),
+        },
+        Op::Concat { axis } => {
+            let mut all = Vec::new();
+            let mut ones = Vec::new();
+            let mut blocks = Vec::new();
+            while let Ok(v) = next() {
+                match v {
+                    Value::F2(t) => all.push(t),
+                    Value::F1(t) => ones.push(t),
+                    Value::Quant(m) => blocks.push(m),
+                    _ => return Err(bad(node, "concat needs float tensors")),
+                }
+            }
+            match (all.is_empty(), ones.is_empty(), blocks.is_empty()) {
+                (false, true, true) => Value::F2(Tensor::cat(all, *axis)),
+                (true, false, true) => Value::F1(Tensor::cat(ones, *axis)),
+                (true, true, false) if *axis == 0 => {
+                    // Rows of block matrices: joined by reference, no bytes copied.
+                    let parts: Vec<&llama_kernels::quant::QMatrix> =
+                        blocks.iter().map(|m| &**m).collect();
+                    Value::Quant(std::sync::Arc::new(
+                        llama_kernels::quant::QMatrix::concat(&parts)
+                            .ok_or_else(|| bad(node, "block matrices of different widths"))?,
+                    ))
+                }
+                _ => return Err(bad(node, "concat operands must share a rank and a storage")),
+            }
+        }
+        Op::RopeAngles {
+            head_dim,
+            theta,
+            scaling,
+            max_positions,
+        } => {
+            let angles = rope_angles(*head_dim, theta.get(), *scaling, *max_positions);
+            Value::F2(Tensor::from_data(
+                TensorData::new(angles, [*max_positions, head_dim / 2]),
+                device,
+            ))
+        }
+        Op::Rope { head_dim } => {
+            let step = step.ok_or_else(|| bad(node, "rope needs a step"))?;
+            let x = f2(node, next()?)?;
+            let cos = f2(node, next()?)?;
+            let sin = f2(node, next()?)?;
+            Value::F2(rope(x, cos, sin, *head_dim, step.past, node)?)
+        }
+        Op::KvAppend { layer, kind, .. } => {
+            let step = step.ok_or_else(|| bad(node, "kv_append needs a step"))?;
+            let rows = f2(node, next()?)?;
+            step.cache.append(*layer, *kind, step.past, rows)?
+        }
+        Op::Attention {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale,
+            window,
+        } => {
+            let step = step.ok_or_else(|| bad(node, "attention needs a step"))?;
+            let q = f2(node, next()?)?;
+            let (k, v) = (next()?, next()?);
+            let (k, v) = (f2(node, k)?, f2(node, v)?);
+            let heads = Heads {
+                n_heads: *n_heads,
+                n_kv_heads: *n_kv_heads,
+                head_dim: *head_dim,
+            };
+            Value::F2(attention(
+                q,
+                k,
+                v,
+                heads,
+                scale.get(),
+                *window,
+                step,
+                device,
+            ))
+        }
+    })
+}
+
+/// Rotary angles `[max_positions, head_dim / 2]`, computed in f32 as HF transformers does
+/// (`inv_freq = 1 / theta^(2i/d)`, then `position * inv_freq`), with its scaling rules.
+pub fn rope_angles(
+    head_dim: usize,
+    theta: f32,
+    scaling: RopeScaling,
+    max_positions: usize,
+) -> Vec<f32> {
+    let half = head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let base = 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32);
+            match scaling {
+                RopeScaling::None => base,
+                RopeScaling::Linear { factor } => base / factor.get(),
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_positions,
+                } => {
+                    // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept,
+                    // and the band between is interpolated (HF `_compute_llama3_parameters`).
+                    let (factor, low, high) =
+                        (factor.get(), low_freq_factor.get(), high_freq_factor.get());
+                    let old = original_max_positions as f32;
+                    let wavelen = 2.0 * std::f32::consts::PI / base;
+                    if wavelen < old / high {
+                        base
+                    } else if wavelen > old / low {
+                        base / factor
+                    } else {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        (1.0 - smooth) * base / factor + smooth * base
+                    }
+                }
+            }
+        })
+        .collect();
+    let mut out = Vec::with_capacity(max_positions * half);
+    for p in 0..max_positions {
+        out.extend(inv_freq.iter().map(|f| p as f32 * f));
+    }
+    out
+}
+
+/// Rotate-half RoPE on `x [seq, heads * head_dim]` at positions `past..past+seq`.
+fn rope(
+    x: Tensor<2>,
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    head_dim: usize,
+    past: usize,
+    node: &str,
+) -> Result<Tensor<2>> {
+    let [seq, width] = x.dims();
+    let positions = cos.dims()[0];
+    if past + seq > positions {
+        return Err(bad(
+            node,
+            format!(
+                "position {} is past the rope table of {positions} positions",
+                past + seq - 1
+            ),
+        ));
+    }
+    let (heads, half) = (width / head_dim, head_dim / 2);
+    let c = cos.narrow(0, past, seq).unsqueeze_dim::<3>(1); // [seq, 1, half]
+    let s = sin.narrow(0, past, seq).unsqueeze_dim::<3>(1);
+    let x = x.reshape([seq, heads, head_dim]);
+    let x1 = x.clone().narrow(2, 0, half);
+    let x2 = x.narrow(2, half, half);
+    let o1 = x1.clone().mul(c.clone()).sub(x2.clone().mul(s.clone()));
+    let o2 = x2.mul(c).add(x1.mul(s));
+    Ok(Tensor::cat(vec![o1, o2], 2).reshape([seq, width]))
+}
+
+/// Head layout of an attention op.
+struct Heads {
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Causal attention of `seq` queries over the last `rows` positions' keys, with query
+/// heads grouped over KV heads (GQA: head `h` reads KV head `h / (n_heads / n_kv_heads)`)
+/// and, with a window, each query seeing only the last `window` positions.
+#[allow(clippy::too_many_arguments)]
+fn attention(
+    q: Tensor<2>,
+    k: Tensor<2>,
+    v: Tensor<2>,
+    heads: Heads,
+    scale: f32,
+    window: Option<usize>,
+    step: &Step<'_>,
+    device: &Device,
+) -> Tensor<2> {
+    let Heads {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    } = heads;
+    let (seq, past) = (step.seq, step.past);
+    let rows = k.dims()[0];
+    let group = n_heads / n_kv_heads;
+    // Fold each KV group's query heads into the row axis so K and V are never repeated:
+    // [seq, heads*hd] -> [kv_heads, group*seq, hd], rows ordered (g, i).
+    let q = q
+        .reshape([seq, n_kv_heads, group, head_dim])
+        .permute([1, 2, 0, 3])
+        .reshape([n_kv_heads, group * seq, head_dim]);
+    let k = k.reshape([rows, n_kv_heads, head_dim]).swap_dims(0, 1); // [kv, rows, hd]
+    let v = v.reshape([rows, n_kv_heads, head_dim]).swap_dims(0, 1);
+    let mut scores = q.matmul(k.swap_dims(1, 2)).mul_scalar(scale); // [kv, group*seq, rows]
+                                                                    // Query i sits at position past + i; key j at past + seq - rows + j.
+    let first_key = past + seq - rows;
+    let visible = |i: usize, j: usize| {
+        let (qp, kp) = (past + i, first_key + j);
+        kp <= qp && window.is_none_or(|w| qp - kp < w)
+    };
+    let all_visible = (0..seq).all(|i| (0..rows).all(|j| visible(i, j)));
+    if !all_visible {
+        let mask: Vec<bool> = (0..group * seq)
+            .flat_map(|r| (0..rows).map(move |j| (r % seq, j)))
+            .map(|(i, j)| !visible(i, j))
+            .collect();
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [group * seq, rows]), device)
+            .unsqueeze_dim::<3>(0)
+            .expand([n_kv_heads, group * seq, rows]);
+        scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+    }
+    let probs = activation::softmax(scores, 2);
+    probs
+        .matmul(v) // [kv, group*seq, hd]
+        .reshape([n_kv_heads, group, seq, head_dim])
+        .permute([2, 0, 1, 3])
+        .reshape([seq, n_heads * head_dim])
+}
+
+fn binary(
+    node: &str,
+    a: Value,
+    b: Value,
+    f: impl Fn(Tensor<2>, Tensor<2>) -> Tensor<2>,
+    g: impl Fn(Tensor<1>, Tensor<1>) -> Tensor<1>,
+) -> Result<Value> {
+    Ok(match (a, b) {
+        (Value::F2(a), Value::F2(b)) => Value::F2(f(a, b)),
+        (Value::F2(a), Value::F1(b)) => Value::F2(f(a, b.unsqueeze_dim(0))),
+        (Value::F1(a), Value::F1(b)) => Value::F1(g(a, b)),
+        _ => return Err(bad(node, "unsupported operand ranks")),
+    })
+}

@@ -1,0 +1,158 @@
+//! The host lowering: ops run by our kernels (`llama-kernels`) over host memory, on
+//! devices whose [`crate::Capabilities`] allow it, and block matmuls wherever a weight
+//! is stored as GGML blocks.
+use llama_kernels::{AttentionShape, KvRows};
+
+use super::kv::KvCache;
+use super::{bad, f2, host2, tensor2, Step};
+use crate::error::Result;
+use crate::ir::Op;
+use crate::value::Value;
+use burn::tensor::{Device, Tensor, TensorData};
+
+/// Whether `op` has a host lowering on devices with host kernels. Block matmuls are
+/// chosen by their weight's storage instead (see [`super::Program::new`]).
+pub(super) fn lowers(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::RmsNorm { .. } | Op::Silu | Op::SwiGlu | Op::Rope { .. } | Op::Attention { .. }
+    )
+}
+
+/// Evaluates one op with the host kernels.
+pub(super) fn eval(
+    node: &str,
+    op: &Op,
+    inputs: Vec<Value>,
+    device: &Device,
+    step: &mut Step<'_>,
+) -> Result<Value> {
+    let mut it = inputs.into_iter();
+    let mut next = || it.next().ok_or_else(|| bad(node, "missing input"));
+    Ok(match op {
+        Op::MatMul => {
+            let x = f2(node, next()?)?;
+            let Value::Quant(w) = next()? else {
+                return Err(bad(node, "a host matmul needs a block weight"));
+            };
+            // The block kernels run on the host: bring the activations over and back.
+            let [n, _] = x.dims();
+            let host = Value::F2(x).into_f32_vec()?;
+            let out =
+                llama_kernels::quant::matmul(&host, n, &w, llama_kernels::quant::Kernel::Auto);
+            Value::F2(Tensor::from_data(
+                TensorData::new(out, [n, w.rows()]),
+                device,
+            ))
+        }
+        Op::RmsNorm { eps } => {
+            let (mut x, dims) = host2(node, f2(node, next()?)?)?;
+            let Value::F1(w) = next()? else {
+                return Err(bad(node, "norm weight must be rank 1"));
+            };
+            let w = Value::F1(w).to_f32_vec()?;
+            llama_kernels::rms_norm(&mut x, &w, eps.get());
+            tensor2(x, dims, device)
+        }
+        Op::Silu => {
+            let (mut x, dims) = host2(node, f2(node, next()?)?)?;
+            llama_kernels::silu(&mut x);
+            tensor2(x, dims, device)
+        }
+        Op::SwiGlu => {
+            let (mut x, [rows, width]) = host2(node, f2(node, next()?)?)?;
+            llama_kernels::swiglu(&mut x, width / 2);
+            tensor2(x, [rows, width / 2], device)
+        }
+        Op::Rope { head_dim } => {
+            let x = f2(node, next()?)?;
+            let cos = f2(node, next()?)?;
+            let sin = f2(node, next()?)?;
+            let seq = x.dims()[0];
+            if step.past + seq > cos.dims()[0] {
+                return Err(bad(
+                    node,
+                    format!(
+                        "position {} is past the rope table of {} positions",
+                        step.past + seq - 1,
+                        cos.dims()[0]
+                    ),
+                ));
+            }
+            let (mut x, dims) = host2(node, x)?;
+            let (cos, _) = host2(node, cos.narrow(0, step.past, seq))?;
+            let (sin, _) = host2(node, sin.narrow(0, step.past, seq))?;
+            llama_kernels::rope(&mut x, &cos, &sin, *head_dim);
+            tensor2(x, dims, device)
+        }
+        Op::Attention {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            scale,
+            window,
+        } => {
+            let (q, dims) = host2(node, f2(node, next()?)?)?;
+            let cache = &*step.cache;
+            let k = AttentionInput::new(node, next()?, cache)?;
+            let v = AttentionInput::new(node, next()?, cache)?;
+            let shape = AttentionShape {
+                n_heads: *n_heads,
+                n_kv_heads: *n_kv_heads,
+                head_dim: *head_dim,
+                scale: scale.get(),
+                window: *window,
+                past: step.past,
+            };
+            tensor2(
+                llama_kernels::attention(&q, k.rows(), v.rows(), &shape),
+                dims,
+                device,
+            )
+        }
+        other => {
+            return Err(bad(
+                node,
+                format!("{} has no host lowering", other.mnemonic()),
+            ))
+        }
+    })
+}
+
+/// Keys or values for the host attention.
+enum AttentionInput<'a> {
+    /// Cached rows, read in place.
+    Cached(KvRows<'a>),
+    /// A prompt's own rows of an f16 cache as computed, after the earlier ones widened;
+    /// or the rows of a layer kept as tensors (a sliding window), brought over.
+    Host(Vec<f32>),
+}
+
+impl<'a> AttentionInput<'a> {
+    fn new(node: &str, x: Value, cache: &'a KvCache) -> Result<AttentionInput<'a>> {
+        Ok(match x {
+            Value::Cached(r) => {
+                let all = cache.host_rows(&r)?;
+                match &r.exact {
+                    None => AttentionInput::Cached(all),
+                    Some(new) => {
+                        let earlier = all.len().checked_sub(new.len()).ok_or_else(|| {
+                            bad(node, "a step's own rows outnumber the cached rows")
+                        })?;
+                        let mut rows = all.first(earlier).to_f32().into_owned();
+                        rows.extend_from_slice(new);
+                        AttentionInput::Host(rows)
+                    }
+                }
+            }
+            x => AttentionInput::Host(host2(node, f2(node, x)?)?.0),
+        })
+    }
+
+    fn rows(&self) -> KvRows<'_> {
+        match self {
+            AttentionInput::Cached(r) => *r,
+            AttentionInput::Host(x) => KvRows::F32(x),
+        }
+    }
+}

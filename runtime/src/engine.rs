@@ -1,0 +1,357 @@
+//! The one entry point every front-end calls: load a model, compile its graph for a
+//! device under one policy, open sessions.
+//!
+//! The CLI (and every later front-end: the server, embeddings, agents) only parses its
+//! input into [`SessionOptions`], calls [`Engine::load`] and prints or answers. Which
+//! passes run, whether GGUF blocks stay in their blocks and how the KV cache stores its
+//! rows are decided here, by [`Policy::decide`], from the device's [`Capabilities`].
+use std::path::Path;
+use std::str::FromStr;
+
+use burn::tensor::Device;
+use llama_graph::{Capabilities, KvType, PassContext, Pipeline, Program};
+use llama_models::{LoadOptions, Model};
+
+use crate::device::Backend;
+use crate::error::{Result, RuntimeError};
+use crate::{ChatTemplate, Session, Tokenizer};
+
+/// How matmul weights are stored on devices with host kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// GGUF block weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) stay in their
+    /// blocks, memory-mapped, multiplied by the block kernels; other weights run in f32.
+    #[default]
+    Native,
+    /// As native, and f32 weights are quantized to Q8_0 as well.
+    Q8_0,
+    /// Every weight widened to f32: the exact path, for fidelity work.
+    F32,
+}
+
+/// Which graph passes run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Passes {
+    /// The device's default pipeline (see [`Policy::decide`]).
+    #[default]
+    Default,
+    /// None: the graph as the model built it.
+    None,
+    /// These passes, in this order (names from [`Pipeline::NAMES`]).
+    List(Vec<String>),
+}
+
+impl FromStr for Passes {
+    type Err = RuntimeError;
+
+    /// `default`, `none`, or a comma-separated list of pass names (checked).
+    fn from_str(spec: &str) -> Result<Passes> {
+        Ok(match spec.trim() {
+            "default" => Passes::Default,
+            "none" => Passes::None,
+            list => {
+                let names: Vec<String> = list.split(',').map(|n| n.trim().to_string()).collect();
+                if let Some(bad) = names.iter().find(|n| Pipeline::by_name(n).is_none()) {
+                    return Err(RuntimeError::Options(format!(
+                        "unknown pass `{bad}` (passes: default, none, {})",
+                        Pipeline::NAMES.join(", ")
+                    )));
+                }
+                Passes::List(names)
+            }
+        })
+    }
+}
+
+/// Everything a front-end chooses about how a model runs.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    pub backend: Backend,
+    /// The backend's device index (GPU adapters); `None` picks the best.
+    pub device: Option<usize>,
+    /// Worker threads of the CPU backends; `None`: the physical cores. The pool is
+    /// process-wide: the first engine loaded sets it.
+    pub threads: Option<usize>,
+    pub precision: Precision,
+    /// The host KV cache's element type; `None`: the device's default.
+    pub cache_type: Option<KvType>,
+    pub passes: Passes,
+    /// Positions a session holds (the RoPE tables are built for this many).
+    pub context: Context,
+}
+
+/// How many positions an engine's sessions hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Context {
+    /// The model's context, at most [`DEFAULT_CONTEXT`].
+    #[default]
+    Default,
+    /// The model's whole context, however long.
+    Model,
+    /// This many; more than the model's context is an error.
+    Positions(usize),
+}
+
+/// The context a session gets when none is asked for, if the model allows as much.
+pub const DEFAULT_CONTEXT: usize = 4096;
+
+/// What the engine compiles for a device: decided once, here.
+///
+/// | | host kernels (flex) | no host kernels (ndarray, wgpu) |
+/// |---|---|---|
+/// | GGUF block weights | kept in blocks unless `Precision::F32` | widened to f32 |
+/// | default passes | fuse-matmul, constant-fold, dead-nodes, fuse-swiglu, quantize-weights (`Precision::Q8_0` only), pack-blocks | fuse-matmul, constant-fold, dead-nodes |
+/// | KV cache | host rows, f16 (f32 with `Precision::F32`) | device tensors, f32 |
+pub struct Policy {
+    /// Whether GGUF block matrices stay as stored.
+    pub keep_blocks: bool,
+    /// The pass pipeline to run.
+    pub pipeline: Pipeline,
+    /// The host KV cache's element type (device caches are f32).
+    pub cache_type: KvType,
+}
+
+impl Policy {
+    /// The policy for a device with `caps` under `options`.
+    pub fn decide(caps: Capabilities, options: &SessionOptions) -> Policy {
+        let host = caps.host_kernels;
+        let pipeline = match &options.passes {
+            Passes::Default if host => Pipeline::standard_cpu(options.precision == Precision::Q8_0),
+            Passes::Default => Pipeline::standard(),
+            Passes::None => Pipeline::none(),
+            Passes::List(names) => {
+                Pipeline::from_passes(names.iter().filter_map(|n| Pipeline::by_name(n)).collect())
+            }
+        };
+        let cache_type = match options.cache_type {
+            _ if !caps.host_kv => KvType::F32,
+            Some(ty) => ty,
+            None if options.precision == Precision::F32 => KvType::F32,
+            None => KvType::F16,
+        };
+        Policy {
+            keep_blocks: host && options.precision != Precision::F32,
+            pipeline,
+            cache_type,
+        }
+    }
+}
+
+/// A loaded model compiled for one device: opens sessions.
+#[derive(Debug)]
+pub struct Engine {
+    model: Model,
+    device: Device,
+    capabilities: Capabilities,
+    program: Program,
+    context: usize,
+    cache_type: KvType,
+    passes: Vec<&'static str>,
+}
+
+impl Engine {
+    /// Loads the model at `path` (an HF directory or a `.gguf` file) and compiles it.
+    pub fn load(path: &Path, options: &SessionOptions) -> Result<Engine> {
+        Self::load_with_progress(path, options, None)
+    }
+
+    /// The same, calling `progress(tensors loaded, tensors in the checkpoint)` as
+    /// weights load.
+    pub fn load_with_progress(
+        path: &Path,
+        options: &SessionOptions,
+        progress: Option<&dyn Fn(usize, usize)>,
+    ) -> Result<Engine> {
+        // flex's matmuls and reductions and our host kernels run on rayon's global
+        // pool; it can be built once per process, so a second engine shares the first's.
+        let threads = options.threads.unwrap_or_else(num_cpus::get_physical);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .ok();
+        let device = options.backend.device(options.device)?;
+        let capabilities = Capabilities::of(&device);
+        let policy = Policy::decide(capabilities, options);
+        let load = LoadOptions {
+            keep_blocks: policy.keep_blocks,
+            progress,
+        };
+        let model = Model::load_with(path, &device, &load)?;
+        let context = context_for(&model, options.context)?;
+        let mut graph = model.build_graph_for(context)?;
+        policy.pipeline.run(
+            &mut graph,
+            &PassContext {
+                device: device.clone(),
+            },
+        )?;
+        let program = Program::new(graph, device.clone())?;
+        Ok(Engine {
+            model,
+            device,
+            capabilities,
+            program,
+            context,
+            cache_type: policy.cache_type,
+            passes: policy.pipeline.names(),
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn capabilities(&self) -> Capabilities {
+        self.capabilities
+    }
+
+    /// The compiled graph.
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// The most positions a session of this engine holds.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// How sessions' host KV caches store keys and values.
+    pub fn cache_type(&self) -> KvType {
+        self.cache_type
+    }
+
+    /// The passes that ran, in order.
+    pub fn passes(&self) -> &[&'static str] {
+        &self.passes
+    }
+
+    /// A session of the engine's whole context.
+    pub fn session(&self) -> Result<Session> {
+        self.session_with_context(self.context)
+    }
+
+    /// A session of `context` positions, at most the engine's.
+    pub fn session_with_context(&self, context: usize) -> Result<Session> {
+        if context == 0 || context > self.context {
+            return Err(RuntimeError::Options(format!(
+                "a session of {context} positions does not fit the engine's context of {}",
+                self.context
+            )));
+        }
+        Session::with_cache_type(self.program.clone(), context, self.cache_type)
+    }
+
+    /// The model's tokenizer (its tokenizer.json, or the GGUF's vocabulary).
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        Tokenizer::for_model(&self.model)
+    }
+
+    /// The model's chat template; an error naming the model when it has none.
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        ChatTemplate::for_model(&self.model)?
+            .ok_or_else(|| RuntimeError::NoChatTemplate(self.model.path.display().to_string()))
+    }
+
+    /// The ids that end generation (end of sequence, of turn, of message).
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        self.model.eos_token_ids()
+    }
+}
+
+/// The positions a session holds; never more than the model's.
+fn context_for(model: &Model, requested: Context) -> Result<usize> {
+    let max = model.config.max_position_embeddings;
+    match requested {
+        Context::Positions(n) if n == 0 || n > max => {
+            Err(RuntimeError::ContextSize { requested: n, max })
+        }
+        Context::Positions(n) => Ok(n),
+        Context::Default => Ok(max.min(DEFAULT_CONTEXT)),
+        Context::Model => Ok(max),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: Capabilities = Capabilities {
+        host_kernels: true,
+        host_kv: true,
+    };
+    const DEVICE_ONLY: Capabilities = Capabilities {
+        host_kernels: false,
+        host_kv: false,
+    };
+
+    fn options(precision: Precision, cache_type: Option<KvType>) -> SessionOptions {
+        SessionOptions {
+            precision,
+            cache_type,
+            ..SessionOptions::default()
+        }
+    }
+
+    #[test]
+    fn host_devices_keep_blocks_and_run_the_cpu_passes() {
+        let p = Policy::decide(HOST, &options(Precision::Native, None));
+        assert!(p.keep_blocks);
+        assert_eq!(p.cache_type, KvType::F16);
+        assert_eq!(
+            p.pipeline.names(),
+            [
+                "fuse-matmul",
+                "constant-fold",
+                "dead-nodes",
+                "fuse-swiglu",
+                "pack-blocks"
+            ]
+        );
+        let q = Policy::decide(HOST, &options(Precision::Q8_0, None));
+        assert!(q.pipeline.names().contains(&"quantize-weights"));
+        let exact = Policy::decide(HOST, &options(Precision::F32, None));
+        assert!(!exact.keep_blocks);
+        assert_eq!(
+            exact.cache_type,
+            KvType::F32,
+            "f32 precision keeps an exact cache"
+        );
+        let asked = Policy::decide(HOST, &options(Precision::F32, Some(KvType::F16)));
+        assert_eq!(asked.cache_type, KvType::F16, "an explicit cache type wins");
+    }
+
+    #[test]
+    fn devices_without_host_kernels_run_pure_burn() {
+        for precision in [Precision::Native, Precision::Q8_0, Precision::F32] {
+            let p = Policy::decide(DEVICE_ONLY, &options(precision, Some(KvType::F16)));
+            assert!(!p.keep_blocks, "{precision:?}: blocks need host kernels");
+            assert_eq!(p.cache_type, KvType::F32);
+            assert_eq!(
+                p.pipeline.names(),
+                ["fuse-matmul", "constant-fold", "dead-nodes"]
+            );
+        }
+    }
+
+    #[test]
+    fn pass_lists_are_checked_by_name() {
+        assert_eq!("default".parse::<Passes>().ok(), Some(Passes::Default));
+        assert_eq!("none".parse::<Passes>().ok(), Some(Passes::None));
+        assert_eq!(
+            "fuse-matmul, dead-nodes".parse::<Passes>().ok(),
+            Some(Passes::List(vec![
+                "fuse-matmul".into(),
+                "dead-nodes".into()
+            ]))
+        );
+        let err = "fuse-matmul,fold-everything".parse::<Passes>().unwrap_err();
+        assert!(
+            err.to_string().contains("unknown pass `fold-everything`"),
+            "{err}"
+        );
+    }
+}

@@ -1,4 +1,0 @@
-//! The `llama` binary; see `llama --help`.
-fn main() -> std::process::ExitCode {
-    llama_cli::main()
-}
