@@ -383,36 +383,10 @@ fn json_output_and_seeded_cli_runs() {
 
 #[test]
 fn chat_from_a_pipe_reuses_the_conversation_and_resets() {
-    use std::io::Write;
-    let model = real_model_path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
-        .args([
-            "chat",
-            "-m",
-            model.to_str().unwrap(),
-            "-n",
-            "24",
-            "--temperature",
-            "0",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"What is the capital of France? Answer in one sentence.\nAnd of Italy?\n/reset\nWhat is the capital of France? Answer in one sentence.\n/exit\nnever read\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, stderr) = chat_once(
+        &["-n", "24", "--temperature", "0"],
+        "What is the capital of France? Answer in one sentence.\nAnd of Italy?\n/reset\nWhat is the capital of France? Answer in one sentence.\n/exit\nnever read\n",
     );
-    let stdout = String::from_utf8(out.stdout).unwrap();
     let answers: Vec<&str> = stdout.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(answers.len(), 3, "{stdout}");
     assert_eq!(answers[0], "The capital of France is Paris.");
@@ -420,7 +394,6 @@ fn chat_from_a_pipe_reuses_the_conversation_and_resets() {
         answers[2], answers[0],
         "after /reset the same question gets the same answer"
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
     let prompts: Vec<usize> = stderr
         .lines()
         .filter_map(|l| l.strip_prefix("prompt ")?.split(' ').next()?.parse().ok())

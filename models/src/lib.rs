@@ -13,7 +13,7 @@ pub mod registry;
 pub mod safetensors;
 pub mod weights;
 
-/// GGML block types and their dequantization (they live with the kernels in the graph).
+/// GGML block types and their dequantization (they live with the host kernels).
 pub use llama_kernels::quant;
 
 use std::path::{Path, PathBuf};
