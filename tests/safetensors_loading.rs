@@ -173,7 +173,7 @@ fn a_tensor_that_no_weight_consumes_is_refused_by_name() {
         "model.embed_tokens.weight",
         "model.layers.0.self_attn.q_proj.weight",
         "model.norm.weight",
-        "21 tensors in all",
+        "every other layer: 21 in all)",
     ] {
         assert!(err.contains(name), "{name} in: {err}");
     }
@@ -219,6 +219,35 @@ fn a_sharded_checkpoint_names_the_shard_that_holds_the_unused_tensor() {
         err.contains(&format!(
             "{last}: tensor model.layers.1.mlp.extra.weight is not used by LlamaForCausalLM"
         )),
+        "{err}"
+    );
+}
+
+#[test]
+fn two_tensors_for_one_weight_are_refused_by_name() {
+    // Phi-3 reads `gate_up_proj`, Llama `up_proj`: both are our `ffn_up`, and the
+    // one the family does not read is named, whichever it is.
+    let (mut tensors, config) = tiny("phi3");
+    let (shape, data) = tensors["model.layers.0.mlp.gate_up_proj.weight"].clone();
+    let half = data[..data.len() / 2].to_vec();
+    let unfused = (vec![shape[0] / 2, shape[1]], half);
+    tensors.insert("model.layers.0.mlp.up_proj.weight".into(), unfused.clone());
+    let err = load_model(&config, &tensors).1.expect_err("refused");
+    assert!(
+        err.contains("tensor model.layers.0.mlp.up_proj.weight is not used by Phi3ForCausalLM"),
+        "{err}"
+    );
+    let (mut tensors, config) = tiny("llama3");
+    let fused = (
+        vec![2 * unfused.0[0], unfused.0[1]],
+        [unfused.1.clone(), unfused.1].concat(),
+    );
+    tensors.insert("model.layers.1.mlp.gate_up_proj.weight".into(), fused);
+    let err = load_model(&config, &tensors).1.expect_err("refused");
+    assert!(
+        err.contains(
+            "tensor model.layers.1.mlp.gate_up_proj.weight is not used by LlamaForCausalLM"
+        ),
         "{err}"
     );
 }

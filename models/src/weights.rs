@@ -232,8 +232,9 @@ pub struct WeightLoader<'a> {
     progress: Option<&'a dyn Fn(usize, usize)>,
     loaded: std::cell::Cell<usize>,
     total: usize,
-    /// Our name to checkpoint name.
-    table: std::collections::HashMap<String, String>,
+    /// Our name to checkpoint names: one, or several where a checkpoint holds both a
+    /// fused and an unfused matrix of one name of ours (`gate_up_proj`, `up_proj`).
+    table: std::collections::HashMap<String, Vec<String>>,
     /// Checkpoint names read so far.
     used: RefCell<BTreeSet<String>>,
     /// Checkpoint names a family leaves unread on purpose ([`WeightLoader::ignore`]).
@@ -245,11 +246,13 @@ pub struct WeightLoader<'a> {
 
 impl<'a> WeightLoader<'a> {
     pub fn new(source: &'a dyn TensorSource, device: &Device) -> Self {
-        let table: std::collections::HashMap<String, String> = source
-            .names()
-            .into_iter()
-            .map(|n| (hf_to_ours(&n).unwrap_or_else(|| n.clone()), n))
-            .collect();
+        let mut table = std::collections::HashMap::<String, Vec<String>>::new();
+        for n in source.names() {
+            table
+                .entry(hf_to_ours(&n).unwrap_or_else(|| n.clone()))
+                .or_default()
+                .push(n);
+        }
         let total = table.len();
         WeightLoader {
             source,
@@ -285,8 +288,8 @@ impl<'a> WeightLoader<'a> {
     /// Leaves tensor `ours` unread on purpose, if the checkpoint has it: an output head
     /// that config.json ties to the embeddings (transformers then ignores the stored one).
     pub fn ignore(&self, ours: &str) {
-        if let Some(name) = self.table.get(ours) {
-            self.ignored.borrow_mut().insert(name.clone());
+        if let Some(names) = self.table.get(ours) {
+            self.ignored.borrow_mut().extend(names.iter().cloned());
         }
     }
 
@@ -323,8 +326,14 @@ impl<'a> WeightLoader<'a> {
         }
     }
 
-    fn checkpoint_name(&self, ours: &str) -> Result<&String> {
-        self.table.get(ours).ok_or_else(|| self.missing(ours))
+    /// The checkpoint tensor to read for `ours` of `shape`: where several have our name,
+    /// the one of that shape (the others are left to [`WeightLoader::check_all_used`]).
+    fn checkpoint_name(&self, ours: &str, shape: &[usize]) -> Result<&String> {
+        let names = self.table.get(ours).ok_or_else(|| self.missing(ours))?;
+        Ok(names
+            .iter()
+            .find(|n| self.source.shape(n).as_deref() == Some(shape))
+            .unwrap_or(&names[0]))
     }
 
     fn loaded_one(&self, name: &str) {
@@ -336,7 +345,7 @@ impl<'a> WeightLoader<'a> {
     }
 
     fn host(&self, ours: &str, expected: &[usize]) -> Result<HostTensor> {
-        let name = self.checkpoint_name(ours)?;
+        let name = self.checkpoint_name(ours, expected)?;
         let t = self.source.load(name)?.ok_or_else(|| self.missing(ours))?;
         self.loaded_one(name);
         if t.shape != expected {
@@ -367,7 +376,7 @@ impl<'a> WeightLoader<'a> {
     /// A table stored as it is, `[rows, cols]` (embeddings).
     pub fn table(&self, ours: &str, rows: usize, cols: usize) -> Result<Matrix> {
         if self.keep_blocks {
-            let name = self.checkpoint_name(ours)?;
+            let name = self.checkpoint_name(ours, &[rows, cols])?;
             if let Some(m) = self.source.load_blocks(name)? {
                 self.loaded_one(name);
                 if [m.rows(), m.cols()] != [rows, cols] {
@@ -406,7 +415,7 @@ fn expected_names(used: &BTreeSet<String>) -> String {
         .filter(|n| layer(n).is_none_or(|l| l == 0))
         .collect();
     format!(
-        "{}, ... ({} tensors in all; every layer has layer 0's)",
+        "{}, and the same as layer 0's for every other layer: {} in all",
         shown.join(", "),
         used.len()
     )
