@@ -2,6 +2,6 @@
 //!
 //! This crate re-exports the workspace crates; see `README.md` for the layout.
 pub use llama_graph as graph;
+pub use llama_kernels as kernels;
 pub use llama_models as models;
 pub use llama_runtime as runtime;
-pub use llama_kernels as kernels;
