@@ -29,6 +29,11 @@ pub struct BenchArgs {
     /// Also time every op of one more decode run and print where the time goes.
     #[arg(long)]
     profile: bool,
+    /// Run this many sequences at once, as llama-batched-bench's `-npl`: each
+    /// prefills `-p` tokens (all in one batched step), then every step decodes one
+    /// token of each. Aggregate tok/s per count; a list measures each.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
+    parallel: Vec<u32>,
 }
 
 /// The peak resident set of this process, from /proc (Linux).
@@ -65,6 +70,9 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
     let prompt: Vec<u32> = (0..args.n_prompt as u64)
         .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
         .collect();
+    if !args.parallel.is_empty() {
+        return run_parallel(&args, &engine, &prompt);
+    }
     let mut session = engine.session()?;
     let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
     // One untimed warm-up run (kernel compilation on GPUs, page faults on CPUs).
@@ -172,6 +180,100 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--parallel`: aggregate prefill and decode speed of `n` sequences at once, for
+/// each `n`: the prompts of all of them as one step, then steps of one token each.
+fn run_parallel(args: &BenchArgs, engine: &llama_runtime::Engine, prompt: &[u32]) -> Result<()> {
+    use llama_graph::{Rows, Sequence, Taps};
+    let program = engine.program();
+    let backend = format!("{:?}", args.model.backend).to_lowercase();
+    if !args.json {
+        println!("| model | backend | parallel | pp tok/s | tg tok/s | pp ms | tg ms |");
+        println!("|---|---|---|---|---|---|---|");
+    }
+    let name = args
+        .model
+        .model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for &n in &args.parallel {
+        let n = n as usize;
+        let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+        let (mut pp_ms, mut tg_ms) = (Vec::new(), Vec::new());
+        for rep in 0..=args.repetitions {
+            let mut caches = (0..n)
+                .map(|_| program.new_cache_of(args.n_prompt + args.n_gen, engine.cache_type()))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let start = Instant::now();
+            let mut seqs: Vec<Sequence<'_>> = caches
+                .iter_mut()
+                .map(|cache| Sequence {
+                    tokens: prompt,
+                    cache,
+                })
+                .collect();
+            let out = program.run_batch(&mut seqs, &Taps::None, Rows::Last)?;
+            let mut next = argmax_rows(&out.outputs[0].to_f32_vec()?, n);
+            let first = start.elapsed();
+            let start = Instant::now();
+            for _ in 0..args.n_gen {
+                let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+                let mut seqs: Vec<Sequence<'_>> = caches
+                    .iter_mut()
+                    .zip(&tokens)
+                    .map(|(cache, t)| Sequence { tokens: t, cache })
+                    .collect();
+                let out = program.run_batch(&mut seqs, &Taps::None, Rows::Last)?;
+                next = argmax_rows(&out.outputs[0].to_f32_vec()?, n);
+            }
+            let gen = start.elapsed();
+            if rep > 0 {
+                prefill.push((n * args.n_prompt) as f64 / first.as_secs_f64());
+                pp_ms.push(first.as_secs_f64() * 1e3);
+                if args.n_gen > 0 {
+                    decode.push((n * args.n_gen) as f64 / gen.as_secs_f64());
+                    tg_ms.push(gen.as_secs_f64() * 1e3);
+                }
+            }
+        }
+        let (p, pms) = (stats(&mut prefill).0, stats(&mut pp_ms).0);
+        let (d, dms) = if decode.is_empty() {
+            (0.0, 0.0)
+        } else {
+            (stats(&mut decode).0, stats(&mut tg_ms).0)
+        };
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": args.model.model.display().to_string(),
+                    "backend": backend,
+                    "parallel": n,
+                    "n_prompt": args.n_prompt,
+                    "n_gen": args.n_gen,
+                    "repetitions": args.repetitions,
+                    "prefill_tok_s": p,
+                    "decode_tok_s": d,
+                    "prefill_ms": pms,
+                    "decode_ms": dms,
+                })
+            );
+        } else {
+            println!("| {name} | {backend} | {n} | {p:.1} | {d:.1} | {pms:.1} | {dms:.1} |");
+        }
+    }
+    Ok(())
+}
+
+/// The argmax of each of `n` rows of logits.
+fn argmax_rows(logits: &[f32], n: usize) -> Vec<u32> {
+    let vocab = logits.len() / n.max(1);
+    logits
+        .chunks(vocab.max(1))
+        .map(llama_runtime::argmax)
+        .collect()
 }
 
 /// Op kinds by decode time per token, largest first, and the time between ops.

@@ -20,7 +20,9 @@ pub use llama_kernels::quant;
 pub use capabilities::Capabilities;
 pub use dump::dump;
 pub use error::{GraphError, Result};
-pub use exec::{KvCache, KvSnapshot, KvType, Lowering, OpProfile, Program, Rows, RunOutput, Taps};
+pub use exec::{
+    KvCache, KvSnapshot, KvType, Lowering, OpProfile, Program, Rows, RunOutput, Sequence, Taps,
+};
 pub use graph::Graph;
 pub use ir::{DType, Dim, F32Bits, KvKind, Node, NodeId, Op, ParamKind, RopeScaling, Shape};
 pub use passes::{Pass, PassContext, Pipeline};

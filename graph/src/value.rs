@@ -14,6 +14,9 @@ pub enum Value {
     Quant(std::sync::Arc<llama_kernels::quant::QMatrix>),
     /// Keys or values held in the host KV cache (CPU devices), read in place.
     Cached(crate::exec::CachedRows),
+    /// One value per sequence of a batched step, in row order: what `kv_append`
+    /// yields when a step carries several sequences (each its own cache's rows).
+    PerSequence(Vec<Value>),
 }
 
 impl Value {
@@ -24,6 +27,15 @@ impl Value {
             Value::I1(t) => t.dims().to_vec(),
             Value::Quant(m) => vec![m.rows(), m.cols()],
             Value::Cached(r) => vec![r.rows, r.width],
+            Value::PerSequence(values) => {
+                let dims: Vec<Vec<usize>> = values.iter().map(Value::dims).collect();
+                match dims.first() {
+                    Some(first) if first.len() == 2 => {
+                        vec![dims.iter().map(|d| d[0]).sum(), first[1]]
+                    }
+                    _ => Vec::new(),
+                }
+            }
         }
     }
 
@@ -48,7 +60,7 @@ impl Value {
             Value::F2(t) => t.into_data(),
             Value::I1(_) => return Err(GraphError::Input("integer value read as f32".into())),
             Value::Quant(m) => return Ok(m.dequantize()),
-            Value::Cached(_) => {
+            Value::Cached(_) | Value::PerSequence(_) => {
                 return Err(GraphError::Input(
                     "cached KV rows are read through the cache".into(),
                 ))

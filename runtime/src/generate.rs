@@ -197,6 +197,11 @@ impl Decoder {
         None
     }
 
+    /// The options it decides by.
+    pub fn options(&self) -> &GenerateOptions {
+        &self.opts
+    }
+
     /// Whether the sequence is done.
     pub fn is_done(&self) -> bool {
         self.finish.is_some()

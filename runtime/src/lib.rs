@@ -1,4 +1,5 @@
 //! llama-runtime: sessions, the KV cache, tokenization and the generation loop.
+pub mod batch;
 pub mod chat;
 pub mod device;
 pub mod engine;
@@ -9,6 +10,7 @@ pub mod sampler;
 pub mod session;
 pub mod tokenizer;
 
+pub use batch::{BatchOptions, BatchStats, Event, Scheduler, SeqId, SeqState};
 pub use chat::{ChatTemplate, Message};
 pub use device::Backend;
 pub use engine::{Context, Engine, Passes, Policy, Precision, SessionOptions, DEFAULT_CONTEXT};

@@ -381,6 +381,56 @@ impl KvCache {
         Ok(Value::F2(out))
     }
 
+    /// Makes this cache hold the first `n` positions of `src` (a cache of the same
+    /// graph), and nothing after them: what a sequence that shares a prompt prefix
+    /// with another starts from instead of running the prefix again. A layer with a
+    /// sliding window can give only positions it still holds.
+    pub fn copy_prefix(&mut self, src: &KvCache, n: usize) -> Result<()> {
+        let same_layout = self.layers.len() == src.layers.len()
+            && self.layers.iter().zip(&src.layers).all(|(a, b)| {
+                a.width == b.width && a.window == b.window && a.host.is_some() == b.host.is_some()
+            });
+        if !same_layout || n > src.len || n > self.capacity {
+            return Err(GraphError::Input(format!(
+                "cannot copy {n} positions of a cache of {} into one of {} (or the layouts differ)",
+                src.len, self.capacity
+            )));
+        }
+        for (l, s) in self.layers.iter().zip(&src.layers) {
+            if l.window.is_some() && (src.len > s.rows || n > l.rows) {
+                return Err(GraphError::Input(format!(
+                    "a sliding-window layer no longer holds the first {n} positions"
+                )));
+            }
+        }
+        for (l, s) in self.layers.iter_mut().zip(&src.layers) {
+            let values = n * l.width;
+            let total = l.rows * l.width;
+            if let (Some(host), Some(from)) = (&mut l.host, &s.host) {
+                for kind in 0..2 {
+                    let rows = from
+                        .rows(kind, values)
+                        .ok_or_else(|| GraphError::Input("a KV cache layer is short".into()))?;
+                    host.write(kind, 0, &rows.to_f32(), total);
+                }
+                continue;
+            }
+            if n == 0 {
+                continue;
+            }
+            for (slot, from) in l.kv.iter_mut().zip(&s.kv) {
+                let lost =
+                    || GraphError::Input("a KV cache layer was lost by an earlier failure".into());
+                let from = from.as_ref().ok_or_else(lost)?;
+                let cache = slot.take().ok_or_else(lost)?;
+                let width = l.width;
+                *slot = Some(cache.slice_assign([0..n, 0..width], from.clone().narrow(0, 0, n)));
+            }
+        }
+        self.len = n;
+        Ok(())
+    }
+
     /// The first `rows.rows` keys or values of a host layer, row-major.
     pub fn host_rows(&self, rows: &CachedRows) -> Result<KvRows<'_>> {
         self.layers

@@ -3,7 +3,7 @@
 use burn::tensor::activation;
 use burn::tensor::{Bool, Device, Tensor, TensorData};
 
-use super::{bad, f2, Step};
+use super::{bad, f2, rows_of, Step};
 use crate::error::Result;
 use crate::ir::{Op, RopeScaling};
 use crate::value::Value;
@@ -106,7 +106,9 @@ pub fn eval(
                     .ok_or_else(|| bad(node, "row slice past the end of the matrix"))?,
             )),
             Value::Quant(_) => return Err(bad(node, "a block matrix is sliced by rows only")),
-            Value::Cached(_) => return Err(bad(node, "cannot slice cached rows")),
+            Value::Cached(_) | Value::PerSequence(_) => {
+                return Err(bad(node, "cannot slice cached rows"))
+            }
         },
         Op::Concat { axis } => {
             let mut all = Vec::new();
@@ -152,12 +154,22 @@ pub fn eval(
             let x = f2(node, next()?)?;
             let cos = f2(node, next()?)?;
             let sin = f2(node, next()?)?;
-            Value::F2(rope(x, cos, sin, *head_dim, step.past, node)?)
+            let (cos, sin) = step_angles(cos, sin, step, node)?;
+            Value::F2(rope(x, cos, sin, *head_dim))
         }
         Op::KvAppend { layer, kind, .. } => {
             let step = step.ok_or_else(|| bad(node, "kv_append needs a step"))?;
             let rows = f2(node, next()?)?;
-            step.cache.append(*layer, *kind, step.past, rows)?
+            if let [p] = &mut step.parts[..] {
+                p.cache.append(*layer, *kind, p.past, rows)?
+            } else {
+                let mut values = Vec::with_capacity(step.parts.len());
+                for p in &mut step.parts {
+                    let own = rows.clone().narrow(0, p.offset, p.seq);
+                    values.push(p.cache.append(*layer, *kind, p.past, own)?);
+                }
+                Value::PerSequence(values)
+            }
         }
         Op::Attention {
             n_heads,
@@ -168,23 +180,23 @@ pub fn eval(
         } => {
             let step = step.ok_or_else(|| bad(node, "attention needs a step"))?;
             let q = f2(node, next()?)?;
-            let (k, v) = (next()?, next()?);
-            let (k, v) = (f2(node, k)?, f2(node, v)?);
             let heads = Heads {
                 n_heads: *n_heads,
                 n_kv_heads: *n_kv_heads,
                 head_dim: *head_dim,
             };
-            Value::F2(attention(
-                q,
-                k,
-                v,
-                heads,
-                scale.get(),
-                *window,
-                step,
-                device,
-            ))
+            let mut outs = Vec::with_capacity(step.parts.len());
+            for (p, (k, v)) in step.parts.iter().zip(per_sequence(node, next()?, next()?)?) {
+                let (k, v) = (f2(node, k)?, f2(node, v)?);
+                let q = rows_of(&q, p.offset, p.seq);
+                let at = (p.past, p.seq);
+                outs.push(attention(q, k, v, &heads, scale.get(), *window, at, device));
+            }
+            Value::F2(if outs.len() == 1 {
+                outs.remove(0)
+            } else {
+                Tensor::cat(outs, 0)
+            })
         }
     })
 }
@@ -235,35 +247,67 @@ pub fn rope_angles(
     out
 }
 
-/// Rotate-half RoPE on `x [seq, heads * head_dim]` at positions `past..past+seq`.
-fn rope(
-    x: Tensor<2>,
+/// Keys and values split per sequence: the values of a batched step's `kv_append`
+/// nodes, or one sequence's as they are.
+pub(super) fn per_sequence(node: &str, k: Value, v: Value) -> Result<Vec<(Value, Value)>> {
+    match (k, v) {
+        (Value::PerSequence(k), Value::PerSequence(v)) if k.len() == v.len() => {
+            Ok(k.into_iter().zip(v).collect())
+        }
+        (Value::PerSequence(_), _) | (_, Value::PerSequence(_)) => Err(bad(
+            node,
+            "keys and values hold different numbers of sequences",
+        )),
+        (k, v) => Ok(vec![(k, v)]),
+    }
+}
+
+/// The rows of the cos and sin tables at each row's position in a step: each
+/// sequence's positions `past..past + seq`, in row order.
+pub(super) fn step_angles(
     cos: Tensor<2>,
     sin: Tensor<2>,
-    head_dim: usize,
-    past: usize,
+    step: &Step<'_>,
     node: &str,
-) -> Result<Tensor<2>> {
-    let [seq, width] = x.dims();
+) -> Result<(Tensor<2>, Tensor<2>)> {
     let positions = cos.dims()[0];
-    if past + seq > positions {
+    if let Some(p) = step.parts.iter().find(|p| p.past + p.seq > positions) {
         return Err(bad(
             node,
             format!(
                 "position {} is past the rope table of {positions} positions",
-                past + seq - 1
+                p.past + p.seq - 1
             ),
         ));
     }
+    if let [p] = &step.parts[..] {
+        return Ok((cos.narrow(0, p.past, p.seq), sin.narrow(0, p.past, p.seq)));
+    }
+    let gather = |t: Tensor<2>| {
+        Tensor::cat(
+            step.parts
+                .iter()
+                .map(|p| t.clone().narrow(0, p.past, p.seq))
+                .collect(),
+            0,
+        )
+    };
+    Ok((gather(cos), gather(sin)))
+}
+
+/// Rotate-half RoPE on `x [rows, heads * head_dim]`, row `i` turned by the angles of
+/// row `i` of `cos` and `sin` (`[rows, head_dim / 2]`).
+fn rope(x: Tensor<2>, cos: Tensor<2>, sin: Tensor<2>, head_dim: usize) -> Tensor<2> {
+    let [seq, width] = x.dims();
     let (heads, half) = (width / head_dim, head_dim / 2);
-    let c = cos.narrow(0, past, seq).unsqueeze_dim::<3>(1); // [seq, 1, half]
-    let s = sin.narrow(0, past, seq).unsqueeze_dim::<3>(1);
+    let c = cos.unsqueeze_dim::<3>(1); // [seq, 1, half]
+    let s = sin.unsqueeze_dim::<3>(1);
     let x = x.reshape([seq, heads, head_dim]);
     let x1 = x.clone().narrow(2, 0, half);
     let x2 = x.narrow(2, half, half);
     let o1 = x1.clone().mul(c.clone()).sub(x2.clone().mul(s.clone()));
     let o2 = x2.mul(c).add(x1.mul(s));
-    Ok(Tensor::cat(vec![o1, o2], 2).reshape([seq, width]))
+    Tensor::cat(vec![o1, o2], 2).reshape([seq, width])
 }
 
 /// Head layout of an attention op.
@@ -273,26 +317,26 @@ struct Heads {
     head_dim: usize,
 }
 
-/// Causal attention of `seq` queries over the last `rows` positions' keys, with query
-/// heads grouped over KV heads (GQA: head `h` reads KV head `h / (n_heads / n_kv_heads)`)
-/// and, with a window, each query seeing only the last `window` positions.
+/// Causal attention of one sequence's `seq` queries (at positions `past..`) over the
+/// last `rows` positions' keys, with query heads grouped over KV heads (GQA: head `h`
+/// reads KV head `h / (n_heads / n_kv_heads)`) and, with a window, each query seeing
+/// only the last `window` positions.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     q: Tensor<2>,
     k: Tensor<2>,
     v: Tensor<2>,
-    heads: Heads,
+    heads: &Heads,
     scale: f32,
     window: Option<usize>,
-    step: &Step<'_>,
+    (past, seq): (usize, usize),
     device: &Device,
 ) -> Tensor<2> {
-    let Heads {
+    let &Heads {
         n_heads,
         n_kv_heads,
         head_dim,
     } = heads;
-    let (seq, past) = (step.seq, step.past);
     let rows = k.dims()[0];
     let group = n_heads / n_kv_heads;
     // Fold each KV group's query heads into the row axis so K and V are never repeated:

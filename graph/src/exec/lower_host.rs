@@ -4,6 +4,7 @@
 use llama_kernels::{AttentionShape, KvRows};
 
 use super::kv::KvCache;
+use super::lower_burn::{per_sequence, step_angles};
 use super::{bad, f2, host2, tensor2, Step};
 use crate::error::Result;
 use crate::ir::Op;
@@ -66,22 +67,10 @@ pub(super) fn eval(
         }
         Op::Rope { head_dim } => {
             let x = f2(node, next()?)?;
-            let cos = f2(node, next()?)?;
-            let sin = f2(node, next()?)?;
-            let seq = x.dims()[0];
-            if step.past + seq > cos.dims()[0] {
-                return Err(bad(
-                    node,
-                    format!(
-                        "position {} is past the rope table of {} positions",
-                        step.past + seq - 1,
-                        cos.dims()[0]
-                    ),
-                ));
-            }
+            let (cos, sin) = step_angles(f2(node, next()?)?, f2(node, next()?)?, step, node)?;
             let (mut x, dims) = host2(node, x)?;
-            let (cos, _) = host2(node, cos.narrow(0, step.past, seq))?;
-            let (sin, _) = host2(node, sin.narrow(0, step.past, seq))?;
+            let (cos, _) = host2(node, cos)?;
+            let (sin, _) = host2(node, sin)?;
             llama_kernels::rope(&mut x, &cos, &sin, *head_dim);
             tensor2(x, dims, device)
         }
@@ -92,23 +81,29 @@ pub(super) fn eval(
             scale,
             window,
         } => {
-            let (q, dims) = host2(node, f2(node, next()?)?)?;
-            let cache = &*step.cache;
-            let k = AttentionInput::new(node, next()?, cache)?;
-            let v = AttentionInput::new(node, next()?, cache)?;
-            let shape = AttentionShape {
-                n_heads: *n_heads,
-                n_kv_heads: *n_kv_heads,
-                head_dim: *head_dim,
-                scale: scale.get(),
-                window: *window,
-                past: step.past,
-            };
-            tensor2(
-                llama_kernels::attention(&q, k.rows(), v.rows(), &shape),
-                dims,
-                device,
-            )
+            let (q, [rows, width]) = host2(node, f2(node, next()?)?)?;
+            let kv = per_sequence(node, next()?, next()?)?;
+            let mut out = Vec::with_capacity(q.len());
+            for (p, (k, v)) in step.parts.iter().zip(kv) {
+                let cache = &*p.cache;
+                let k = AttentionInput::new(node, k, cache)?;
+                let v = AttentionInput::new(node, v, cache)?;
+                let shape = AttentionShape {
+                    n_heads: *n_heads,
+                    n_kv_heads: *n_kv_heads,
+                    head_dim: *head_dim,
+                    scale: scale.get(),
+                    window: *window,
+                    past: p.past,
+                };
+                let q = &q[p.offset * width..(p.offset + p.seq) * width];
+                if out.is_empty() && p.seq == rows {
+                    out = llama_kernels::attention(q, k.rows(), v.rows(), &shape);
+                } else {
+                    out.extend(llama_kernels::attention(q, k.rows(), v.rows(), &shape));
+                }
+            }
+            tensor2(out, [rows, width], device)
         }
         other => {
             return Err(bad(

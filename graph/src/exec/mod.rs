@@ -231,14 +231,28 @@ impl Program {
         }
     }
 
-    /// A value that outlives the step: cached rows copied out of the cache.
-    fn materialize(&self, value: Value, cache: &KvCache) -> Result<Value> {
-        Ok(match value {
-            Value::Cached(r) => tensor2(
-                cache.host_rows(&r)?.to_f32().into_owned(),
+    /// A value that outlives the step: cached rows copied out of the cache; per
+    /// sequence values, one after the other.
+    fn materialize(&self, value: Value, step: &Step<'_>) -> Result<Value> {
+        let copy = |r: &CachedRows, cache: &KvCache| -> Result<Value> {
+            Ok(tensor2(
+                cache.host_rows(r)?.to_f32().into_owned(),
                 [r.rows, r.width],
                 &self.device,
-            ),
+            ))
+        };
+        Ok(match value {
+            Value::Cached(r) => copy(&r, step.parts[0].cache)?,
+            Value::PerSequence(values) => {
+                let mut rows = Vec::with_capacity(values.len());
+                for (v, p) in values.into_iter().zip(&step.parts) {
+                    rows.push(match v {
+                        Value::Cached(r) => f2("", copy(&r, p.cache)?)?,
+                        v => f2("", v)?,
+                    });
+                }
+                Value::F2(Tensor::cat(rows, 0))
+            }
             v => v,
         })
     }
@@ -282,40 +296,76 @@ impl Program {
         taps: &Taps,
         rows: Rows,
     ) -> Result<RunOutput> {
+        self.run_batch(&mut [Sequence { tokens, cache }], taps, rows)
+    }
+
+    /// Runs one step over several sequences at once: each brings its new tokens (one
+    /// to decode, or a chunk of a prompt) and its own KV cache. Their rows go through
+    /// every row-wise op together (each weight is read once for the whole step);
+    /// RoPE takes each row's own position, and each sequence appends to its own cache
+    /// and attends over its own keys. The outputs hold the sequences' rows in order:
+    /// every row with [`Rows::All`], each sequence's last row with [`Rows::Last`].
+    ///
+    /// Validated before anything runs; if the step fails, no cache has advanced.
+    pub fn run_batch(
+        &self,
+        seqs: &mut [Sequence<'_>],
+        taps: &Taps,
+        rows: Rows,
+    ) -> Result<RunOutput> {
+        if seqs.is_empty() {
+            return Err(GraphError::Input(
+                "a step needs at least one sequence".into(),
+            ));
+        }
+        let mut offset = 0;
+        let mut parts = Vec::with_capacity(seqs.len());
+        let mut ids = Vec::new();
+        for s in seqs.iter_mut() {
+            let (past, seq) = (s.cache.len(), s.tokens.len());
+            if seq == 0 {
+                return Err(GraphError::Input("a step needs at least one token".into()));
+            }
+            if past + seq > s.cache.capacity() {
+                return Err(GraphError::ContextFull {
+                    past,
+                    seq,
+                    max: s.cache.capacity(),
+                });
+            }
+            ids.extend(s.tokens.iter().map(|&t| t as i64));
+            parts.push(Part {
+                past,
+                seq,
+                offset,
+                cache: &mut *s.cache,
+            });
+            offset += seq;
+        }
+        let mut step = Step { parts };
         // On CPU devices the whole step runs on a worker of rayon's pool, where the
         // CPU kernels and burn-flex split their work: each parallel op then shares it
         // with the other workers directly, instead of handing it over from this thread
         // and sleeping until it is done (two thread switches per op, hundreds of ops
         // per token). GPU backends keep their streams on the calling thread.
         if self.capabilities.host_kernels {
-            rayon::scope(|_| self.run_step(tokens, cache, taps, rows))
+            rayon::scope(|_| self.run_step(ids, &mut step, taps, rows))
         } else {
-            self.run_step(tokens, cache, taps, rows)
+            self.run_step(ids, &mut step, taps, rows)
         }
     }
 
     fn run_step(
         &self,
-        tokens: &[u32],
-        cache: &mut KvCache,
+        ids: Vec<i64>,
+        step: &mut Step<'_>,
         taps: &Taps,
         rows: Rows,
     ) -> Result<RunOutput> {
-        let past = cache.len();
-        let seq = tokens.len();
-        if seq == 0 {
-            return Err(GraphError::Input("a step needs at least one token".into()));
-        }
-        if past + seq > cache.capacity() {
-            return Err(GraphError::ContextFull {
-                past,
-                seq,
-                max: cache.capacity(),
-            });
-        }
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [seq]), &self.device);
-        let mut step = Step { past, seq, cache };
+        let tokens = ids.len();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens]), &self.device);
+        // The rows the output head needs with `Rows::Last`: each sequence's last.
+        let last_rows: Vec<usize> = step.parts.iter().map(|p| p.offset + p.seq - 1).collect();
         let mut timer = self
             .profile
             .lock()
@@ -349,14 +399,17 @@ impl Program {
                             v.expect("inputs precede users and live until their last use")
                         })
                         .collect();
-                    if rows == Rows::Last && Some(i) == self.row_wise_from && seq > 1 {
+                    if rows == Rows::Last
+                        && Some(i) == self.row_wise_from
+                        && tokens > last_rows.len()
+                    {
                         if let Value::F2(t) = &inputs[0] {
-                            inputs[0] = Value::F2(t.clone().narrow(0, seq - 1, 1));
+                            inputs[0] = Value::F2(select_rows(t.clone(), &last_rows, &self.device));
                         }
                     }
                     if let Some(t) = timer.as_mut() {
                         let start = std::time::Instant::now();
-                        let v = self.eval(i, op, inputs, &mut step)?;
+                        let v = self.eval(i, op, inputs, step)?;
                         let kind = if self.graph.outputs().contains(&NodeId(i)) {
                             "output head"
                         } else {
@@ -367,12 +420,12 @@ impl Program {
                         e.1 += 1;
                         v
                     } else {
-                        self.eval(i, op, inputs, &mut step)?
+                        self.eval(i, op, inputs, step)?
                     }
                 }
             };
             if taps.wants(&node.name, &node.op) {
-                let tapped = self.materialize(value.clone(), step.cache)?;
+                let tapped = self.materialize(value.clone(), step)?;
                 captured.push((node.name.clone(), tapped));
             }
             env[i] = Some(value);
@@ -386,9 +439,11 @@ impl Program {
             .graph
             .outputs()
             .iter()
-            .map(|o| self.materialize(env[o.0].take().expect("outputs are kept"), step.cache))
+            .map(|o| self.materialize(env[o.0].take().expect("outputs are kept"), step))
             .collect::<Result<Vec<_>>>()?;
-        step.cache.set_len(past + seq);
+        for p in step.parts.iter_mut() {
+            p.cache.set_len(p.past + p.seq);
+        }
         if let Some(t) = timer {
             if let Ok(mut p) = self.profile.lock() {
                 if let Some(p) = p.as_mut() {
@@ -408,11 +463,55 @@ impl Program {
     }
 }
 
-/// The state a step-dependent op reads: positions and the KV cache.
-pub struct Step<'a> {
-    pub past: usize,
-    pub seq: usize,
+/// One sequence of a batched step ([`Program::run_batch`]): its new tokens, run at
+/// positions `cache.len()..`, and its KV cache.
+pub struct Sequence<'a> {
+    pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
+}
+
+/// One sequence's share of a step: its positions, where its rows start among the
+/// step's rows, and its cache.
+pub struct Part<'a> {
+    /// Positions cached before this step.
+    pub past: usize,
+    /// Tokens of this sequence in the step.
+    pub seq: usize,
+    /// Its first row among the step's rows.
+    pub offset: usize,
+    pub cache: &'a mut KvCache,
+}
+
+/// The state a step-dependent op reads: each sequence's positions and KV cache.
+pub struct Step<'a> {
+    pub parts: Vec<Part<'a>>,
+}
+
+impl Step<'_> {
+    /// Each sequence's (first position, tokens), in row order.
+    pub fn positions(&self) -> Vec<(usize, usize)> {
+        self.parts.iter().map(|p| (p.past, p.seq)).collect()
+    }
+}
+
+/// Rows `rows` of `t`, in that order.
+fn select_rows(t: Tensor<2>, rows: &[usize], device: &Device) -> Tensor<2> {
+    if let [r] = rows {
+        return t.narrow(0, *r, 1);
+    }
+    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), device);
+    t.select(0, idx)
+}
+
+/// Rows `offset..offset + n` of a value that holds every row of a step, or the whole
+/// value when it is one sequence's already.
+fn rows_of(t: &Tensor<2>, offset: usize, n: usize) -> Tensor<2> {
+    if offset == 0 && t.dims()[0] == n {
+        t.clone()
+    } else {
+        t.clone().narrow(0, offset, n)
+    }
 }
 
 /// A rank-2 float tensor's values on the host, and its shape.

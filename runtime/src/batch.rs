@@ -1,0 +1,695 @@
+//! Many sequences at once: a [`Scheduler`] runs the next tokens of every active
+//! sequence in one batched step ([`Program::run_batch`]), so each weight is read once
+//! per step for all of them.
+//!
+//! - Continuous batching: sequences join and leave at any step. Each has its own KV
+//!   cache, sampler (and seed), end ids, stop strings, token limit and cancellation.
+//! - Chunked prefill: a step runs at most [`BatchOptions::step_tokens`] tokens; the
+//!   decode tokens of running sequences go first and prompts fill the rest in chunks,
+//!   so a long prompt never stalls the sequences that are decoding.
+//! - A KV budget: a sequence reserves the positions it can reach (prompt plus
+//!   `max_tokens`) when it is admitted, and waits while the budget is taken; one that
+//!   could never fit is refused with the numbers.
+//! - A prefix cache: once a prompt is prefilled its keys and values are kept; a later
+//!   sequence whose prompt starts with the same tokens (a system prompt, a chat
+//!   history, a document, several samples of one prompt) copies those positions
+//!   instead of running them again. A sequence whose prompt shares a prefix with one
+//!   still prefilling waits for it. Entries count against the KV budget and the least
+//!   recently used go first when room is needed.
+//! - Isolation: a failing step is retried one sequence at a time, so an error (or a
+//!   cancellation) ends only the sequence it belongs to.
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+use llama_graph::{KvCache, KvType, Program, Rows, Sequence, Taps};
+
+use crate::engine::Engine;
+use crate::error::{Result, RuntimeError};
+use crate::generate::{Decoder, FinishReason, GenerateOptions, Generation, TextOutput};
+use crate::tokenizer::Tokenizer;
+
+/// A sequence's handle in a [`Scheduler`].
+pub type SeqId = u64;
+
+/// How a [`Scheduler`] shares the device among sequences.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    /// Positions that all sequences together (and the prefix cache) may hold.
+    pub kv_budget: usize,
+    /// The most tokens one step runs: every running sequence's decode token, then
+    /// chunks of prompts.
+    pub step_tokens: usize,
+    /// The most sequences running at once.
+    pub max_sequences: usize,
+    /// Keep prefilled prompts for later sequences that start with them.
+    pub prefix_cache: bool,
+    /// The shortest shared prefix worth reusing (or waiting for).
+    pub min_prefix: usize,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        BatchOptions {
+            kv_budget: 65_536,
+            step_tokens: 512,
+            max_sequences: 64,
+            prefix_cache: true,
+            min_prefix: 16,
+        }
+    }
+}
+
+/// What a step did for one sequence.
+#[derive(Debug)]
+pub enum Event {
+    /// A new token, and the text that became final with it (empty without a
+    /// tokenizer, or while a character or a possible stop string is incomplete).
+    Token { seq: SeqId, id: u32, text: String },
+    /// Text held back until the sequence ended (it comes just before `Done`).
+    Text { seq: SeqId, text: String },
+    /// The sequence ended; what it generated (`text` holds the whole text).
+    Done { seq: SeqId, generation: Generation },
+    /// The sequence failed; the others go on.
+    Failed { seq: SeqId, error: RuntimeError },
+}
+
+impl Event {
+    pub fn seq(&self) -> SeqId {
+        match self {
+            Event::Token { seq, .. }
+            | Event::Text { seq, .. }
+            | Event::Done { seq, .. }
+            | Event::Failed { seq, .. } => *seq,
+        }
+    }
+}
+
+/// Where a sequence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqState {
+    /// Submitted, waiting for room in the KV budget (or for a shared prefix).
+    Waiting,
+    /// Admitted: prefilling or decoding.
+    Running,
+}
+
+/// Counters since the scheduler started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Steps run.
+    pub steps: u64,
+    /// Prompt tokens run through the model.
+    pub prompt_tokens_run: u64,
+    /// Prompt tokens copied from the prefix cache instead.
+    pub prompt_tokens_reused: u64,
+    /// Decode tokens run.
+    pub decode_tokens_run: u64,
+    /// The most sequences one step carried.
+    pub widest_step: usize,
+}
+
+struct Waiting {
+    id: SeqId,
+    prompt: Vec<u32>,
+    opts: GenerateOptions,
+    reserve: usize,
+}
+
+struct Slot<'t> {
+    id: SeqId,
+    cache: KvCache,
+    /// Every token of the context: `tokens[..cache.len()]` are cached, the rest are
+    /// still to run (what is left of the prompt, or the token just chosen).
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    decoder: Decoder,
+    text: Option<TextOutput<'t>>,
+    reserve: usize,
+    /// Tokens this step runs for it.
+    planned: usize,
+}
+
+impl Slot<'_> {
+    fn prefilling(&self) -> bool {
+        self.cache.len() < self.prompt_len
+    }
+}
+
+struct PrefixEntry {
+    tokens: Vec<u32>,
+    cache: KvCache,
+    last_used: u64,
+}
+
+/// Runs many sequences through one program, a batched step at a time.
+pub struct Scheduler<'t> {
+    program: &'t Program,
+    tokenizer: Option<&'t Tokenizer>,
+    vocab: usize,
+    context: usize,
+    cache_type: KvType,
+    opts: BatchOptions,
+    next_id: SeqId,
+    waiting: VecDeque<Waiting>,
+    active: Vec<Slot<'t>>,
+    prefixes: Vec<PrefixEntry>,
+    /// Positions reserved by running sequences and held by prefix entries.
+    used: usize,
+    events: Vec<Event>,
+    clock: u64,
+    stats: BatchStats,
+}
+
+/// Length of the common prefix of two token lists.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+impl<'t> Scheduler<'t> {
+    /// A scheduler over an engine's program, context and cache type; with a
+    /// tokenizer ([`Scheduler::with_tokenizer`]) its events carry text and stop
+    /// strings apply.
+    pub fn new(engine: &'t Engine, opts: BatchOptions) -> Result<Self> {
+        Self::for_program(
+            engine.program(),
+            engine.context(),
+            engine.cache_type(),
+            opts,
+        )
+    }
+
+    /// The same over a program compiled by hand: sequences of at most `context`
+    /// positions, host KV layers stored as `cache_type`.
+    pub fn for_program(
+        program: &'t Program,
+        context: usize,
+        cache_type: KvType,
+        opts: BatchOptions,
+    ) -> Result<Self> {
+        let vocab = program
+            .graph()
+            .outputs()
+            .first()
+            .and_then(|o| program.graph().node(*o).shape.fixed_dim(1))
+            .ok_or_else(|| {
+                llama_graph::GraphError::Input("the graph has no logits output".into())
+            })?;
+        if opts.kv_budget == 0 || opts.step_tokens == 0 || opts.max_sequences == 0 {
+            return Err(RuntimeError::Options(
+                "the KV budget, step tokens and sequence limit must be positive".into(),
+            ));
+        }
+        Ok(Scheduler {
+            program,
+            tokenizer: None,
+            vocab,
+            context,
+            cache_type,
+            opts,
+            next_id: 0,
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            prefixes: Vec::new(),
+            used: 0,
+            events: Vec::new(),
+            clock: 0,
+            stats: BatchStats::default(),
+        })
+    }
+
+    /// Events carry text, and stop strings end sequences.
+    pub fn with_tokenizer(mut self, tokenizer: &'t Tokenizer) -> Self {
+        self.tokenizer = Some(tokenizer);
+        self
+    }
+
+    pub fn options(&self) -> &BatchOptions {
+        &self.opts
+    }
+
+    /// Adds a sequence: `prompt` is run, then up to `opts.max_tokens` are generated.
+    /// Checked now: an empty prompt, an id outside the vocabulary, bad sampling
+    /// settings, a request longer than the context, or one that needs more positions
+    /// than the whole KV budget is refused. Otherwise it waits for room.
+    pub fn submit(&mut self, prompt: Vec<u32>, opts: GenerateOptions) -> Result<SeqId> {
+        if prompt.is_empty() {
+            return Err(RuntimeError::EmptyPrompt);
+        }
+        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(RuntimeError::TokenOutOfRange {
+                id,
+                vocab: self.vocab,
+            });
+        }
+        opts.sampler.validate().map_err(RuntimeError::Sampling)?;
+        let reserve = prompt.len() + opts.max_tokens.saturating_sub(1);
+        if reserve > self.context {
+            return Err(RuntimeError::ContextExceeded {
+                prompt: prompt.len(),
+                requested: opts.max_tokens,
+                context: self.context,
+            });
+        }
+        if reserve > self.opts.kv_budget {
+            return Err(RuntimeError::KvBudget {
+                needed: reserve,
+                budget: self.opts.kv_budget,
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.waiting.push_back(Waiting {
+            id,
+            prompt,
+            opts,
+            reserve,
+        });
+        Ok(id)
+    }
+
+    /// Ends a sequence: it reports [`FinishReason::Cancelled`] at the next step (with
+    /// what it generated so far). Returns whether the sequence was known.
+    pub fn cancel(&mut self, seq: SeqId) -> bool {
+        if let Some(i) = self.waiting.iter().position(|w| w.id == seq) {
+            if let Some(w) = self.waiting.remove(i) {
+                match Decoder::new(w.prompt.len(), &w.opts) {
+                    Ok(mut d) => {
+                        d.stop(FinishReason::Cancelled);
+                        let generation = d.finish();
+                        self.events.push(Event::Done { seq, generation });
+                    }
+                    Err(error) => self.events.push(Event::Failed { seq, error }),
+                }
+            }
+            return true;
+        }
+        if let Some(s) = self.active.iter_mut().find(|s| s.id == seq) {
+            s.decoder.stop(FinishReason::Cancelled);
+            return true;
+        }
+        false
+    }
+
+    /// Where `seq` is, or `None` once it has ended (or was never submitted).
+    pub fn state(&self, seq: SeqId) -> Option<SeqState> {
+        if self.waiting.iter().any(|w| w.id == seq) {
+            Some(SeqState::Waiting)
+        } else if self.active.iter().any(|s| s.id == seq) {
+            Some(SeqState::Running)
+        } else {
+            None
+        }
+    }
+
+    /// Whether nothing is waiting, running or left to report.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.active.is_empty() && self.events.is_empty()
+    }
+
+    /// Sequences running.
+    pub fn running(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Sequences waiting.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Positions reserved by running sequences and held by the prefix cache.
+    pub fn kv_used(&self) -> usize {
+        self.used
+    }
+
+    /// Positions held by the prefix cache.
+    pub fn prefix_positions(&self) -> usize {
+        self.prefixes.iter().map(|p| p.tokens.len()).sum()
+    }
+
+    pub fn stats(&self) -> BatchStats {
+        self.stats
+    }
+
+    /// Drops every prefix cache entry.
+    pub fn clear_prefixes(&mut self) {
+        let freed = self.prefix_positions();
+        self.prefixes.clear();
+        self.used -= freed;
+    }
+
+    /// Steps until every sequence has ended, handing each event to `on_event`.
+    pub fn run(&mut self, mut on_event: impl FnMut(Event)) {
+        while !self.is_idle() {
+            for e in self.step() {
+                on_event(e);
+            }
+        }
+    }
+
+    /// Admits what fits, runs one batched step, and reports what happened.
+    pub fn step(&mut self) -> Vec<Event> {
+        self.retire_cancelled();
+        self.admit();
+        if self.active.is_empty() {
+            return std::mem::take(&mut self.events);
+        }
+        self.plan();
+        let mut rows = self.run_planned().into_iter();
+        self.stats.steps += 1;
+        let mut done = Vec::new();
+        let mut ran = 0;
+        for (i, s) in self.active.iter_mut().enumerate() {
+            if s.planned == 0 {
+                continue;
+            }
+            ran += 1;
+            let logits = match rows.next() {
+                Some(Ok(l)) => l,
+                Some(Err(error)) => {
+                    self.events.push(Event::Failed { seq: s.id, error });
+                    done.push(i);
+                    continue;
+                }
+                None => {
+                    self.events.push(Event::Failed {
+                        seq: s.id,
+                        error: RuntimeError::Options("the step produced too few rows".into()),
+                    });
+                    done.push(i);
+                    continue;
+                }
+            };
+            if s.cache.len() - s.planned < s.prompt_len {
+                self.stats.prompt_tokens_run += s.planned as u64;
+            } else {
+                self.stats.decode_tokens_run += s.planned as u64;
+            }
+            s.planned = 0;
+            if s.cache.len() < s.tokens.len() {
+                // A prompt chunk; the rest runs in later steps.
+                continue;
+            }
+            if s.cache.len() == s.prompt_len && self.opts.prefix_cache {
+                // Just prefilled: keep the prompt for sequences that share it.
+                let covered = self.prefixes.iter().any(|p| {
+                    p.tokens.len() >= s.prompt_len
+                        && common_prefix(&p.tokens, &s.tokens) >= s.prompt_len
+                });
+                if !covered && s.prompt_len >= self.opts.min_prefix {
+                    let entry = PrefixEntry {
+                        tokens: s.tokens[..s.prompt_len].to_vec(),
+                        cache: s.cache.clone(),
+                        last_used: self.clock,
+                    };
+                    // Made room for only where the budget has it free.
+                    if self.used + entry.tokens.len() <= self.opts.kv_budget {
+                        self.used += entry.tokens.len();
+                        self.prefixes.push(entry);
+                    }
+                }
+            }
+            let events = &mut self.events;
+            let id = s.id;
+            let text = &mut s.text;
+            let mut failure = None;
+            let next = s.decoder.next(&logits, &s.tokens, |tok| {
+                let (piece, hit) = match text.as_mut().map(|t| t.push(tok)) {
+                    None => (String::new(), false),
+                    Some(Ok(x)) => x,
+                    Some(Err(e)) => {
+                        failure = Some(e);
+                        return false;
+                    }
+                };
+                events.push(Event::Token {
+                    seq: id,
+                    id: tok,
+                    text: piece,
+                });
+                !hit
+            });
+            if let Some(error) = failure {
+                self.events.push(Event::Failed { seq: id, error });
+                done.push(i);
+                continue;
+            }
+            match next {
+                Some(tok) => s.tokens.push(tok),
+                None => done.push(i),
+            }
+        }
+        self.stats.widest_step = self.stats.widest_step.max(ran);
+        for &i in done.iter().rev() {
+            let s = self.active.remove(i);
+            self.used -= s.reserve;
+            if self
+                .events
+                .iter()
+                .any(|e| matches!(e, Event::Failed { seq, .. } if *seq == s.id))
+            {
+                continue;
+            }
+            finish(s, &mut self.events);
+        }
+        std::mem::take(&mut self.events)
+    }
+
+    /// Ends sequences whose cancellation flag is up (a prompt still prefilling
+    /// never reaches the decoder's own check).
+    fn retire_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            let s = &mut self.active[i];
+            let flag = s
+                .decoder
+                .options()
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed));
+            if flag {
+                s.decoder.stop(FinishReason::Cancelled);
+            }
+            if s.decoder.is_done() {
+                let s = self.active.remove(i);
+                self.used -= s.reserve;
+                finish(s, &mut self.events);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Starts waiting sequences, first come first served, while the budget allows.
+    fn admit(&mut self) {
+        while let Some(w) = self.waiting.front() {
+            if self.active.len() >= self.opts.max_sequences {
+                return;
+            }
+            let (mut entry, reuse) = self.best_prefix(&w.prompt);
+            // A prompt that shares more with one still prefilling than with any kept
+            // prefix waits for it to finish, then copies instead of running it twice.
+            if self.opts.prefix_cache {
+                let pending = self
+                    .active
+                    .iter()
+                    .filter(|s| s.prefilling())
+                    .map(|s| common_prefix(&s.tokens[..s.prompt_len], &w.prompt))
+                    .max()
+                    .unwrap_or(0)
+                    .min(w.prompt.len() - 1);
+                if pending >= self.opts.min_prefix && pending > reuse {
+                    return;
+                }
+            }
+            // Room: the least recently used prefixes go first (not the one about to
+            // be copied).
+            while self.used + w.reserve > self.opts.kv_budget {
+                let victim = self
+                    .prefixes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| Some(*i) != entry)
+                    .min_by_key(|(_, p)| p.last_used)
+                    .map(|(i, _)| i);
+                let Some(v) = victim else { break };
+                let p = self.prefixes.remove(v);
+                self.used -= p.tokens.len();
+                // Indices after the evicted one move down.
+                entry = entry.map(|e| if e > v { e - 1 } else { e });
+            }
+            if self.used + w.reserve > self.opts.kv_budget {
+                // Reusing the entry is not worth blocking on: drop it too if it is
+                // all that stands in the way.
+                if let Some(e) = entry {
+                    if self.used - self.prefixes[e].tokens.len() + w.reserve <= self.opts.kv_budget
+                    {
+                        let p = self.prefixes.remove(e);
+                        self.used -= p.tokens.len();
+                        continue;
+                    }
+                }
+                return;
+            }
+            let Some(w) = self.waiting.pop_front() else {
+                return;
+            };
+            let seq = w.id;
+            match self.start(w, entry.filter(|_| reuse > 0), reuse) {
+                Ok(slot) => {
+                    self.used += slot.reserve;
+                    self.active.push(slot);
+                }
+                Err(error) => self.events.push(Event::Failed { seq, error }),
+            }
+        }
+    }
+
+    /// The kept prefix sharing the most tokens with `prompt` (leaving at least its
+    /// last token to run), if that is at least `min_prefix`.
+    fn best_prefix(&self, prompt: &[u32]) -> (Option<usize>, usize) {
+        if !self.opts.prefix_cache {
+            return (None, 0);
+        }
+        self.prefixes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, common_prefix(&p.tokens, prompt).min(prompt.len() - 1)))
+            .filter(|&(_, n)| n >= self.opts.min_prefix)
+            .max_by_key(|&(_, n)| n)
+            .map_or((None, 0), |(i, n)| (Some(i), n))
+    }
+
+    fn start(&mut self, w: Waiting, entry: Option<usize>, reuse: usize) -> Result<Slot<'t>> {
+        let mut cache = self.program.new_cache_of(w.reserve, self.cache_type)?;
+        if let Some(e) = entry {
+            self.clock += 1;
+            let p = &mut self.prefixes[e];
+            p.last_used = self.clock;
+            if cache.copy_prefix(&p.cache, reuse).is_ok() {
+                self.stats.prompt_tokens_reused += reuse as u64;
+            } else {
+                // A sliding-window layer that moved past the prefix: run it instead.
+                cache = self.program.new_cache_of(w.reserve, self.cache_type)?;
+            }
+        }
+        let decoder = Decoder::new(w.prompt.len(), &w.opts)?;
+        let text = self.tokenizer.map(|t| TextOutput::new(t, &w.opts.stop));
+        Ok(Slot {
+            id: w.id,
+            cache,
+            prompt_len: w.prompt.len(),
+            tokens: w.prompt,
+            decoder,
+            text,
+            reserve: w.reserve,
+            planned: 0,
+        })
+    }
+
+    /// Decides what each running sequence runs this step: one token for those
+    /// decoding, then prompt chunks in arrival order while the step has room (at
+    /// least one chunk, so prompts always advance).
+    fn plan(&mut self) {
+        let mut room = self.opts.step_tokens;
+        for s in self.active.iter_mut().filter(|s| !s.prefilling()) {
+            s.planned = 1;
+            room = room.saturating_sub(1);
+        }
+        let mut any = self.active.iter().any(|s| s.planned > 0);
+        for s in self.active.iter_mut().filter(|s| s.prefilling()) {
+            let left = s.tokens.len() - s.cache.len();
+            let n = if any {
+                left.min(room)
+            } else {
+                left.min(self.opts.step_tokens)
+            };
+            s.planned = n;
+            room = room.saturating_sub(n);
+            any |= n > 0;
+        }
+    }
+
+    /// Runs the planned tokens as one step; each planned sequence gets the logits of
+    /// its last row, or the error that stopped it. If the batched step fails, each
+    /// sequence runs alone so the error stays with the one it belongs to (a failed
+    /// step leaves every cache as it was).
+    fn run_planned(&mut self) -> Vec<Result<Vec<f32>>> {
+        let program = self.program;
+        let vocab = self.vocab;
+        let run = |slots: &mut [&mut Slot<'t>]| -> Result<Vec<Vec<f32>>> {
+            let mut seqs: Vec<Sequence<'_>> = slots
+                .iter_mut()
+                .map(|s| {
+                    let start = s.cache.len();
+                    let s = &mut **s;
+                    Sequence {
+                        tokens: &s.tokens[start..start + s.planned],
+                        cache: &mut s.cache,
+                    }
+                })
+                .collect();
+            let out = program.run_batch(&mut seqs, &Taps::None, Rows::Last)?;
+            let value = out.outputs.into_iter().next().ok_or_else(|| {
+                llama_graph::GraphError::Input("the graph produced no output".into())
+            })?;
+            let data = value.to_f32_vec()?;
+            if data.len() != vocab * slots.len() {
+                return Err(RuntimeError::Options(format!(
+                    "a step of {} sequences produced {} logits",
+                    slots.len(),
+                    data.len()
+                )));
+            }
+            Ok(data.chunks(vocab).map(<[f32]>::to_vec).collect())
+        };
+        let mut planned: Vec<&mut Slot<'t>> =
+            self.active.iter_mut().filter(|s| s.planned > 0).collect();
+        match run(&mut planned) {
+            Ok(rows) => rows.into_iter().map(Ok).collect(),
+            Err(e) if planned.len() == 1 => vec![Err(e)],
+            Err(_) => planned
+                .iter_mut()
+                .map(|s| {
+                    run(std::slice::from_mut(s)).and_then(|mut r| {
+                        r.pop()
+                            .ok_or_else(|| RuntimeError::Options("no logits".into()))
+                    })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Reports a sequence that has ended: the text it held back (a partial character,
+/// the start of a stop string that never completed), then `Done`.
+fn finish(mut s: Slot<'_>, events: &mut Vec<Event>) {
+    let mut tail_stop = false;
+    let mut text = String::new();
+    if let Some(t) = s.text.as_mut() {
+        match t.finish() {
+            Ok((rest, hit)) => {
+                tail_stop = hit;
+                if !rest.is_empty() {
+                    events.push(Event::Text {
+                        seq: s.id,
+                        text: rest,
+                    });
+                }
+            }
+            Err(error) => {
+                events.push(Event::Failed { seq: s.id, error });
+                return;
+            }
+        }
+        text = t.text().to_string();
+    }
+    let mut generation = s.decoder.finish();
+    if tail_stop {
+        generation.finish = FinishReason::Stop;
+    }
+    generation.text = text;
+    events.push(Event::Done {
+        seq: s.id,
+        generation,
+    });
+}

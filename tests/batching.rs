@@ -1,0 +1,392 @@
+//! Many sequences per step: a batched step computes for each sequence what the same
+//! tokens compute alone, and the scheduler's sequences produce what they produce
+//! alone, whatever joins, leaves or shares a prefix around them.
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use burn::tensor::Device;
+use common::*;
+use llama::graph::{KvType, Pipeline, Program, Rows, Sequence, Taps};
+use llama::runtime::{
+    generate_ids, BatchOptions, Event, FinishReason, GenerateOptions, RuntimeError, SamplerConfig,
+    Scheduler, Session,
+};
+use proptest::prelude::*;
+
+fn program(name: &str, device: &Device) -> Program {
+    Program::new(graph(name, device, &Pipeline::standard()), device.clone()).expect("program")
+}
+
+/// Token ids of a tiny model (vocabularies of 256), varied by `seed`.
+fn ids(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 37 + seed * 101 + 11) % 251 + 2)
+        .collect()
+}
+
+fn logits_of(out: llama::graph::RunOutput) -> Vec<f32> {
+    out.outputs[0].to_f32_vec().expect("logits")
+}
+
+fn assert_close(what: &str, want: &[f32], got: &[f32]) {
+    assert_eq!(want.len(), got.len(), "{what}: lengths differ");
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let diff = max_abs_diff(want, got);
+    assert!(
+        diff <= 1e-4 * scale,
+        "{what}: logits differ by {diff} (largest logit {scale})"
+    );
+}
+
+/// Three sequences at different positions (one decoding, two with prompt chunks of
+/// different lengths) run as one step and each alone give the same logits, rows and
+/// last rows alike, and leave the same caches behind.
+fn batched_step_matches_single_runs(name: &str, device: &Device) {
+    let p = program(name, device);
+    // (tokens already cached, tokens in this step)
+    let plan = [(7usize, 1usize), (0, 5), (3, 4)];
+    let fresh = || {
+        plan.iter()
+            .enumerate()
+            .map(|(i, &(past, _))| {
+                let mut c = p.new_cache_of(32, KvType::F32).expect("cache");
+                if past > 0 {
+                    p.run(&ids(past, i as u32), &mut c, &Taps::None)
+                        .expect("history");
+                }
+                c
+            })
+            .collect::<Vec<_>>()
+    };
+    let step_ids: Vec<Vec<u32>> = plan
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, n))| ids(n, 10 + i as u32))
+        .collect();
+    for rows in [Rows::All, Rows::Last] {
+        let mut alone = fresh();
+        let mut want = Vec::new();
+        for (c, t) in alone.iter_mut().zip(&step_ids) {
+            want.extend(logits_of(
+                p.run_rows(t, c, &Taps::None, rows).expect("alone"),
+            ));
+        }
+        let mut together = fresh();
+        let mut seqs: Vec<Sequence<'_>> = together
+            .iter_mut()
+            .zip(&step_ids)
+            .map(|(cache, tokens)| Sequence { tokens, cache })
+            .collect();
+        let got = logits_of(p.run_batch(&mut seqs, &Taps::None, rows).expect("batch"));
+        assert_close(&format!("{name} {rows:?}"), &want, &got);
+        // The caches moved on alike: a next decode step agrees too.
+        for (i, (a, b)) in alone.iter_mut().zip(together.iter_mut()).enumerate() {
+            assert_eq!(a.len(), b.len());
+            let t = [ids(1, 50 + i as u32)[0]];
+            let x = logits_of(p.run(&t, a, &Taps::None).expect("next"));
+            let y = logits_of(p.run(&t, b, &Taps::None).expect("next"));
+            assert_close(&format!("{name} {rows:?} after, sequence {i}"), &x, &y);
+        }
+    }
+}
+
+#[test]
+fn batched_step_matches_single_runs_on_flex() {
+    for name in TINY {
+        batched_step_matches_single_runs(name, &flex());
+    }
+}
+
+#[test]
+fn batched_step_matches_single_runs_on_ndarray() {
+    for name in TINY {
+        batched_step_matches_single_runs(name, &ndarray());
+    }
+}
+
+#[test]
+fn batched_step_matches_single_runs_on_wgpu() {
+    // A full-attention family and the sliding-window one.
+    for name in ["llama3", "mistral"] {
+        batched_step_matches_single_runs(name, &wgpu());
+    }
+}
+
+#[test]
+fn a_failed_batched_step_moves_no_cache() {
+    let device = flex();
+    let p = program("llama3", &device);
+    let mut a = p.new_cache_of(8, KvType::F32).expect("cache");
+    let mut b = p.new_cache_of(4, KvType::F32).expect("cache");
+    let (ta, tb) = (ids(3, 1), ids(5, 2));
+    let mut seqs = vec![
+        Sequence {
+            tokens: &ta,
+            cache: &mut a,
+        },
+        Sequence {
+            tokens: &tb,
+            cache: &mut b,
+        },
+    ];
+    let err = p
+        .run_batch(&mut seqs, &Taps::None, Rows::Last)
+        .expect_err("the second sequence does not fit its cache");
+    assert!(err.to_string().contains('4'), "{err}");
+    assert_eq!((a.len(), b.len()), (0, 0));
+}
+
+/// What a request produces alone, in a session of its own.
+fn solo(p: &Program, prompt: &[u32], opts: &GenerateOptions) -> Vec<u32> {
+    let mut s = Session::with_cache_type(p.clone(), 64, KvType::F32).expect("session");
+    generate_ids(&mut s, prompt, opts, |_| true)
+        .expect("solo run")
+        .ids
+}
+
+fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        ..GenerateOptions::default()
+    }
+}
+
+fn sampled(max_tokens: usize, seed: u64) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampler: SamplerConfig {
+            seed,
+            ..SamplerConfig::chat()
+        },
+        ..GenerateOptions::default()
+    }
+}
+
+/// Each sequence's streamed ids, checked against what it reports when done.
+#[derive(Default)]
+struct Collector {
+    streamed: BTreeMap<u64, Vec<u32>>,
+    done: BTreeMap<u64, (Vec<u32>, FinishReason)>,
+}
+
+impl Collector {
+    fn take(&mut self, events: Vec<Event>) {
+        for e in events {
+            self.event(e);
+        }
+    }
+
+    fn event(&mut self, e: Event) {
+        match e {
+            Event::Token { seq, id, .. } => self.streamed.entry(seq).or_default().push(id),
+            Event::Text { .. } => {}
+            Event::Done { seq, generation } => {
+                assert_eq!(
+                    self.streamed.get(&seq).cloned().unwrap_or_default(),
+                    generation.ids,
+                    "sequence {seq} streamed what it reports"
+                );
+                self.done.insert(seq, (generation.ids, generation.finish));
+            }
+            Event::Failed { seq, error } => panic!("sequence {seq} failed: {error}"),
+        }
+    }
+
+    /// Runs the scheduler to the end.
+    fn drain(mut self, s: &mut Scheduler<'_>) -> BTreeMap<u64, (Vec<u32>, FinishReason)> {
+        s.run(|e| self.event(e));
+        self.done
+    }
+}
+
+#[test]
+fn scheduled_sequences_match_solo_runs() {
+    let device = flex();
+    let p = program("llama3", &device);
+    let opts = BatchOptions {
+        step_tokens: 6, // prompts run in chunks beside the decoding sequences
+        min_prefix: 4,
+        ..BatchOptions::default()
+    };
+    let mut s = Scheduler::for_program(&p, 64, KvType::F32, opts).expect("scheduler");
+    let shared = ids(9, 7);
+    let requests: Vec<(Vec<u32>, GenerateOptions)> = vec![
+        (ids(5, 1), greedy(12)),
+        (ids(17, 2), sampled(10, 42)),
+        ([shared.clone(), ids(3, 3)].concat(), greedy(8)),
+        ([shared.clone(), ids(4, 4)].concat(), sampled(9, 7)),
+        (shared.clone(), greedy(6)),
+        (ids(1, 5), greedy(5)),
+    ];
+    let mut seqs = Vec::new();
+    for (prompt, o) in &requests[..3] {
+        seqs.push(s.submit(prompt.clone(), o.clone()).expect("submit"));
+    }
+    let mut c = Collector::default();
+    c.take(s.step());
+    c.take(s.step());
+    // Later arrivals join sequences already decoding.
+    for (prompt, o) in &requests[3..] {
+        seqs.push(s.submit(prompt.clone(), o.clone()).expect("submit"));
+    }
+    let done = c.drain(&mut s);
+    for (seq, (prompt, o)) in seqs.iter().zip(&requests) {
+        assert_eq!(done[seq].0, solo(&p, prompt, o), "sequence {seq}");
+    }
+    let stats = s.stats();
+    assert!(stats.widest_step >= 3, "{stats:?}");
+    assert!(
+        stats.prompt_tokens_reused >= 8,
+        "the shared prefix was reused: {stats:?}"
+    );
+    assert_eq!(s.running() + s.waiting(), 0);
+    assert_eq!(
+        s.kv_used(),
+        s.prefix_positions(),
+        "only the prefix cache holds positions"
+    );
+}
+
+#[test]
+fn the_kv_budget_refuses_with_numbers_and_makes_others_wait() {
+    let device = flex();
+    let p = program("llama3", &device);
+    let opts = BatchOptions {
+        kv_budget: 40,
+        prefix_cache: false,
+        ..BatchOptions::default()
+    };
+    let mut s = Scheduler::for_program(&p, 64, KvType::F32, opts).expect("scheduler");
+    match s.submit(ids(30, 1), greedy(20)) {
+        Err(RuntimeError::KvBudget { needed, budget }) => assert_eq!((needed, budget), (49, 40)),
+        other => panic!("expected a budget refusal, got {other:?}"),
+    }
+    let a = s.submit(ids(10, 1), greedy(15)).expect("fits"); // 24 positions
+    let b = s.submit(ids(10, 2), greedy(15)).expect("fits alone"); // 24 more
+    let mut c = Collector::default();
+    c.take(s.step());
+    assert_eq!(s.state(a), Some(llama::runtime::SeqState::Running));
+    assert_eq!(s.state(b), Some(llama::runtime::SeqState::Waiting));
+    assert!(s.kv_used() <= 40);
+    let done = c.drain(&mut s);
+    assert_eq!(done.len(), 2, "the waiting sequence ran once room was made");
+    assert_eq!(done[&b].0, solo(&p, &ids(10, 2), &greedy(15)));
+}
+
+#[test]
+fn cancelling_one_sequence_leaves_the_others_alone() {
+    let device = flex();
+    let p = program("qwen2", &device);
+    let mut s =
+        Scheduler::for_program(&p, 64, KvType::F32, BatchOptions::default()).expect("scheduler");
+    let flag = Arc::new(AtomicBool::new(false));
+    let flagged = GenerateOptions {
+        cancel: Some(flag.clone()),
+        ..greedy(20)
+    };
+    let a = s.submit(ids(6, 1), greedy(20)).expect("a");
+    let b = s.submit(ids(6, 2), flagged).expect("b");
+    let c = s.submit(ids(6, 3), greedy(20)).expect("c");
+    let w = s.submit(ids(6, 4), greedy(20)).expect("w");
+    let mut events = Collector::default();
+    for _ in 0..3 {
+        events.take(s.step());
+    }
+    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(s.cancel(c));
+    assert!(s.cancel(w));
+    let done = events.drain(&mut s);
+    assert_eq!(done[&a].0, solo(&p, &ids(6, 1), &greedy(20)));
+    for seq in [b, c] {
+        assert_eq!(done[&seq].1, FinishReason::Cancelled);
+        let alone = solo(&p, &ids(6, seq as u32 + 1), &greedy(20));
+        assert!(
+            alone.starts_with(&done[&seq].0),
+            "a cancelled sequence's ids are a prefix"
+        );
+    }
+}
+
+#[test]
+fn bad_requests_are_refused_at_submission() {
+    let device = flex();
+    let p = program("llama3", &device);
+    let mut s =
+        Scheduler::for_program(&p, 32, KvType::F32, BatchOptions::default()).expect("scheduler");
+    assert!(matches!(
+        s.submit(Vec::new(), greedy(4)),
+        Err(RuntimeError::EmptyPrompt)
+    ));
+    assert!(matches!(
+        s.submit(vec![5, 9999], greedy(4)),
+        Err(RuntimeError::TokenOutOfRange { id: 9999, .. })
+    ));
+    assert!(matches!(
+        s.submit(ids(30, 1), greedy(10)),
+        Err(RuntimeError::ContextExceeded { context: 32, .. })
+    ));
+    assert!(s.is_idle());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Random arrivals, prompt lengths, token limits, samplers, cancellations and
+    /// shared prefixes: every sequence that finishes produces what it produces
+    /// alone; a cancelled one a prefix of that.
+    #[test]
+    fn random_traffic_matches_solo_runs(
+        reqs in prop::collection::vec(
+            (1usize..14, 0u32..4, 1usize..10, any::<bool>(), 0u64..3, 0usize..6, any::<bool>()),
+            1..9,
+        ),
+        step_tokens in 1usize..12,
+    ) {
+        let device = flex();
+        let p = program("gemma", &device);
+        let opts = BatchOptions { step_tokens, min_prefix: 3, kv_budget: 80, ..BatchOptions::default() };
+        let mut s = Scheduler::for_program(&p, 64, KvType::F32, opts).expect("scheduler");
+        let shared = ids(6, 99);
+        let mut live: Vec<(u64, Vec<u32>, GenerateOptions, Option<usize>)> = Vec::new();
+        let mut done = BTreeMap::new();
+        let mut pending: Vec<_> = reqs.into_iter().enumerate().collect();
+        let mut step = 0usize;
+        while !pending.is_empty() || !s.is_idle() {
+            // Arrivals: whoever's turn has come.
+            pending.retain(|(i, (len, seed, max, share, sampler, arrive, cancel))| {
+                if *arrive > step { return true; }
+                let own = ids(*len, *seed + *i as u32);
+                let prompt = if *share { [shared.clone(), own].concat() } else { own };
+                let o = if *sampler == 0 { greedy(*max) } else { sampled(*max, *sampler) };
+                let id = s.submit(prompt.clone(), o.clone()).expect("submit");
+                live.push((id, prompt, o, cancel.then_some(step + 2)));
+                false
+            });
+            for (id, _, _, at) in &live {
+                if *at == Some(step) { s.cancel(*id); }
+            }
+            for e in s.step() {
+                match e {
+                    Event::Done { seq, generation } => { done.insert(seq, generation); }
+                    Event::Failed { seq, error } => panic!("sequence {seq}: {error}"),
+                    _ => {}
+                }
+            }
+            step += 1;
+            prop_assert!(step < 500, "the scheduler stalls");
+        }
+        for (id, prompt, o, _) in &live {
+            let g = &done[id];
+            let want = solo(&p, prompt, o);
+            if g.finish == FinishReason::Cancelled {
+                prop_assert!(want.starts_with(&g.ids));
+            } else {
+                prop_assert_eq!(&g.ids, &want, "sequence {}", id);
+            }
+        }
+        prop_assert_eq!(s.kv_used(), s.prefix_positions());
+    }
+}
