@@ -3,32 +3,79 @@
 # the same protocol: a prompt of P tokens, then N decode steps, R repetitions; at 1 and
 # 2 threads; the two systems one right after the other. Prints both, the ratios, and
 # each one's peak RSS.
-#   usage: scripts/bench-vs-llamacpp.sh [MODEL.gguf] [P] [N] [R]
-# llama-bench is built once from the llama.cpp sources vendored in the llama-cpp-python
+#   usage: scripts/bench-vs-llamacpp.sh [--parallel 1,2,4,8,16] [MODEL.gguf] [P] [N] [R]
+# With --parallel, many sequences at once instead: `llama bench --parallel` beside
+# llama.cpp's `llama-batched-bench -npp P -ntg N -npl LIST`: aggregate prefill and
+# decode tok/s per parallel count, the ratios, and each one's scaling (aggregate decode
+# over its own single-sequence decode).
+# The llama.cpp tools are built once from the sources vendored in the llama-cpp-python
 # source package (native CPU flags, as `pip install llama-cpp-python` builds them) into
 # ~/.cache/llama-rs/llamacpp: a few minutes on two cores.
 # llama-bench reports means over the repetitions, `llama bench` medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+parallel=""
+if [ "${1:-}" = "--parallel" ]; then
+    parallel="$2"
+    shift 2
+fi
 model="${1:-$(./scripts/fetch-model.sh)}"
 p="${2:-64}"; n="${3:-128}"; r="${4:-5}"
 cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}/llamacpp"
 version=0.3.36
 bench="$cache/build/bin/llama-bench"
-if [ ! -x "$bench" ]; then
+batched="$cache/build/bin/llama-batched-bench"
+if [ ! -x "$bench" ] || [ ! -x "$batched" ]; then
     mkdir -p "$cache"
     python3 -m venv "$cache/venv"
     "$cache/venv/bin/pip" install --quiet cmake
-    "$cache/venv/bin/pip" download --quiet --no-deps --no-binary :all: \
+    # Only the package itself from source: its build tools come as wheels.
+    "$cache/venv/bin/pip" download --quiet --no-deps --no-binary llama-cpp-python \
         "llama-cpp-python==$version" -d "$cache"
     tar -xzf "$cache/llama_cpp_python-$version.tar.gz" -C "$cache"
     "$cache/venv/bin/cmake" -S "$cache/llama_cpp_python-$version/vendor/llama.cpp" \
         -B "$cache/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DLLAMA_OPENSSL=OFF >/dev/null
-    "$cache/venv/bin/cmake" --build "$cache/build" --target llama-bench -j "$(nproc)" >/dev/null
+    "$cache/venv/bin/cmake" --build "$cache/build" -j "$(nproc)" \
+        --target llama-bench llama-batched-bench llama-quantize >/dev/null
 fi
 cargo build --release --quiet
+if [ -n "$parallel" ]; then
+    python3 - "$batched" "$model" "${2:-64}" "${3:-128}" "${4:-3}" "$parallel" <<'PY'
+import json, subprocess, sys
+
+batched, model, p, n, r, npl = sys.argv[1:]
+counts = [int(x) for x in npl.split(",")]
+print(f"model {model}; {p} prompt tokens and {n} decode steps per sequence")
+print(f"{'threads':>7} {'parallel':>8} {'system':<10} {'prefill tok/s':>14} {'decode tok/s':>13} {'scaling':>8}")
+for t in ["1", "2"]:
+    ours_cmd = ["./target/release/llama", "bench", "--model", model, "-p", p, "-n", n,
+                "-r", r, "--threads", t, "--json", "--parallel", npl]
+    out = subprocess.run(ours_cmd, check=True, capture_output=True, text=True).stdout
+    ours = {o["parallel"]: o for o in map(json.loads, out.splitlines())}
+    ctx = str(max(counts) * (int(p) + int(n)) + 256)
+    theirs_cmd = [batched, "-m", model, "-c", ctx, "-b", "2048", "-ub", "512",
+                  "-npp", p, "-ntg", n, "-npl", npl, "-t", t, "-tb", t,
+                  "--output-format", "jsonl"]
+    out = subprocess.run(theirs_cmd, check=True, capture_output=True, text=True).stdout
+    theirs = {}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            o = json.loads(line)
+            theirs[o["pl"]] = {"prefill_tok_s": o["speed_pp"], "decode_tok_s": o["speed_tg"]}
+    for k in counts:
+        for name, m, one in [("llama.rs", ours[k], ours[counts[0]]),
+                             ("llama.cpp", theirs[k], theirs[counts[0]])]:
+            scale = m["decode_tok_s"] / one["decode_tok_s"]
+            print(f"{t:>7} {k:>8} {name:<10} {m['prefill_tok_s']:>14.1f} {m['decode_tok_s']:>13.1f} {scale:>8.2f}")
+        print(f"{t:>7} {k:>8} {'ratio':<10} "
+              f"{ours[k]['prefill_tok_s'] / theirs[k]['prefill_tok_s']:>14.2f} "
+              f"{ours[k]['decode_tok_s'] / theirs[k]['decode_tok_s']:>13.2f}")
+PY
+    exit 0
+fi
 python3 - "$bench" "$model" "$p" "$n" "$r" <<'PY'
 import json, subprocess, sys
 

@@ -473,3 +473,111 @@ fn precision_flags_pick_the_weight_storage() {
     ]);
     assert_one_line_error(&out, "int4");
 }
+
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+/// Sampled generation of the tiny Llama 3 with `extra` flags, as JSON.
+fn sampled_generate(extra: &[&str]) -> Vec<serde_json::Value> {
+    let dir = fixture("llama3");
+    let mut args = vec![
+        "generate",
+        "-m",
+        dir.to_str().unwrap(),
+        "-p",
+        "Once upon a time there was",
+        "-n",
+        "8",
+        "--temperature",
+        "0.9",
+        "--precision",
+        "f32",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    json_lines(&llama(&args))
+}
+
+#[test]
+fn samples_of_one_prompt_run_as_a_batch_and_match_single_runs() {
+    let batch = sampled_generate(&["--samples", "3", "--seed", "40"]);
+    let object = &batch[0];
+    let choices = object["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 3);
+    let prompt = object["prompt_tokens"].as_u64().unwrap();
+    // The prompt ran once; the other two copied all of it but its last token.
+    assert_eq!(
+        object["prompt_tokens_reused"].as_u64().unwrap(),
+        2 * (prompt - 1)
+    );
+    for (i, c) in choices.iter().enumerate() {
+        let seed = (40 + i).to_string();
+        let alone = sampled_generate(&["--seed", &seed]);
+        assert_eq!(
+            c["ids"], alone[0]["ids"],
+            "sample {i} is what seed {seed} gives alone"
+        );
+        assert_eq!(c["text"], alone[0]["text"]);
+    }
+}
+
+#[test]
+fn bench_parallel_reports_each_count() {
+    let dir = fixture("llama3");
+    let rows = json_lines(&llama(&[
+        "bench",
+        "-m",
+        dir.to_str().unwrap(),
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "-r",
+        "1",
+        "--parallel",
+        "1,3",
+        "--json",
+    ]));
+    assert_eq!(rows.len(), 2);
+    for (row, n) in rows.iter().zip([1, 3]) {
+        assert_eq!(row["parallel"], n);
+        assert!(row["prefill_tok_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["decode_tok_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    let shared = json_lines(&llama(&[
+        "bench",
+        "-m",
+        dir.to_str().unwrap(),
+        "-p",
+        "4",
+        "-r",
+        "1",
+        "--parallel",
+        "4",
+        "--shared-prefix",
+        "32",
+        "--json",
+    ]));
+    let run = |cache: bool| {
+        shared
+            .iter()
+            .find(|r| r["prefix_cache"] == cache)
+            .and_then(|r| r["prompt_tokens_run"].as_u64())
+            .expect("a row per setting")
+    };
+    // With the cache the shared prefix runs once; without it, four times.
+    assert_eq!(run(true), 32 + 4 * 4);
+    assert_eq!(run(false), 4 * (32 + 4));
+}
+
+#[test]
+fn parallel_zero_is_a_one_line_error() {
+    let dir = fixture("llama3");
+    let out = llama(&["bench", "-m", dir.to_str().unwrap(), "--parallel", "0"]);
+    assert_one_line_error(&out, "parallel");
+}

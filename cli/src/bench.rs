@@ -34,6 +34,11 @@ pub struct BenchArgs {
     /// token of each. Aggregate tok/s per count; a list measures each.
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
     parallel: Vec<u32>,
+    /// With --parallel: every sequence's prompt starts with the same this many tokens
+    /// (a system prompt) before its own `-p`; measures the time until every sequence
+    /// has its first token, with the prefix cache and without it.
+    #[arg(long, default_value_t = 0, requires = "parallel")]
+    shared_prefix: usize,
 }
 
 /// The peak resident set of this process, from /proc (Linux).
@@ -58,7 +63,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
     if args.n_prompt == 0 {
         bail!("-p must be at least 1");
     }
-    let context = Context::Positions(args.n_prompt + args.n_gen);
+    let context = Context::Positions(args.shared_prefix + args.n_prompt + args.n_gen);
     let engine = load(&args.model, context, |_, max| {
         format!(
             "-p {} plus -n {} exceed the model's {max} positions",
@@ -70,6 +75,9 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
     let prompt: Vec<u32> = (0..args.n_prompt as u64)
         .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
         .collect();
+    if args.shared_prefix > 0 {
+        return run_shared_prefix(&args, &engine, vocab);
+    }
     if !args.parallel.is_empty() {
         return run_parallel(&args, &engine, &prompt);
     }
@@ -262,6 +270,84 @@ fn run_parallel(args: &BenchArgs, engine: &llama_runtime::Engine, prompt: &[u32]
             );
         } else {
             println!("| {name} | {backend} | {n} | {p:.1} | {d:.1} | {pms:.1} | {dms:.1} |");
+        }
+    }
+    Ok(())
+}
+
+/// `--parallel N --shared-prefix P`: N sequences whose prompts share their first P
+/// tokens, through the scheduler; time until each has its first token, with the
+/// prefix cache (the prefix runs once) and without (it runs N times).
+fn run_shared_prefix(args: &BenchArgs, engine: &llama_runtime::Engine, vocab: u64) -> Result<()> {
+    use llama_runtime::{BatchOptions, Event, GenerateOptions, Scheduler};
+    let ids = |n: usize, salt: u64| -> Vec<u32> {
+        (0..n as u64)
+            .map(|i| ((i * 2654435761 + 12345 + salt * 40503) % vocab) as u32)
+            .collect()
+    };
+    let shared = ids(args.shared_prefix, 0);
+    if !args.json {
+        println!("| parallel | shared prefix | own tokens | prefix cache | first tokens ms | prompt tokens run |");
+        println!("|---|---|---|---|---|---|");
+    }
+    for &n in &args.parallel {
+        let n = n as usize;
+        for cache in [true, false] {
+            let mut times = Vec::new();
+            let mut run_tokens = 0;
+            for rep in 0..=args.repetitions {
+                let opts = BatchOptions {
+                    kv_budget: n * (args.shared_prefix + args.n_prompt + 1) + args.shared_prefix,
+                    max_sequences: n,
+                    prefix_cache: cache,
+                    step_tokens: 512,
+                    ..BatchOptions::default()
+                };
+                let mut s = Scheduler::new(engine, opts)?;
+                let start = Instant::now();
+                for i in 0..n {
+                    let prompt = [shared.clone(), ids(args.n_prompt.max(1), 1 + i as u64)].concat();
+                    let g = GenerateOptions {
+                        max_tokens: 1,
+                        ..GenerateOptions::default()
+                    };
+                    s.submit(prompt, g)?;
+                }
+                let mut failed = None;
+                s.run(|e| {
+                    if let Event::Failed { error, .. } = e {
+                        failed.get_or_insert(error);
+                    }
+                });
+                if let Some(e) = failed {
+                    return Err(e.into());
+                }
+                if rep > 0 {
+                    times.push(start.elapsed().as_secs_f64() * 1e3);
+                    run_tokens = s.stats().prompt_tokens_run;
+                }
+            }
+            let ms = stats(&mut times).0;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "parallel": n,
+                        "shared_prefix": args.shared_prefix,
+                        "n_prompt": args.n_prompt,
+                        "prefix_cache": cache,
+                        "first_tokens_ms": ms,
+                        "prompt_tokens_run": run_tokens,
+                    })
+                );
+            } else {
+                println!(
+                    "| {n} | {} | {} | {} | {ms:.1} | {run_tokens} |",
+                    args.shared_prefix,
+                    args.n_prompt,
+                    if cache { "on" } else { "off" }
+                );
+            }
         }
     }
     Ok(())

@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use llama_runtime::{generate, Engine, GenerateOptions, Generation, Message, SamplerConfig};
+use llama_runtime::{
+    generate, BatchOptions, Engine, Event, GenerateOptions, Generation, Message, SamplerConfig,
+    Scheduler,
+};
 
 use crate::args::{ModelArgs, RunArgs, SAMPLING_HELP};
 use crate::{ctx_size, ctx_size_error, load};
@@ -26,6 +29,10 @@ pub struct GenerateArgs {
     /// Print one JSON object (text, ids, finish reason, timings) instead of streaming.
     #[arg(long)]
     json: bool,
+    /// Generate this many completions of the prompt at once (one batch; the prompt is
+    /// prefilled once and shared). Sample `i` uses seed `--seed + i`.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    samples: u32,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -87,6 +94,9 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
     } else {
         tokenizer.encode(&args.prompt)?
     };
+    if args.samples > 1 {
+        return run_samples(&engine, &tokenizer, &prompt, &opts, &args);
+    }
     let mut session = engine.session()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -118,6 +128,87 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
             "{}",
             stats_line(&g, opts.sampler.seed, opts.sampler.temperature > 0.0)
         );
+    }
+    Ok(())
+}
+
+/// `generate --samples N`: N completions of one prompt as one batch, each with its own
+/// seed; the prompt is prefilled once and the others copy it.
+fn run_samples(
+    engine: &Engine,
+    tokenizer: &llama_runtime::Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    args: &GenerateArgs,
+) -> Result<()> {
+    let n = args.samples as usize;
+    let per_sequence = prompt.len() + opts.max_tokens;
+    let batch = BatchOptions {
+        kv_budget: n * per_sequence + prompt.len(),
+        max_sequences: n,
+        min_prefix: 1,
+        ..BatchOptions::default()
+    };
+    let mut scheduler = Scheduler::new(engine, batch)?.with_tokenizer(tokenizer);
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut o = opts.clone();
+        o.sampler.seed = opts.sampler.seed.wrapping_add(i as u64);
+        ids.push(scheduler.submit(prompt.to_vec(), o)?);
+    }
+    let mut results: Vec<Option<Generation>> = vec![None; n];
+    let mut failure = None;
+    scheduler.run(|event| match event {
+        Event::Done { seq, generation } => {
+            if let Some(i) = ids.iter().position(|&x| x == seq) {
+                results[i] = Some(generation);
+            }
+        }
+        Event::Failed { error, .. } => {
+            failure.get_or_insert(error);
+        }
+        _ => {}
+    });
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    let results: Vec<Generation> = results.into_iter().flatten().collect();
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let choices: Vec<_> = results
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                serde_json::json!({
+                    "index": i,
+                    "text": g.text,
+                    "ids": g.ids,
+                    "finish_reason": g.finish,
+                    "seed": opts.sampler.seed.wrapping_add(i as u64),
+                })
+            })
+            .collect();
+        let stats = scheduler.stats();
+        let object = serde_json::json!({
+            "choices": choices,
+            "prompt_tokens": prompt.len(),
+            "prompt_tokens_run": stats.prompt_tokens_run,
+            "prompt_tokens_reused": stats.prompt_tokens_reused,
+        });
+        writeln!(out, "{object}")?;
+    } else {
+        for (i, g) in results.iter().enumerate() {
+            writeln!(out, "--- sample {i} ---")?;
+            writeln!(out, "{}", g.text)?;
+            eprintln!(
+                "{}",
+                stats_line(
+                    g,
+                    opts.sampler.seed.wrapping_add(i as u64),
+                    opts.sampler.temperature > 0.0
+                )
+            );
+        }
     }
     Ok(())
 }

@@ -61,7 +61,7 @@ impl Graph {
         Ok(id)
     }
 
-    /// The token-id input of a step: `[seq]`.
+    /// The token-id input of a step: `[tokens]`.
     pub fn add_tokens(&mut self, name: &str) -> Result<NodeId> {
         self.push(Node {
             name: name.to_string(),

@@ -1,10 +1,13 @@
 //! The typed IR: a closed set of ops over named nodes with symbolic shapes.
 //!
-//! Tensors in the graph are rank 1 or 2: the batch is one sequence (local inference),
-//! activations are `[seq, features]`, and ops such as attention and RoPE split heads
-//! internally. Shapes are symbolic in `seq` (tokens in this step) and `past + seq`
-//! (tokens in the KV cache after this step), so one compiled graph serves prefill and
-//! every decode step.
+//! Tensors in the graph are rank 1 or 2. Activations are `[tokens, features]`: the rows
+//! of a step, which may carry several sequences (a batch), each with its own positions
+//! and its own KV cache. Ops that mix rows know the sequences: RoPE turns each row by
+//! its own position, `kv_append` appends each sequence's rows to its own cache, and
+//! attention runs each sequence's queries over its own keys; every other op is
+//! row-wise. Shapes are symbolic in `tokens` (rows in this step, all sequences) and,
+//! per sequence, `past + new` (its positions once this step's `new` tokens are
+//! cached), so one compiled graph serves prefill, decode and any mix of sequences.
 use std::fmt;
 
 /// One dimension of a shape.
@@ -12,17 +15,19 @@ use std::fmt;
 pub enum Dim {
     /// A size known when the graph is built.
     Fixed(usize),
-    /// The number of tokens in this step.
+    /// The number of tokens in this step, over all its sequences.
     Seq,
-    /// The number of tokens in the KV cache once this step's tokens are written.
+    /// Per sequence: the positions in its KV cache once this step's tokens are
+    /// written (`past + new`).
     Total,
-    /// The KV rows a sliding window of this many positions needs for a step: the last
-    /// `min(past, window - 1)` cached positions plus this step's.
+    /// Per sequence: the KV rows a sliding window of this many positions needs for a
+    /// step, the last `min(past, window - 1)` cached positions plus the step's new ones.
     Window(usize),
 }
 
 impl Dim {
-    /// The concrete size for a step with `past` cached and `seq` new tokens.
+    /// The concrete size for a step of one sequence with `past` cached and `seq` new
+    /// tokens.
     pub fn bind(self, past: usize, seq: usize) -> usize {
         match self {
             Dim::Fixed(n) => n,
@@ -37,9 +42,9 @@ impl fmt::Display for Dim {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Dim::Fixed(n) => write!(f, "{n}"),
-            Dim::Seq => f.write_str("seq"),
-            Dim::Total => f.write_str("past+seq"),
-            Dim::Window(w) => write!(f, "min(past,{})+seq", w.saturating_sub(1)),
+            Dim::Seq => f.write_str("tokens"),
+            Dim::Total => f.write_str("past+new"),
+            Dim::Window(w) => write!(f, "min(past,{})+new", w.saturating_sub(1)),
         }
     }
 }

@@ -66,7 +66,7 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
             let (table, ids) = (&inputs[0].0, &inputs[1]);
             rank(node, "embedding table", table, 2)?;
             if ids.1 != DType::I64 || ids.0.rank() != 1 {
-                return Err(mismatch(node, "token ids", "[seq] of i64", &ids.0));
+                return Err(mismatch(node, "token ids", "[tokens] of i64", &ids.0));
             }
             f32(Shape(vec![ids.0 .0[0], table.0[1]]))
         }
@@ -207,7 +207,7 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
                 return Err(mismatch(
                     node,
                     "rope input",
-                    format!("[seq, heads * {head_dim}]"),
+                    format!("[tokens, heads * {head_dim}]"),
                     x,
                 ));
             }
@@ -228,7 +228,7 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
             let x = &inputs[0].0;
             rank(node, "kv rows", x, 2)?;
             if x.0[0] != Dim::Seq || x.fixed_dim(1).is_none() {
-                return Err(mismatch(node, "kv rows", "[seq, width]", x));
+                return Err(mismatch(node, "kv rows", "[tokens, width]", x));
             }
             if *window == Some(0) {
                 return Err(invalid(node, "a sliding window of 0 positions"));
