@@ -160,12 +160,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
     } else {
         println!("| model | backend | test | tok/s (median) | min | max |");
         println!("|---|---|---|---|---|---|");
-        let name = args
-            .model
-            .model
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = file_name(&args.model.model);
         println!(
             "| {name} | {backend} | pp{} | {:.1} | {:.1} | {:.1} |",
             args.n_prompt, p.0, p.1, p.2
@@ -200,12 +195,7 @@ fn run_parallel(args: &BenchArgs, engine: &llama_runtime::Engine, prompt: &[u32]
         println!("| model | backend | parallel | pp tok/s | tg tok/s | pp ms | tg ms |");
         println!("|---|---|---|---|---|---|---|");
     }
-    let name = args
-        .model
-        .model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = file_name(&args.model.model);
     for &n in &args.parallel {
         let n = n as usize;
         let (mut prefill, mut decode) = (Vec::new(), Vec::new());
@@ -351,6 +341,13 @@ fn run_shared_prefix(args: &BenchArgs, engine: &llama_runtime::Engine, vocab: u6
         }
     }
     Ok(())
+}
+
+/// The last part of a model path, for the tables.
+fn file_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// The argmax of each of `n` rows of logits.

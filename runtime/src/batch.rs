@@ -186,14 +186,7 @@ impl<'t> Scheduler<'t> {
         cache_type: KvType,
         opts: BatchOptions,
     ) -> Result<Self> {
-        let vocab = program
-            .graph()
-            .outputs()
-            .first()
-            .and_then(|o| program.graph().node(*o).shape.fixed_dim(1))
-            .ok_or_else(|| {
-                llama_graph::GraphError::Input("the graph has no logits output".into())
-            })?;
+        let vocab = crate::session::logits_width(program)?;
         if opts.kv_budget == 0 || opts.step_tokens == 0 || opts.max_sequences == 0 {
             return Err(RuntimeError::Options(
                 "the KV budget, step tokens and sequence limit must be positive".into(),

@@ -23,6 +23,16 @@ impl Logits {
     }
 }
 
+/// The width of a program's logits: its vocabulary.
+pub(crate) fn logits_width(program: &Program) -> Result<usize> {
+    Ok(program
+        .graph()
+        .outputs()
+        .first()
+        .and_then(|o| program.graph().node(*o).shape.fixed_dim(1))
+        .ok_or_else(|| llama_graph::GraphError::Input("the graph has no logits output".into()))?)
+}
+
 /// Index of the largest value; the first one on ties.
 pub fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
@@ -56,14 +66,7 @@ impl Session {
 
     /// The same with the KV cache's host layers (CPU devices) stored as `ty`.
     pub fn with_cache_type(program: Program, context: usize, ty: KvType) -> Result<Self> {
-        let vocab = program
-            .graph()
-            .outputs()
-            .first()
-            .and_then(|o| program.graph().node(*o).shape.fixed_dim(1))
-            .ok_or_else(|| {
-                llama_graph::GraphError::Input("the graph has no logits output".into())
-            })?;
+        let vocab = logits_width(&program)?;
         let cache = program.new_cache_of(context, ty)?;
         Ok(Session {
             program,
