@@ -359,7 +359,7 @@ fn bad_requests_are_refused_at_submission() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
 
     /// Random arrivals, prompt lengths, token limits, samplers, cancellations and
     /// shared prefixes: every sequence that finishes produces what it produces
@@ -371,9 +371,11 @@ proptest! {
             1..9,
         ),
         step_tokens in 1usize..12,
+        // A family with full attention and one with a sliding window.
+        family in prop::sample::select(vec!["gemma", "mistral"]),
     ) {
         let device = flex();
-        let p = program("gemma", &device);
+        let p = program(family, &device);
         let opts = BatchOptions { step_tokens, min_prefix: 3, kv_budget: 80, ..BatchOptions::default() };
         let mut s = Scheduler::for_program(&p, 64, KvType::F32, opts).expect("scheduler");
         let shared = ids(6, 99);
@@ -415,5 +417,43 @@ proptest! {
             }
         }
         prop_assert_eq!(s.kv_used(), s.prefix_positions());
+    }
+}
+
+/// A cache that starts from another's first positions continues exactly as the
+/// original does; a sliding-window cache whose ring has moved past them refuses.
+#[test]
+fn a_copied_prefix_continues_like_the_original() {
+    for (name, device) in [
+        ("llama3", flex()),
+        ("mistral", flex()),
+        ("mistral", ndarray()),
+    ] {
+        let p = program(name, &device);
+        let t = ids(12, 3); // past the tiny Mistral's window of 8
+        let next = [ids(1, 9)[0]];
+        let fresh = || p.new_cache_of(32, KvType::F32).expect("cache");
+        let mut a = fresh();
+        let all = logits_of(p.run(&t, &mut a, &Taps::None).expect("prompt"));
+        // All of it, the ring as it is.
+        let mut b = fresh();
+        b.copy_prefix(&a, t.len()).expect("a whole copy");
+        let want = logits_of(p.run(&next, &mut a.clone(), &Taps::None).expect("next"));
+        let got = logits_of(p.run(&next, &mut b, &Taps::None).expect("next"));
+        assert_close(&format!("{name}: after a whole copy"), &want, &got);
+        // The first five, then the rest run again.
+        let mut c = fresh();
+        match c.copy_prefix(&a, 5) {
+            Ok(()) => {
+                let rest = logits_of(p.run(&t[5..], &mut c, &Taps::None).expect("rest"));
+                let vocab = rest.len() / (t.len() - 5);
+                assert_close(
+                    &format!("{name}: after a partial copy"),
+                    &all[5 * vocab..],
+                    &rest,
+                );
+            }
+            Err(e) => assert_eq!(name, "mistral", "{name} refused a partial copy: {e}"),
+        }
     }
 }

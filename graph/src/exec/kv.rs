@@ -396,8 +396,12 @@ impl KvCache {
                 src.len, self.capacity
             )));
         }
+        // A sliding-window layer gives the first `n` positions while its ring has not
+        // wrapped, or all of them (the ring as it is) when `n` is everything it saw.
+        let whole = n == src.len;
         for (l, s) in self.layers.iter().zip(&src.layers) {
-            if l.window.is_some() && (src.len > s.rows || n > l.rows) {
+            let unwrapped = src.len <= s.rows && n <= l.rows;
+            if l.window.is_some() && !unwrapped && !(whole && l.rows == s.rows) {
                 return Err(GraphError::Input(format!(
                     "a sliding-window layer no longer holds the first {n} positions"
                 )));
@@ -418,13 +422,18 @@ impl KvCache {
             if n == 0 {
                 continue;
             }
+            // Ring rows of a window layer (position p in row p % rows), or the first
+            // `n` rows of a full one.
+            let count = n.min(l.rows);
             for (slot, from) in l.kv.iter_mut().zip(&s.kv) {
                 let lost =
                     || GraphError::Input("a KV cache layer was lost by an earlier failure".into());
                 let from = from.as_ref().ok_or_else(lost)?;
                 let cache = slot.take().ok_or_else(lost)?;
                 let width = l.width;
-                *slot = Some(cache.slice_assign([0..n, 0..width], from.clone().narrow(0, 0, n)));
+                *slot = Some(
+                    cache.slice_assign([0..count, 0..width], from.clone().narrow(0, 0, count)),
+                );
             }
         }
         self.len = n;
