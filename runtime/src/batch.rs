@@ -257,6 +257,9 @@ impl<'t> Scheduler<'t> {
             opts,
             reserve,
         });
+        // Admitted now if there is room, so that `waiting()` counts only those
+        // that really wait.
+        self.admit();
         Ok(id)
     }
 

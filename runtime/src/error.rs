@@ -36,6 +36,8 @@ pub enum RuntimeError {
     Device(String),
     #[error("{0}")]
     Options(String),
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("the request needs {needed} KV positions but the KV budget holds {budget}")]
     KvBudget { needed: usize, budget: usize },
     #[error("{}", context_size_message(*requested, *max))]

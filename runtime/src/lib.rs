@@ -7,6 +7,7 @@ pub mod error;
 pub mod generate;
 pub mod perplexity;
 pub mod sampler;
+pub mod service;
 pub mod session;
 pub mod tokenizer;
 
@@ -22,5 +23,6 @@ pub use generate::{
 pub use llama_graph::{Capabilities, KvCache, KvType};
 pub use perplexity::{perplexity, Perplexity};
 pub use sampler::{Sampler, SamplerConfig};
+pub use service::{Service, ServiceLoad, ServiceOptions, Stream};
 pub use session::{argmax, Logits, Session, SessionState};
 pub use tokenizer::Tokenizer;
