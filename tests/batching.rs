@@ -20,13 +20,6 @@ fn program(name: &str, device: &Device) -> Program {
     Program::new(graph(name, device, &Pipeline::standard()), device.clone()).expect("program")
 }
 
-/// Token ids of a tiny model (vocabularies of 256), varied by `seed`.
-fn ids(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i * 37 + seed * 101 + 11) % 251 + 2)
-        .collect()
-}
-
 fn logits_of(out: llama::graph::RunOutput) -> Vec<f32> {
     out.outputs[0].to_f32_vec().expect("logits")
 }
@@ -145,13 +138,6 @@ fn solo(p: &Program, prompt: &[u32], opts: &GenerateOptions) -> Vec<u32> {
     generate_ids(&mut s, prompt, opts, |_| true)
         .expect("solo run")
         .ids
-}
-
-fn greedy(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens,
-        ..GenerateOptions::default()
-    }
 }
 
 fn sampled(max_tokens: usize, seed: u64) -> GenerateOptions {

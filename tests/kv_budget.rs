@@ -5,20 +5,7 @@ mod common;
 
 use common::*;
 use llama::graph::{KvType, Pipeline, Program};
-use llama::runtime::{BatchOptions, Event, GenerateOptions, Scheduler};
-
-fn ids(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i * 37 + seed * 101 + 11) % 251 + 2)
-        .collect()
-}
-
-fn greedy(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens,
-        ..GenerateOptions::default()
-    }
-}
+use llama::runtime::{BatchOptions, Event, Scheduler};
 
 /// Runs the scheduler to the end; the number of sequences that finished.
 fn drain(s: &mut Scheduler<'_>) -> usize {

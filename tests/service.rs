@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use llama::runtime::{
-    generate_ids, BatchOptions, Engine, Event, FinishReason, GenerateOptions, Precision,
-    RuntimeError, Service, ServiceOptions, SessionOptions,
+    generate_ids, BatchOptions, Engine, Event, FinishReason, Precision, RuntimeError, Service,
+    ServiceOptions, SessionOptions,
 };
 
 fn engine() -> Arc<Engine> {
@@ -16,19 +16,6 @@ fn engine() -> Arc<Engine> {
         ..SessionOptions::default()
     };
     Arc::new(Engine::load(&fixture("llama3"), &options).expect("engine"))
-}
-
-fn ids(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| (i * 37 + seed * 101 + 11) % 251 + 2)
-        .collect()
-}
-
-fn greedy(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens,
-        ..GenerateOptions::default()
-    }
 }
 
 /// Reads a stream to its end: the ids streamed, and how it finished.

@@ -186,3 +186,18 @@ pub fn llama(args: &[&str]) -> std::process::Output {
         .output()
         .expect("the binary runs")
 }
+
+/// Token ids for a tiny model (vocabularies of 256), varied by `seed`.
+pub fn ids(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 37 + seed * 101 + 11) % 251 + 2)
+        .collect()
+}
+
+/// Greedy generation of up to `max_tokens`.
+pub fn greedy(max_tokens: usize) -> llama::runtime::GenerateOptions {
+    llama::runtime::GenerateOptions {
+        max_tokens,
+        ..Default::default()
+    }
+}
