@@ -515,6 +515,12 @@ fn samples_of_one_prompt_run_as_a_batch_and_match_single_runs() {
         object["prompt_tokens_reused"].as_u64().unwrap(),
         2 * (prompt - 1)
     );
+    // Each sample says how much of its prompt it took from the cache.
+    let cached: u64 = choices
+        .iter()
+        .map(|c| c["cached_tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(cached, 2 * (prompt - 1));
     for (i, c) in choices.iter().enumerate() {
         let seed = (40 + i).to_string();
         let alone = sampled_generate(&["--seed", &seed]);

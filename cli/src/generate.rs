@@ -184,6 +184,7 @@ fn run_samples(
                     "text": g.text,
                     "ids": g.ids,
                     "finish_reason": g.finish,
+                    "cached_tokens": g.cached_tokens,
                     "seed": opts.sampler.seed.wrapping_add(i as u64),
                 })
             })

@@ -568,7 +568,8 @@ impl<'t> Scheduler<'t> {
                 cache = self.program.new_cache_of(w.reserve, self.cache_type)?;
             }
         }
-        let decoder = Decoder::new(w.prompt.len(), &w.opts)?;
+        let mut decoder = Decoder::new(w.prompt.len(), &w.opts)?;
+        decoder.reused(cache.len());
         let text = self.tokenizer.map(|t| TextOutput::new(t, &w.opts.stop));
         Ok(Slot {
             id: w.id,

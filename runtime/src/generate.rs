@@ -62,6 +62,8 @@ pub struct Generation {
     pub text: String,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens that were not run but copied from a cached prefix.
+    pub cached_tokens: usize,
     /// Time to first token: prefill and the first choice.
     #[serde(serialize_with = "as_ms")]
     pub ttft: Duration,
@@ -134,6 +136,7 @@ pub struct Decoder {
     first: Option<Instant>,
     decode_steps: usize,
     context_shifts: usize,
+    cached_tokens: usize,
 }
 
 impl Decoder {
@@ -150,7 +153,13 @@ impl Decoder {
             first: None,
             decode_steps: 0,
             context_shifts: 0,
+            cached_tokens: 0,
         })
+    }
+
+    /// Counts prompt tokens taken from a cached prefix instead of run.
+    pub fn reused(&mut self, tokens: usize) {
+        self.cached_tokens += tokens;
     }
 
     /// The next token after `logits` (the sequence's last position; `history` is every
@@ -231,6 +240,7 @@ impl Decoder {
             text: String::new(),
             finish: self.finish.unwrap_or(FinishReason::Length),
             prompt_tokens: self.prompt_tokens,
+            cached_tokens: self.cached_tokens,
             ttft: first - self.start,
             decode_time: end - first,
             decode_steps: self.decode_steps,
