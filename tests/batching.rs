@@ -341,6 +341,25 @@ fn bad_requests_are_refused_at_submission() {
         s.submit(ids(30, 1), greedy(10)),
         Err(RuntimeError::ContextExceeded { context: 32, .. })
     ));
+    let shifting = GenerateOptions {
+        context_shift: Some(4),
+        ..greedy(4)
+    };
+    assert!(matches!(
+        s.submit(ids(3, 1), shifting),
+        Err(RuntimeError::Options(m)) if m.contains("context shift")
+    ));
+    let bad_sampler = GenerateOptions {
+        sampler: SamplerConfig {
+            temperature: -1.0,
+            ..SamplerConfig::default()
+        },
+        ..greedy(4)
+    };
+    assert!(matches!(
+        s.submit(ids(3, 1), bad_sampler),
+        Err(RuntimeError::Sampling(_))
+    ));
     assert!(s.is_idle());
 }
 

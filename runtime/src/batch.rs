@@ -222,8 +222,9 @@ impl<'t> Scheduler<'t> {
 
     /// Adds a sequence: `prompt` is run, then up to `opts.max_tokens` are generated.
     /// Checked now: an empty prompt, an id outside the vocabulary, bad sampling
-    /// settings, a request longer than the context, or one that needs more positions
-    /// than the whole KV budget is refused. Otherwise it waits for room.
+    /// settings, a context shift, a request longer than the context, or one that
+    /// needs more positions than the whole KV budget is refused. Otherwise it starts
+    /// at once if there is room, or waits for it.
     pub fn submit(&mut self, prompt: Vec<u32>, opts: GenerateOptions) -> Result<SeqId> {
         if prompt.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
@@ -235,6 +236,11 @@ impl<'t> Scheduler<'t> {
             });
         }
         opts.sampler.validate().map_err(RuntimeError::Sampling)?;
+        if opts.context_shift.is_some() {
+            return Err(RuntimeError::Options(
+                "context shift is not available to batched sequences: a request must fit its reservation".into(),
+            ));
+        }
         let reserve = prompt.len() + opts.max_tokens.saturating_sub(1);
         if reserve > self.context {
             return Err(RuntimeError::ContextExceeded {
