@@ -326,3 +326,58 @@ fn the_default_cpu_path_multiplies_the_gguf_blocks_within_the_fidelity_bounds() 
         assert_eq!(g.ids[..trusted], p.output_ids[..trusted], "{}", p.name);
     }
 }
+
+/// On the default CPU path (block weights, f16 cache) a position's logits do not
+/// depend on how its prompt reached the cache: in one step, token by token, or copied
+/// from another sequence's cached prefix, and decoded alone or beside other
+/// sequences. This is what makes a server's `seed` give the same text under any load.
+#[test]
+fn logits_do_not_depend_on_how_the_prompt_was_split_or_shared() {
+    use llama::runtime::{BatchOptions, Engine, Event, GenerateOptions, Scheduler, SessionOptions};
+    let engine = Engine::load(&real_model_path(), &SessionOptions::default()).expect("engine");
+    let ids = smollm2::perplexity().ids;
+    let prompt = &ids[..40];
+    let mut whole = engine.session().expect("session");
+    let want = whole.prefill_last(prompt).expect("prefill");
+    for split in [1, 13, 39] {
+        let mut s = engine.session().expect("session");
+        s.prefill_last(&prompt[..split]).expect("first part");
+        let mut last = Vec::new();
+        for chunk in prompt[split..].chunks(7) {
+            last = s.prefill_last(chunk).expect("next part");
+        }
+        assert_eq!(last, want, "prompt split at {split}");
+    }
+    // Greedy through the scheduler: alone, after a copied prefix, beside others.
+    let greedy = GenerateOptions {
+        max_tokens: 16,
+        ..GenerateOptions::default()
+    };
+    let mut alone = engine.session().expect("session");
+    let want =
+        llama::runtime::generate_ids(&mut alone, prompt, &greedy, |_| true).expect("alone").ids;
+    let mut scheduler = Scheduler::new(&engine, BatchOptions::default()).expect("scheduler");
+    let mut run = |prompts: Vec<Vec<u32>>| {
+        let seqs: Vec<u64> = prompts
+            .into_iter()
+            .map(|p| scheduler.submit(p, greedy.clone()).expect("submit"))
+            .collect();
+        let mut out = vec![(Vec::new(), 0); seqs.len()];
+        scheduler.run(|e| {
+            if let Event::Done { seq, generation } = e {
+                let i = seqs.iter().position(|&s| s == seq).expect("ours");
+                out[i] = (generation.ids, generation.cached_tokens);
+            }
+        });
+        out
+    };
+    let first = run(vec![prompt.to_vec()]);
+    assert_eq!(first[0].0, want, "alone in the scheduler");
+    let again = run(vec![
+        prompt.to_vec(),
+        ids[100..130].to_vec(),
+        ids[200..260].to_vec(),
+    ]);
+    assert!(again[0].1 >= 39, "the prompt came from the cache: {}", again[0].1);
+    assert_eq!(again[0].0, want, "after a copied prefix, beside two others");
+}

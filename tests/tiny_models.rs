@@ -104,15 +104,24 @@ fn an_f16_kv_cache_holds_f16_values_and_stays_near_the_f32_cache() {
             exact.prefill(&ids[..n]).unwrap(),
             half.prefill(&ids[..n]).unwrap(),
         );
-        // A prompt attends to its own keys and values as computed.
-        assert_eq!(
-            a.last(),
-            b.last(),
-            "{name}: prefill with an empty f16 cache"
+        // Attention reads every position as stored, a prompt's own ones included: the
+        // prompt split in two steps gives the same last row (up to the f32 matmul's
+        // blocking, which depends on the rows in a step; the block kernels' does not,
+        // tested on the real model).
+        let mut split =
+            llama::runtime::Session::with_cache_type(program(), 64, llama::graph::KvType::F16)
+                .expect("session");
+        split.prefill(&ids[..n - 1]).unwrap();
+        let one_by_one = split.prefill(&ids[n - 1..n]).unwrap();
+        let d = max_abs_diff(one_by_one.last(), b.last());
+        let scale = b.last().iter().fold(1f32, |m, x| m.max(x.abs()));
+        assert!(
+            d <= 1e-5 * scale,
+            "{name}: a prompt in one step and in two differ by {d} (largest logit {scale})"
         );
-        let mut worst = 0f32;
+        let mut worst = max_abs_diff(a.last(), b.last());
         let mut spread = a.last().iter().fold(0f32, |m, x| m.max(x.abs()));
-        // Later steps read them rounded: decode steps, and a second prompt after them.
+        // Later steps read them rounded too: decode steps, and a second prompt.
         let (rest, more) = ids[n..].split_at((ids.len() - n) / 2);
         for &id in rest {
             let (a, b) = (exact.decode(id).unwrap(), half.decode(id).unwrap());
@@ -295,6 +304,8 @@ fn a_session_built_for_a_context_has_rope_tables_of_that_length_and_matches_tran
                     .collect(),
             ),
             context: llama::runtime::Context::Positions(context),
+            // Exact keys and values: this compares with transformers to 1e-4.
+            cache_type: Some(llama::graph::KvType::F32),
             ..Default::default()
         };
         let engine = llama::runtime::Engine::load(&fixture(name), &options).expect("engine");

@@ -1,9 +1,13 @@
 //! Causal grouped-query attention over host rows of keys and values ([`KvRows`]: f32,
 //! or the f16 of a half-size KV cache).
 //!
-//! Decode (one query position) has a hand-written AVX2 + FMA + F16C build with its own
-//! `exp` (`decode_avx2`); every other call runs the plain loops, compiled once for the
-//! baseline target and once for AVX2 + FMA, picked at run time ([`crate::features`]).
+//! On CPUs with AVX2 + FMA + F16C every query row runs one hand-written kernel with its
+//! own `exp` (`avx2`), reading f16 keys and values in place; elsewhere the plain loops
+//! run. Either way a query row's output is computed by the same code whatever else is
+//! in the call: a prompt's last position gives bitwise the same result whether the
+//! prompt ran in one step, in chunks, or after a prefix copied from another sequence,
+//! and a decode row the same whichever sequences share its step (what a server needs
+//! for `seed` to mean the same text under any load).
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -125,43 +129,29 @@ impl KvRows<'_> {
 /// `[rows, n_kv_heads * hd]` (the last `rows` positions, oldest first); query head `h`
 /// reads KV head `h / (n_heads / n_kv_heads)`. Returns `[seq, n_heads * hd]`.
 ///
-/// One query position (decode) reads f16 keys and values in place; prefill converts
-/// them to f32 once per call, which is small next to its `seq` passes over them.
+/// Keys and values of an f16 cache are read in place (converted as they are loaded).
 pub fn attention(q: &[f32], k: KvRows, v: KvRows, s: &AttentionShape) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if features().avx2_fma_f16c && q.len() == s.n_heads * s.head_dim {
-        // SAFETY: the CPU has AVX2, FMA and F16C, checked by `features`; one query position.
+    if features().avx2_fma_f16c {
+        // SAFETY: the CPU has AVX2, FMA and F16C, checked by `features`.
         match (k, v) {
-            (KvRows::F32(k), KvRows::F32(v)) => {
-                return unsafe { decode_avx2::attention(q, k, v, s) }
-            }
-            (KvRows::F16(k), KvRows::F16(v)) => {
-                return unsafe { decode_avx2::attention(q, k, v, s) }
-            }
+            (KvRows::F32(k), KvRows::F32(v)) => return unsafe { avx2::attention(q, k, v, s) },
+            (KvRows::F16(k), KvRows::F16(v)) => return unsafe { avx2::attention(q, k, v, s) },
             _ => {}
         }
     }
     let (k, v) = (k.to_f32(), v.to_f32());
     let (k, v): (&[f32], &[f32]) = (&k, &v);
-    #[cfg(target_arch = "x86_64")]
-    if features().avx2_fma_f16c {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32> {
-            attention_body!(q, k, v, s)
-        }
-        // SAFETY: the CPU has AVX2 and FMA, checked by `features`.
-        return unsafe { wide(q, k, v, s) };
-    }
     attention_body!(q, k, v, s)
 }
 
 #[cfg(target_arch = "x86_64")]
-mod decode_avx2 {
-    //! Attention of one query position (decode), written out in AVX2 + FMA: the
+mod avx2 {
+    //! Attention written out in AVX2 + FMA, one (query row, head) pair at a time: the
     //! compiler's version of the loops above keeps each dot product in one chain of
-    //! dependent adds and re-reads the output row from memory per key. Here a dot
-    //! product runs in two FMA chains and each head's output stays in registers over
-    //! 64-value slices of the head.
+    //! dependent adds and re-reads the output row from memory per key. Here dot
+    //! products run four keys at a time in independent FMA chains and each head's
+    //! output stays in registers over 64-value slices of the head.
     use std::arch::x86_64::*;
 
     use half::f16;
@@ -383,27 +373,36 @@ mod decode_avx2 {
         }
     }
 
-    /// [`super::attention`] for one query position; the caller checks that the CPU has
-    /// AVX2, FMA and F16C.
+    /// [`super::attention`]; the caller checks that the CPU has AVX2, FMA and F16C.
+    /// Every (query row, head) pair is one task of the same kernel.
     pub unsafe fn attention<T: Elem>(q: &[f32], k: &[T], v: &[T], s: &AttentionShape) -> Vec<f32> {
         let hd = s.head_dim;
-        let kw = s.n_kv_heads * hd;
+        let (qw, kw) = (s.n_heads * hd, s.n_kv_heads * hd);
+        let seq = q.len() / qw;
         let rows = k.len() / kw;
         let group = s.n_heads / s.n_kv_heads;
-        // The query sits at position `past`; the rows end there.
-        let lo = s.window.map_or(0, |w| rows.saturating_sub(w));
+        // Key row `j` holds position `first_key + j`; the last row is the last query's.
+        let first_key = (s.past + seq).saturating_sub(rows);
         let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(hd).enumerate().for_each(|(h, o)| {
+        out.par_chunks_mut(hd).enumerate().for_each(|(at, o)| {
+            let (i, h) = (at / s.n_heads, at % s.n_heads);
+            let qp = s.past + i;
+            // Keys not after the query, and inside the window.
+            let hi = (qp + 1).saturating_sub(first_key).min(rows);
+            let lo = s
+                .window
+                .map_or(0, |w| (qp + 1).saturating_sub(w).saturating_sub(first_key))
+                .min(hi);
             let col = h / group * hd;
             // SAFETY: the caller's CPU has AVX2, FMA and F16C; rows are `kw` wide.
             unsafe {
                 head(
-                    &q[h * hd..(h + 1) * hd],
+                    &q[i * qw + h * hd..i * qw + (h + 1) * hd],
                     k,
                     v,
                     kw,
                     col,
-                    (lo, rows),
+                    (lo, hi),
                     s.scale,
                     o,
                 )
@@ -466,7 +465,7 @@ mod tests {
         );
         let mut x = -90.0f32;
         while x <= 89.0 {
-            let got = unsafe { decode_avx2::exp8_lanes([x; 8]) }[0];
+            let got = unsafe { avx2::exp8_lanes([x; 8]) }[0];
             let want = (x as f64).exp();
             if (-87.3..=88.3).contains(&x) {
                 let ulp = (want as f32).abs() * f32::EPSILON;

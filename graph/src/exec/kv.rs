@@ -1,5 +1,4 @@
 //! The KV cache: keys and values of every attention layer, written in place.
-use std::sync::Arc;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use llama_kernels::KvRows;
@@ -333,15 +332,16 @@ impl KvCache {
             // Rows past `past` belong to a step that failed; this step replaces them.
             let new = Value::F2(new).into_f32_vec()?;
             host.write(kind as usize, past * l.width, &new, l.rows * l.width);
-            // A prompt's own keys and values stay exact for its attention; later steps
-            // read them rounded.
-            let exact = (matches!(host, HostKv::F16(_)) && seq > 1).then(|| Arc::from(new));
+            // Attention reads every position as stored, a step's own ones included
+            // (rounded, with an f16 cache): a position's keys and values are the same
+            // whether this step computed them, an earlier chunk of the prompt did, or
+            // they were copied from another sequence's cached prefix, so what a
+            // sequence generates does not depend on how its prompt was split or shared.
             return Ok(Value::Cached(CachedRows {
                 layer,
                 kind,
                 rows: past + seq,
                 width: l.width,
-                exact,
             }));
         }
         let (rows, window) = (l.rows, l.window);
@@ -464,10 +464,6 @@ pub struct CachedRows {
     pub kind: KvKind,
     pub rows: usize,
     pub width: usize,
-    /// This step's own rows as computed, when the layer stores them rounded (f16) and
-    /// the step has several positions: a prompt attends to its own keys and values
-    /// exactly, later steps read them rounded. The last `exact.len() / width` rows.
-    pub exact: Option<Arc<[f32]>>,
 }
 
 /// A KV cache copied to the host.

@@ -118,28 +118,14 @@ pub(super) fn eval(
 enum AttentionInput<'a> {
     /// Cached rows, read in place.
     Cached(KvRows<'a>),
-    /// A prompt's own rows of an f16 cache as computed, after the earlier ones widened;
-    /// or the rows of a layer kept as tensors (a sliding window), brought over.
+    /// The rows of a layer kept as tensors (a sliding window), brought over.
     Host(Vec<f32>),
 }
 
 impl<'a> AttentionInput<'a> {
     fn new(node: &str, x: Value, cache: &'a KvCache) -> Result<AttentionInput<'a>> {
         Ok(match x {
-            Value::Cached(r) => {
-                let all = cache.host_rows(&r)?;
-                match &r.exact {
-                    None => AttentionInput::Cached(all),
-                    Some(new) => {
-                        let earlier = all.len().checked_sub(new.len()).ok_or_else(|| {
-                            bad(node, "a step's own rows outnumber the cached rows")
-                        })?;
-                        let mut rows = all.first(earlier).to_f32().into_owned();
-                        rows.extend_from_slice(new);
-                        AttentionInput::Host(rows)
-                    }
-                }
-            }
+            Value::Cached(r) => AttentionInput::Cached(cache.host_rows(&r)?),
             x => AttentionInput::Host(host2(node, f2(node, x)?)?.0),
         })
     }
