@@ -462,3 +462,67 @@ fn a_copied_prefix_continues_like_the_original() {
         }
     }
 }
+
+/// A finished sequence leaves its prompt and what it generated in the prefix cache:
+/// a next turn that continues it copies all of that and runs only what is new, and
+/// still produces what it produces alone.
+#[test]
+fn a_next_turn_reuses_the_previous_turns_answer() {
+    let p = program("llama3", &flex());
+    let mut s =
+        Scheduler::for_program(&p, 64, KvType::F32, BatchOptions::default()).expect("scheduler");
+    let first_prompt = ids(20, 3);
+    let first = s.submit(first_prompt.clone(), greedy(6)).expect("submit");
+    let mut c = Collector::default();
+    s.run(|e| c.event(e));
+    let answer = c.done[&first].0.clone();
+    assert_eq!(answer.len(), 6);
+    // The last generated token was never run, so five of six are cached.
+    let next_prompt = [first_prompt.clone(), answer.clone(), ids(4, 9)].concat();
+    let mut cached = None;
+    let mut got = Vec::new();
+    s.submit(next_prompt.clone(), greedy(5)).expect("submit");
+    s.run(|e| match e {
+        Event::Token { id, .. } => got.push(id),
+        Event::Done { generation, .. } => cached = Some(generation.cached_tokens),
+        Event::Failed { error, .. } => panic!("{error}"),
+        Event::Text { .. } => {}
+    });
+    assert_eq!(cached, Some(first_prompt.len() + 5));
+    assert_eq!(got, solo(&p, &next_prompt, &greedy(5)));
+}
+
+/// Log-probabilities come with each token when asked for: the model's own (a
+/// log-softmax of the raw logits), the chosen one among the alternatives.
+#[test]
+fn tokens_carry_log_probabilities_when_asked() {
+    let p = program("llama3", &flex());
+    let mut s =
+        Scheduler::for_program(&p, 64, KvType::F32, BatchOptions::default()).expect("scheduler");
+    let prompt = ids(7, 2);
+    let opts = GenerateOptions {
+        logprobs: Some(3),
+        ..greedy(4)
+    };
+    s.submit(prompt.clone(), opts).expect("submit");
+    let mut seen = Vec::new();
+    s.run(|e| {
+        if let Event::Token { id, logprob, .. } = e {
+            seen.push((id, logprob.expect("a logprob")));
+        }
+    });
+    assert_eq!(seen.len(), 4);
+    // The first token's distribution, from a session alone.
+    let mut session = Session::with_cache_type(p.clone(), 64, KvType::F32).expect("session");
+    let logits = session.prefill_last(&prompt).expect("prefill");
+    let lsm = llama::runtime::log_softmax(&logits);
+    let (id, lp) = &seen[0];
+    assert!((lp.logprob - lsm[*id as usize]).abs() < 1e-4);
+    assert_eq!(lp.top.len(), 3);
+    assert_eq!(lp.top[0].0, *id, "greedy picks the most likely");
+    let total: f64 = lsm.iter().map(|&l| (l as f64).exp()).sum();
+    assert!((total - 1.0).abs() < 1e-4);
+    for (_, lp) in &seen {
+        assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1));
+    }
+}

@@ -18,19 +18,6 @@ fn drain(s: &mut Scheduler<'_>) -> usize {
     done
 }
 
-/// Reads this process's resident memory, in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_thousand_sequences_come_and_go_without_leaking() {
     let device = flex();

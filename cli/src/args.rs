@@ -2,7 +2,9 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
-use llama_runtime::{Backend, Context, KvType, Passes, Precision, SamplerConfig, SessionOptions};
+use llama_runtime::{
+    random_seed, Backend, Context, KvType, Passes, Precision, SamplerConfig, SessionOptions,
+};
 
 #[derive(Args)]
 pub struct ModelArgs {
@@ -151,20 +153,9 @@ impl SamplingArgs {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             logit_bias: self.logit_bias.clone(),
-            seed: self.seed.unwrap_or_else(rand_seed),
+            seed: self.seed.unwrap_or_else(random_seed),
         }
     }
-}
-
-fn rand_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
 }
 
 fn parse_f32(s: &str) -> Result<f32, String> {

@@ -58,6 +58,7 @@ fn options(engine: &Engine, run: &RunArgs, defaults: SamplerConfig) -> GenerateO
         stop: run.stop.clone(),
         context_shift: run.context_shift.then_some(run.keep),
         cancel: None,
+        logprobs: None,
     }
 }
 

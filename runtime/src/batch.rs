@@ -25,7 +25,10 @@ use llama_graph::{KvCache, KvType, Program, Rows, Sequence, Taps};
 
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
-use crate::generate::{Decoder, FinishReason, GenerateOptions, Generation, TextOutput};
+use crate::generate::{
+    log_softmax, top_logprobs, Decoder, FinishReason, GenerateOptions, Generation, TextOutput,
+    TokenLogprob,
+};
 use crate::tokenizer::Tokenizer;
 
 /// A sequence's handle in a [`Scheduler`].
@@ -63,8 +66,14 @@ impl Default for BatchOptions {
 #[derive(Debug)]
 pub enum Event {
     /// A new token, and the text that became final with it (empty without a
-    /// tokenizer, or while a character or a possible stop string is incomplete).
-    Token { seq: SeqId, id: u32, text: String },
+    /// tokenizer, or while a character or a possible stop string is incomplete);
+    /// with `logprob` when the options asked for log-probabilities.
+    Token {
+        seq: SeqId,
+        id: u32,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    },
     /// Text held back until the sequence ended (it comes just before `Done`).
     Text { seq: SeqId, text: String },
     /// The sequence ended; what it generated (`text` holds the whole text).
@@ -414,6 +423,11 @@ impl<'t> Scheduler<'t> {
             let id = s.id;
             let text = &mut s.text;
             let mut failure = None;
+            let lsm = s.decoder.options().logprobs.map(|k| {
+                let lsm = log_softmax(&logits);
+                let top = top_logprobs(&lsm, k);
+                (lsm, top)
+            });
             let next = s.decoder.next(&logits, &s.tokens, |tok| {
                 let (piece, hit) = match text.as_mut().map(|t| t.push(tok)) {
                     None => (String::new(), false),
@@ -423,10 +437,15 @@ impl<'t> Scheduler<'t> {
                         return false;
                     }
                 };
+                let logprob = lsm.as_ref().map(|(lsm, top)| TokenLogprob {
+                    logprob: lsm.get(tok as usize).copied().unwrap_or(f32::NEG_INFINITY),
+                    top: top.clone(),
+                });
                 events.push(Event::Token {
                     seq: id,
                     id: tok,
                     text: piece,
+                    logprob,
                 });
                 !hit
             });
@@ -451,9 +470,49 @@ impl<'t> Scheduler<'t> {
             {
                 continue;
             }
-            finish(s, &mut self.events);
+            let Slot {
+                id,
+                cache,
+                tokens,
+                decoder,
+                text,
+                ..
+            } = s;
+            finish(id, decoder, text, &mut self.events);
+            self.keep_finished(tokens, cache);
         }
         std::mem::take(&mut self.events)
+    }
+
+    /// Keeps what a finished sequence cached (its prompt and what it generated) for
+    /// later prompts that continue it: the next turn of a chat starts with the
+    /// previous turn's prompt and answer. Kept prefixes it extends are dropped.
+    fn keep_finished(&mut self, tokens: Vec<u32>, cache: KvCache) {
+        let len = cache.len();
+        if !self.opts.prefix_cache || len < self.opts.min_prefix {
+            return;
+        }
+        let tokens = &tokens[..len];
+        let mut i = 0;
+        while i < self.prefixes.len() {
+            let p = &self.prefixes[i].tokens;
+            if p.len() <= len && common_prefix(p, tokens) == p.len() {
+                let p = self.prefixes.remove(i);
+                self.used -= p.tokens.len();
+            } else {
+                i += 1;
+            }
+        }
+        if self.used + len > self.opts.kv_budget {
+            return;
+        }
+        self.clock += 1;
+        self.used += len;
+        self.prefixes.push(PrefixEntry {
+            tokens: tokens.to_vec(),
+            cache,
+            last_used: self.clock,
+        });
     }
 
     /// Ends sequences whose cancellation flag is up (a prompt still prefilling
@@ -474,7 +533,7 @@ impl<'t> Scheduler<'t> {
             if s.decoder.is_done() {
                 let s = self.active.remove(i);
                 self.used -= s.reserve;
-                finish(s, &mut self.events);
+                finish(s.id, s.decoder, s.text, &mut self.events);
             } else {
                 i += 1;
             }
@@ -665,34 +724,33 @@ impl<'t> Scheduler<'t> {
 
 /// Reports a sequence that has ended: the text it held back (a partial character,
 /// the start of a stop string that never completed), then `Done`.
-fn finish(mut s: Slot<'_>, events: &mut Vec<Event>) {
+fn finish(
+    seq: SeqId,
+    decoder: Decoder,
+    mut output: Option<TextOutput<'_>>,
+    events: &mut Vec<Event>,
+) {
     let mut tail_stop = false;
     let mut text = String::new();
-    if let Some(t) = s.text.as_mut() {
+    if let Some(t) = output.as_mut() {
         match t.finish() {
             Ok((rest, hit)) => {
                 tail_stop = hit;
                 if !rest.is_empty() {
-                    events.push(Event::Text {
-                        seq: s.id,
-                        text: rest,
-                    });
+                    events.push(Event::Text { seq, text: rest });
                 }
             }
             Err(error) => {
-                events.push(Event::Failed { seq: s.id, error });
+                events.push(Event::Failed { seq, error });
                 return;
             }
         }
         text = t.text().to_string();
     }
-    let mut generation = s.decoder.finish();
+    let mut generation = decoder.finish();
     if tail_stop {
         generation.finish = FinishReason::Stop;
     }
     generation.text = text;
-    events.push(Event::Done {
-        seq: s.id,
-        generation,
-    });
+    events.push(Event::Done { seq, generation });
 }

@@ -39,6 +39,41 @@ pub struct GenerateOptions {
     pub context_shift: Option<usize>,
     /// Raised by another thread to stop after the current step.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Report each chosen token's log-probability under the model (the raw logits'
+    /// log-softmax, before any sampling stage) and this many most likely
+    /// alternatives. `None`: no log-probabilities are computed.
+    pub logprobs: Option<usize>,
+}
+
+/// A chosen token's log-probability, and the most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// `(id, logprob)` by descending log-probability.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-softmax of `logits`, computed in f64 for the sum.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    let log_sum = max + sum.ln();
+    logits
+        .iter()
+        .map(|&l| (l as f64 - log_sum) as f32)
+        .collect()
+}
+
+/// The `k` most likely `(id, logprob)` of a log-softmax, ties to the lower id.
+pub fn top_logprobs(lsm: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut ids: Vec<u32> = (0..lsm.len() as u32).collect();
+    let by = |a: &u32, b: &u32| lsm[*b as usize].total_cmp(&lsm[*a as usize]).then(a.cmp(b));
+    if k < ids.len() {
+        ids.select_nth_unstable_by(k, by);
+        ids.truncate(k);
+    }
+    ids.sort_by(by);
+    ids.into_iter().map(|i| (i, lsm[i as usize])).collect()
 }
 
 impl Default for GenerateOptions {
@@ -50,6 +85,7 @@ impl Default for GenerateOptions {
             stop: Vec::new(),
             context_shift: None,
             cancel: None,
+            logprobs: None,
         }
     }
 }

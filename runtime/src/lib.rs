@@ -17,12 +17,12 @@ pub use device::Backend;
 pub use engine::{Context, Engine, Passes, Policy, Precision, SessionOptions, DEFAULT_CONTEXT};
 pub use error::{Result, RuntimeError};
 pub use generate::{
-    check_fit, generate, generate_greedy, generate_ids, Decoder, FinishReason, GenerateOptions,
-    Generation, StopFilter, TextOutput,
+    check_fit, generate, generate_greedy, generate_ids, log_softmax, top_logprobs, Decoder,
+    FinishReason, GenerateOptions, Generation, StopFilter, TextOutput, TokenLogprob,
 };
 pub use llama_graph::{Capabilities, KvCache, KvType};
 pub use perplexity::{perplexity, Perplexity};
-pub use sampler::{Sampler, SamplerConfig};
-pub use service::{Service, ServiceLoad, ServiceOptions, Stream};
+pub use sampler::{random_seed, Sampler, SamplerConfig};
+pub use service::{Service, ServiceLoad, ServiceOptions, Sink, Stream, Ticket};
 pub use session::{argmax, Logits, Session, SessionState};
 pub use tokenizer::Tokenizer;

@@ -101,6 +101,18 @@ impl SamplerConfig {
     }
 }
 
+/// A seed for callers that were given none: different at every call.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
+
 /// A seeded sampler.
 #[derive(Debug, Clone)]
 pub struct Sampler {

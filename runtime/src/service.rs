@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::batch::{BatchOptions, Event, Scheduler, SeqId};
+use crate::batch::{BatchOptions, Event, Scheduler, SeqId, SeqState};
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::generate::GenerateOptions;
@@ -41,12 +41,17 @@ pub struct ServiceLoad {
     pub waiting: usize,
 }
 
+/// Where the engine thread hands a request's events, in order; it answers whether
+/// the caller still wants them (`false` cancels the request). Called on the engine
+/// thread between steps, so it must not block: send to a channel.
+pub type Sink = Box<dyn FnMut(Event) -> bool + Send>;
+
 enum Command {
     Submit {
         prompt: Vec<u32>,
         opts: GenerateOptions,
-        events: Sender<Event>,
-        /// Raised when the caller drops its stream.
+        events: Sink,
+        /// Raised when the caller drops its ticket.
         gone: Arc<AtomicBool>,
         accepted: Sender<Result<SeqId>>,
     },
@@ -55,7 +60,7 @@ enum Command {
 /// Where a sequence's events go, and whether the caller is still there.
 struct Route {
     seq: SeqId,
-    events: Sender<Event>,
+    events: Sink,
     gone: Arc<AtomicBool>,
 }
 
@@ -66,6 +71,8 @@ struct Shared {
     /// Requests accepted and not yet ended.
     in_flight: AtomicUsize,
     stopping: AtomicBool,
+    /// Raised to cancel every request in flight.
+    cancel_all: AtomicBool,
 }
 
 /// One engine serving many callers.
@@ -75,23 +82,35 @@ pub struct Service {
     thread: Option<JoinHandle<()>>,
 }
 
-/// The events of one request, in order, ending with `Done` or `Failed`. Dropping it
-/// cancels the request.
-pub struct Stream {
+/// A submitted request: dropping it cancels the request at the next step.
+#[derive(Debug)]
+pub struct Ticket {
     seq: SeqId,
-    events: Receiver<Event>,
     gone: Arc<AtomicBool>,
 }
 
-impl Drop for Stream {
+impl Ticket {
+    pub fn seq(&self) -> SeqId {
+        self.seq
+    }
+}
+
+impl Drop for Ticket {
     fn drop(&mut self) {
         self.gone.store(true, Ordering::Relaxed);
     }
 }
 
+/// The events of one request, in order, ending with `Done` or `Failed`. Dropping it
+/// cancels the request.
+pub struct Stream {
+    ticket: Ticket,
+    events: Receiver<Event>,
+}
+
 impl Stream {
     pub fn seq(&self) -> SeqId {
-        self.seq
+        self.ticket.seq
     }
 
     /// The next event; `None` once the request has ended and every event was read.
@@ -164,10 +183,19 @@ impl Service {
     /// when it could never run (see [`Scheduler::submit`]), when the queue is full, or
     /// while the service stops.
     pub fn submit(&self, prompt: Vec<u32>, opts: GenerateOptions) -> Result<Stream> {
+        let (tx, events) = mpsc::channel();
+        let ticket = self.submit_to(prompt, opts, Box::new(move |e| tx.send(e).is_ok()))?;
+        Ok(Stream { ticket, events })
+    }
+
+    /// Submits a request whose events go to `sink` (see [`Sink`]), for callers that
+    /// read them elsewhere than on a blocking thread (an async server). Dropping the
+    /// ticket cancels the request. Refused as [`Service::submit`] is.
+    pub fn submit_to(&self, prompt: Vec<u32>, opts: GenerateOptions, sink: Sink) -> Result<Ticket> {
         if self.shared.stopping.load(Ordering::Relaxed) {
             return Err(RuntimeError::Busy("the service is stopping".into()));
         }
-        let (events, rx) = mpsc::channel();
+        let events = sink;
         let (accepted, answer) = mpsc::channel();
         let gone = Arc::new(AtomicBool::new(false));
         let commands = self
@@ -186,11 +214,7 @@ impl Service {
         let seq = answer
             .recv()
             .map_err(|_| RuntimeError::Busy("the engine thread has ended".into()))??;
-        Ok(Stream {
-            seq,
-            events: rx,
-            gone,
-        })
+        Ok(Ticket { seq, gone })
     }
 
     /// Running and waiting sequences, as of the last step.
@@ -199,6 +223,13 @@ impl Service {
             running: self.shared.running.load(Ordering::Relaxed),
             waiting: self.shared.waiting.load(Ordering::Relaxed),
         }
+    }
+
+    /// Stops taking requests and cancels every one in flight: each ends at the next
+    /// step with what it generated so far.
+    pub fn cancel_all(&self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.shared.cancel_all.store(true, Ordering::Relaxed);
     }
 
     /// Stops taking requests, lets the ones in flight finish for up to `deadline`
@@ -254,7 +285,7 @@ fn serve(
                 Err(TryRecvError::Disconnected) => open = false,
             }
         }
-        if !open {
+        if !open || shared.cancel_all.load(Ordering::Relaxed) {
             // The service is going away: what is left is cancelled.
             for r in &routes {
                 scheduler.cancel(r.seq);
@@ -271,7 +302,7 @@ fn serve(
             let seq = event.seq();
             let end = matches!(event, Event::Done { .. } | Event::Failed { .. });
             if let Some(i) = routes.iter().position(|r| r.seq == seq) {
-                if routes[i].events.send(event).is_err() {
+                if !(routes[i].events)(event) {
                     scheduler.cancel(seq);
                 }
                 if end {
@@ -303,14 +334,19 @@ fn take(
             gone,
             accepted,
         } => {
-            let waiting = scheduler.waiting();
-            let answer = if waiting >= max_queue {
-                Err(RuntimeError::Busy(format!(
-                    "{waiting} requests are waiting (the queue holds {max_queue})"
-                )))
-            } else {
-                scheduler.submit(prompt, opts)
-            };
+            // Admitted at once when there is room; otherwise it waits, if the queue
+            // has a place for it.
+            let answer = scheduler.submit(prompt, opts).and_then(|seq| {
+                let waiting = scheduler.waiting();
+                if scheduler.state(seq) == Some(SeqState::Waiting) && waiting > max_queue {
+                    scheduler.cancel(seq);
+                    return Err(RuntimeError::Busy(format!(
+                        "{} requests are waiting (the queue holds {max_queue})",
+                        waiting - 1
+                    )));
+                }
+                Ok(seq)
+            });
             if let Ok(seq) = &answer {
                 shared.in_flight.fetch_add(1, Ordering::Relaxed);
                 routes.push(Route {

@@ -99,18 +99,36 @@ pub fn full_forward(session: &mut Session, ids: &[u32]) -> Vec<Vec<f32>> {
     (0..logits.rows).map(|r| logits.row(r).to_vec()).collect()
 }
 
+/// Where the scripts keep models and tools: `$LLAMA_RS_CACHE`, else
+/// `~/.cache/llama-rs`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var("LLAMA_RS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/llama-rs")
+        })
+}
+
+/// Reads this process's resident memory, in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// The real model's GGUF: `$LLAMA_RS_MODEL`, else the cache that
 /// `scripts/fetch-model.sh` fills. Missing, it fails the test and says how to fetch it.
 pub fn real_model_path() -> PathBuf {
     if let Ok(p) = std::env::var("LLAMA_RS_MODEL") {
         return PathBuf::from(p);
     }
-    let cache = std::env::var("LLAMA_RS_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/llama-rs")
-        });
-    let path = cache.join("models/smollm2-135m-instruct-q4_1.gguf");
+    let path = cache_dir().join("models/smollm2-135m-instruct-q4_1.gguf");
     assert!(
         path.exists(),
         "the real model is missing at {}: run scripts/fetch-model.sh",
