@@ -8,9 +8,7 @@
 # llama.cpp's `llama-batched-bench -npp P -ntg N -npl LIST`: aggregate prefill and
 # decode tok/s per parallel count, the ratios, and each one's scaling (aggregate decode
 # over its own single-sequence decode).
-# The llama.cpp tools are built once from the sources vendored in the llama-cpp-python
-# source package (native CPU flags, as `pip install llama-cpp-python` builds them) into
-# ~/.cache/llama-rs/llamacpp: a few minutes on two cores.
+# The llama.cpp tools are built once by scripts/build-llamacpp.sh.
 # llama-bench reports means over the repetitions, `llama bench` medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,25 +19,9 @@ if [ "${1:-}" = "--parallel" ]; then
 fi
 model="${1:-$(./scripts/fetch-model.sh)}"
 p="${2:-64}"; n="${3:-128}"; r="${4:-5}"
-cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}/llamacpp"
-version=0.3.36
-bench="$cache/build/bin/llama-bench"
-batched="$cache/build/bin/llama-batched-bench"
-if [ ! -x "$bench" ] || [ ! -x "$batched" ]; then
-    mkdir -p "$cache"
-    python3 -m venv "$cache/venv"
-    "$cache/venv/bin/pip" install --quiet cmake
-    # Only the package itself from source: its build tools come as wheels.
-    "$cache/venv/bin/pip" download --quiet --no-deps --no-binary llama-cpp-python \
-        "llama-cpp-python==$version" -d "$cache"
-    tar -xzf "$cache/llama_cpp_python-$version.tar.gz" -C "$cache"
-    "$cache/venv/bin/cmake" -S "$cache/llama_cpp_python-$version/vendor/llama.cpp" \
-        -B "$cache/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-        -DLLAMA_OPENSSL=OFF >/dev/null
-    "$cache/venv/bin/cmake" --build "$cache/build" -j "$(nproc)" \
-        --target llama-bench llama-batched-bench llama-quantize >/dev/null
-fi
+bin="$(./scripts/build-llamacpp.sh llama-bench llama-batched-bench llama-quantize)"
+bench="$bin/llama-bench"
+batched="$bin/llama-batched-bench"
 cargo build --release --quiet
 if [ -n "$parallel" ]; then
     python3 - "$batched" "$model" "${2:-64}" "${3:-128}" "${4:-3}" "$parallel" <<'PY'

@@ -7,6 +7,7 @@ mod bench;
 mod generate;
 mod graph;
 mod info;
+mod serve;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -46,6 +47,9 @@ enum Command {
     Convert(info::ConvertArgs),
     /// Prefill and decode speed, in the manner of llama-bench.
     Bench(bench::BenchArgs),
+    /// Serve the model over HTTP with OpenAI's API (chat completions, completions,
+    /// models), plus /health and /metrics.
+    Serve(serve::ServeArgs),
     /// List the GPU adapters --backend wgpu can use.
     Devices,
 }
@@ -115,6 +119,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => info::run_inspect(a),
         Command::Convert(a) => info::run_convert(a),
         Command::Bench(a) => bench::run_bench(a),
+        Command::Serve(a) => serve::run_serve(a),
         Command::Devices => info::run_devices(),
     }
 }

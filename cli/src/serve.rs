@@ -1,0 +1,93 @@
+//! `llama serve`: the OpenAI-compatible server.
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use llama_runtime::Engine;
+use llama_serve::ServerConfig;
+
+use crate::args::ModelArgs;
+use crate::ctx_size;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Address to listen on; loopback unless told otherwise.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Sequences generated at once (each with a whole context); more requests wait.
+    #[arg(long, short = 'P', default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    parallel: u32,
+    /// Context size of each sequence in tokens (default: the model's, at most 4096).
+    #[arg(long, short = 'c')]
+    ctx_size: Option<usize>,
+    /// Requests that may wait for a place; past it, requests get 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Every route but /health wants `Authorization: Bearer KEY` (or $LLAMA_API_KEY).
+    #[arg(long, env = "LLAMA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The model's name in the API (default: the file's name without extension).
+    #[arg(long)]
+    alias: Option<String>,
+    /// The largest request body, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    body_limit: usize,
+    /// Seconds that requests in flight may run on after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_timeout: u64,
+}
+
+pub fn run_serve(args: ServeArgs) -> Result<()> {
+    let alias = args.alias.clone().unwrap_or_else(|| {
+        let p = &args.model.model;
+        p.file_stem()
+            .or(p.file_name())
+            .map_or("model".into(), |s| s.to_string_lossy().into_owned())
+    });
+    let config = ServerConfig {
+        alias,
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        parallel: args.parallel as usize,
+        max_queue: args.max_queue,
+        body_limit: args.body_limit,
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(&addr))
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    eprintln!(
+        "listening on http://{bound} (loading {})",
+        args.model.model.display()
+    );
+    let options = args.model.options(ctx_size(args.ctx_size));
+    let path = args.model.model.clone();
+    let parallel = args.parallel;
+    let load = move || {
+        let engine = Engine::load(&path, &options)?;
+        eprintln!(
+            "model loaded: {} ({} positions per sequence, {} at once); serving",
+            path.display(),
+            engine.context(),
+            parallel
+        );
+        Ok(engine)
+    };
+    runtime.block_on(llama_serve::serve(
+        listener,
+        config,
+        load,
+        llama_serve::shutdown_signal(),
+    ))?;
+    eprintln!("stopped");
+    Ok(())
+}

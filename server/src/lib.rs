@@ -1,0 +1,186 @@
+//! `llama serve`: an OpenAI-compatible HTTP server on the batched engine.
+//!
+//! Every request becomes sequences of one [`llama_runtime::Service`] (continuous
+//! batching over a KV budget of `parallel` contexts, with the prefix cache that lets
+//! a conversation's next turn reuse the previous one). A request's sequences live as
+//! long as its handler or its event stream: a client that goes away cancels them at
+//! the next step. The server binds first and loads the model after, answering
+//! `/health` with 503 until it is ready.
+mod error;
+mod jobs;
+mod metrics;
+mod request;
+mod routes;
+mod state;
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use llama_runtime::Engine;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::CorsLayer;
+
+pub use error::{ApiError, ServeError};
+pub use state::{AppState, Loaded, ServerConfig};
+
+/// The routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.config.body_limit;
+    Router::new()
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::models))
+        .route("/v1/models/{id}", get(routes::model))
+        .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
+        .fallback(routes::not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(CorsLayer::permissive())
+        .layer(CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }))
+        .with_state(state)
+}
+
+/// With an API key, every route but `/health` wants `Authorization: Bearer KEY`.
+async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(key) = state.config.api_key.as_deref() else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/health" || req.method() == axum::http::Method::OPTIONS {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(g) if same(g.as_bytes(), key.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid")
+            .with_code("invalid_api_key")
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "an API key is needed: send `Authorization: Bearer KEY`",
+        )
+        .with_code("invalid_api_key")
+        .into_response(),
+    }
+}
+
+/// Compares in time that does not depend on where the inputs differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Counts every answered request by route and status.
+async fn count(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("other", |p| p.as_str())
+        .to_string();
+    let response = next.run(req).await;
+    state.metrics.request(&route, response.status().as_u16());
+    response
+}
+
+/// Serves on `listener` until `shutdown` completes: the model is loaded by `load` on
+/// a blocking thread meanwhile (`/health` answers 503 until then). After the signal
+/// no connection is accepted, requests in flight run on for the configured timeout,
+/// then what is left is cancelled. A model that fails to load ends the server with
+/// that error.
+pub async fn serve<L, S>(
+    listener: TcpListener,
+    config: ServerConfig,
+    load: L,
+    shutdown: S,
+) -> Result<(), ServeError>
+where
+    L: FnOnce() -> llama_runtime::Result<Engine> + Send + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    let state = Arc::new(AppState::new(config));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, router(state.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        })
+        .into_future();
+    let mut server = std::pin::pin!(server);
+    let st = state.clone();
+    let mut loading = tokio::task::spawn_blocking(move || {
+        let engine = load()?;
+        Loaded::start(engine, &st.config)
+    });
+    let mut loaded = false;
+    loop {
+        tokio::select! {
+            r = &mut server => return r.map_err(ServeError::Io),
+            r = &mut loading, if !loaded => {
+                loaded = true;
+                match r {
+                    Ok(Ok(l)) => {
+                        state.set_loaded(l);
+                        tracing::info!("model loaded; serving");
+                    }
+                    Ok(Err(e)) => return Err(ServeError::Load(e)),
+                    Err(e) => return Err(ServeError::Internal(format!("loading the model: {e}"))),
+                }
+            }
+            r = stop_rx.changed() => {
+                if r.is_err() || *stop_rx.borrow() {
+                    break;
+                }
+            }
+        }
+    }
+    // Stopping: new requests get 503; those in flight have the timeout to finish.
+    state.stop_accepting();
+    let deadline = state.config.shutdown_timeout;
+    if let Ok(r) = tokio::time::timeout(deadline, &mut server).await {
+        return r.map_err(ServeError::Io);
+    }
+    if let Some(m) = state.loaded() {
+        m.service.cancel_all();
+    }
+    match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
+        Ok(r) => r.map_err(ServeError::Io),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

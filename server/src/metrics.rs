@@ -1,0 +1,142 @@
+//! The server's Prometheus metrics. Each server owns its recorder (nothing is
+//! installed process-wide), so several servers in one process count apart.
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
+
+const META: Metadata<'static> = Metadata::new("llama_serve", Level::INFO, None);
+
+/// Latency buckets, in seconds: from one fast decode step to a long prefill.
+const BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    prompt_tokens: Counter,
+    cached_tokens: Counter,
+    generated_tokens: Counter,
+    ttft: Histogram,
+    itl: Histogram,
+    queue: Gauge,
+    busy: Gauge,
+    in_flight: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let builder = PrometheusBuilder::new();
+        let builder =
+            match builder.set_buckets_for_metric(Matcher::Suffix("seconds".into()), BUCKETS) {
+                Ok(b) => b,
+                // Only an empty bucket list is refused; ours is not.
+                Err(_) => PrometheusBuilder::new(),
+            };
+        let recorder = builder.build_recorder();
+        let describe = |name: &'static str, unit: Option<Unit>, text: &'static str| {
+            recorder.describe_counter(name.into(), unit, text.into());
+        };
+        describe(
+            "llama_requests_total",
+            None,
+            "HTTP requests answered, by route and status",
+        );
+        describe(
+            "llama_prompt_tokens_total",
+            Some(Unit::Count),
+            "prompt tokens of finished requests",
+        );
+        describe(
+            "llama_prompt_tokens_cached_total",
+            Some(Unit::Count),
+            "prompt tokens taken from the prefix cache instead of run",
+        );
+        describe(
+            "llama_generated_tokens_total",
+            Some(Unit::Count),
+            "tokens generated",
+        );
+        recorder.describe_histogram(
+            "llama_time_to_first_token_seconds".into(),
+            Some(Unit::Seconds),
+            "from a request's arrival to its first generated token".into(),
+        );
+        recorder.describe_histogram(
+            "llama_inter_token_latency_seconds".into(),
+            Some(Unit::Seconds),
+            "between consecutive tokens of one sequence".into(),
+        );
+        recorder.describe_gauge(
+            "llama_queue_depth".into(),
+            None,
+            "requests waiting for room in the KV budget".into(),
+        );
+        recorder.describe_gauge(
+            "llama_busy_sequences".into(),
+            None,
+            "sequences prefilling or decoding".into(),
+        );
+        recorder.describe_gauge(
+            "llama_requests_in_flight".into(),
+            None,
+            "requests being answered".into(),
+        );
+        let counter = |n: &'static str| recorder.register_counter(&Key::from_name(n), &META);
+        let gauge = |n: &'static str| recorder.register_gauge(&Key::from_name(n), &META);
+        let histogram = |n: &'static str| recorder.register_histogram(&Key::from_name(n), &META);
+        Metrics {
+            prompt_tokens: counter("llama_prompt_tokens_total"),
+            cached_tokens: counter("llama_prompt_tokens_cached_total"),
+            generated_tokens: counter("llama_generated_tokens_total"),
+            ttft: histogram("llama_time_to_first_token_seconds"),
+            itl: histogram("llama_inter_token_latency_seconds"),
+            queue: gauge("llama_queue_depth"),
+            busy: gauge("llama_busy_sequences"),
+            in_flight: gauge("llama_requests_in_flight"),
+            recorder,
+        }
+    }
+
+    pub fn request(&self, route: &str, status: u16) {
+        let key = Key::from_parts(
+            "llama_requests_total",
+            vec![
+                Label::new("route", route.to_string()),
+                Label::new("status", status.to_string()),
+            ],
+        );
+        self.recorder.register_counter(&key, &META).increment(1);
+    }
+
+    pub fn tokens(&self, prompt: usize, cached: usize, generated: usize) {
+        self.prompt_tokens.increment(prompt as u64);
+        self.cached_tokens.increment(cached as u64);
+        self.generated_tokens.increment(generated as u64);
+    }
+
+    pub fn first_token(&self, after: Duration) {
+        self.ttft.record(after.as_secs_f64());
+    }
+
+    pub fn between_tokens(&self, gap: Duration) {
+        self.itl.record(gap.as_secs_f64());
+    }
+
+    pub fn in_flight(&self, delta: f64) {
+        self.in_flight.increment(delta);
+    }
+
+    /// The text exposition, with the engine's load as of now.
+    pub fn render(&self, waiting: usize, running: usize) -> String {
+        self.queue.set(waiting as f64);
+        self.busy.set(running as f64);
+        self.recorder.handle().render()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,660 @@
+//! The routes: chat completions, completions, models, health and metrics.
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use llama_runtime::{FinishReason, GenerateOptions, Generation, TokenLogprob};
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::jobs::{Job, Running, Update};
+use crate::request::{self, ChatFields, Common, CompletionFields, Prompt};
+use crate::state::{AppState, Loaded};
+
+type AppResult = Result<Response, ApiError>;
+
+/// The body as a JSON object; a body over the limit is 413.
+fn body(bytes: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
+    let bytes = bytes.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the request body is over the limit of {limit} bytes"),
+            )
+        } else {
+            ApiError::new(r.status(), r.body_text())
+        }
+    })?;
+    request::json_object(&bytes)
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::Length => "length",
+        FinishReason::Eos | FinishReason::Stop | FinishReason::Cancelled => "stop",
+    }
+}
+
+/// Which route a response answers, and how it is shaped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// One request, read and checked, ready to run.
+struct Plan {
+    kind: Kind,
+    jobs: Vec<Job>,
+    /// Choices per prompt.
+    n: usize,
+    stream: bool,
+    include_usage: bool,
+    logprobs: Option<usize>,
+    /// Prompt text echoed before each completion choice (`echo`).
+    echo: Vec<String>,
+    /// Prompt tokens, counted once per prompt.
+    prompt_tokens: usize,
+}
+
+/// Generation options of one choice, from the shared fields, with `max_tokens`
+/// clamped to what the context leaves after the prompt.
+fn job(
+    model: &Loaded,
+    common: &Common,
+    prompt: Vec<u32>,
+    base: &GenerateOptions,
+    choice: usize,
+    param: &str,
+) -> Result<Job, ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::field(param, "the prompt is empty"));
+    }
+    if prompt.len() >= model.context {
+        return Err(ApiError::field(
+            param,
+            format!(
+                "the prompt is {} tokens; the context holds {} (and at least one new token must fit)",
+                prompt.len(),
+                model.context
+            ),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let room = model.context - prompt.len();
+    let max_tokens = common.max_tokens()?.map_or(room, |m| m.min(room));
+    let mut opts = base.clone();
+    opts.max_tokens = max_tokens;
+    opts.sampler.seed = opts.sampler.seed.wrapping_add(choice as u64);
+    Ok(Job { prompt, opts })
+}
+
+fn base_options(
+    model: &Loaded,
+    common: &mut Common,
+    logprobs: Option<usize>,
+) -> Result<GenerateOptions, ApiError> {
+    Ok(GenerateOptions {
+        max_tokens: 0,
+        sampler: common.sampler(model.vocab)?,
+        eos: if common.ignore_eos {
+            Vec::new()
+        } else {
+            model.eos.clone()
+        },
+        stop: common.stop()?,
+        context_shift: None,
+        cancel: None,
+        logprobs,
+    })
+}
+
+fn plan_chat(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
+    request::refuse_unsupported(value)?;
+    let mut common: Common = request::parse(value)?;
+    common.check_stream_options()?;
+    let fields: ChatFields = request::parse(value)?;
+    let messages = fields.messages()?;
+    let logprobs = fields.logprobs()?;
+    let template = model.template.as_ref().map_err(|why| {
+        ApiError::field(
+            "messages",
+            format!("{why}: chat completions need one; use /v1/completions"),
+        )
+    })?;
+    let text = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::from_runtime(e, "messages"))?;
+    let prompt = model
+        .tokenizer
+        .encode_plain(&text)
+        .map_err(|e| ApiError::from_runtime(e, "messages"))?;
+    let n = common.n()?;
+    let base = base_options(model, &mut common, logprobs)?;
+    let jobs = (0..n)
+        .map(|i| job(model, &common, prompt.clone(), &base, i, "messages"))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Plan {
+        kind: Kind::Chat,
+        jobs,
+        n,
+        stream: common.stream,
+        include_usage: common.include_usage(),
+        logprobs,
+        echo: Vec::new(),
+        prompt_tokens: prompt.len(),
+    })
+}
+
+fn plan_completion(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
+    request::refuse_unsupported(value)?;
+    let mut common: Common = request::parse(value)?;
+    common.check_stream_options()?;
+    let fields: CompletionFields = request::parse(value)?;
+    let logprobs = fields.logprobs()?;
+    let encode = |t: &str| {
+        model
+            .tokenizer
+            .encode(t)
+            .map_err(|e| ApiError::from_runtime(e, "prompt"))
+    };
+    let prompts: Vec<Vec<u32>> = match &fields.prompt {
+        Prompt::Text(t) => vec![encode(t)?],
+        Prompt::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+        Prompt::Ids(ids) => vec![ids.clone()],
+        Prompt::IdLists(lists) => lists.clone(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::field("prompt", "the prompt list is empty"));
+    }
+    if prompts.len() > request::MAX_N as usize {
+        return Err(ApiError::field(
+            "prompt",
+            format!(
+                "{} prompts in one request; at most {}",
+                prompts.len(),
+                request::MAX_N
+            ),
+        ));
+    }
+    let echo = if fields.echo {
+        prompts
+            .iter()
+            .map(|p| {
+                model
+                    .tokenizer
+                    .decode(p)
+                    .map_err(|e| ApiError::from_runtime(e, "prompt"))
+            })
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
+    let n = common.n()?;
+    let base = base_options(model, &mut common, logprobs)?;
+    let prompt_tokens = prompts.iter().map(Vec::len).sum();
+    let mut jobs = Vec::with_capacity(prompts.len() * n);
+    for p in &prompts {
+        for i in 0..n {
+            jobs.push(job(model, &common, p.clone(), &base, i, "prompt")?);
+        }
+    }
+    Ok(Plan {
+        kind: Kind::Completion,
+        jobs,
+        n,
+        stream: common.stream,
+        include_usage: common.include_usage(),
+        logprobs,
+        echo,
+        prompt_tokens,
+    })
+}
+
+pub async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> AppResult {
+    let arrived = Instant::now();
+    let value = body(bytes, state.config.body_limit)?;
+    let plan = plan_chat(state.model()?, &value)?;
+    respond(state, plan, arrived).await
+}
+
+pub async fn completions(
+    State(state): State<Arc<AppState>>,
+    bytes: Result<Bytes, BytesRejection>,
+) -> AppResult {
+    let arrived = Instant::now();
+    let value = body(bytes, state.config.body_limit)?;
+    let plan = plan_completion(state.model()?, &value)?;
+    respond(state, plan, arrived).await
+}
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight(Arc<AppState>);
+
+impl InFlight {
+    fn new(state: &Arc<AppState>) -> Self {
+        state.metrics.in_flight(1.0);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight(-1.0);
+    }
+}
+
+async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResult {
+    let guard = InFlight::new(&state);
+    let param = match plan.kind {
+        Kind::Chat => "messages",
+        Kind::Completion => "prompt",
+    };
+    let jobs = std::mem::take(&mut { plan.jobs });
+    let choices = jobs.len();
+    let running = Running::start(state.clone(), jobs, arrived, param).await?;
+    let id = state.id(match plan.kind {
+        Kind::Chat => "chatcmpl",
+        Kind::Completion => "cmpl",
+    });
+    let shape = Shape {
+        kind: plan.kind,
+        id,
+        model: state.config.alias.clone(),
+        created: crate::state::now(),
+        n: plan.n,
+        echo: plan.echo,
+        logprobs: plan.logprobs,
+        prompt_tokens: plan.prompt_tokens,
+        state: state.clone(),
+    };
+    if plan.stream {
+        let stream = SseState {
+            running,
+            shape,
+            pending: VecDeque::new(),
+            started: vec![false; choices],
+            offsets: vec![0; choices],
+            generated: 0,
+            cached: 0,
+            include_usage: plan.include_usage,
+            ended: false,
+            _guard: guard,
+        };
+        let events = futures_util::stream::unfold(stream, |mut s| async move {
+            s.next_event().await.map(|e| (Ok::<_, Infallible>(e), s))
+        });
+        return Ok(Sse::new(events)
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    collect(running, shape, choices).await
+}
+
+/// What every response of one request shares.
+struct Shape {
+    kind: Kind,
+    id: String,
+    model: String,
+    created: u64,
+    n: usize,
+    echo: Vec<String>,
+    logprobs: Option<usize>,
+    prompt_tokens: usize,
+    state: Arc<AppState>,
+}
+
+impl Shape {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Completion, _) => "text_completion",
+        }
+    }
+
+    fn usage(&self, generated: usize, cached: usize) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": self.prompt_tokens + generated,
+            "prompt_tokens_details": { "cached_tokens": cached },
+        })
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        self.state
+            .loaded()
+            .and_then(|m| m.tokenizer.decode(&[id]).ok())
+            .unwrap_or_default()
+    }
+
+    /// Chat's `logprobs.content` entries for some tokens.
+    fn chat_logprobs(&self, tokens: &[(u32, TokenLogprob)]) -> Value {
+        let entry = |id: u32, lp: f32| {
+            let t = self.token_text(id);
+            json!({ "token": t, "logprob": lp, "bytes": t.as_bytes() })
+        };
+        let content: Vec<Value> = tokens
+            .iter()
+            .map(|(id, lp)| {
+                let mut e = entry(*id, lp.logprob);
+                e["top_logprobs"] = lp.top.iter().map(|&(t, l)| entry(t, l)).collect();
+                e
+            })
+            .collect();
+        json!({ "content": content })
+    }
+
+    /// Completions' `logprobs` object; `offset` is where the first token's text
+    /// starts in the choice's text.
+    fn completion_logprobs(&self, tokens: &[(u32, TokenLogprob)], mut offset: usize) -> Value {
+        let mut texts = Vec::new();
+        let mut lps = Vec::new();
+        let mut tops = Vec::new();
+        let mut offsets = Vec::new();
+        for (id, lp) in tokens {
+            let t = self.token_text(*id);
+            offsets.push(offset);
+            offset += t.len();
+            texts.push(t);
+            lps.push(lp.logprob);
+            let top: serde_json::Map<String, Value> = lp
+                .top
+                .iter()
+                .map(|&(i, l)| (self.token_text(i), json!(l)))
+                .collect();
+            tops.push(Value::Object(top));
+        }
+        json!({
+            "tokens": texts,
+            "token_logprobs": lps,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        })
+    }
+
+    fn logprobs_value(&self, tokens: &[(u32, TokenLogprob)], offset: usize) -> Value {
+        match (self.logprobs, self.kind) {
+            (None, _) => Value::Null,
+            (Some(_), Kind::Chat) => self.chat_logprobs(tokens),
+            (Some(_), Kind::Completion) => self.completion_logprobs(tokens, offset),
+        }
+    }
+
+    fn echo_for(&self, choice: usize) -> &str {
+        self.echo.get(choice / self.n).map_or("", String::as_str)
+    }
+}
+
+async fn collect(mut running: Running, shape: Shape, choices: usize) -> AppResult {
+    let mut done: Vec<Option<Generation>> = vec![None; choices];
+    let mut lps: Vec<Vec<(u32, TokenLogprob)>> = vec![Vec::new(); choices];
+    while let Some((i, update)) = running.next().await {
+        match update {
+            Update::Piece {
+                token: Some((id, Some(lp))),
+                ..
+            } => lps[i].push((id, lp)),
+            Update::Piece { .. } => {}
+            Update::Done(g) => done[i] = Some(g),
+            Update::Failed(e) => return Err(e),
+        }
+    }
+    let mut generated = 0;
+    let mut cached = 0;
+    let mut out = Vec::with_capacity(choices);
+    for (i, g) in done.into_iter().enumerate() {
+        let g = g.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "a sequence ended without a result",
+            )
+        })?;
+        generated += g.ids.len();
+        if i % shape.n == 0 {
+            cached += g.cached_tokens;
+        }
+        let reason = finish_reason(g.finish);
+        out.push(match shape.kind {
+            Kind::Chat => json!({
+                "index": i,
+                "message": { "role": "assistant", "content": g.text },
+                "logprobs": shape.logprobs_value(&lps[i], 0),
+                "finish_reason": reason,
+            }),
+            Kind::Completion => {
+                let echo = shape.echo_for(i);
+                json!({
+                    "index": i,
+                    "text": format!("{echo}{}", g.text),
+                    "logprobs": shape.logprobs_value(&lps[i], echo.len()),
+                    "finish_reason": reason,
+                })
+            }
+        });
+    }
+    Ok(Json(json!({
+        "id": shape.id,
+        "object": shape.object(false),
+        "created": shape.created,
+        "model": shape.model,
+        "system_fingerprint": fingerprint(),
+        "choices": out,
+        "usage": shape.usage(generated, cached),
+    }))
+    .into_response())
+}
+
+fn fingerprint() -> String {
+    format!("llama.rs-{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// A streaming response: the request's sequences and what is left to send.
+struct SseState {
+    running: Running,
+    shape: Shape,
+    pending: VecDeque<SseEvent>,
+    started: Vec<bool>,
+    /// Bytes of text sent per choice (completions' `text_offset`).
+    offsets: Vec<usize>,
+    generated: usize,
+    cached: usize,
+    include_usage: bool,
+    ended: bool,
+    _guard: InFlight,
+}
+
+impl SseState {
+    fn chunk(&self, choices: Vec<Value>) -> SseEvent {
+        let mut c = json!({
+            "id": self.shape.id,
+            "object": self.shape.object(true),
+            "created": self.shape.created,
+            "model": self.shape.model,
+            "system_fingerprint": fingerprint(),
+            "choices": choices,
+        });
+        if self.include_usage {
+            c["usage"] = Value::Null;
+        }
+        SseEvent::default().data(c.to_string())
+    }
+
+    fn choice(&self, i: usize, text: &str, lp: Value, finish: Option<&str>, role: bool) -> Value {
+        match self.shape.kind {
+            Kind::Chat => {
+                let mut delta = json!({});
+                if role {
+                    delta["role"] = json!("assistant");
+                }
+                if role || !text.is_empty() {
+                    delta["content"] = json!(text);
+                }
+                json!({ "index": i, "delta": delta, "logprobs": lp, "finish_reason": finish })
+            }
+            Kind::Completion => {
+                json!({ "index": i, "text": text, "logprobs": lp, "finish_reason": finish })
+            }
+        }
+    }
+
+    async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
+            }
+            if self.ended {
+                return None;
+            }
+            let Some((i, update)) = self.running.next().await else {
+                self.end();
+                continue;
+            };
+            if !self.started[i] {
+                self.started[i] = true;
+                let echo = self.shape.echo_for(i).to_string();
+                let first = match self.shape.kind {
+                    Kind::Chat => Some(self.choice(i, "", Value::Null, None, true)),
+                    Kind::Completion if !echo.is_empty() => {
+                        self.offsets[i] += echo.len();
+                        Some(self.choice(i, &echo, Value::Null, None, false))
+                    }
+                    Kind::Completion => None,
+                };
+                if let Some(c) = first {
+                    let e = self.chunk(vec![c]);
+                    self.pending.push_back(e);
+                }
+            }
+            match update {
+                Update::Piece { text, token } => {
+                    let lp = match token {
+                        Some((id, Some(lp))) if self.shape.logprobs.is_some() => {
+                            self.shape.logprobs_value(&[(id, lp)], self.offsets[i])
+                        }
+                        _ => Value::Null,
+                    };
+                    if text.is_empty() && lp.is_null() {
+                        continue;
+                    }
+                    self.offsets[i] += text.len();
+                    let c = self.choice(i, &text, lp, None, false);
+                    let e = self.chunk(vec![c]);
+                    self.pending.push_back(e);
+                }
+                Update::Done(g) => {
+                    self.generated += g.ids.len();
+                    if i % self.shape.n == 0 {
+                        self.cached += g.cached_tokens;
+                    }
+                    let c = self.choice(i, "", Value::Null, Some(finish_reason(g.finish)), false);
+                    let e = self.chunk(vec![c]);
+                    self.pending.push_back(e);
+                }
+                Update::Failed(err) => {
+                    self.pending
+                        .push_back(SseEvent::default().data(err.body().to_string()));
+                    self.ended = true;
+                    self.pending.push_back(SseEvent::default().data("[DONE]"));
+                }
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        self.ended = true;
+        if self.include_usage {
+            let usage = json!({
+                "id": self.shape.id,
+                "object": self.shape.object(true),
+                "created": self.shape.created,
+                "model": self.shape.model,
+                "system_fingerprint": fingerprint(),
+                "choices": [],
+                "usage": self.shape.usage(self.generated, self.cached),
+            });
+            self.pending
+                .push_back(SseEvent::default().data(usage.to_string()));
+        }
+        self.pending.push_back(SseEvent::default().data("[DONE]"));
+    }
+}
+
+fn model_object(state: &AppState) -> Value {
+    let mut o = json!({
+        "id": state.config.alias,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "llama.rs",
+    });
+    if let Some(m) = state.loaded() {
+        o["meta"] =
+            json!({ "n_ctx": m.context, "n_vocab": m.vocab, "parallel": state.config.parallel });
+    }
+    o
+}
+
+pub async fn models(State(state): State<Arc<AppState>>) -> AppResult {
+    state.model()?;
+    Ok(Json(json!({ "object": "list", "data": [model_object(&state)] })).into_response())
+}
+
+pub async fn model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> AppResult {
+    state.model()?;
+    if id != state.config.alias {
+        return Err(ApiError {
+            code: Some("model_not_found"),
+            ..ApiError::field(
+                "model",
+                format!(
+                    "the model `{id}` does not exist; this server has `{}`",
+                    state.config.alias
+                ),
+            )
+        }
+        .with_status(StatusCode::NOT_FOUND));
+    }
+    Ok(Json(model_object(&state)).into_response())
+}
+
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    match state.model() {
+        Ok(_) => Json(json!({ "status": "ok" })).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": if state.loaded().is_some() { "stopping" } else { "loading" }, "error": e.body()["error"] })),
+        )
+            .into_response(),
+    }
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let load = state.loaded().map(|m| m.service.load()).unwrap_or_default();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(load.waiting, load.running),
+    )
+        .into_response()
+}
+
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no route for {}", uri.path()),
+    )
+}
