@@ -354,8 +354,9 @@ fn logits_do_not_depend_on_how_the_prompt_was_split_or_shared() {
         ..GenerateOptions::default()
     };
     let mut alone = engine.session().expect("session");
-    let want =
-        llama::runtime::generate_ids(&mut alone, prompt, &greedy, |_| true).expect("alone").ids;
+    let want = llama::runtime::generate_ids(&mut alone, prompt, &greedy, |_| true)
+        .expect("alone")
+        .ids;
     let mut scheduler = Scheduler::new(&engine, BatchOptions::default()).expect("scheduler");
     let mut run = |prompts: Vec<Vec<u32>>| {
         let seqs: Vec<u64> = prompts
@@ -378,6 +379,10 @@ fn logits_do_not_depend_on_how_the_prompt_was_split_or_shared() {
         ids[100..130].to_vec(),
         ids[200..260].to_vec(),
     ]);
-    assert!(again[0].1 >= 39, "the prompt came from the cache: {}", again[0].1);
+    assert!(
+        again[0].1 >= 39,
+        "the prompt came from the cache: {}",
+        again[0].1
+    );
     assert_eq!(again[0].0, want, "after a copied prefix, beside two others");
 }

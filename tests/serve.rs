@@ -924,3 +924,74 @@ async fn wait_idle(server: &TestServer, since: Instant) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// While the model loads, `/health` and every model route answer 503 in OpenAI's
+/// shape; once it is loaded, 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_until_the_model_is_loaded() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let path = common::real_model_path();
+    let server = tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        llama::serve::serve(
+            listener,
+            ServerConfig::default(),
+            move || {
+                // Loading takes until the test says so.
+                let _ = gate.recv();
+                llama::runtime::Engine::load(&path, &engine_options())
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        )
+        .await
+    });
+    let http = reqwest::Client::new();
+    let health = http
+        .get(format!("{base}/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 503);
+    let body: Value = health.json().await.expect("json");
+    assert_eq!(body["status"], "loading");
+    let r = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .expect("chat");
+    assert_eq!(r.status(), 503);
+    let e: Value = r.json().await.expect("json");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("loading"));
+    open_gate.send(()).expect("open the gate");
+    let start = Instant::now();
+    loop {
+        let r = http
+            .get(format!("{base}/health"))
+            .send()
+            .await
+            .expect("health");
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(()).expect("stop");
+    server
+        .await
+        .expect("task")
+        .expect("served and stopped cleanly");
+}

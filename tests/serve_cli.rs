@@ -412,3 +412,32 @@ http {{
     assert_eq!(na + nb, 16.0);
     assert!(na >= 1.0 && nb >= 1.0, "replica a served {na}, b {nb}");
 }
+
+#[test]
+fn a_model_that_cannot_load_or_a_taken_port_is_one_line_and_exit_1() {
+    let out = llama(&["serve", "--model", "/nonexistent/model.gguf", "--port", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("error:") && last.contains("/nonexistent/model.gguf"),
+        "{err}"
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let model = real_model_path();
+    let out = llama(&[
+        "serve",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--port",
+        &port,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot listen") && err.contains(&port),
+        "{err}"
+    );
+}
