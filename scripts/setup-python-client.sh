@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# A Python virtual environment with the official `openai` client, for the server's
-# client tests (tests/serve_cli.rs runs tests/openai_client.py with it). Prints the
-# interpreter's path.
+# A Python virtual environment with the official `openai` client and Selenium, for
+# the server's client and browser tests (tests/serve_cli.rs runs tests/openai_client.py
+# and tests/webui_test.py with it). Prints the interpreter's path.
 set -euo pipefail
 cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}"
 venv="$cache/venv"
 if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv" >&2
 fi
-if ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
-    "$venv/bin/pip" install --quiet 'openai==2.*' >&2
+if ! "$venv/bin/python" -c 'import openai, selenium' 2>/dev/null; then
+    "$venv/bin/pip" install --quiet 'openai==2.*' 'selenium==4.*' >&2
 fi
 echo "$venv/bin/python"

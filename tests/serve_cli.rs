@@ -441,3 +441,55 @@ fn a_model_that_cannot_load_or_a_taken_port_is_one_line_and_exit_1() {
         "{err}"
     );
 }
+
+/// The chat page in headless Chromium (Debian's chromium and chromium-driver, driven
+/// by Selenium from the venv of scripts/setup-python-client.sh): the key is asked for,
+/// the streamed answer equals the server's greedy answer, stop ends generation on the
+/// server, the conversation survives a reload, and HTML in an answer stays text. The
+/// screenshot is left in the target folder.
+#[test]
+fn the_chat_page_works_in_a_real_browser() {
+    for tool in ["/usr/bin/chromium", "/usr/bin/chromedriver"] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: apt-get install chromium chromium-driver (.ci/run does)"
+        );
+    }
+    let python = python();
+    let has_selenium = Command::new(&python)
+        .args(["-c", "import selenium"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        has_selenium,
+        "no selenium in {}: run scripts/setup-python-client.sh",
+        python.display()
+    );
+    let served = Served::start(&["--api-key", "sesame", "--parallel", "2"]);
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("webui.png");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/webui_test.py");
+    let out = Command::new(python)
+        .arg(script)
+        .arg(&served.base)
+        .arg("sesame")
+        .arg(&shot)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all ok"), "{stdout}");
+    assert!(shot.exists(), "no screenshot at {}", shot.display());
+    eprintln!("screenshot: {}", shot.display());
+}
+
+#[test]
+fn no_webui_turns_the_page_off() {
+    let on = Served::start(&[]);
+    assert_eq!(http_status(&on.base, "/"), Some(200));
+    let off = Served::start(&["--no-webui"]);
+    assert_eq!(http_status(&off.base, "/"), Some(404));
+}

@@ -39,6 +39,9 @@ pub struct ServeArgs {
     /// Seconds that requests in flight may run on after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Do not serve the chat page at `/`.
+    #[arg(long)]
+    no_webui: bool,
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
@@ -55,6 +58,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         body_limit: args.body_limit,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        webui: !args.no_webui,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -12,6 +12,7 @@ mod metrics;
 mod request;
 mod routes;
 mod state;
+mod webui;
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -34,7 +35,13 @@ pub use state::{AppState, Loaded, ServerConfig};
 /// The routes over `state`.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.body_limit;
-    Router::new()
+    let mut router = Router::new();
+    if state.config.webui {
+        router = router
+            .route("/", get(webui::page))
+            .route("/app.js", get(webui::script));
+    }
+    router
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::models))
@@ -52,12 +59,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// With an API key, every route but `/health` wants `Authorization: Bearer KEY`.
+/// With an API key, every route but `/health` and the chat page's files (which hold
+/// no data; the page asks for the key) wants `Authorization: Bearer KEY`.
 async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let Some(key) = state.config.api_key.as_deref() else {
         return next.run(req).await;
     };
-    if req.uri().path() == "/health" || req.method() == axum::http::Method::OPTIONS {
+    let open = matches!(req.uri().path(), "/health" | "/" | "/app.js");
+    if open || req.method() == axum::http::Method::OPTIONS {
         return next.run(req).await;
     }
     let given = req

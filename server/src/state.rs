@@ -28,6 +28,8 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long requests in flight may run on after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// Serve the chat page at `/`.
+    pub webui: bool,
 }
 
 impl Default for ServerConfig {
@@ -39,6 +41,7 @@ impl Default for ServerConfig {
             max_queue: 256,
             body_limit: 4 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            webui: true,
         }
     }
 }
