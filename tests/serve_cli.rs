@@ -269,11 +269,19 @@ fn python() -> PathBuf {
 fn the_official_python_client_works_unmodified() {
     let python = python();
     let served = Served::start(&["--alias", "smollm2", "--ctx-size", "2048"]);
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    run_script(
+        &python,
+        "tests/openai_client.py",
+        &[&format!("{}/v1", served.base), "smollm2"],
+    );
+}
+
+/// Runs one of the Python test scripts; it must end with `all ok`.
+fn run_script(python: &std::path::Path, script: &str, args: &[&str]) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
     let out = Command::new(python)
         .arg(script)
-        .arg(format!("{}/v1", served.base))
-        .arg("smollm2")
+        .args(args)
         .output()
         .expect("python runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -467,21 +475,12 @@ fn the_chat_page_works_in_a_real_browser() {
     );
     let served = Served::start(&["--api-key", "sesame", "--parallel", "2"]);
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("webui.png");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/webui_test.py");
-    let out = Command::new(python)
-        .arg(script)
-        .arg(&served.base)
-        .arg("sesame")
-        .arg(&shot)
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let shot_arg = shot.to_str().expect("a UTF-8 path");
+    run_script(
+        &python,
+        "tests/webui_test.py",
+        &[&served.base, "sesame", shot_arg],
     );
-    assert!(stdout.contains("all ok"), "{stdout}");
     assert!(shot.exists(), "no screenshot at {}", shot.display());
     eprintln!("screenshot: {}", shot.display());
 }
