@@ -79,6 +79,31 @@ fn case(op: &Op, device: &Device) -> Option<Graph> {
         Op::Silu => b.op("out", Op::Silu, &[x]),
         Op::SwiGlu => b.op("out", Op::SwiGlu, &[x]),
         Op::GeluTanh => b.op("out", Op::GeluTanh, &[x]),
+        Op::Gelu => b.op("out", Op::Gelu, &[x]),
+        Op::LayerNorm { .. } => {
+            let w = b.param("w", &[8]);
+            let bias = b.param("bias", &[8]);
+            b.op("out", Op::LayerNorm { eps: f(1e-12) }, &[x, w, bias])
+        }
+        Op::PositionEmbedding => {
+            let table = b.param("positions", &[16, 8]);
+            b.op("out", Op::PositionEmbedding, &[table])
+        }
+        Op::EncoderAttention { .. } => {
+            // Token-driven: 3 heads of 8 over the step's own rows.
+            let table = b.param("table", &[16, 24]);
+            let e = b.op("e", Op::Embedding, &[table, tokens]); // [seq, 24]
+            let wk = b.param("wk", &[24, 24]);
+            let wv = b.param("wv", &[24, 24]);
+            let k = b.op("k", Op::MatMul, &[e, wk]);
+            let v = b.op("v", Op::MatMul, &[e, wv]);
+            let attn = Op::EncoderAttention {
+                n_heads: 3,
+                head_dim: 8,
+                scale: f(0.35),
+            };
+            b.op("out", attn, &[e, k, v])
+        }
         Op::Cos => b.op("out", Op::Cos, &[x]),
         Op::Sin => b.op("out", Op::Sin, &[x]),
         Op::Slice { .. } => b.op(
@@ -178,14 +203,22 @@ fn case(op: &Op, device: &Device) -> Option<Graph> {
     Some(b.g)
 }
 
-/// Prefill 6 tokens, then decode 3: the op's output at every step.
+/// Prefill 6 tokens, then decode 3: the op's output at every step. An encoder sees
+/// each input whole, so its steps are inputs of their own (a fresh cache each).
 fn run(g: Graph, device: &Device) -> Vec<Vec<f32>> {
+    let encoder = g
+        .nodes()
+        .iter()
+        .any(|n| matches!(n.op, Op::EncoderAttention { .. }));
     let program = Program::new(g, device.clone()).unwrap();
     let mut cache = program.new_cache(16).unwrap();
     let steps: [&[u32]; 4] = [&[3, 1, 4, 1, 5, 9], &[2], &[6], &[5]];
     steps
         .iter()
         .map(|ids| {
+            if encoder {
+                cache = program.new_cache(16).unwrap();
+            }
             program.run(ids, &mut cache, &Taps::None).unwrap().outputs[0]
                 .to_f32_vec()
                 .unwrap()
@@ -206,6 +239,14 @@ fn every_op_kind() -> Vec<Op> {
         Op::Silu,
         Op::SwiGlu,
         Op::GeluTanh,
+        Op::Gelu,
+        Op::LayerNorm { eps: f(1e-12) },
+        Op::PositionEmbedding,
+        Op::EncoderAttention {
+            n_heads: 3,
+            head_dim: 8,
+            scale: f(0.35),
+        },
         Op::Slice {
             axis: 0,
             start: 0,
@@ -264,6 +305,10 @@ fn covered(op: &Op) {
         | Op::Silu
         | Op::SwiGlu
         | Op::GeluTanh
+        | Op::Gelu
+        | Op::LayerNorm { .. }
+        | Op::PositionEmbedding
+        | Op::EncoderAttention { .. }
         | Op::Slice { .. }
         | Op::Concat { .. }
         | Op::RopeAngles { .. }

@@ -4,6 +4,7 @@
 //! of passes, weight storage and KV cache per device are made there, not here.
 mod args;
 mod bench;
+mod embed;
 mod generate;
 mod graph;
 mod info;
@@ -39,6 +40,9 @@ enum Command {
     Tokenize(info::TokenizeArgs),
     /// Print the model's compiled graph, or with --taps a summary of every node's output.
     Graph(graph::GraphArgs),
+    /// Embed texts: one vector per text, printed as JSON lines
+    /// (`{"index", "tokens", "embedding"}`).
+    Embed(embed::EmbedArgs),
     /// Perplexity of a text file; the last stdout line is `perplexity: <number>`.
     Perplexity(graph::PerplexityArgs),
     /// Describe a model file without loading its weights.
@@ -115,6 +119,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => generate::run_chat(a),
         Command::Graph(a) => graph::run_graph(a),
         Command::Tokenize(a) => info::run_tokenize(a),
+        Command::Embed(a) => embed::run_embed(a),
         Command::Perplexity(a) => graph::run_perplexity(a),
         Command::Inspect(a) => info::run_inspect(a),
         Command::Convert(a) => info::run_convert(a),

@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Do not serve the chat page at `/`.
     #[arg(long)]
     no_webui: bool,
+    /// How /v1/embeddings pools token rows: `mean`, `last` or `cls` (default: the
+    /// model's sentence-transformers config, else `mean`).
+    #[arg(long, value_parser = crate::embed::pooling)]
+    pooling: Option<llama_runtime::Pooling>,
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
@@ -59,6 +63,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         body_limit: args.body_limit,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         webui: !args.no_webui,
+        pooling: args.pooling,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

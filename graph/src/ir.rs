@@ -188,6 +188,11 @@ pub enum Op {
     AddScalar {
         value: F32Bits,
     },
+    /// `(x [.., d], w [d], b [d]) -> [.., d]`: `(x - mean(x)) / sqrt(var(x) + eps) * w + b`
+    /// over the last axis (BERT's LayerNorm; the variance is the biased one).
+    LayerNorm {
+        eps: F32Bits,
+    },
     Silu,
     /// A gate and an up projection side by side, gated: `x [.., 2n] -> [.., n]`,
     /// `silu(x[.., :n]) * x[.., n:]` (what `mul(silu(gate), up)` of a fused gate/up
@@ -195,6 +200,8 @@ pub enum Op {
     SwiGlu,
     /// GELU with the tanh approximation (`gelu_pytorch_tanh`).
     GeluTanh,
+    /// Exact GELU, `x * Φ(x)` with the error function (BERT's `gelu`).
+    Gelu,
     /// A contiguous range of one axis.
     Slice {
         axis: usize,
@@ -219,6 +226,10 @@ pub enum Op {
     Rope {
         head_dim: usize,
     },
+    /// Learned absolute position embeddings: `table [max_positions, d] -> [tokens, d]`,
+    /// each row of the step the table's row at its own position (`past..past+seq` for
+    /// each sequence).
+    PositionEmbedding,
     /// Writes this step's rows into the layer's KV cache and yields the rows attention
     /// needs, oldest first: `[seq, kv_heads * head_dim] -> [past+seq, ..]`, or with a
     /// sliding window `[min(past, window-1)+seq, ..]` from a ring of `window` rows.
@@ -237,6 +248,15 @@ pub enum Op {
         scale: F32Bits,
         window: Option<usize>,
     },
+    /// Bidirectional scaled-dot-product attention of an encoder: `(q [tokens, heads*hd],
+    /// k [tokens, heads*hd], v [..]) -> [tokens, heads*hd]`, each sequence's queries
+    /// over every key of the same sequence in this step (no mask, no cache: an encoder
+    /// sees its whole input in one step).
+    EncoderAttention {
+        n_heads: usize,
+        head_dim: usize,
+        scale: F32Bits,
+    },
 }
 
 impl Op {
@@ -253,17 +273,21 @@ impl Op {
             Op::Mul => "mul",
             Op::Scale { .. } => "scale",
             Op::AddScalar { .. } => "add_scalar",
+            Op::LayerNorm { .. } => "layer_norm",
             Op::Silu => "silu",
             Op::SwiGlu => "swiglu",
             Op::GeluTanh => "gelu_tanh",
+            Op::Gelu => "gelu",
             Op::Slice { .. } => "slice",
             Op::Concat { .. } => "concat",
             Op::RopeAngles { .. } => "rope_angles",
             Op::Cos => "cos",
             Op::Sin => "sin",
             Op::Rope { .. } => "rope",
+            Op::PositionEmbedding => "position_embedding",
             Op::KvAppend { .. } => "kv_append",
             Op::Attention { .. } => "attention",
+            Op::EncoderAttention { .. } => "encoder_attention",
         }
     }
 
@@ -275,15 +299,17 @@ impl Op {
             Op::Tokens
                 | Op::Param(_)
                 | Op::Rope { .. }
+                | Op::PositionEmbedding
                 | Op::KvAppend { .. }
                 | Op::Attention { .. }
+                | Op::EncoderAttention { .. }
         )
     }
 
     /// The op's attributes as text, for dumps.
     pub fn attrs(&self) -> String {
         match self {
-            Op::RmsNorm { eps } => format!("eps={eps}"),
+            Op::RmsNorm { eps } | Op::LayerNorm { eps } => format!("eps={eps}"),
             Op::Scale { factor } => format!("factor={factor}"),
             Op::AddScalar { value } => format!("value={value}"),
             Op::Slice { axis, start, len } => format!("axis={axis} start={start} len={len}"),
@@ -326,6 +352,11 @@ impl Op {
                 "heads={n_heads} kv_heads={n_kv_heads} head_dim={head_dim} scale={scale}{}",
                 window_attr(*window)
             ),
+            Op::EncoderAttention {
+                n_heads,
+                head_dim,
+                scale,
+            } => format!("heads={n_heads} head_dim={head_dim} scale={scale}"),
             _ => String::new(),
         }
     }

@@ -103,6 +103,24 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
             }
             f32(x.clone())
         }
+        Op::LayerNorm { .. } => {
+            arity(node, op, inputs, 3)?;
+            let x = &inputs[0].0;
+            for (what, w) in [("weight", &inputs[1].0), ("bias", &inputs[2].0)] {
+                if w.rank() != 1 || x.0.last() != Some(&w.0[0]) {
+                    return Err(mismatch(
+                        node,
+                        format!("layer norm {what} for input {x}"),
+                        format!(
+                            "[{}]",
+                            x.0.last().map(|d| d.to_string()).unwrap_or_default()
+                        ),
+                        w,
+                    ));
+                }
+            }
+            f32(x.clone())
+        }
         Op::Add | Op::Mul => {
             arity(node, op, inputs, 2)?;
             let (a, b) = (&inputs[0].0, &inputs[1].0);
@@ -117,7 +135,13 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
             }
             f32(a.clone())
         }
-        Op::Scale { .. } | Op::AddScalar { .. } | Op::Silu | Op::GeluTanh | Op::Cos | Op::Sin => {
+        Op::Scale { .. }
+        | Op::AddScalar { .. }
+        | Op::Silu
+        | Op::GeluTanh
+        | Op::Gelu
+        | Op::Cos
+        | Op::Sin => {
             arity(node, op, inputs, 1)?;
             f32(inputs[0].0.clone())
         }
@@ -223,6 +247,19 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
             }
             f32(x.clone())
         }
+        Op::PositionEmbedding => {
+            arity(node, op, inputs, 1)?;
+            let table = &inputs[0].0;
+            match (table.rank(), table.fixed_dim(0), table.fixed_dim(1)) {
+                (2, Some(_), Some(d)) => f32(Shape(vec![Dim::Seq, Dim::Fixed(d)])),
+                _ => Err(mismatch(
+                    node,
+                    "position table",
+                    "[positions, width]",
+                    table,
+                )),
+            }
+        }
         Op::KvAppend { window, .. } => {
             arity(node, op, inputs, 1)?;
             let x = &inputs[0].0;
@@ -262,6 +299,22 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
                 }
             }
             f32(q_shape)
+        }
+        Op::EncoderAttention {
+            n_heads, head_dim, ..
+        } => {
+            arity(node, op, inputs, 3)?;
+            let shape = Shape(vec![Dim::Seq, Dim::Fixed(n_heads * head_dim)]);
+            for (what, s) in [
+                ("query", &inputs[0].0),
+                ("keys", &inputs[1].0),
+                ("values", &inputs[2].0),
+            ] {
+                if *s != shape {
+                    return Err(mismatch(node, what, shape.to_string(), s));
+                }
+            }
+            f32(shape)
         }
     }
 }

@@ -90,6 +90,15 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
+    /// LayerNorm epsilon of encoder families (BERT).
+    #[serde(default)]
+    pub layer_norm_eps: Option<f32>,
+    /// Token types (segments) an encoder embeds (BERT: 2).
+    #[serde(default)]
+    pub type_vocab_size: Option<usize>,
+    /// BERT: `absolute` learned positions (the only kind supported).
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
 }
 
 fn default_eps() -> f32 {

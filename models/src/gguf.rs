@@ -363,6 +363,9 @@ impl GgufFile {
             layer_types: None,
             attention_bias: false,
             mlp_bias: false,
+            layer_norm_eps: None,
+            type_vocab_size: None,
+            position_embedding_type: None,
         })
     }
 }

@@ -1,4 +1,5 @@
 //! llama-models: configs, weight loading and one graph-building file per family.
+pub mod bert;
 pub mod config;
 pub mod convert;
 pub mod error;

@@ -3,6 +3,7 @@
 use burn::module::Module;
 use llama_graph::Graph;
 
+use crate::bert::Bert;
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::gemma::Gemma;
@@ -45,16 +46,19 @@ pub enum Family {
     Qwen2,
     Phi3,
     Gemma,
+    /// BERT encoders: they embed text, they do not generate it.
+    Bert,
 }
 
 impl Family {
     /// Every supported family, in the order error messages list them.
-    pub const ALL: [Family; 5] = [
+    pub const ALL: [Family; 6] = [
         Family::Llama,
         Family::Mistral,
         Family::Qwen2,
         Family::Phi3,
         Family::Gemma,
+        Family::Bert,
     ];
 
     /// The `architectures` name in config.json.
@@ -65,7 +69,14 @@ impl Family {
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
             Family::Gemma => "GemmaForCausalLM",
+            Family::Bert => "BertModel",
         }
+    }
+
+    /// Whether the family's graph yields logits over a vocabulary (a decoder that
+    /// generates), rather than hidden states to pool (an encoder).
+    pub const fn generates(self) -> bool {
+        !matches!(self, Family::Bert)
     }
 
     /// `general.architecture` and how the family's GGUF files differ from its HF
@@ -78,6 +89,7 @@ impl Family {
             Family::Qwen2 => gguf("qwen2", false, false, "silu"),
             Family::Phi3 => gguf("phi3", false, false, "silu"),
             Family::Gemma => gguf("gemma", false, true, "gelu_pytorch_tanh"),
+            Family::Bert => None,
         }
     }
 
@@ -121,6 +133,7 @@ impl Family {
             Family::Qwen2 => FamilyWeights::Llama(crate::qwen2::load(c, w)?),
             Family::Phi3 => FamilyWeights::Llama(crate::phi3::load(c, w)?),
             Family::Gemma => FamilyWeights::Gemma(crate::gemma::load(c, w)?),
+            Family::Bert => FamilyWeights::Bert(crate::bert::load(c, w)?),
         };
         w.check_all_used(self)?;
         Ok(weights)
@@ -145,14 +158,17 @@ pub fn supported() -> Vec<&'static str> {
 pub enum FamilyWeights {
     Llama(Llama),
     Gemma(Gemma),
+    Bert(Bert),
 }
 
 impl FamilyWeights {
-    /// The forward pass as a graph whose RoPE tables cover `max_positions`.
+    /// The forward pass as a graph whose RoPE tables cover `max_positions` (an
+    /// encoder's learned position table is the checkpoint's).
     pub fn build(&self, c: &ModelConfig, max_positions: usize) -> Result<Graph> {
         match self {
             FamilyWeights::Llama(w) => w.build(c, max_positions),
             FamilyWeights::Gemma(w) => w.build(c, max_positions),
+            FamilyWeights::Bert(w) => w.build(c),
         }
     }
 }

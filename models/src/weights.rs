@@ -220,8 +220,8 @@ pub fn ours_to_hf_all(name: &str) -> Vec<String> {
 
 /// Tensors that checkpoints may carry but that no family reads, by name suffix: the RoPE
 /// frequencies that transformers before 4.31 saved with every layer (we compute them
-/// from the config).
-const BUFFERS: &[&str] = &["rotary_emb.inv_freq"];
+/// from the config), and BERT's position ids `0..max_positions`.
+const BUFFERS: &[&str] = &["rotary_emb.inv_freq", "embeddings.position_ids"];
 
 /// Reads weights by our names from a checkpoint, checking every shape against the config,
 /// and records what it read so that [`WeightLoader::check_all_used`] can refuse a

@@ -179,6 +179,7 @@ impl<'t> Scheduler<'t> {
     /// tokenizer ([`Scheduler::with_tokenizer`]) its events carry text and stop
     /// strings apply.
     pub fn new(engine: &'t Engine, opts: BatchOptions) -> Result<Self> {
+        engine.check_generates()?;
         Self::for_program(
             engine.program(),
             engine.context(),

@@ -236,6 +236,7 @@ impl Engine {
 
     /// A session of `context` positions, at most the engine's.
     pub fn session_with_context(&self, context: usize) -> Result<Session> {
+        self.check_generates()?;
         if context == 0 || context > self.context {
             return Err(RuntimeError::Options(format!(
                 "a session of {context} positions does not fit the engine's context of {}",
@@ -243,6 +244,33 @@ impl Engine {
             )));
         }
         Session::with_cache_type(self.program.clone(), context, self.cache_type)
+    }
+
+    /// An error for an encoder, whose graph yields hidden states, not logits.
+    pub fn check_generates(&self) -> Result<()> {
+        if self.model.arch.generates() {
+            return Ok(());
+        }
+        Err(RuntimeError::NotGenerative {
+            model: self.model.path.display().to_string(),
+            arch: self.model.arch.hf_name().to_string(),
+        })
+    }
+
+    /// Whether the model is an encoder (its graph's output is hidden states).
+    pub fn is_encoder(&self) -> bool {
+        !self.model.arch.generates()
+    }
+
+    /// The pass pipeline this engine compiled with, to compile another graph of the
+    /// same model alike (the hidden-state graph of [`crate::Embedder`]).
+    pub fn pipeline(&self) -> Pipeline {
+        Pipeline::from_passes(
+            self.passes
+                .iter()
+                .filter_map(|n| Pipeline::by_name(n))
+                .collect(),
+        )
     }
 
     /// The model's tokenizer (its tokenizer.json, or the GGUF's vocabulary).

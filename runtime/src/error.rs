@@ -40,6 +40,18 @@ pub enum RuntimeError {
     Busy(String),
     #[error("the request needs {needed} KV positions but the KV budget holds {budget}")]
     KvBudget { needed: usize, budget: usize },
+    #[error(
+        "{model} is an encoder ({arch}): it embeds text, it does not generate (try `llama embed`)"
+    )]
+    NotGenerative { model: String, arch: String },
+    #[error("input {index} of the batch is empty")]
+    EmptyInput { index: usize },
+    #[error("input {index} has {tokens} tokens; the model embeds at most {max}")]
+    InputTooLong {
+        index: usize,
+        tokens: usize,
+        max: usize,
+    },
     #[error("{}", context_size_message(*requested, *max))]
     ContextSize { requested: usize, max: usize },
 }

@@ -2,6 +2,7 @@
 pub mod batch;
 pub mod chat;
 pub mod device;
+pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod generate;
@@ -14,6 +15,7 @@ pub mod tokenizer;
 pub use batch::{BatchOptions, BatchStats, Event, Scheduler, SeqId, SeqState};
 pub use chat::{ChatTemplate, Message};
 pub use device::Backend;
+pub use embed::{cosine, Embedder, Pooling};
 pub use engine::{Context, Engine, Passes, Policy, Precision, SessionOptions, DEFAULT_CONTEXT};
 pub use error::{Result, RuntimeError};
 pub use generate::{

@@ -15,8 +15,18 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner =
+        let mut inner =
             tokenizers::Tokenizer::from_file(path).map_err(|e| RuntimeError::Tokenizer {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        // A tokenizer.json may carry the padding and truncation its trainer batched
+        // with (all-MiniLM-L6-v2's pads every text to 128 ids): we run each text at
+        // its own length, and truncate where the caller says ([`Tokenizer::encode_limited`]).
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| RuntimeError::Tokenizer {
                 path: path.display().to_string(),
                 message: e.to_string(),
             })?;
@@ -87,6 +97,35 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, true).map_err(|e| self.err(e))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids of `text` with the post-processor's special tokens, at most `max` of them:
+    /// the text's own tokens are cut at the end so that they and the special tokens
+    /// fit (as HF tokenizers truncate, `[CLS] ... [SEP]` kept whole). Also says whether
+    /// anything was cut.
+    pub fn encode_limited(&self, text: &str, max: usize) -> Result<(Vec<u32>, bool)> {
+        let mut enc = self.inner.encode(text, false).map_err(|e| self.err(e))?;
+        let added = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
+        let room = max.saturating_sub(added);
+        let cut = enc.len() > room;
+        if cut {
+            enc.truncate(room, 0, tokenizers::TruncationDirection::Right);
+        }
+        let enc = self
+            .inner
+            .post_process(enc, None, true)
+            .map_err(|e| self.err(e))?;
+        Ok((enc.get_ids().to_vec(), cut))
+    }
+
+    /// The byte spans `(start, end)` of `text`'s tokens, in order, without special
+    /// tokens: where a chunker may cut text by token counts.
+    pub fn token_spans(&self, text: &str) -> Result<Vec<(usize, usize)>> {
+        let enc = self.inner.encode(text, false).map_err(|e| self.err(e))?;
+        Ok(enc.get_offsets().to_vec())
     }
 
     /// Text of `ids`, special tokens skipped.

@@ -6,6 +6,7 @@
 //! long as its handler or its event stream: a client that goes away cancels them at
 //! the next step. The server binds first and loads the model after, answering
 //! `/health` with 503 until it is ready.
+mod embeddings;
 mod error;
 mod jobs;
 mod metrics;
@@ -44,6 +45,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     router
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
+        .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/models", get(routes::models))
         .route("/v1/models/{id}", get(routes::model))
         .route("/health", get(routes::health))
@@ -163,8 +165,8 @@ where
     if let Ok(r) = tokio::time::timeout(deadline, &mut server).await {
         return r.map_err(ServeError::Io);
     }
-    if let Some(m) = state.loaded() {
-        m.service.cancel_all();
+    if let Some(s) = state.loaded().and_then(|m| m.service.as_ref()) {
+        s.cancel_all();
     }
     match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
         Ok(r) => r.map_err(ServeError::Io),

@@ -22,7 +22,7 @@ use crate::state::{AppState, Loaded};
 type AppResult = Result<Response, ApiError>;
 
 /// The body as a JSON object; a body over the limit is 413.
-fn body(bytes: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
+pub(crate) fn body(bytes: Result<Bytes, BytesRejection>, limit: usize) -> Result<Value, ApiError> {
     let bytes = bytes.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -225,6 +225,7 @@ pub async fn chat_completions(
 ) -> AppResult {
     let arrived = Instant::now();
     let value = body(bytes, state.config.body_limit)?;
+    state.service()?; // an embedding model says so before any field is read
     let plan = plan_chat(state.model()?, &value)?;
     respond(state, plan, arrived).await
 }
@@ -235,6 +236,7 @@ pub async fn completions(
 ) -> AppResult {
     let arrived = Instant::now();
     let value = body(bytes, state.config.body_limit)?;
+    state.service()?;
     let plan = plan_completion(state.model()?, &value)?;
     respond(state, plan, arrived).await
 }
@@ -641,7 +643,11 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let load = state.loaded().map(|m| m.service.load()).unwrap_or_default();
+    let load = state
+        .loaded()
+        .and_then(|m| m.service.as_ref())
+        .map(|s| s.load())
+        .unwrap_or_default();
     (
         [(
             axum::http::header::CONTENT_TYPE,

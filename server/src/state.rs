@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use llama_runtime::{
-    BatchOptions, ChatTemplate, Engine, Result as RtResult, RuntimeError, Service, ServiceOptions,
-    Tokenizer,
+    BatchOptions, ChatTemplate, Embedder, Engine, Pooling, Result as RtResult, RuntimeError,
+    Service, ServiceOptions, Tokenizer,
 };
 
 use crate::error::ApiError;
@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Serve the chat page at `/`.
     pub webui: bool,
+    /// How `/v1/embeddings` pools token rows (default: the model's own, else mean).
+    pub pooling: Option<Pooling>,
 }
 
 impl Default for ServerConfig {
@@ -42,13 +44,19 @@ impl Default for ServerConfig {
             body_limit: 4 << 20,
             shutdown_timeout: Duration::from_secs(30),
             webui: true,
+            pooling: None,
         }
     }
 }
 
 /// The model, once loaded.
 pub struct Loaded {
-    pub service: Service,
+    /// The generation service; `None` for an encoder, which only embeds.
+    pub service: Option<Service>,
+    pub engine: Arc<Engine>,
+    /// The embedder, made on the first `/v1/embeddings` request (a decoder compiles
+    /// a second, head-less graph for it), or why it cannot be made.
+    pub embedder: OnceLock<std::result::Result<Arc<Embedder>, String>>,
     pub tokenizer: Tokenizer,
     /// The chat template, or why there is none.
     pub template: std::result::Result<ChatTemplate, String>,
@@ -79,9 +87,16 @@ impl Loaded {
             },
             max_queue: config.max_queue,
         };
-        let service = Service::start(Arc::new(engine), opts)?;
+        let engine = Arc::new(engine);
+        let service = if engine.is_encoder() {
+            None
+        } else {
+            Some(Service::start(engine.clone(), opts)?)
+        };
         Ok(Loaded {
             service,
+            engine,
+            embedder: OnceLock::new(),
             tokenizer,
             template,
             eos,
@@ -137,8 +152,43 @@ impl AppState {
         })
     }
 
+    /// The generation service; 400 for a model that only embeds.
     pub fn service(&self) -> Result<&Service, ApiError> {
-        Ok(&self.model()?.service)
+        let model = self.model()?;
+        model.service.as_ref().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the model `{}` is an embedding model ({}): it serves /v1/embeddings only",
+                    self.config.alias,
+                    model.engine.model().arch
+                ),
+            )
+        })
+    }
+
+    /// The embedder, made on first use (on a blocking thread: a decoder compiles its
+    /// hidden-state graph).
+    pub async fn embedder(self: &Arc<Self>) -> Result<Arc<Embedder>, ApiError> {
+        let model = self.model()?;
+        if let Some(e) = model.embedder.get() {
+            return e.clone().map_err(internal);
+        }
+        let st = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let model = st.model()?;
+            model
+                .embedder
+                .get_or_init(|| {
+                    Embedder::new(&model.engine, st.config.pooling)
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string())
+                })
+                .clone()
+                .map_err(internal)
+        })
+        .await
+        .map_err(|e| internal(e.to_string()))?
     }
 
     pub fn stop_accepting(&self) {
@@ -150,6 +200,10 @@ impl AppState {
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{prefix}-{:x}{n:06}", self.started)
     }
+}
+
+fn internal(message: String) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
 }
 
 pub fn now() -> u64 {

@@ -219,3 +219,18 @@ pub fn greedy(max_tokens: usize) -> llama::runtime::GenerateOptions {
         ..Default::default()
     }
 }
+
+/// all-MiniLM-L6-v2's directory: `$LLAMA_RS_MINILM`, else the cache that
+/// `scripts/fetch-minilm.sh` fills. Missing, it fails the test and says how to fetch it.
+pub fn minilm_path() -> PathBuf {
+    if let Ok(p) = std::env::var("LLAMA_RS_MINILM") {
+        return PathBuf::from(p);
+    }
+    let path = cache_dir().join("models/all-minilm-l6-v2");
+    assert!(
+        path.join("model.safetensors").exists(),
+        "all-MiniLM-L6-v2 is missing at {}: run scripts/fetch-minilm.sh",
+        path.display()
+    );
+    path
+}

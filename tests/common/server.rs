@@ -28,9 +28,17 @@ pub struct TestServer {
 }
 
 impl TestServer {
-    /// Starts a server and waits until `/health` says it is ready.
+    /// Starts a server on the real model and waits until `/health` says it is ready.
     pub async fn start(config: ServerConfig) -> TestServer {
-        let path = real_model_path();
+        Self::start_model(real_model_path(), engine_options(), config).await
+    }
+
+    /// Starts a server on the model at `path` and waits until it is ready.
+    pub async fn start_model(
+        path: std::path::PathBuf,
+        options: SessionOptions,
+        config: ServerConfig,
+    ) -> TestServer {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         listener.set_nonblocking(true).expect("non-blocking");
         let addr = listener.local_addr().expect("address");
@@ -47,7 +55,7 @@ impl TestServer {
                 llama::serve::serve(
                     listener,
                     config,
-                    move || Engine::load(&path, &engine_options()),
+                    move || Engine::load(&path, &options),
                     async move {
                         let _ = rx.await;
                     },
@@ -56,7 +64,7 @@ impl TestServer {
                 .map_err(|e| e.to_string())
             })
         });
-        let server = TestServer {
+        let mut server = TestServer {
             base: format!("http://{addr}"),
             stop: Some(tx),
             thread: Some(thread),
@@ -65,7 +73,7 @@ impl TestServer {
         server
     }
 
-    async fn wait_ready(&self) {
+    async fn wait_ready(&mut self) {
         let client = reqwest::Client::new();
         let start = Instant::now();
         loop {
@@ -73,6 +81,9 @@ impl TestServer {
                 if r.status() == 200 {
                     return;
                 }
+            }
+            if let Some(t) = self.thread.take_if(|t| t.is_finished()) {
+                panic!("the server stopped while starting: {:?}", t.join());
             }
             assert!(
                 start.elapsed() < Duration::from_secs(120),

@@ -75,6 +75,27 @@ pub fn eval(
                 .recip();
             Value::F2(x.mul(inv).mul(w.unsqueeze_dim(0)))
         }
+        Op::LayerNorm { eps } => {
+            let x = f2(node, next()?)?;
+            let (Value::F1(w), Value::F1(b)) = (next()?, next()?) else {
+                return Err(bad(node, "layer norm weight and bias must be rank 1"));
+            };
+            let mean = x.clone().mean_dim(1);
+            let centered = x.sub(mean);
+            let inv = centered
+                .clone()
+                .powi_scalar(2)
+                .mean_dim(1)
+                .add_scalar(eps.get())
+                .sqrt()
+                .recip();
+            Value::F2(
+                centered
+                    .mul(inv)
+                    .mul(w.unsqueeze_dim(0))
+                    .add(b.unsqueeze_dim(0)),
+            )
+        }
         Op::Add => binary(node, next()?, next()?, |a, b| a.add(b), |a, b| a.add(b))?,
         Op::Mul => binary(node, next()?, next()?, |a, b| a.mul(b), |a, b| a.mul(b))?,
         Op::Scale { factor } => match next()? {
@@ -95,6 +116,7 @@ pub fn eval(
             Value::F2(activation::silu(gate).mul(up))
         }
         Op::GeluTanh => Value::F2(activation::gelu_approximate(f2(node, next()?)?)),
+        Op::Gelu => Value::F2(activation::gelu(f2(node, next()?)?)),
         Op::Cos => Value::F2(f2(node, next()?)?.cos()),
         Op::Sin => Value::F2(f2(node, next()?)?.sin()),
         Op::Slice { axis, start, len } => match next()? {
@@ -157,6 +179,30 @@ pub fn eval(
             let (cos, sin) = step_angles(cos, sin, step, node)?;
             Value::F2(rope(x, cos, sin, *head_dim))
         }
+        Op::PositionEmbedding => {
+            let step = step.ok_or_else(|| bad(node, "position_embedding needs a step"))?;
+            let table = f2(node, next()?)?;
+            let positions = table.dims()[0];
+            if let Some(p) = step.parts.iter().find(|p| p.past + p.seq > positions) {
+                return Err(bad(
+                    node,
+                    format!(
+                        "position {} is past the position table of {positions} positions",
+                        p.past + p.seq - 1
+                    ),
+                ));
+            }
+            let rows: Vec<Tensor<2>> = step
+                .parts
+                .iter()
+                .map(|p| table.clone().narrow(0, p.past, p.seq))
+                .collect();
+            Value::F2(if rows.len() == 1 {
+                rows.into_iter().next().expect("one sequence")
+            } else {
+                Tensor::cat(rows, 0)
+            })
+        }
         Op::KvAppend { layer, kind, .. } => {
             let step = step.ok_or_else(|| bad(node, "kv_append needs a step"))?;
             let rows = f2(node, next()?)?;
@@ -198,7 +244,62 @@ pub fn eval(
                 Tensor::cat(outs, 0)
             })
         }
+        Op::EncoderAttention {
+            n_heads,
+            head_dim,
+            scale,
+        } => {
+            let step = step.ok_or_else(|| bad(node, "encoder attention needs a step"))?;
+            let qkv = (f2(node, next()?)?, f2(node, next()?)?, f2(node, next()?)?);
+            Value::F2(encoder_attention(
+                node,
+                qkv,
+                (*n_heads, *head_dim, scale.get()),
+                step,
+            )?)
+        }
     })
+}
+
+/// Bidirectional attention of each sequence of a step over its own rows: the
+/// [`Op::EncoderAttention`] lowering.
+fn encoder_attention(
+    node: &str,
+    (q, k, v): (Tensor<2>, Tensor<2>, Tensor<2>),
+    (n_heads, head_dim, scale): (usize, usize, f32),
+    step: &Step<'_>,
+) -> Result<Tensor<2>> {
+    let total = q.dims()[0];
+    if step.parts.iter().any(|p| p.past != 0)
+        || step.parts.iter().map(|p| p.seq).sum::<usize>() != total
+    {
+        return Err(bad(
+            node,
+            "an encoder sees each sequence whole, in one step",
+        ));
+    }
+    let one = |q: Tensor<2>, k: Tensor<2>, v: Tensor<2>| {
+        let seq = q.dims()[0];
+        // [seq, heads*hd] -> [heads, seq, hd]
+        let split = |t: Tensor<2>| t.reshape([seq, n_heads, head_dim]).swap_dims(0, 1);
+        let scores = split(q).matmul(split(k).swap_dims(1, 2)).mul_scalar(scale);
+        activation::softmax(scores, 2)
+            .matmul(split(v)) // [heads, seq, hd]
+            .swap_dims(0, 1)
+            .reshape([seq, n_heads * head_dim])
+    };
+    if let [_] = &step.parts[..] {
+        return Ok(one(q, k, v));
+    }
+    let outs = step
+        .parts
+        .iter()
+        .map(|p| {
+            let rows = |t: &Tensor<2>| t.clone().narrow(0, p.offset, p.seq);
+            one(rows(&q), rows(&k), rows(&v))
+        })
+        .collect();
+    Ok(Tensor::cat(outs, 0))
 }
 
 /// Rotary angles `[max_positions, head_dim / 2]`, computed in f32 as HF transformers does

@@ -92,11 +92,13 @@ fn row_wise(op: &Op) -> bool {
         op,
         Op::MatMul
             | Op::RmsNorm { .. }
+            | Op::LayerNorm { .. }
             | Op::Scale { .. }
             | Op::AddScalar { .. }
             | Op::Silu
             | Op::SwiGlu
             | Op::GeluTanh
+            | Op::Gelu
             | Op::Add
             | Op::Mul
     )
