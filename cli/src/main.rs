@@ -8,6 +8,7 @@ mod embed;
 mod generate;
 mod graph;
 mod info;
+mod rag;
 mod serve;
 
 use std::io::IsTerminal;
@@ -43,6 +44,9 @@ enum Command {
     /// Embed texts: one vector per text, printed as JSON lines
     /// (`{"index", "tokens", "embedding"}`).
     Embed(embed::EmbedArgs),
+    /// Retrieval-augmented answers: ingest files into a store (SQLite or PostgreSQL),
+    /// search it, and answer questions citing the sources.
+    Rag(rag::RagArgs),
     /// Perplexity of a text file; the last stdout line is `perplexity: <number>`.
     Perplexity(graph::PerplexityArgs),
     /// Describe a model file without loading its weights.
@@ -120,6 +124,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Graph(a) => graph::run_graph(a),
         Command::Tokenize(a) => info::run_tokenize(a),
         Command::Embed(a) => embed::run_embed(a),
+        Command::Rag(a) => rag::run_rag(a),
         Command::Perplexity(a) => graph::run_perplexity(a),
         Command::Inspect(a) => info::run_inspect(a),
         Command::Convert(a) => info::run_convert(a),
