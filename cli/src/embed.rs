@@ -25,6 +25,9 @@ pub struct EmbedArgs {
     /// Texts per batched step (default: as many as fit 8192 tokens).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub batch_size: Option<u32>,
+    /// Print the time each op kind took, to stderr.
+    #[arg(long)]
+    pub profile: bool,
     /// Positions a decoder model's sequences hold (default: the model's context, at
     /// most 4096).
     #[arg(long)]
@@ -65,6 +68,9 @@ pub fn run_embed(args: EmbedArgs) -> Result<()> {
         .iter()
         .map(|t| embedder.tokenize(t))
         .collect::<llama_runtime::Result<Vec<_>>>()?;
+    if args.profile {
+        embedder.program().start_profile();
+    }
     let start = std::time::Instant::now();
     let vectors = match args.batch_size {
         Some(n) => {
@@ -83,6 +89,17 @@ pub fn run_embed(args: EmbedArgs) -> Result<()> {
         ids.iter().map(Vec::len).sum::<usize>(),
         ids.len() as f64 / secs.max(1e-9)
     );
+    if args.profile {
+        let p = embedder.program().take_profile();
+        let mut ops: Vec<_> = p.ops.into_iter().collect();
+        ops.sort_by_key(|(_, (time, _))| std::cmp::Reverse(*time));
+        for (kind, (time, count)) in ops {
+            eprintln!(
+                "{kind:>20} {:>9.1} ms {count:>7} calls",
+                time.as_secs_f64() * 1e3
+            );
+        }
+    }
     let mut out = std::io::stdout().lock();
     for (index, (v, ids)) in vectors.iter().zip(&ids).enumerate() {
         let line = serde_json::json!({"index": index, "tokens": ids.len(), "embedding": v});

@@ -23,6 +23,9 @@ pub struct AttentionShape {
     pub window: Option<usize>,
     /// Positions before this step.
     pub past: usize,
+    /// Whether a query sees only keys not after it (decoders); `false`: every key
+    /// (an encoder's bidirectional attention, all of one sequence in one step).
+    pub causal: bool,
 }
 
 /// The body of [`attention`], pasted into its baseline and its AVX2 + FMA build (a
@@ -41,7 +44,11 @@ macro_rules! attention_body {
         let head = |i: usize, h: usize, o: &mut [f32]| {
             let qp = s.past + i;
             // Keys j in lo..hi are visible: not after the query, and inside the window.
-            let hi = (qp + 1 - first_key).min(rows);
+            let hi = if s.causal {
+                (qp + 1 - first_key).min(rows)
+            } else {
+                rows
+            };
             let lo = s
                 .window
                 .map_or(0, |w| (qp + 1).saturating_sub(w).saturating_sub(first_key));
@@ -388,7 +395,11 @@ mod avx2 {
             let (i, h) = (at / s.n_heads, at % s.n_heads);
             let qp = s.past + i;
             // Keys not after the query, and inside the window.
-            let hi = (qp + 1).saturating_sub(first_key).min(rows);
+            let hi = if s.causal {
+                (qp + 1).saturating_sub(first_key).min(rows)
+            } else {
+                rows
+            };
             let lo = s
                 .window
                 .map_or(0, |w| (qp + 1).saturating_sub(w).saturating_sub(first_key))
@@ -429,7 +440,10 @@ mod tests {
             for h in 0..s.n_heads {
                 let g = h / (s.n_heads / s.n_kv_heads);
                 let keys: Vec<usize> = (0..rows)
-                    .filter(|&j| first + j <= qp && s.window.is_none_or(|w| qp - (first + j) < w))
+                    .filter(|&j| {
+                        !s.causal
+                            || (first + j <= qp && s.window.is_none_or(|w| qp - (first + j) < w))
+                    })
                     .collect();
                 let scores: Vec<f64> = keys
                     .iter()
@@ -491,13 +505,16 @@ mod tests {
         };
         // Decode (one query) and prefill; grouped and plain heads; head sizes with and
         // without a tail past the SIMD width; with and without a window.
-        for (seq, rows, n_heads, n_kv_heads, head_dim, window) in [
-            (1, 1, 3, 1, 64, None),
-            (1, 130, 9, 3, 64, None),
-            (1, 77, 4, 4, 36, Some(5)),
-            (1, 9, 2, 1, 136, Some(20)),
-            (5, 12, 6, 2, 40, None),
-            (4, 4, 2, 2, 16, Some(2)),
+        // Bidirectional (an encoder's whole input in one step) too.
+        for (seq, rows, n_heads, n_kv_heads, head_dim, window, causal) in [
+            (1, 1, 3, 1, 64, None, true),
+            (1, 130, 9, 3, 64, None, true),
+            (1, 77, 4, 4, 36, Some(5), true),
+            (1, 9, 2, 1, 136, Some(20), true),
+            (5, 12, 6, 2, 40, None, true),
+            (4, 4, 2, 2, 16, Some(2), true),
+            (7, 7, 12, 12, 32, None, false),
+            (1, 1, 2, 2, 8, None, false),
         ] {
             let s = AttentionShape {
                 n_heads,
@@ -506,6 +523,7 @@ mod tests {
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 window,
                 past: rows - seq,
+                causal,
             };
             let q: Vec<f32> = (0..seq * n_heads * head_dim)
                 .map(|_| 3.0 * rand())

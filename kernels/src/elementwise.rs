@@ -63,3 +63,80 @@ fn silu_body(x: &mut [f32]) {
         run(x);
     }
 }
+
+/// Exact GELU, `x * Φ(x) = x/2 * (1 + erf(x / √2))`, in place (BERT's `gelu`).
+///
+/// erf is Abramowitz and Stegun's 7.1.26 (absolute error at most 1.5e-7): one `exp`
+/// and one division per value, which the compiler vectorizes, where a libm `erf` is
+/// a branchy scalar call (a 6-layer encoder spent a quarter of its step in it).
+pub fn gelu(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2_fma_f16c {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide(x: &mut [f32]) {
+            gelu_body(x)
+        }
+        // SAFETY: the CPU has AVX2 and FMA, checked by `features`.
+        return unsafe { wide(x) };
+    }
+    gelu_body(x)
+}
+
+#[inline(always)]
+fn gelu_body(x: &mut [f32]) {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_8,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
+    let chunk = 4096;
+    let run = |c: &mut [f32]| {
+        for v in c.iter_mut() {
+            let z = (*v * std::f32::consts::FRAC_1_SQRT_2).abs();
+            let t = 1.0 / (1.0 + P * z);
+            let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+            let erf = 1.0 - poly * (-z * z).exp();
+            let erf = if *v < 0.0 { -erf } else { erf };
+            *v *= 0.5 * (1.0 + erf);
+        }
+    };
+    if x.len() >= 4 * chunk {
+        x.par_chunks_mut(chunk).for_each(run);
+    } else {
+        run(x);
+    }
+}
+
+#[cfg(test)]
+mod gelu_tests {
+    /// Against erf from its series (f64, exact to the last bit at these sizes).
+    #[test]
+    fn gelu_matches_its_definition() {
+        fn erf(x: f64) -> f64 {
+            // Maclaurin series; converges fast for |x| < 6 in f64 with enough terms.
+            let mut sum = 0.0;
+            let mut term = x;
+            let mut n = 0.0;
+            while n < 200.0 {
+                sum += term / (2.0 * n + 1.0);
+                n += 1.0;
+                term *= -x * x / n;
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        }
+        let xs: Vec<f32> = (-600..=600).map(|i| i as f32 / 100.0).collect();
+        let mut got = xs.clone();
+        super::gelu(&mut got);
+        for (x, g) in xs.iter().zip(&got) {
+            let x64 = *x as f64;
+            let want = 0.5 * x64 * (1.0 + erf(x64 / std::f64::consts::SQRT_2));
+            assert!(
+                (*g as f64 - want).abs() <= 1e-6,
+                "gelu({x}) = {g}, want {want}"
+            );
+        }
+    }
+}

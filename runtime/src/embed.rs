@@ -203,6 +203,11 @@ impl Embedder {
         &self.tokenizer
     }
 
+    /// The compiled graph the embedder runs (for profiling).
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
     /// A text's ids as the model embeds them: its special tokens, cut at
     /// [`Embedder::max_tokens`].
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {

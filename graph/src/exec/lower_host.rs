@@ -16,7 +16,13 @@ use burn::tensor::{Device, Tensor, TensorData};
 pub(super) fn lowers(op: &Op) -> bool {
     matches!(
         op,
-        Op::RmsNorm { .. } | Op::Silu | Op::SwiGlu | Op::Rope { .. } | Op::Attention { .. }
+        Op::RmsNorm { .. }
+            | Op::Silu
+            | Op::Gelu
+            | Op::SwiGlu
+            | Op::Rope { .. }
+            | Op::Attention { .. }
+            | Op::EncoderAttention { .. }
     )
 }
 
@@ -60,6 +66,11 @@ pub(super) fn eval(
             llama_kernels::silu(&mut x);
             tensor2(x, dims, device)
         }
+        Op::Gelu => {
+            let (mut x, dims) = host2(node, f2(node, next()?)?)?;
+            llama_kernels::gelu(&mut x);
+            tensor2(x, dims, device)
+        }
         Op::SwiGlu => {
             let (mut x, [rows, width]) = host2(node, f2(node, next()?)?)?;
             llama_kernels::swiglu(&mut x, width / 2);
@@ -95,6 +106,7 @@ pub(super) fn eval(
                     scale: scale.get(),
                     window: *window,
                     past: p.past,
+                    causal: true,
                 };
                 let q = &q[p.offset * width..(p.offset + p.seq) * width];
                 if out.is_empty() && p.seq == rows {
@@ -102,6 +114,41 @@ pub(super) fn eval(
                 } else {
                     out.extend(llama_kernels::attention(q, k.rows(), v.rows(), &shape));
                 }
+            }
+            tensor2(out, [rows, width], device)
+        }
+        Op::EncoderAttention {
+            n_heads,
+            head_dim,
+            scale,
+        } => {
+            let (q, [rows, width]) = host2(node, f2(node, next()?)?)?;
+            let (k, _) = host2(node, f2(node, next()?)?)?;
+            let (v, _) = host2(node, f2(node, next()?)?)?;
+            if step.parts.iter().any(|p| p.past != 0) {
+                return Err(bad(
+                    node,
+                    "an encoder sees each sequence whole, in one step",
+                ));
+            }
+            let shape = AttentionShape {
+                n_heads: *n_heads,
+                n_kv_heads: *n_heads,
+                head_dim: *head_dim,
+                scale: scale.get(),
+                window: None,
+                past: 0,
+                causal: false,
+            };
+            let mut out = Vec::with_capacity(q.len());
+            for p in &step.parts {
+                let at = p.offset * width..(p.offset + p.seq) * width;
+                out.extend(llama_kernels::attention(
+                    &q[at.clone()],
+                    KvRows::F32(&k[at.clone()]),
+                    KvRows::F32(&v[at]),
+                    &shape,
+                ));
             }
             tensor2(out, [rows, width], device)
         }
