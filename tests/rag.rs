@@ -56,26 +56,21 @@ fn check_recall(spec: &str) {
     let mut store = llama::rag::open(spec).unwrap();
     let files = pipeline::collect_files(&[corpus()]).unwrap();
     assert!(files.len() >= 30);
-    let report = pipeline::ingest(
-        store.as_mut(),
-        &embedder,
-        &info,
-        &files,
-        ChunkOptions::default(),
-        &|_, _| {},
-    )
-    .unwrap();
+    let ingest = |store: &mut dyn Store| {
+        pipeline::ingest(
+            store,
+            &embedder,
+            &info,
+            &files,
+            ChunkOptions::default(),
+            &|_, _| {},
+        )
+        .unwrap()
+    };
+    let report = ingest(store.as_mut());
     assert_eq!(report.written.len(), files.len());
     // A second ingest of the same files writes nothing.
-    let again = pipeline::ingest(
-        store.as_mut(),
-        &embedder,
-        &info,
-        &files,
-        ChunkOptions::default(),
-        &|_, _| {},
-    )
-    .unwrap();
+    let again = ingest(store.as_mut());
     assert!(again.written.is_empty());
     assert_eq!(again.unchanged.len(), files.len());
 

@@ -66,13 +66,7 @@ pub fn eval(
             let Value::F1(w) = next()? else {
                 return Err(bad(node, "norm weight must be rank 1"));
             };
-            let inv = x
-                .clone()
-                .powi_scalar(2)
-                .mean_dim(1)
-                .add_scalar(eps.get())
-                .sqrt()
-                .recip();
+            let inv = inv_rms(x.clone(), eps.get());
             Value::F2(x.mul(inv).mul(w.unsqueeze_dim(0)))
         }
         Op::LayerNorm { eps } => {
@@ -82,13 +76,7 @@ pub fn eval(
             };
             let mean = x.clone().mean_dim(1);
             let centered = x.sub(mean);
-            let inv = centered
-                .clone()
-                .powi_scalar(2)
-                .mean_dim(1)
-                .add_scalar(eps.get())
-                .sqrt()
-                .recip();
+            let inv = inv_rms(centered.clone(), eps.get());
             Value::F2(
                 centered
                     .mul(inv)
@@ -259,6 +247,12 @@ pub fn eval(
             )?)
         }
     })
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of each row, `[rows, 1]`: RMSNorm's scale, and
+/// LayerNorm's of centered rows.
+fn inv_rms(x: Tensor<2>, eps: f32) -> Tensor<2> {
+    x.powi_scalar(2).mean_dim(1).add_scalar(eps).sqrt().recip()
 }
 
 /// Bidirectional attention of each sequence of a step over its own rows: the
