@@ -169,27 +169,7 @@ pub fn eval(
         }
         Op::PositionEmbedding => {
             let step = step.ok_or_else(|| bad(node, "position_embedding needs a step"))?;
-            let table = f2(node, next()?)?;
-            let positions = table.dims()[0];
-            if let Some(p) = step.parts.iter().find(|p| p.past + p.seq > positions) {
-                return Err(bad(
-                    node,
-                    format!(
-                        "position {} is past the position table of {positions} positions",
-                        p.past + p.seq - 1
-                    ),
-                ));
-            }
-            let rows: Vec<Tensor<2>> = step
-                .parts
-                .iter()
-                .map(|p| table.clone().narrow(0, p.past, p.seq))
-                .collect();
-            Value::F2(if rows.len() == 1 {
-                rows.into_iter().next().expect("one sequence")
-            } else {
-                Tensor::cat(rows, 0)
-            })
+            Value::F2(step_rows(f2(node, next()?)?, step, node, "position")?)
         }
         Op::KvAppend { layer, kind, .. } => {
             let step = step.ok_or_else(|| bad(node, "kv_append needs a step"))?;
@@ -263,15 +243,7 @@ fn encoder_attention(
     (n_heads, head_dim, scale): (usize, usize, f32),
     step: &Step<'_>,
 ) -> Result<Tensor<2>> {
-    let total = q.dims()[0];
-    if step.parts.iter().any(|p| p.past != 0)
-        || step.parts.iter().map(|p| p.seq).sum::<usize>() != total
-    {
-        return Err(bad(
-            node,
-            "an encoder sees each sequence whole, in one step",
-        ));
-    }
+    check_whole_sequences(step, node)?;
     let one = |q: Tensor<2>, k: Tensor<2>, v: Tensor<2>| {
         let seq = q.dims()[0];
         // [seq, heads*hd] -> [heads, seq, hd]
@@ -365,29 +337,46 @@ pub(super) fn step_angles(
     step: &Step<'_>,
     node: &str,
 ) -> Result<(Tensor<2>, Tensor<2>)> {
-    let positions = cos.dims()[0];
+    Ok((
+        step_rows(cos, step, node, "rope")?,
+        step_rows(sin, step, node, "rope")?,
+    ))
+}
+
+/// The rows of a per-position `table` at each row's position in a step: each
+/// sequence's positions `past..past + seq`, in row order. `what` names the table in
+/// the error for a position past its end.
+fn step_rows(table: Tensor<2>, step: &Step<'_>, node: &str, what: &str) -> Result<Tensor<2>> {
+    let positions = table.dims()[0];
     if let Some(p) = step.parts.iter().find(|p| p.past + p.seq > positions) {
         return Err(bad(
             node,
             format!(
-                "position {} is past the rope table of {positions} positions",
+                "position {} is past the {what} table of {positions} positions",
                 p.past + p.seq - 1
             ),
         ));
     }
     if let [p] = &step.parts[..] {
-        return Ok((cos.narrow(0, p.past, p.seq), sin.narrow(0, p.past, p.seq)));
+        return Ok(table.narrow(0, p.past, p.seq));
     }
-    let gather = |t: Tensor<2>| {
-        Tensor::cat(
-            step.parts
-                .iter()
-                .map(|p| t.clone().narrow(0, p.past, p.seq))
-                .collect(),
-            0,
-        )
-    };
-    Ok((gather(cos), gather(sin)))
+    let rows = step
+        .parts
+        .iter()
+        .map(|p| table.clone().narrow(0, p.past, p.seq))
+        .collect();
+    Ok(Tensor::cat(rows, 0))
+}
+
+/// An encoder's step: every sequence whole, none with cached positions.
+pub(super) fn check_whole_sequences(step: &Step<'_>, node: &str) -> Result<()> {
+    if step.parts.iter().any(|p| p.past != 0) {
+        return Err(bad(
+            node,
+            "an encoder sees each sequence whole, in one step",
+        ));
+    }
+    Ok(())
 }
 
 /// Rotate-half RoPE on `x [rows, heads * head_dim]`, row `i` turned by the angles of

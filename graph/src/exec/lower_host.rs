@@ -4,7 +4,7 @@
 use llama_kernels::{AttentionShape, KvRows};
 
 use super::kv::KvCache;
-use super::lower_burn::{per_sequence, step_angles};
+use super::lower_burn::{check_whole_sequences, per_sequence, step_angles};
 use super::{bad, f2, host2, tensor2, Step};
 use crate::error::Result;
 use crate::ir::Op;
@@ -125,12 +125,7 @@ pub(super) fn eval(
             let (q, [rows, width]) = host2(node, f2(node, next()?)?)?;
             let (k, _) = host2(node, f2(node, next()?)?)?;
             let (v, _) = host2(node, f2(node, next()?)?)?;
-            if step.parts.iter().any(|p| p.past != 0) {
-                return Err(bad(
-                    node,
-                    "an encoder sees each sequence whole, in one step",
-                ));
-            }
+            check_whole_sequences(step, node)?;
             let shape = AttentionShape {
                 n_heads: *n_heads,
                 n_kv_heads: *n_heads,
