@@ -4,6 +4,7 @@
 # ~/.cache/llama-rs/llamacpp/build, once per tool, and prints the folder of the
 # binaries. The anchors of our benchmarks: a few minutes on two cores.
 #   usage: scripts/build-llamacpp.sh TARGET...   (llama-bench, llama-server, ...)
+#   LLAMA_CPP_JOBS  parallel build jobs (default: nproc)
 set -euo pipefail
 cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}/llamacpp"
 version=0.3.36
@@ -27,6 +28,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
         -B "$cache/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
         -DLLAMA_OPENSSL=OFF >&2
-    "$cache/venv/bin/cmake" --build "$cache/build" -j "$(nproc)" --target "${missing[@]}" >&2
+    "$cache/venv/bin/cmake" --build "$cache/build" -j "${LLAMA_CPP_JOBS:-$(nproc)}" --target "${missing[@]}" >&2
 fi
 echo "$cache/build/bin"

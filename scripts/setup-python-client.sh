@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A Python virtual environment with the official `openai` client and Selenium, for
-# the server's client and browser tests (tests/serve_cli.rs runs tests/openai_client.py
+# the server's client and browser tests (tests/it/serve_cli.rs runs tests/openai_client.py
 # and tests/webui_test.py with it). Prints the interpreter's path.
 set -euo pipefail
 cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}"

@@ -1,9 +1,10 @@
 //! The KV budget over time: a thousand sequences come and go through one scheduler
 //! and leave nothing behind. Alone in its test binary, so that the resident memory it
 //! reads is its own.
+#[path = "it/common/mod.rs"]
 mod common;
 
-use common::*;
+use crate::common::*;
 use llama::graph::{KvType, Pipeline, Program};
 use llama::runtime::{BatchOptions, Event, Scheduler};
 

@@ -1,6 +1,6 @@
 """The official `openai` Python client, unmodified, against `llama serve`.
 
-Run by tests/serve_cli.rs with the server's base URL and model name:
+Run by tests/it/serve_cli.rs with the server's base URL and model name:
     python tests/openai_client.py http://127.0.0.1:PORT/v1 MODEL
 Each check prints one line; any failure raises (non-zero exit).
 """

@@ -1,11 +1,12 @@
 //! `llama serve` in process, driven by a real OpenAI client (async-openai) and by
 //! raw HTTP for what a client library would not send.
+#[path = "it/common/mod.rs"]
 mod common;
-#[path = "common/server.rs"]
-mod server;
+use crate::common::server;
 
 use std::time::{Duration, Instant};
 
+use crate::common::rss_kib;
 use async_openai::config::OpenAIConfig;
 use async_openai::types::chat::{
     ChatCompletionRequestAssistantMessageArgs, ChatCompletionRequestMessage,
@@ -15,7 +16,6 @@ use async_openai::types::chat::{
 };
 use async_openai::types::completions::CreateCompletionRequestArgs;
 use async_openai::Client;
-use common::rss_kib;
 use futures_util::StreamExt;
 use llama::serve::ServerConfig;
 use serde_json::{json, Value};
@@ -934,7 +934,7 @@ async fn health_is_503_until_the_model_is_loaded() {
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let (open_gate, gate) = std::sync::mpsc::channel::<()>();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let path = common::real_model_path();
+    let path = crate::common::real_model_path();
     let server = tokio::spawn(async move {
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
         llama::serve::serve(

@@ -1,6 +1,6 @@
 """The chat page of `llama serve` in headless Chromium, driven by Selenium.
 
-Run by tests/serve_cli.rs:  python tests/webui_test.py BASE_URL API_KEY SCREENSHOT.png
+Run by tests/it/serve_cli.rs:  python tests/webui_test.py BASE_URL API_KEY SCREENSHOT.png
 Each check prints one line; any failure raises (non-zero exit).
 """
 import json

@@ -105,6 +105,13 @@ pub fn run_inspect(args: InspectArgs) -> Result<()> {
     {
         println!("sliding window: {w}");
     }
+    let differences = inv.arch.differences_from_llama(c);
+    if !differences.is_empty() {
+        println!("differs from Llama in:");
+        for d in &differences {
+            println!("  - {d}");
+        }
+    }
     let mut by_type: std::collections::BTreeMap<&str, (usize, usize)> =
         std::collections::BTreeMap::new();
     let (mut params, mut bytes) = (0usize, 0usize);

@@ -135,13 +135,10 @@ pub enum RopeScaling {
     Linear {
         factor: F32Bits,
     },
-    /// Llama 3.1 frequency-dependent scaling (HF `llama3`).
-    Llama3 {
-        factor: F32Bits,
-        low_freq_factor: F32Bits,
-        high_freq_factor: F32Bits,
-        original_max_positions: usize,
-    },
+    /// Each frequency divided by its own factor, the op's one input `[head_dim / 2]`:
+    /// llama.cpp's `rope_freqs` tensor, and how Llama 3.1's scaling (HF `llama3`) is
+    /// applied whichever file it comes from.
+    Factors,
 }
 
 /// Where a parameter node's value comes from.
@@ -172,7 +169,9 @@ pub enum Op {
     /// `(x [.., in], w [out, in]) -> [.., out]`: `x @ w^T`, weights in the checkpoints'
     /// `[out, in]` layout (a tied embedding table serves as the output head as is).
     MatMul,
-    /// `(x [.., d], w [d]) -> [.., d]`: `x / rms(x) * w`.
+    /// `(x [.., d], w [g]) -> [.., d]`: `x / rms(x) * w` over each group of `g`
+    /// features, `g` dividing `d`: the whole row (`g = d`), or one head of it for the
+    /// per-head Q/K norms (`g = head_dim`).
     RmsNorm {
         eps: F32Bits,
     },
@@ -323,14 +322,7 @@ impl Op {
                 let scaling = match scaling {
                     RopeScaling::None => "none".to_string(),
                     RopeScaling::Linear { factor } => format!("linear(factor={factor})"),
-                    RopeScaling::Llama3 {
-                        factor,
-                        low_freq_factor,
-                        high_freq_factor,
-                        original_max_positions,
-                    } => format!(
-                        "llama3(factor={factor} low={low_freq_factor} high={high_freq_factor} orig={original_max_positions})"
-                    ),
+                    RopeScaling::Factors => "factors".to_string(),
                 };
                 format!("head_dim={head_dim} theta={theta} scaling={scaling} max_positions={max_positions}")
             }

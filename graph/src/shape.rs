@@ -1,6 +1,6 @@
 //! Shape inference: one rule per op, checked when a node is added.
 use crate::error::{GraphError, Result};
-use crate::ir::{DType, Dim, Op, Shape};
+use crate::ir::{DType, Dim, Op, RopeScaling, Shape};
 
 fn mismatch(
     node: &str,
@@ -90,7 +90,13 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
         Op::RmsNorm { .. } => {
             arity(node, op, inputs, 2)?;
             let (x, w) = (&inputs[0].0, &inputs[1].0);
-            if w.rank() != 1 || x.0.last() != Some(&w.0[0]) {
+            // The weight spans the whole row, or one group of it (a head, for the
+            // per-head Q/K norms), normalized group by group.
+            let fits = match (x.0.last(), w.0.first()) {
+                (Some(Dim::Fixed(d)), Some(Dim::Fixed(g))) => *g > 0 && d % g == 0,
+                _ => false,
+            };
+            if w.rank() != 1 || !fits {
                 return Err(mismatch(
                     node,
                     format!("norm weight for input {x}"),
@@ -214,11 +220,25 @@ pub fn infer(node: &str, op: &Op, inputs: &[(Shape, DType)]) -> Result<(Shape, D
         Op::RopeAngles {
             head_dim,
             max_positions,
+            scaling,
             ..
         } => {
-            arity(node, op, inputs, 0)?;
             if head_dim % 2 != 0 {
                 return Err(invalid(node, format!("head_dim {head_dim} is odd")));
+            }
+            if *scaling == RopeScaling::Factors {
+                arity(node, op, inputs, 1)?;
+                let f = &inputs[0].0;
+                if *f != Shape::fixed(&[head_dim / 2]) {
+                    return Err(mismatch(
+                        node,
+                        "rope factors",
+                        format!("[{}]", head_dim / 2),
+                        f,
+                    ));
+                }
+            } else {
+                arity(node, op, inputs, 0)?;
             }
             f32(Shape::fixed(&[*max_positions, head_dim / 2]))
         }

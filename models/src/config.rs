@@ -36,6 +36,15 @@ pub struct RopeParameters {
     pub partial_rotary_factor: Option<f32>,
 }
 
+/// `rope_parameters`: one set for every layer, or one per layer type (transformers 5
+/// for models whose local and global layers rotate differently: Gemma 3).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum RopeConfig {
+    PerLayerType(std::collections::BTreeMap<String, RopeParameters>),
+    All(RopeParameters),
+}
+
 /// The fields of `config.json` that a decoder-only model of this family uses.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelConfig {
@@ -63,7 +72,10 @@ pub struct ModelConfig {
     #[serde(default)]
     pub rope_scaling: Option<RopeParameters>,
     #[serde(default)]
-    pub rope_parameters: Option<RopeParameters>,
+    pub rope_parameters: Option<RopeConfig>,
+    /// Gemma 3 (transformers 4): the RoPE base of the sliding-window layers.
+    #[serde(default)]
+    pub rope_local_base_freq: Option<f32>,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
     #[serde(default)]
@@ -86,6 +98,22 @@ pub struct ModelConfig {
     /// Per layer `full_attention` or `sliding_attention` (transformers 5).
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
+    /// Gemma 3 (transformers 4): every this-many-th layer is global, the others slide.
+    #[serde(default)]
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 2 and 3: attention scores scale by `1 / sqrt(query_pre_attn_scalar)`
+    /// instead of `1 / sqrt(head_dim)`.
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f32>,
+    /// Gemma 2: `tanh` caps on attention scores and on the logits; no supported family
+    /// has them, so a config that sets one is refused rather than run wrong.
+    #[serde(default)]
+    pub attn_logit_softcapping: Option<f32>,
+    #[serde(default)]
+    pub final_logit_softcapping: Option<f32>,
+    /// Gemma 3 embedding variants attend both ways; refused, as the softcaps are.
+    #[serde(default)]
+    pub use_bidirectional_attention: Option<bool>,
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default)]
@@ -100,6 +128,10 @@ pub struct ModelConfig {
     #[serde(default)]
     pub position_embedding_type: Option<String>,
 }
+
+/// `layer_types` values.
+pub const FULL_ATTENTION: &str = "full_attention";
+pub const SLIDING_ATTENTION: &str = "sliding_attention";
 
 fn default_eps() -> f32 {
     1e-6
@@ -152,6 +184,17 @@ impl ModelConfig {
                 self.head_dim()
             ));
         }
+        for (name, cap) in [
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(cap) = cap {
+                return bad(format!("{name} ({cap}) is not supported"));
+            }
+        }
+        if self.use_bidirectional_attention == Some(true) {
+            return bad("use_bidirectional_attention is not supported by decoder families".into());
+        }
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {
                 return bad(format!(
@@ -175,17 +218,52 @@ impl ModelConfig {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    /// The RoPE parameters wherever this config keeps them.
+    /// The RoPE parameters of the global (full-attention) layers, wherever this config
+    /// keeps them.
     pub fn rope(&self) -> RopeParameters {
-        let mut p = self
-            .rope_parameters
-            .clone()
-            .or_else(|| self.rope_scaling.clone())
-            .unwrap_or_default();
+        self.rope_of(FULL_ATTENTION)
+    }
+
+    /// The RoPE parameters of layers of `layer_type` (`full_attention`,
+    /// `sliding_attention`): their own where the config gives them per type (Gemma 3),
+    /// else the model's.
+    pub fn rope_of(&self, layer_type: &str) -> RopeParameters {
+        let mut p = match &self.rope_parameters {
+            Some(RopeConfig::PerLayerType(types)) => types
+                .get(layer_type)
+                .or_else(|| types.get(FULL_ATTENTION))
+                .cloned()
+                .unwrap_or_default(),
+            Some(RopeConfig::All(p)) => p.clone(),
+            None => match self.rope_local_base_freq {
+                Some(base) if layer_type == SLIDING_ATTENTION => RopeParameters {
+                    rope_theta: Some(base),
+                    ..RopeParameters::default()
+                },
+                _ => self.rope_scaling.clone().unwrap_or_default(),
+            },
+        };
         if p.rope_theta.is_none() {
             p.rope_theta = Some(self.rope_theta.unwrap_or(10_000.0));
         }
         p
+    }
+
+    /// Whether layer `l` attends through a sliding window (`sliding_attention`) or to
+    /// every position (`full_attention`), as `layer_types` or `sliding_window_pattern`
+    /// say; without either, every layer is of one type, sliding where the model has a
+    /// window (Mistral).
+    pub fn layer_type(&self, l: usize) -> &str {
+        let has_window = self.sliding_window.is_some() && self.use_sliding_window != Some(false);
+        match (&self.layer_types, self.sliding_window_pattern) {
+            (Some(types), _) => types.get(l).map_or(FULL_ATTENTION, String::as_str),
+            (None, Some(p)) if has_window && p > 0 && !(l + 1).is_multiple_of(p) => {
+                SLIDING_ATTENTION
+            }
+            (None, Some(_)) => FULL_ATTENTION,
+            (None, None) if has_window => SLIDING_ATTENTION,
+            (None, None) => FULL_ATTENTION,
+        }
     }
 
     /// The sliding window of layer `l`, if it has one.
@@ -193,12 +271,13 @@ impl ModelConfig {
         let window = self
             .sliding_window
             .filter(|_| self.use_sliding_window != Some(false))?;
-        match &self.layer_types {
-            Some(types) => {
-                (types.get(l).map(String::as_str) == Some("sliding_attention")).then_some(window)
-            }
-            None => Some(window),
-        }
+        (self.layer_type(l) == SLIDING_ATTENTION).then_some(window)
+    }
+
+    /// The factor attention scores are scaled by before the softmax.
+    pub fn attention_scale(&self) -> f32 {
+        let d = self.query_pre_attn_scalar.unwrap_or(self.head_dim() as f32);
+        1.0 / d.sqrt()
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {

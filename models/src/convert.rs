@@ -72,7 +72,12 @@ pub fn gguf_to_hf(
         .ok_or_else(|| ModelError::NotAModel(file.path.clone()))?;
     match family {
         Family::Llama => {}
-        Family::Mistral | Family::Qwen2 | Family::Phi3 | Family::Gemma | Family::Bert => {
+        Family::Mistral
+        | Family::Qwen2
+        | Family::Phi3
+        | Family::Gemma
+        | Family::Gemma3
+        | Family::Bert => {
             return Err(ModelError::Gguf {
                 path: file.path.clone(),
                 message: format!(

@@ -1,5 +1,6 @@
 //! Gemma: GeGLU feed-forward, `(1 + w)` RMSNorm, embeddings scaled by `sqrt(d_model)`,
-//! an explicit `head_dim`, and the output head tied to the embeddings.
+//! an explicit `head_dim`, and the output head tied to the embeddings. Gemma 3 builds
+//! through here too (see `gemma3.rs`).
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 use llama_graph::{F32Bits, Graph, Op};
@@ -32,8 +33,9 @@ impl Gemma {
         let x = b.embedding(table, tokens)?; // [seq, d_model]
         let scale = F32Bits::new((c.hidden_size as f32).sqrt());
         let mut x = b.op("inp_scaled", Op::Scale { factor: scale }, &[x])?;
-        let rope = b.rope_tables(c, max_positions)?; // cos, sin: [positions, hd/2]
-        for (l, w) in self.blocks.iter().enumerate() {
+        // cos, sin: [positions, hd/2], per layer (Gemma 3's local layers have their own).
+        let rope = b.rope_tables_per_layer(c, max_positions)?;
+        for (l, (w, rope)) in self.blocks.iter().zip(rope).enumerate() {
             x = b.block(l, x, w, c, rope, opts)?; // [seq, d_model]
         }
         let norm = b.norm_weight("output_norm", &self.output_norm, opts.norm_offset)?;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, RopeConfig, RopeParameters, FULL_ATTENTION, SLIDING_ATTENTION};
 use crate::error::{io_err, ModelError, Result};
 use crate::registry::GgufConventions;
 use crate::weights::{HostTensor, TensorInfo, TensorSource};
@@ -310,13 +310,6 @@ impl GgufFile {
                 });
             }
         }
-        if self.tensor("rope_freqs.weight").is_some() {
-            return Err(ModelError::Gguf {
-                path: self.path.clone(),
-                message: "per-frequency rope factors (rope_freqs.weight) are not supported yet"
-                    .into(),
-            });
-        }
         let rope_scaling = match self
             .get(&format!("{arch}.rope.scaling.type"))
             .and_then(MetaValue::as_str)
@@ -335,12 +328,65 @@ impl GgufFile {
             }
         };
         let token = |k: &str| self.get(k).and_then(MetaValue::as_u64).map(|v| v as u32);
+        let layers = self.required("block_count")?;
+        let rope_theta = self.arch_f32("rope.freq_base")?.unwrap_or(10_000.0);
+        // Interleaved local and global layers: which is which, and each kind's RoPE.
+        let (layer_types, rope_parameters) = match conventions.local_layers {
+            None => (None, None),
+            Some(local) => {
+                let every = match self.arch_u64("attention.sliding_window_pattern")? {
+                    Some(p) if p > 0 => p,
+                    _ => local.global_every,
+                };
+                let types = (0..layers)
+                    .map(|l| {
+                        if (l + 1).is_multiple_of(every) {
+                            FULL_ATTENTION
+                        } else {
+                            SLIDING_ATTENTION
+                        }
+                        .to_string()
+                    })
+                    .collect();
+                let global = RopeParameters {
+                    rope_theta: Some(rope_theta),
+                    ..rope_scaling.clone().unwrap_or_default()
+                };
+                let local_rope = RopeParameters {
+                    rope_theta: Some(local.local_rope_base),
+                    ..RopeParameters::default()
+                };
+                let per_type = [
+                    (FULL_ATTENTION.to_string(), global),
+                    (SLIDING_ATTENTION.to_string(), local_rope),
+                ];
+                (
+                    Some(types),
+                    Some(RopeConfig::PerLayerType(per_type.into_iter().collect())),
+                )
+            }
+        };
+        // Attention scores scale by `attention.scale` where the file states one (llama.cpp's
+        // key); otherwise by `1 / sqrt(head_dim)`, except Gemma 3 27B (62 layers), whose
+        // `query_pre_attn_scalar` is `d_model / heads`, as llama.cpp knows by its size.
+        let query_pre_attn_scalar = match self.arch_f32("attention.scale")? {
+            Some(scale) if scale > 0.0 => Some(1.0 / (scale * scale)),
+            Some(scale) => {
+                return Err(ModelError::Gguf {
+                    path: self.path.clone(),
+                    message: format!("{arch}.attention.scale {scale} is not positive"),
+                })
+            }
+            None => {
+                (conventions.name == "gemma3" && layers == 62).then(|| hidden as f32 / heads as f32)
+            }
+        };
         Ok(ModelConfig {
             architectures: vec![hf_arch.to_string()],
             model_type: Some(arch.to_string()),
             hidden_size: hidden,
             intermediate_size: self.required("feed_forward_length")?,
-            num_hidden_layers: self.required("block_count")?,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: self.arch_u64("attention.head_count_kv")?,
             head_dim: Some(head_dim),
@@ -348,9 +394,10 @@ impl GgufFile {
             rms_norm_eps: self
                 .arch_f32("attention.layer_norm_rms_epsilon")?
                 .unwrap_or(1e-5),
-            rope_theta: Some(self.arch_f32("rope.freq_base")?.unwrap_or(10_000.0)),
+            rope_theta: Some(rope_theta),
             rope_scaling,
-            rope_parameters: None,
+            rope_parameters,
+            rope_local_base_freq: None,
             max_position_embeddings: self.arch_u64("context_length")?.unwrap_or(2048),
             // GGUF files leave out the output head when it is tied to the embeddings.
             tie_word_embeddings: self.tensor("output.weight").is_none(),
@@ -360,7 +407,12 @@ impl GgufFile {
             hidden_activation: None,
             sliding_window: self.arch_u64("attention.sliding_window")?,
             use_sliding_window: None,
-            layer_types: None,
+            layer_types,
+            sliding_window_pattern: None,
+            query_pre_attn_scalar,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            use_bidirectional_attention: None,
             attention_bias: false,
             mlp_bias: false,
             layer_norm_eps: None,

@@ -5,7 +5,7 @@ use burn::module::{Module, Param};
 use burn::tensor::Tensor;
 use llama_graph::{F32Bits, Graph, KvKind, NodeId, Op, ParamKind, RopeScaling, Value};
 
-use crate::config::{ModelConfig, RopeParameters};
+use crate::config::{ModelConfig, RopeParameters, SLIDING_ATTENTION};
 use crate::error::{ModelError, Result};
 use crate::weights::{Matrix, WeightLoader};
 
@@ -32,6 +32,9 @@ pub struct AttentionWeights {
     pub v_bias: Option<Param<Tensor<1>>>,
     /// `[d_model]` (Llama and Gemma with `attention_bias`).
     pub o_bias: Option<Param<Tensor<1>>>,
+    /// `[head_dim]` x2: RMSNorm of each query and key head before RoPE (Gemma 3).
+    pub q_norm: Option<Param<Tensor<1>>>,
+    pub k_norm: Option<Param<Tensor<1>>>,
 }
 
 /// Gated feed-forward of one block, `[out, in]`, with optional biases.
@@ -55,9 +58,13 @@ pub struct BlockWeights {
     /// `[d_model]`
     pub attn_norm: Param<Tensor<1>>,
     pub attn: AttentionWeights,
+    /// `[d_model]`: RMSNorm of the attention's output before the residual (Gemma 3).
+    pub post_attn_norm: Option<Param<Tensor<1>>>,
     /// `[d_model]`
     pub ffn_norm: Param<Tensor<1>>,
     pub mlp: MlpWeights,
+    /// `[d_model]`: RMSNorm of the feed-forward's output before the residual (Gemma 3).
+    pub post_ffn_norm: Option<Param<Tensor<1>>>,
 }
 
 /// How a family stores its block weights.
@@ -73,6 +80,11 @@ pub struct BlockLayout {
     /// the width (Phi-3): split here, at load, so the graph sees the usual weights.
     /// (Biases are read unfused: no fused family has any.)
     pub fused: bool,
+    /// Per-head RMSNorm of Q and K (`attn_q_norm`, `attn_k_norm`).
+    pub qk_norm: bool,
+    /// Norms on the outputs of attention and feed-forward too (`post_attention_norm`,
+    /// `post_ffw_norm`): "sandwich" blocks.
+    pub post_norms: bool,
 }
 
 impl BlockLayout {
@@ -84,7 +96,7 @@ impl BlockLayout {
             qkv_bias: c.attention_bias,
             o_bias: c.attention_bias,
             mlp_bias: c.mlp_bias,
-            fused: false,
+            ..BlockLayout::default()
         }
     }
 }
@@ -93,7 +105,8 @@ impl BlockWeights {
     pub fn load(w: &WeightLoader, l: usize, c: &ModelConfig, layout: BlockLayout) -> Result<Self> {
         let (d, hd, ffn) = (c.hidden_size, c.head_dim(), c.intermediate_size);
         let (q_out, kv_out) = (c.num_attention_heads * hd, c.n_kv_heads() * hd);
-        let bias = |on: bool, name: &str, n: usize| -> Result<Option<Param<Tensor<1>>>> {
+        // A vector the layout may or may not have (a bias, an extra norm).
+        let optional = |on: bool, name: &str, n: usize| -> Result<Option<Param<Tensor<1>>>> {
             on.then(|| w.vector(&blk(l, name), n)).transpose()
         };
         let (q, k, v) = if layout.fused {
@@ -127,20 +140,24 @@ impl BlockWeights {
                 k,
                 v,
                 o: w.linear(&blk(l, "attn_output.weight"), q_out, d)?,
-                q_bias: bias(layout.qkv_bias, "attn_q.bias", q_out)?,
-                k_bias: bias(layout.qkv_bias, "attn_k.bias", kv_out)?,
-                v_bias: bias(layout.qkv_bias, "attn_v.bias", kv_out)?,
-                o_bias: bias(layout.o_bias, "attn_output.bias", d)?,
+                q_bias: optional(layout.qkv_bias, "attn_q.bias", q_out)?,
+                k_bias: optional(layout.qkv_bias, "attn_k.bias", kv_out)?,
+                v_bias: optional(layout.qkv_bias, "attn_v.bias", kv_out)?,
+                o_bias: optional(layout.o_bias, "attn_output.bias", d)?,
+                q_norm: optional(layout.qk_norm, "attn_q_norm.weight", hd)?,
+                k_norm: optional(layout.qk_norm, "attn_k_norm.weight", hd)?,
             },
+            post_attn_norm: optional(layout.post_norms, "post_attention_norm.weight", d)?,
             ffn_norm: w.vector(&blk(l, "ffn_norm.weight"), d)?,
             mlp: MlpWeights {
                 gate,
                 up,
                 down: w.linear(&blk(l, "ffn_down.weight"), ffn, d)?,
-                gate_bias: bias(layout.mlp_bias, "ffn_gate.bias", ffn)?,
-                up_bias: bias(layout.mlp_bias, "ffn_up.bias", ffn)?,
-                down_bias: bias(layout.mlp_bias, "ffn_down.bias", d)?,
+                gate_bias: optional(layout.mlp_bias, "ffn_gate.bias", ffn)?,
+                up_bias: optional(layout.mlp_bias, "ffn_up.bias", ffn)?,
+                down_bias: optional(layout.mlp_bias, "ffn_down.bias", d)?,
             },
+            post_ffn_norm: optional(layout.post_norms, "post_ffw_norm.weight", d)?,
         })
     }
 }
@@ -185,12 +202,16 @@ struct BlockNodes {
     o: NodeId,
     /// Q, K, V, output.
     attn_biases: [Option<NodeId>; 4],
+    /// Per-head Q and K norms.
+    qk_norms: Option<(NodeId, NodeId)>,
+    post_attn_norm: Option<NodeId>,
     ffn_norm: NodeId,
     gate: NodeId,
     up: NodeId,
     down: NodeId,
     /// Gate, up, down.
     ffn_biases: [Option<NodeId>; 3],
+    post_ffn_norm: Option<NodeId>,
 }
 
 /// A graph under construction.
@@ -292,17 +313,83 @@ impl GraphBuilder {
         config: &ModelConfig,
         max_positions: usize,
     ) -> Result<(NodeId, NodeId)> {
-        let rope = config.rope();
+        self.rope_tables_of("rope", &config.rope(), config, max_positions, None)
+    }
+
+    /// RoPE tables of one set of parameters, as nodes `{name}.angles`, `.cos`, `.sin`;
+    /// `freqs` divides each frequency by its own factor (`rope_freqs`).
+    pub fn rope_tables_of(
+        &mut self,
+        name: &str,
+        rope: &RopeParameters,
+        config: &ModelConfig,
+        max_positions: usize,
+        freqs: Option<&Param<Tensor<1>>>,
+    ) -> Result<(NodeId, NodeId)> {
+        let mut scaling = rope_scaling(rope)?;
+        let inputs = match (scaling, freqs) {
+            (RopeScaling::None | RopeScaling::Factors, Some(f)) => {
+                scaling = RopeScaling::Factors;
+                vec![self.weight1("rope_freqs.weight", f)?]
+            }
+            (RopeScaling::Factors, None) => {
+                return Err(ModelError::Config {
+                    path: "config.json".into(),
+                    message: "llama3 rope scaling needs its per-frequency factors".into(),
+                })
+            }
+            (_, Some(_)) => {
+                return Err(ModelError::Config {
+                    path: "config.json".into(),
+                    message: "rope_freqs and a rope scaling type at once".into(),
+                })
+            }
+            (_, None) => vec![],
+        };
         let op = Op::RopeAngles {
             head_dim: config.head_dim(),
             theta: F32Bits::new(rope.rope_theta.unwrap_or(10_000.0)),
-            scaling: rope_scaling(&rope)?,
+            scaling,
             max_positions,
         };
-        let angles = self.op("rope.angles", op, &[])?;
-        let cos = self.op("rope.cos", Op::Cos, &[angles])?;
-        let sin = self.op("rope.sin", Op::Sin, &[angles])?;
+        let angles = self.op(&format!("{name}.angles"), op, &inputs)?;
+        let cos = self.op(&format!("{name}.cos"), Op::Cos, &[angles])?;
+        let sin = self.op(&format!("{name}.sin"), Op::Sin, &[angles])?;
         Ok((cos, sin))
+    }
+
+    /// RoPE tables for each layer: the model's, and where its sliding-window layers
+    /// rotate differently (Gemma 3), theirs (`rope_local.*`) for those layers.
+    pub fn rope_tables_per_layer(
+        &mut self,
+        config: &ModelConfig,
+        max_positions: usize,
+    ) -> Result<Vec<(NodeId, NodeId)>> {
+        let global = self.rope_tables(config, max_positions)?;
+        let local_params = config.rope_of(SLIDING_ATTENTION);
+        let local_differs = local_params != config.rope();
+        let mut local = None;
+        (0..config.num_hidden_layers)
+            .map(|l| {
+                if config.layer_type(l) != SLIDING_ATTENTION || !local_differs {
+                    return Ok(global);
+                }
+                match local {
+                    Some(tables) => Ok(tables),
+                    None => {
+                        let tables = self.rope_tables_of(
+                            "rope_local",
+                            &local_params,
+                            config,
+                            max_positions,
+                            None,
+                        )?;
+                        local = Some(tables);
+                        Ok(tables)
+                    }
+                }
+            })
+            .collect()
     }
 
     fn block_nodes(
@@ -328,6 +415,20 @@ impl GraphBuilder {
             bias("ffn_up.bias", &m.up_bias)?,
             bias("ffn_down.bias", &m.down_bias)?,
         ];
+        let mut norm = |name: &str, p: &Option<Param<Tensor<1>>>| {
+            p.as_ref()
+                .map(|p| self.norm_weight(&blk(l, name), p, offset))
+                .transpose()
+        };
+        let qk_norms = match (
+            norm("attn_q_norm", &a.q_norm)?,
+            norm("attn_k_norm", &a.k_norm)?,
+        ) {
+            (Some(q), Some(k)) => Some((q, k)),
+            _ => None,
+        };
+        let post_attn_norm = norm("post_attention_norm", &w.post_attn_norm)?;
+        let post_ffn_norm = norm("post_ffw_norm", &w.post_ffn_norm)?;
         Ok(BlockNodes {
             attn_norm: self.norm_weight(&blk(l, "attn_norm"), &w.attn_norm, offset)?,
             q: self.weight2(&blk(l, "attn_q.weight"), &a.q)?,
@@ -335,16 +436,21 @@ impl GraphBuilder {
             v: self.weight2(&blk(l, "attn_v.weight"), &a.v)?,
             o: self.weight2(&blk(l, "attn_output.weight"), &a.o)?,
             attn_biases,
+            qk_norms,
+            post_attn_norm,
             ffn_norm: self.norm_weight(&blk(l, "ffn_norm"), &w.ffn_norm, offset)?,
             gate: self.weight2(&blk(l, "ffn_gate.weight"), &m.gate)?,
             up: self.weight2(&blk(l, "ffn_up.weight"), &m.up)?,
             down: self.weight2(&blk(l, "ffn_down.weight"), &m.down)?,
             ffn_biases,
+            post_ffn_norm,
         })
     }
 
     /// One pre-norm block over the residual stream `x [seq, d_model]`:
-    /// `x + attn(norm(x))`, then `+ ffn(norm(.))`.
+    /// `x + attn(norm(x))`, then `+ ffn(norm(.))`; with post norms (Gemma 3),
+    /// `x + norm(attn(norm(x)))`, then `+ norm(ffn(norm(.)))`. `rope` holds the tables
+    /// of this layer's kind (local layers may rotate with their own base).
     pub fn block(
         &mut self,
         l: usize,
@@ -356,10 +462,16 @@ impl GraphBuilder {
     ) -> Result<NodeId> {
         let n = self.block_nodes(l, w, opts.norm_offset)?;
         let h = self.rms_norm(&blk(l, "attn_norm"), x, n.attn_norm, c.rms_norm_eps)?;
-        let h = self.attention(l, h, &n, c, rope)?;
+        let mut h = self.attention(l, h, &n, c, rope)?;
+        if let Some(w) = n.post_attn_norm {
+            h = self.rms_norm(&blk(l, "post_attention_norm"), h, w, c.rms_norm_eps)?;
+        }
         let x = self.add(&blk(l, "ffn_inp"), x, h)?; // residual
         let h = self.rms_norm(&blk(l, "ffn_norm"), x, n.ffn_norm, c.rms_norm_eps)?;
-        let h = self.gated_ffn(l, h, &n, opts.activation)?;
+        let mut h = self.gated_ffn(l, h, &n, opts.activation)?;
+        if let Some(w) = n.post_ffn_norm {
+            h = self.rms_norm(&blk(l, "post_ffw_norm"), h, w, c.rms_norm_eps)?;
+        }
         self.add(&blk(l, "l_out"), x, h) // residual
     }
 
@@ -379,6 +491,14 @@ impl GraphBuilder {
         let q = self.linear(&blk(l, "attn_q"), x, n.q, q_bias)?; // [seq, heads * hd]
         let k = self.linear(&blk(l, "attn_k"), x, n.k, k_bias)?; // [seq, kv_heads * hd]
         let v = self.linear(&blk(l, "attn_v"), x, n.v, v_bias)?;
+        let (q, k) = match n.qk_norms {
+            // One norm per head: the weights are `[head_dim]`.
+            Some((qw, kw)) => (
+                self.rms_norm(&blk(l, "attn_q_norm"), q, qw, c.rms_norm_eps)?,
+                self.rms_norm(&blk(l, "attn_k_norm"), k, kw, c.rms_norm_eps)?,
+            ),
+            None => (q, k),
+        };
         let q = self.op(
             &blk(l, "attn_q_rope"),
             Op::Rope { head_dim },
@@ -400,7 +520,7 @@ impl GraphBuilder {
             n_heads: c.num_attention_heads,
             n_kv_heads: c.n_kv_heads(),
             head_dim,
-            scale: F32Bits::new(1.0 / (head_dim as f32).sqrt()),
+            scale: F32Bits::new(c.attention_scale()),
             window,
         };
         let out = self.op(&blk(l, "attn_out"), attn, &[q, k, v])?; // [seq, heads * hd]
@@ -434,6 +554,39 @@ impl Default for GraphBuilder {
     }
 }
 
+/// Llama 3.1's RoPE scaling as one divisor per frequency (what llama.cpp's converter
+/// stores as `rope_freqs`): long wavelengths slowed by `factor`, short ones kept, the
+/// band between interpolated (HF `_compute_llama3_parameters`). Computed in f64; the
+/// graph divides each frequency by its factor, whether the factors came from a GGUF
+/// file or from config.json.
+pub fn llama3_rope_factors(p: &RopeParameters, head_dim: usize) -> Result<Vec<f32>> {
+    let err = |what: &str| ModelError::Config {
+        path: "config.json".into(),
+        message: format!("llama3 rope scaling needs `{what}`"),
+    };
+    let factor = p.factor.ok_or_else(|| err("factor"))? as f64;
+    let low = p.low_freq_factor.ok_or_else(|| err("low_freq_factor"))? as f64;
+    let high = p.high_freq_factor.ok_or_else(|| err("high_freq_factor"))? as f64;
+    let old = p
+        .original_max_position_embeddings
+        .ok_or_else(|| err("original_max_position_embeddings"))? as f64;
+    let theta = p.rope_theta.unwrap_or(10_000.0) as f64;
+    Ok((0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < old / high {
+                1.0
+            } else if wavelen > old / low {
+                factor as f32
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+            }
+        })
+        .collect())
+}
+
 /// The graph's RoPE scaling from HF parameters.
 pub fn rope_scaling(p: &RopeParameters) -> Result<RopeScaling> {
     let err = |message: String| ModelError::Config {
@@ -456,14 +609,8 @@ pub fn rope_scaling(p: &RopeParameters) -> Result<RopeScaling> {
         Some("linear") => Ok(RopeScaling::Linear {
             factor: need(p.factor, "factor")?,
         }),
-        Some("llama3") => Ok(RopeScaling::Llama3 {
-            factor: need(p.factor, "factor")?,
-            low_freq_factor: need(p.low_freq_factor, "low_freq_factor")?,
-            high_freq_factor: need(p.high_freq_factor, "high_freq_factor")?,
-            original_max_positions: p.original_max_position_embeddings.ok_or_else(|| {
-                err("llama3 rope scaling needs `original_max_position_embeddings`".into())
-            })?,
-        }),
+        // Per-frequency factors: the model's `rope_freqs` ([`llama3_rope_factors`]).
+        Some("llama3") => Ok(RopeScaling::Factors),
         Some(other) => Err(err(format!(
             "rope type `{other}` is not supported (default, linear, llama3)"
         ))),

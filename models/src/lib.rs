@@ -4,6 +4,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod gemma;
+pub mod gemma3;
 pub mod gguf;
 pub mod layers;
 pub mod llama;
@@ -25,7 +26,7 @@ use llama_graph::Graph;
 pub use config::ModelConfig;
 pub use error::{ModelError, Result};
 pub use gguf::GgufFile;
-pub use registry::{Family, FamilyWeights, GgufConventions};
+pub use registry::{Family, FamilyWeights, GgufConventions, LocalLayers};
 
 /// Where a model was loaded from.
 #[derive(Debug)]
@@ -137,8 +138,8 @@ impl Model {
     pub fn load_with(path: &Path, device: &Device, options: &LoadOptions) -> Result<Model> {
         let source = ModelSource::open(path)?;
         let (arch, config, weights) = source.with_checkpoint(|family, config, checkpoint| {
-            let mut loader =
-                weights::WeightLoader::new(checkpoint, device).keep_blocks(options.keep_blocks);
+            let mut loader = weights::WeightLoader::new(checkpoint, device, family)
+                .keep_blocks(options.keep_blocks);
             if let Some(progress) = options.progress {
                 loader = loader.with_progress(progress);
             }

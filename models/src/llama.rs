@@ -7,7 +7,9 @@ use llama_graph::Graph;
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::layers::{Activation, BlockLayout, BlockOptions, BlockWeights, GraphBuilder};
+use crate::layers::{
+    llama3_rope_factors, Activation, BlockLayout, BlockOptions, BlockWeights, GraphBuilder,
+};
 use crate::weights::{Matrix, WeightLoader};
 
 /// The whole model's weights.
@@ -20,6 +22,9 @@ pub struct Llama {
     pub output_norm: Param<Tensor<1>>,
     /// `[vocab, d_model]`; `None` when tied to `token_embd`.
     pub output: Option<Matrix>,
+    /// `[head_dim / 2]`: each RoPE frequency's divisor (Llama 3.1 scaling), stored
+    /// (GGUF `rope_freqs`) or computed from config.json's `rope_scaling`.
+    pub rope_freqs: Option<Param<Tensor<1>>>,
 }
 
 impl Llama {
@@ -36,6 +41,14 @@ impl Llama {
         if c.tie_word_embeddings {
             w.ignore("output.weight");
         }
+        let half = c.head_dim() / 2;
+        let rope_freqs = if w.contains("rope_freqs.weight") {
+            Some(w.vector("rope_freqs.weight", half)?)
+        } else if c.rope().rope_type.as_deref() == Some("llama3") {
+            Some(w.computed(llama3_rope_factors(&c.rope(), c.head_dim())?))
+        } else {
+            None
+        };
         Ok(Llama {
             token_embd: w.table("token_embd.weight", c.vocab_size, d)?,
             blocks: (0..c.num_hidden_layers)
@@ -45,6 +58,7 @@ impl Llama {
             output: (!c.tie_word_embeddings)
                 .then(|| w.linear("output.weight", d, c.vocab_size))
                 .transpose()?,
+            rope_freqs,
         })
     }
 }
@@ -60,7 +74,14 @@ impl Llama {
         let tokens = b.tokens()?; // [seq]
         let table = b.weight2("token_embd.weight", &self.token_embd)?; // [vocab, d_model]
         let mut x = b.embedding(table, tokens)?; // [seq, d_model]
-        let rope = b.rope_tables(c, max_positions)?; // cos, sin: [positions, hd/2]
+                                                 // cos, sin: [positions, hd/2]
+        let rope = b.rope_tables_of(
+            "rope",
+            &c.rope(),
+            c,
+            max_positions,
+            self.rope_freqs.as_ref(),
+        )?;
         for (l, w) in self.blocks.iter().enumerate() {
             x = b.block(l, x, w, c, rope, opts)?; // [seq, d_model]
         }

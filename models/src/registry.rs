@@ -21,6 +21,18 @@ pub struct GgufConventions {
     pub norm_plus_one: bool,
     /// The activation, which GGUF metadata does not name.
     pub activation: &'static str,
+    /// Sliding-window and global layers interleaved in a pattern the metadata does not
+    /// state (llama.cpp fixes it per architecture).
+    pub local_layers: Option<LocalLayers>,
+}
+
+/// Interleaved local and global layers: every `global_every`-th layer (counting from
+/// one) attends to every position, the others through the sliding window, and they
+/// rotate with their own RoPE base.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalLayers {
+    pub global_every: usize,
+    pub local_rope_base: f32,
 }
 
 const fn gguf(
@@ -34,6 +46,7 @@ const fn gguf(
         permuted_qk,
         norm_plus_one,
         activation,
+        local_layers: None,
     })
 }
 
@@ -46,18 +59,22 @@ pub enum Family {
     Qwen2,
     Phi3,
     Gemma,
+    /// Gemma 3: Gemma with per-head Q/K norms, norms after attention and feed-forward
+    /// too, and local (sliding-window) layers between global ones.
+    Gemma3,
     /// BERT encoders: they embed text, they do not generate it.
     Bert,
 }
 
 impl Family {
     /// Every supported family, in the order error messages list them.
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 7] = [
         Family::Llama,
         Family::Mistral,
         Family::Qwen2,
         Family::Phi3,
         Family::Gemma,
+        Family::Gemma3,
         Family::Bert,
     ];
 
@@ -69,6 +86,7 @@ impl Family {
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Phi3 => "Phi3ForCausalLM",
             Family::Gemma => "GemmaForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
             Family::Bert => "BertModel",
         }
     }
@@ -89,8 +107,114 @@ impl Family {
             Family::Qwen2 => gguf("qwen2", false, false, "silu"),
             Family::Phi3 => gguf("phi3", false, false, "silu"),
             Family::Gemma => gguf("gemma", false, true, "gelu_pytorch_tanh"),
+            Family::Gemma3 => Some(GgufConventions {
+                name: "gemma3",
+                permuted_qk: false,
+                norm_plus_one: true,
+                activation: "gelu_pytorch_tanh",
+                local_layers: Some(LocalLayers {
+                    global_every: 6,
+                    local_rope_base: 10_000.0,
+                }),
+            }),
             Family::Bert => None,
         }
+    }
+
+    /// Checkpoint names whose meaning in this family differs from Llama's, as
+    /// (HF name after `model.layers.N.`, ours after `blk.N.`): they take precedence
+    /// over the shared table.
+    pub const fn layer_renames(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            // Gemma 3 normalizes the attention output; its feed-forward's input norm is
+            // `pre_feedforward_layernorm`.
+            Family::Gemma3 => &[(
+                "post_attention_layernorm.weight",
+                "post_attention_norm.weight",
+            )],
+            Family::Llama
+            | Family::Mistral
+            | Family::Qwen2
+            | Family::Phi3
+            | Family::Gemma
+            | Family::Bert => &[],
+        }
+    }
+
+    /// What sets a model of this family (with config `c`) apart from a plain Llama:
+    /// one line each, for `llama inspect` and for whoever brings up a family.
+    pub fn differences_from_llama(self, c: &ModelConfig) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let gemma = matches!(self, Family::Gemma | Family::Gemma3);
+        match self {
+            Family::Bert => {
+                return vec![
+                    "an encoder: bidirectional attention, no KV cache, hidden states out".into(),
+                    "learned absolute positions and token-type embeddings, no RoPE".into(),
+                    "post-norm LayerNorm blocks, exact-GELU feed-forward without a gate".into(),
+                ]
+            }
+            Family::Phi3 => out.push("Q, K, V and gate, up stored as fused matrices".into()),
+            Family::Qwen2 => {}
+            Family::Llama | Family::Mistral | Family::Gemma | Family::Gemma3 => {}
+        }
+        if c.attention_bias || self == Family::Qwen2 {
+            out.push("biases on the attention projections".into());
+        }
+        if let Ok(crate::layers::Activation::GeluTanh) = crate::layers::Activation::from_config(c) {
+            out.push("GeGLU feed-forward (tanh GELU) instead of SwiGLU".into());
+        }
+        if gemma {
+            out.push("RMSNorm weights applied as (1 + w)".into());
+            out.push(format!(
+                "embeddings scaled by sqrt(d_model) = {:.3}",
+                (c.hidden_size as f32).sqrt()
+            ));
+        }
+        if c.head_dim() * c.num_attention_heads != c.hidden_size {
+            out.push(format!(
+                "head_dim {} instead of d_model / heads = {}",
+                c.head_dim(),
+                c.hidden_size / c.num_attention_heads
+            ));
+        }
+        if self == Family::Gemma3 {
+            out.push("per-head RMSNorm of Q and K before RoPE".into());
+            out.push("RMSNorm on the outputs of attention and feed-forward too".into());
+        }
+        if (c.attention_scale() - 1.0 / (c.head_dim() as f32).sqrt()).abs() > 1e-9 {
+            out.push(format!(
+                "attention scaled by 1/sqrt({}) instead of 1/sqrt(head_dim)",
+                c.query_pre_attn_scalar.unwrap_or(c.head_dim() as f32)
+            ));
+        }
+        let sliding = (0..c.num_hidden_layers)
+            .filter(|&l| c.sliding_window_of(l).is_some())
+            .count();
+        if let (Some(w), true) = (c.sliding_window, sliding > 0) {
+            if sliding == c.num_hidden_layers {
+                out.push(format!(
+                    "every layer attends through a sliding window of {w}"
+                ));
+            } else {
+                out.push(format!(
+                    "{sliding} of {} layers attend through a sliding window of {w}, the others to every position",
+                    c.num_hidden_layers
+                ));
+            }
+            let (local, global) = (c.rope_of(crate::config::SLIDING_ATTENTION), c.rope());
+            if local != global {
+                out.push(format!(
+                    "sliding-window layers rotate with RoPE base {}, global ones with {}",
+                    local.rope_theta.unwrap_or(10_000.0),
+                    global.rope_theta.unwrap_or(10_000.0)
+                ));
+            }
+        }
+        if c.tie_word_embeddings || gemma {
+            out.push("output head tied to the embeddings".into());
+        }
+        out
     }
 
     /// The family a config.json names (`architectures`, else `model_type`).
@@ -133,6 +257,7 @@ impl Family {
             Family::Qwen2 => FamilyWeights::Llama(crate::qwen2::load(c, w)?),
             Family::Phi3 => FamilyWeights::Llama(crate::phi3::load(c, w)?),
             Family::Gemma => FamilyWeights::Gemma(crate::gemma::load(c, w)?),
+            Family::Gemma3 => FamilyWeights::Gemma(crate::gemma3::load(c, w)?),
             Family::Bert => FamilyWeights::Bert(crate::bert::load(c, w)?),
         };
         w.check_all_used(self)?;

@@ -157,6 +157,12 @@ const LAYER_NAMES: &[(&str, &str)] = &[
     ("mlp.gate_proj.bias", "ffn_gate.bias"),
     ("mlp.up_proj.bias", "ffn_up.bias"),
     ("mlp.down_proj.bias", "ffn_down.bias"),
+    // Per-head Q/K norms (Gemma 3) and the norms around Gemma 3's feed-forward (its
+    // `post_attention_layernorm` is a family rename: see `Family::layer_renames`).
+    ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+    ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+    ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
     // Phi-3's fused matrices, under llama.cpp's names for them.
     ("self_attn.qkv_proj.weight", "attn_qkv.weight"),
     ("mlp.gate_up_proj.weight", "ffn_up.weight"),
@@ -204,6 +210,18 @@ pub fn hf_to_ours(name: &str) -> Option<String> {
         .next()
 }
 
+/// [`hf_to_ours`] for a checkpoint of `family`, whose own meanings of some names
+/// ([`Family::layer_renames`]) come first.
+pub fn hf_to_ours_in(family: Family, name: &str) -> Option<String> {
+    let renamed = name.strip_prefix("model.layers.").and_then(|rest| {
+        let (layer, leaf) = rest.split_once('.')?;
+        let layer = layer.parse::<usize>().ok()?;
+        let (_, ours) = family.layer_renames().iter().find(|(hf, _)| *hf == leaf)?;
+        Some(format!("blk.{layer}.{ours}"))
+    });
+    renamed.or_else(|| hf_to_ours(name))
+}
+
 /// Maps one of our names to the HF checkpoint name (the unfused one where a fused
 /// matrix shares our name: `ffn_up.weight` is `mlp.up_proj.weight`).
 pub fn ours_to_hf(name: &str) -> Option<String> {
@@ -245,11 +263,12 @@ pub struct WeightLoader<'a> {
 }
 
 impl<'a> WeightLoader<'a> {
-    pub fn new(source: &'a dyn TensorSource, device: &Device) -> Self {
+    /// A loader of `family`'s weights from `source`.
+    pub fn new(source: &'a dyn TensorSource, device: &Device, family: Family) -> Self {
         let mut table = std::collections::HashMap::<String, Vec<String>>::new();
         for n in source.names() {
             table
-                .entry(hf_to_ours(&n).unwrap_or_else(|| n.clone()))
+                .entry(hf_to_ours_in(family, &n).unwrap_or_else(|| n.clone()))
                 .or_default()
                 .push(n);
         }
@@ -365,6 +384,13 @@ impl<'a> WeightLoader<'a> {
             TensorData::new(t.data, [n]),
             &self.device,
         )))
+    }
+
+    /// A vector computed from the config rather than read (Llama 3.1's RoPE factors
+    /// from config.json), on the loader's device.
+    pub fn computed(&self, data: Vec<f32>) -> Param<Tensor<1>> {
+        let n = data.len();
+        Param::from_tensor(Tensor::from_data(TensorData::new(data, [n]), &self.device))
     }
 
     /// A projection `[out, in]`, kept in the checkpoint layout (the graph's matmul

@@ -118,6 +118,19 @@ impl ChatTemplate {
     /// Renders `messages`; with `add_generation_prompt` the text ends where the
     /// assistant's answer begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, None::<&()>, add_generation_prompt)
+    }
+
+    /// Renders messages of any shape the template reads (tool calls, tool results) and,
+    /// with `tools`, the function definitions as OpenAI's `tools` lists them, which
+    /// templates with a tools section (Qwen2.5) describe to the model. Maps keep their
+    /// order, so a template prints them as transformers does.
+    pub fn render_with<M: Serialize + ?Sized, T: Serialize + ?Sized>(
+        &self,
+        messages: &M,
+        tools: Option<&T>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let err = |e: minijinja::Error| RuntimeError::Template {
             source_name: self.source.clone(),
             message: match e.detail() {
@@ -137,15 +150,234 @@ impl ChatTemplate {
                 ))
             },
         );
+        env.add_filter("tojson", python_tojson);
         env.add_template("chat", &self.template).map_err(err)?;
         let template = env.get_template("chat").map_err(err)?;
+        let tools = tools.map(minijinja::Value::from_serialize);
         template
             .render(minijinja::context! {
-                messages => messages,
+                messages => minijinja::Value::from_serialize(messages),
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
             .map_err(err)
+    }
+}
+
+/// `tojson` as transformers defines it for chat templates: Python's `json.dumps` with
+/// `ensure_ascii=False` (`", "` and `": "` separators, maps in their own order, no
+/// HTML escaping; `indent`, `separators` and `sort_keys` as keywords). minijinja's
+/// own filter writes compact, HTML-safe JSON: the prompt would differ from the one the
+/// model was trained on.
+fn python_tojson(
+    value: &minijinja::Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    let indent: Option<minijinja::Value> = kwargs.get("indent")?;
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() => None,
+        Some(v) => Some(" ".repeat(usize::try_from(v)?)),
+    };
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let (item, key) = match separators.as_deref() {
+        Some([item, key]) => (item.clone(), key.clone()),
+        Some(_) => {
+            return Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                "tojson separators must be two strings",
+            ))
+        }
+        // Python drops the item separator's space when it indents.
+        None if indent.is_some() => (",".to_string(), ": ".to_string()),
+        None => (", ".to_string(), ": ".to_string()),
+    };
+    let style = JsonStyle {
+        indent,
+        item,
+        key,
+        sort_keys: sort_keys.unwrap_or(false),
+    };
+    let mut out = String::new();
+    style.write(value, 0, &mut out)?;
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+struct JsonStyle {
+    indent: Option<String>,
+    item: String,
+    key: String,
+    sort_keys: bool,
+}
+
+impl JsonStyle {
+    fn newline(&self, level: usize, out: &mut String) {
+        if let Some(indent) = &self.indent {
+            out.push('\n');
+            for _ in 0..level {
+                out.push_str(indent);
+            }
+        }
+    }
+
+    fn write(
+        &self,
+        v: &minijinja::Value,
+        level: usize,
+        out: &mut String,
+    ) -> std::result::Result<(), minijinja::Error> {
+        use minijinja::value::ValueKind;
+        match v.kind() {
+            ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+            ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Number => match (i64::try_from(v.clone()), f64::try_from(v.clone())) {
+                (Ok(i), _) if !v.to_string().contains('.') => out.push_str(&i.to_string()),
+                (_, Ok(f)) => out.push_str(&python_float(f)),
+                _ => out.push_str(&v.to_string()),
+            },
+            ValueKind::String => json_string(v.as_str().unwrap_or_default(), out),
+            ValueKind::Seq | ValueKind::Iterable => {
+                let items: Vec<minijinja::Value> = v.try_iter()?.collect();
+                self.container(&items, '[', ']', level, out, |item, level, out| {
+                    self.write(item, level, out)
+                })?;
+            }
+            ValueKind::Map => {
+                let mut keys: Vec<minijinja::Value> = v.try_iter()?.collect();
+                if self.sort_keys {
+                    keys.sort();
+                }
+                self.container(&keys, '{', '}', level, out, |k, level, out| {
+                    json_string(&k.to_string(), out);
+                    out.push_str(&self.key);
+                    self.write(&v.get_item(k)?, level, out)
+                })?;
+            }
+            _ => json_string(&v.to_string(), out),
+        }
+        Ok(())
+    }
+
+    fn container<T>(
+        &self,
+        items: &[T],
+        open: char,
+        close: char,
+        level: usize,
+        out: &mut String,
+        mut each: impl FnMut(&T, usize, &mut String) -> std::result::Result<(), minijinja::Error>,
+    ) -> std::result::Result<(), minijinja::Error> {
+        out.push(open);
+        if items.is_empty() {
+            out.push(close);
+            return Ok(());
+        }
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                out.push_str(&self.item);
+            }
+            self.newline(level + 1, out);
+            each(item, level + 1, out)?;
+        }
+        self.newline(level, out);
+        out.push(close);
+        Ok(())
+    }
+}
+
+/// A JSON string as Python writes it with `ensure_ascii=False`.
+fn json_string(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A float as Python's `repr`: shortest round-trip digits, `.0` on whole numbers,
+/// exponent form below 1e-4 and from 1e16.
+fn python_float(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    let a = f.abs();
+    if a != 0.0 && !(1e-4..1e16).contains(&a) {
+        // Rust writes `1e-5`; Python `1e-05`.
+        let s = format!("{f:e}");
+        return match s.split_once('e') {
+            Some((m, e)) => {
+                let (sign, digits) = match e.strip_prefix('-') {
+                    Some(d) => ("-", d),
+                    None => ("+", e),
+                };
+                format!("{m}e{sign}{digits:0>2}")
+            }
+            None => s,
+        };
+    }
+    if f.fract() == 0.0 {
+        format!("{f:.1}")
+    } else {
+        format!("{f}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(template: &str, value: serde_json::Value) -> String {
+        let t = ChatTemplate {
+            source: "test".into(),
+            template: template.into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        t.render_with(&[value], None::<&()>, false).unwrap()
+    }
+
+    /// Outputs of Python's `json.dumps(x, ensure_ascii=False, ...)`.
+    #[test]
+    fn tojson_writes_what_python_json_dumps_writes() {
+        let x = serde_json::json!({"b": [1, 2.5, "q\"é<>\n", null, true], "a": {}, "c": 1e-5});
+        let cases = [
+            (
+                "{{ messages[0] | tojson }}",
+                r#"{"a": {}, "b": [1, 2.5, "q\"é<>\n", null, true], "c": 1e-05}"#,
+            ),
+            (
+                "{{ messages[0].b | tojson(indent=2) }}",
+                "[\n  1,\n  2.5,\n  \"q\\\"é<>\\n\",\n  null,\n  true\n]",
+            ),
+            (
+                "{{ messages[0].a | tojson(indent=4) }}|{{ 3.0 | tojson }}|{{ 7 | tojson }}",
+                "{}|3.0|7",
+            ),
+            (
+                "{{ messages[0].b[:2] | tojson(separators=[',', ':']) }}",
+                "[1,2.5]",
+            ),
+        ];
+        for (template, want) in cases {
+            assert_eq!(render(template, x.clone()), want, "{template}");
+        }
     }
 }

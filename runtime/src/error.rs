@@ -44,6 +44,14 @@ pub enum RuntimeError {
         "{model} is an encoder ({arch}): it embeds text, it does not generate (try `llama embed`)"
     )]
     NotGenerative { model: String, arch: String },
+    #[error("reference {path}: {message}")]
+    Reference { path: String, message: String },
+    #[error("node {node} yields {ours:?}, the reference holds {reference:?}")]
+    ReferenceShape {
+        node: String,
+        ours: Vec<usize>,
+        reference: Vec<usize>,
+    },
     #[error("input {index} of the batch is empty")]
     EmptyInput { index: usize },
     #[error("input {index} has {tokens} tokens; the model embeds at most {max}")]

@@ -1,6 +1,7 @@
 //! llama-runtime: sessions, the KV cache, tokenization and the generation loop.
 pub mod batch;
 pub mod chat;
+pub mod compare;
 pub mod device;
 pub mod embed;
 pub mod engine;

@@ -38,11 +38,15 @@ fn score(logits: &Logits, ids: &[u32], from: usize) -> (f64, usize) {
 /// forward pass. Longer texts are cut into consecutive windows of `window` tokens, as
 /// llama.cpp's `llama-perplexity` does, and each window scores only its second half,
 /// so every scored token sees at least `window / 2` tokens of context.
+/// With `bos`, each window after the first starts with it in place of its first token,
+/// as `llama-perplexity` does for models that add BOS (Gemma's outputs are meaningless
+/// without it); `ids` should then start with it too.
 /// `progress` is called after each window with (done, total).
 pub fn perplexity(
     session: &mut Session,
     ids: &[u32],
     window: usize,
+    bos: Option<u32>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Perplexity> {
     if ids.len() < 2 {
@@ -62,11 +66,14 @@ pub fn perplexity(
         }
         let chunks = ids.len() / window;
         for c in 0..chunks {
-            let chunk = &ids[c * window..(c + 1) * window];
+            let mut chunk = ids[c * window..(c + 1) * window].to_vec();
+            if let Some(bos) = bos {
+                chunk[0] = bos;
+            }
             session.reset();
-            let logits = session.prefill(chunk)?;
+            let logits = session.prefill(&chunk)?;
             // Position p predicts chunk[p + 1]; score positions window/2 .. window-1.
-            let (t, n) = score(&logits, chunk, window / 2);
+            let (t, n) = score(&logits, &chunk, window / 2);
             total += t;
             scored += n;
             windows += 1;

@@ -99,6 +99,18 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The special token the post-processor puts before a text (BOS, BERT's `[CLS]`),
+    /// if it puts one.
+    pub fn leading_special(&self) -> Result<Option<u32>> {
+        let enc = self.inner.encode("a", true).map_err(|e| self.err(e))?;
+        Ok(
+            match (enc.get_ids().first(), enc.get_special_tokens_mask().first()) {
+                (Some(&id), Some(1)) => Some(id),
+                _ => None,
+            },
+        )
+    }
+
     /// Ids of `text` with the post-processor's special tokens, at most `max` of them:
     /// the text's own tokens are cut at the end so that they and the special tokens
     /// fit (as HF tokenizers truncate, `[CLS] ... [SEP]` kept whole). Also says whether

@@ -66,8 +66,17 @@ pub fn eval(
             let Value::F1(w) = next()? else {
                 return Err(bad(node, "norm weight must be rank 1"));
             };
-            let inv = inv_rms(x.clone(), eps.get());
-            Value::F2(x.mul(inv).mul(w.unsqueeze_dim(0)))
+            let [rows, d] = x.dims();
+            let g = w.dims()[0];
+            if g == d {
+                let inv = inv_rms(x.clone(), eps.get());
+                Value::F2(x.mul(inv).mul(w.unsqueeze_dim(0)))
+            } else {
+                // One norm per group (head): rows of `g` features, then back.
+                let x = x.reshape([rows * d / g, g]);
+                let inv = inv_rms(x.clone(), eps.get());
+                Value::F2(x.mul(inv).mul(w.unsqueeze_dim(0)).reshape([rows, d]))
+            }
         }
         Op::LayerNorm { eps } => {
             let x = f2(node, next()?)?;
@@ -153,7 +162,23 @@ pub fn eval(
             scaling,
             max_positions,
         } => {
-            let angles = rope_angles(*head_dim, theta.get(), *scaling, *max_positions);
+            let factors = match scaling {
+                RopeScaling::Factors => Some(
+                    Value::F1(match next()? {
+                        Value::F1(t) => t,
+                        _ => return Err(bad(node, "rope factors must be rank 1")),
+                    })
+                    .to_f32_vec()?,
+                ),
+                _ => None,
+            };
+            let angles = rope_angles(
+                *head_dim,
+                theta.get(),
+                *scaling,
+                factors.as_deref(),
+                *max_positions,
+            );
             Value::F2(Tensor::from_data(
                 TensorData::new(angles, [*max_positions, head_dim / 2]),
                 device,
@@ -269,41 +294,23 @@ fn encoder_attention(
 }
 
 /// Rotary angles `[max_positions, head_dim / 2]`, computed in f32 as HF transformers does
-/// (`inv_freq = 1 / theta^(2i/d)`, then `position * inv_freq`), with its scaling rules.
+/// (`inv_freq = 1 / theta^(2i/d)`, then `position * inv_freq`), with its scaling rules;
+/// `factors` (one per frequency) with [`RopeScaling::Factors`].
 pub fn rope_angles(
     head_dim: usize,
     theta: f32,
     scaling: RopeScaling,
+    factors: Option<&[f32]>,
     max_positions: usize,
 ) -> Vec<f32> {
     let half = head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| {
             let base = 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32);
-            match scaling {
-                RopeScaling::None => base,
-                RopeScaling::Linear { factor } => base / factor.get(),
-                RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_max_positions,
-                } => {
-                    // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept,
-                    // and the band between is interpolated (HF `_compute_llama3_parameters`).
-                    let (factor, low, high) =
-                        (factor.get(), low_freq_factor.get(), high_freq_factor.get());
-                    let old = original_max_positions as f32;
-                    let wavelen = 2.0 * std::f32::consts::PI / base;
-                    if wavelen < old / high {
-                        base
-                    } else if wavelen > old / low {
-                        base / factor
-                    } else {
-                        let smooth = (old / wavelen - low) / (high - low);
-                        (1.0 - smooth) * base / factor + smooth * base
-                    }
-                }
+            match (scaling, factors) {
+                (RopeScaling::Linear { factor }, _) => base / factor.get(),
+                (RopeScaling::Factors, Some(f)) => base / f.get(i).copied().unwrap_or(1.0),
+                (RopeScaling::None | RopeScaling::Factors, _) => base,
             }
         })
         .collect();

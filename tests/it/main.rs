@@ -1,0 +1,26 @@
+//! The integration tests, one module per area, linked into one binary: every test
+//! binary links all of burn, so one binary instead of twenty keeps the test build's
+//! time and disk in check. Run one area with `cargo test --test it tokenizer::`.
+//! Tests that read the process's resident memory live in binaries of their own
+//! (`tests/kv_budget.rs`, `tests/serve.rs`), where no other test allocates beside them.
+mod common;
+
+mod backend_parity;
+mod batching;
+mod cli;
+mod compare;
+mod embeddings;
+mod engine;
+mod generation;
+mod gguf_format;
+mod model_variants;
+mod passes_on_models;
+mod rag;
+mod real_families;
+mod real_model;
+mod safetensors_loading;
+mod serve_cli;
+mod service;
+mod tiny_models;
+mod tokenizer;
+mod wgpu_real_model;

@@ -1,0 +1,306 @@
+//! Retrieval-augmented generation on the engine: recall of the committed corpus
+//! (tests/fixtures/rag) on both stores, `llama rag` as a user runs it, and bad input.
+#[allow(dead_code)]
+#[path = "../../rag/tests/common/pg.rs"]
+mod pg;
+
+use std::path::{Path, PathBuf};
+
+use crate::common::*;
+use llama::rag::pipeline::{self, ChunkOptions, SearchMode};
+use llama::rag::Store;
+use llama::runtime::{Embedder, Engine, SessionOptions};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Question {
+    question: String,
+    document: String,
+}
+
+fn corpus() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rag/corpus")
+}
+
+fn questions() -> Vec<Question> {
+    read_json(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rag/questions.json"))
+}
+
+fn file_name(source: &str) -> &str {
+    Path::new(source)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(source)
+}
+
+/// The share of questions whose document is among the first 5 chunks' sources.
+fn recall_at_5(store: &dyn Store, embedder: &Embedder, mode: SearchMode) -> f64 {
+    let qs = questions();
+    let found = qs
+        .iter()
+        .filter(|q| {
+            let hits = pipeline::search(store, embedder, &q.question, 5, mode).unwrap();
+            hits.iter().any(|h| file_name(&h.source) == q.document)
+        })
+        .count();
+    found as f64 / qs.len() as f64
+}
+
+/// Ingests the corpus into `spec` and checks recall@5: hybrid at least 0.9 and above
+/// vector-only and keyword-only.
+fn check_recall(spec: &str) {
+    let engine = Engine::load(&minilm_path(), &SessionOptions::default()).unwrap();
+    let embedder = Embedder::new(&engine, None).unwrap();
+    let info = pipeline::store_info(&minilm_path(), &embedder);
+    let mut store = llama::rag::open(spec).unwrap();
+    let files = pipeline::collect_files(&[corpus()]).unwrap();
+    assert!(files.len() >= 30);
+    let ingest = |store: &mut dyn Store| {
+        pipeline::ingest(
+            store,
+            &embedder,
+            &info,
+            &files,
+            ChunkOptions::default(),
+            &|_, _| {},
+        )
+        .unwrap()
+    };
+    let report = ingest(store.as_mut());
+    assert_eq!(report.written.len(), files.len());
+    // A second ingest of the same files writes nothing.
+    let again = ingest(store.as_mut());
+    assert!(again.written.is_empty());
+    assert_eq!(again.unchanged.len(), files.len());
+
+    let hybrid = recall_at_5(store.as_ref(), &embedder, SearchMode::Hybrid);
+    let vector = recall_at_5(store.as_ref(), &embedder, SearchMode::Vector);
+    let keyword = recall_at_5(store.as_ref(), &embedder, SearchMode::Keyword);
+    eprintln!("{spec}: recall@5 hybrid {hybrid:.3}, vector {vector:.3}, keyword {keyword:.3}");
+    assert!(hybrid >= 0.9, "hybrid recall@5 {hybrid}");
+    assert!(
+        hybrid > vector,
+        "hybrid {hybrid} is not above vector-only {vector}"
+    );
+    assert!(
+        hybrid > keyword,
+        "hybrid {hybrid} is not above keyword-only {keyword}"
+    );
+}
+
+#[test]
+fn hybrid_recall_on_sqlite_beats_each_ranking_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    check_recall(dir.path().join("docs.db").to_str().unwrap());
+}
+
+#[test]
+fn hybrid_recall_on_postgres_beats_each_ranking_alone() {
+    let server = pg::PgServer::start();
+    check_recall(&server.url);
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = llama(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// One line on stderr naming the problem, a failing exit.
+fn run_err(args: &[&str], expect: &str) {
+    let out = llama(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(err.contains(expect), "{args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+}
+
+#[test]
+fn llama_rag_ingests_searches_and_answers_with_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    for name in [
+        "01-marrowick-waste-collection.md",
+        "02-marrowick-public-library.md",
+    ] {
+        let from = corpus().join(name);
+        assert!(from.exists(), "{}", from.display());
+        std::fs::copy(from, docs.join(name)).unwrap();
+    }
+    let db = dir.path().join("docs.db");
+    let (db, docs_s) = (db.to_str().unwrap(), docs.to_str().unwrap());
+    let minilm = minilm_path();
+    let minilm = minilm.to_str().unwrap();
+    let base = ["--store", db, "--embed-model", minilm];
+
+    let out = run_ok(&[&["rag", "ingest"][..], &base, &[docs_s]].concat());
+    assert!(out.starts_with("ingested 2 files"), "{out}");
+    let out = run_ok(&[&["rag", "ingest"][..], &base, &[docs_s]].concat());
+    assert_eq!(out.trim(), "ingested 0 files (0 chunks); 2 unchanged");
+    // A changed file is written again, alone.
+    let changed = docs.join("02-marrowick-public-library.md");
+    let mut text = std::fs::read_to_string(&changed).unwrap();
+    text.push_str("\nThe reading room closes at noon on the first Monday of each month.\n");
+    std::fs::write(&changed, text).unwrap();
+    let out = run_ok(&[&["rag", "ingest"][..], &base, &[docs_s]].concat());
+    assert!(out.starts_with("ingested 1 files"), "{out}");
+
+    let q = "When does the reading room close on the first Monday?";
+    let out = run_ok(&[&["rag", "search"][..], &base, &[q, "--json", "-k", "3"]].concat());
+    let hits: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(hits.len(), 3);
+    assert!(hits[0]["source"]
+        .as_str()
+        .unwrap()
+        .ends_with("02-marrowick-public-library.md"));
+    assert!(hits[0]["text"]
+        .as_str()
+        .unwrap()
+        .contains("reading room closes at noon"));
+
+    let gen = real_model_path();
+    let out = run_ok(
+        &[
+            &["rag", "query"][..],
+            &base,
+            &["--model", gen.to_str().unwrap(), q, "--json", "-n", "48"],
+        ]
+        .concat(),
+    );
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(!answer["answer"].as_str().unwrap().is_empty());
+    let sources = answer["sources"].as_array().unwrap();
+    assert!(!sources.is_empty());
+    assert_eq!(sources[0]["n"], 1);
+    assert!(sources[0]["source"]
+        .as_str()
+        .unwrap()
+        .ends_with("02-marrowick-public-library.md"));
+    for n in answer["cited"].as_array().unwrap() {
+        let n = n.as_u64().unwrap() as usize;
+        assert!(
+            (1..=sources.len()).contains(&n),
+            "cited [{n}] is not a source"
+        );
+    }
+    // The plain output ends with the numbered sources.
+    let out = run_ok(
+        &[
+            &["rag", "query"][..],
+            &base,
+            &["--model", gen.to_str().unwrap(), q, "-n", "16"],
+        ]
+        .concat(),
+    );
+    assert!(out.contains("Sources:\n"), "{out}");
+    assert!(out.contains("[1] "), "{out}");
+}
+
+#[test]
+fn bad_input_is_one_line_and_leaves_the_store_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("docs.db");
+    let db = db.to_str().unwrap();
+    let minilm = minilm_path();
+    let minilm = minilm.to_str().unwrap();
+    let base = ["--store", db, "--embed-model", minilm];
+    let good = corpus().join("01-marrowick-waste-collection.md");
+    let good = good.to_str().unwrap();
+    run_ok(&[&["rag", "ingest"][..], &base, &[good]].concat());
+
+    let junk = dir.path().join("junk.md");
+    std::fs::write(&junk, [0x7fu8, 0x45, 0x4c, 0x46, 0, 0, 1, 2, 0xff]).unwrap();
+    let latin1 = dir.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9 au lait").unwrap();
+    let dangling = dir.path().join("gone.md");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let second = corpus().join("02-marrowick-public-library.md");
+    let second = second.to_str().unwrap();
+    for (path, expect) in [
+        (junk.to_str().unwrap(), "is not text"),
+        (latin1.to_str().unwrap(), "is not UTF-8 text"),
+        (dangling.to_str().unwrap(), "cannot read"),
+        (empty.to_str().unwrap(), "no text or Markdown files"),
+        ("/nonexistent/docs", "no such file or directory"),
+    ] {
+        // The good second file comes first: nothing of it may be written either.
+        run_err(
+            &[&["rag", "ingest"][..], &base, &[second, path]].concat(),
+            expect,
+        );
+    }
+    let store = llama::rag::open(db).unwrap();
+    let docs = store.documents().unwrap();
+    assert_eq!(docs.len(), 1, "only the first ingest's document is stored");
+
+    // A store made with another embedding model.
+    let tiny = fixture("llama3");
+    run_err(
+        &[
+            "rag",
+            "search",
+            "--store",
+            db,
+            "--embed-model",
+            tiny.to_str().unwrap(),
+            "bins",
+        ],
+        "was made with all-minilm-l6-v2 (384 dims)",
+    );
+    run_err(
+        &[
+            "rag",
+            "ingest",
+            "--store",
+            db,
+            "--embed-model",
+            tiny.to_str().unwrap(),
+            second,
+        ],
+        "384 dims",
+    );
+    // An empty store, an empty query, an unreachable database.
+    let fresh = dir.path().join("fresh.db");
+    run_err(
+        &[
+            &[
+                "rag",
+                "search",
+                "--store",
+                fresh.to_str().unwrap(),
+                "--embed-model",
+                minilm,
+            ][..],
+            &["x"],
+        ]
+        .concat(),
+        "is empty: run `llama rag ingest` first",
+    );
+    run_err(
+        &[&["rag", "search"][..], &base, &["  "]].concat(),
+        "the query is empty",
+    );
+    run_err(
+        &[
+            "rag",
+            "search",
+            "--store",
+            "postgres://rag@127.0.0.1:1/none",
+            "--embed-model",
+            minilm,
+            "x",
+        ],
+        "cannot reach the database at postgres://127.0.0.1:1/none",
+    );
+    run_err(
+        &[&["rag", "search"][..], &base, &["x", "--mode", "fuzzy"]].concat(),
+        "unknown search mode `fuzzy`",
+    );
+}
