@@ -151,18 +151,65 @@ impl ChatTemplate {
             },
         );
         env.add_filter("tojson", python_tojson);
+        // Templates come with model files from anywhere: bounded work, depth and output
+        // (minijinja has no filesystem or environment access to begin with).
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_recursion_limit(TEMPLATE_DEPTH);
         env.add_template("chat", &self.template).map_err(err)?;
         let template = env.get_template("chat").map_err(err)?;
         let tools = tools.map(minijinja::Value::from_serialize);
-        template
-            .render(minijinja::context! {
+        let mut out = CappedOutput::default();
+        let rendered = template.render_captured_to(
+            minijinja::context! {
                 messages => minijinja::Value::from_serialize(messages),
                 tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
-            })
-            .map_err(err)
+            },
+            &mut out,
+        );
+        if out.overflowed {
+            return Err(RuntimeError::Template {
+                source_name: self.source.clone(),
+                message: format!("the rendered prompt passes {TEMPLATE_OUTPUT} bytes"),
+            });
+        }
+        rendered.map_err(err)?;
+        String::from_utf8(out.bytes).map_err(|e| RuntimeError::Template {
+            source_name: self.source.clone(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Template instructions a render may run: a conversation of thousands of messages
+/// with tools takes well under a million; a template that loops for ever stops here.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Nested macro calls and includes.
+const TEMPLATE_DEPTH: usize = 64;
+/// Bytes a rendered prompt may have: far past any context window.
+const TEMPLATE_OUTPUT: usize = 16 << 20;
+
+/// The render's output, refused past [`TEMPLATE_OUTPUT`] bytes.
+#[derive(Default)]
+struct CappedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > TEMPLATE_OUTPUT {
+            self.overflowed = true;
+            return Err(std::io::Error::other("output cap"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -352,6 +399,49 @@ mod tests {
             eos_token: String::new(),
         };
         t.render_with(&[value], None::<&()>, false).unwrap()
+    }
+
+    fn render_err(template: &str) -> String {
+        let t = ChatTemplate {
+            source: "hostile".into(),
+            template: template.into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        t.render(&[Message::new("user", "hi")], true)
+            .expect_err(template)
+            .to_string()
+    }
+
+    /// Hostile templates end with an error: loops that run for ever, recursion without
+    /// end, output without end.
+    #[test]
+    fn hostile_templates_end_with_an_error() {
+        let forever =
+            "{% for i in range(10000) %}{% for j in range(10000) %}{{ j }}{% endfor %}{% endfor %}";
+        assert!(
+            render_err(forever).contains("fuel"),
+            "{}",
+            render_err(forever)
+        );
+        let recursion = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}";
+        let e = render_err(recursion);
+        assert!(e.contains("recursion"), "{e}");
+        let huge = "{{ 'x' * 20000000 }}";
+        let e = render_err(huge);
+        assert!(e.contains("passes 16777216 bytes"), "{e}");
+        // An ordinary render is untouched by the bounds.
+        let fine = "{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}";
+        let t = ChatTemplate {
+            source: "fine".into(),
+            template: fine.into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        assert_eq!(
+            t.render(&[Message::new("user", "hi")], false).unwrap(),
+            "user: hi"
+        );
     }
 
     /// Outputs of Python's `json.dumps(x, ensure_ascii=False, ...)`.

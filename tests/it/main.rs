@@ -2,7 +2,7 @@
 //! binary links all of burn, so one binary instead of twenty keeps the test build's
 //! time and disk in check. Run one area with `cargo test --test it tokenizer::`.
 //! Tests that read the process's resident memory live in binaries of their own
-//! (`tests/kv_budget.rs`, `tests/serve.rs`), where no other test allocates beside them.
+//! (`tests/memory.rs`, `tests/serve.rs`), where no other test allocates beside them.
 mod common;
 
 mod backend_parity;

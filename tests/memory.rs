@@ -1,0 +1,149 @@
+//! What the process's resident memory shows: a thousand sequences come and go through
+//! one scheduler and leave nothing behind; model files that claim more than they hold
+//! are refused without allocating what they claim. A binary of its own, its tests one
+//! at a time, so that the memory each reads is its own.
+#[path = "it/common/mod.rs"]
+mod common;
+
+use crate::common::*;
+use llama::graph::{KvType, Pipeline, Program};
+use llama::runtime::{BatchOptions, Event, Scheduler};
+
+/// Runs the scheduler to the end; the number of sequences that finished.
+fn drain(s: &mut Scheduler<'_>) -> usize {
+    let mut done = 0;
+    s.run(|e| match e {
+        Event::Done { .. } => done += 1,
+        Event::Failed { seq, error } => panic!("sequence {seq} failed: {error}"),
+        _ => {}
+    });
+    done
+}
+
+/// One test at a time in this binary.
+static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+#[test]
+fn a_thousand_sequences_come_and_go_without_leaking() {
+    let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
+    let device = flex();
+    let p = Program::new(
+        graph("llama3", &device, &Pipeline::standard()),
+        device.clone(),
+    )
+    .expect("program");
+    let opts = BatchOptions {
+        kv_budget: 200,
+        max_sequences: 16,
+        ..BatchOptions::default()
+    };
+    let mut s = Scheduler::for_program(&p, 64, KvType::F32, opts).expect("scheduler");
+    let round = |s: &mut Scheduler<'_>, from: u32| {
+        for i in from..from + 100 {
+            s.submit(ids(3 + (i as usize % 20), i), greedy(1 + i as usize % 5))
+                .expect("submit");
+        }
+        assert_eq!(drain(s), 100);
+        assert!(s.kv_used() <= 200);
+    };
+    round(&mut s, 0);
+    let before = rss_kib();
+    for r in 1..10 {
+        round(&mut s, r * 100);
+    }
+    let grown = rss_kib().saturating_sub(before);
+    assert_eq!(s.running() + s.waiting(), 0);
+    assert_eq!(s.kv_used(), s.prefix_positions());
+    s.clear_prefixes();
+    assert_eq!(s.kv_used(), 0);
+    assert!(
+        grown < 32 * 1024,
+        "resident memory grew {grown} KiB over 900 sequences"
+    );
+}
+
+/// Peak resident memory since the last reset, in KiB (`VmHWM`).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .expect("VmHWM in /proc/self/status")
+}
+
+/// A GGUF v3 header claiming `n_tensors` tensors and `n_kv` metadata pairs, then `rest`.
+fn header(n_tensors: u64, n_kv: u64, rest: &[u8]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(n_tensors.to_le_bytes());
+    b.extend(n_kv.to_le_bytes());
+    b.extend(rest);
+    b.extend([0u8; 64]);
+    b
+}
+
+fn gguf_string(s: &str) -> Vec<u8> {
+    let mut b = (s.len() as u64).to_le_bytes().to_vec();
+    b.extend(s.as_bytes());
+    b
+}
+
+/// Files whose header claims 2^60 tensors, metadata pairs, string bytes or array items,
+/// or a tensor of 2^62 bytes, are refused by reading the claim against the bytes
+/// present: within 10 ms, and the process's peak memory grows by under 10 MiB.
+#[test]
+fn files_that_claim_more_than_they_hold_are_refused_at_once() {
+    let _alone = ALONE.lock().unwrap_or_else(|e| e.into_inner());
+    const HUGE: u64 = 1 << 60;
+    let key_claims = |tail: &[u8]| {
+        let mut b = gguf_string("general.name");
+        b.extend(tail);
+        b
+    };
+    let mut array = key_claims(&9u32.to_le_bytes());
+    array.extend(0u32.to_le_bytes()); // u8 items
+    array.extend(HUGE.to_le_bytes());
+    let mut strings = key_claims(&9u32.to_le_bytes());
+    strings.extend(8u32.to_le_bytes()); // string items
+    strings.extend(HUGE.to_le_bytes());
+    let mut string = key_claims(&8u32.to_le_bytes());
+    string.extend(HUGE.to_le_bytes());
+    let mut tensor = gguf_string("t");
+    tensor.extend(2u32.to_le_bytes());
+    tensor.extend((1u64 << 30).to_le_bytes());
+    tensor.extend((1u64 << 30).to_le_bytes()); // 2^60 f32 values: 2^62 bytes
+    tensor.extend(0u32.to_le_bytes());
+    tensor.extend(0u64.to_le_bytes());
+    let cases = [
+        ("tensors", header(HUGE, 0, &[]), "claims"),
+        ("metadata pairs", header(0, HUGE, &[]), "claims"),
+        ("key bytes", header(0, 1, &HUGE.to_le_bytes()), "claims"),
+        ("string bytes", header(0, 1, &string), "claims"),
+        ("array items", header(0, 1, &array), "claims"),
+        ("string items", header(0, 1, &strings), "claims"),
+        ("tensor bytes", header(1, 0, &tensor), "past the end"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (what, bytes, says) in cases {
+        let path = dir.path().join("hostile.gguf");
+        std::fs::write(&path, &bytes).unwrap();
+        std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
+        let before = peak_rss_kib();
+        let start = std::time::Instant::now();
+        let err = llama::models::GgufFile::open(&path)
+            .expect_err(what)
+            .to_string();
+        let took = start.elapsed();
+        let grown = peak_rss_kib().saturating_sub(before);
+        assert!(err.contains(says), "{what}: {err}");
+        assert!(
+            took < std::time::Duration::from_millis(10),
+            "{what}: refused after {took:?}"
+        );
+        assert!(grown < 10 * 1024, "{what}: peak memory grew {grown} KiB");
+    }
+}
