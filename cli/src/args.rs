@@ -34,6 +34,10 @@ pub struct ModelArgs {
     /// --precision f32). GPU backends and the ndarray reference keep f32.
     #[arg(long, value_enum)]
     pub cache_type: Option<CacheTypeArg>,
+    /// Check every weight for NaN and infinity while loading, and refuse the model
+    /// naming the first tensor that holds one.
+    #[arg(long)]
+    pub check_tensors: bool,
 }
 
 impl ModelArgs {
@@ -58,6 +62,7 @@ impl ModelArgs {
             }),
             passes: self.passes.clone(),
             context,
+            check_tensors: self.check_tensors,
         }
     }
 }

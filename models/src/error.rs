@@ -42,6 +42,12 @@ pub enum ModelError {
         /// What the family read.
         expected: String,
     },
+    #[error("tensor `{name}` holds {value} at index {index}: its values must be finite")]
+    NonFiniteTensor {
+        name: String,
+        index: usize,
+        value: f32,
+    },
     #[error("tensor `{name}` has shape {actual:?}, but the config implies {expected:?}")]
     TensorShape {
         name: String,

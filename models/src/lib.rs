@@ -114,6 +114,9 @@ pub struct LoadOptions<'a> {
     pub keep_blocks: bool,
     /// Called with (tensors loaded, tensors in the checkpoint) after each tensor.
     pub progress: Option<&'a dyn Fn(usize, usize)>,
+    /// Check every value of every tensor for NaN and infinity, and refuse the model
+    /// naming the first such tensor (block weights are dequantized row by row for it).
+    pub check_tensors: bool,
 }
 
 /// A loaded model: its config, its family's weights and where it came from.
@@ -139,7 +142,8 @@ impl Model {
         let source = ModelSource::open(path)?;
         let (arch, config, weights) = source.with_checkpoint(|family, config, checkpoint| {
             let mut loader = weights::WeightLoader::new(checkpoint, device, family)
-                .keep_blocks(options.keep_blocks);
+                .keep_blocks(options.keep_blocks)
+                .check_tensors(options.check_tensors);
             if let Some(progress) = options.progress {
                 loader = loader.with_progress(progress);
             }

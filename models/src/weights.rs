@@ -260,6 +260,8 @@ pub struct WeightLoader<'a> {
     device: Device,
     /// Keep matrices stored as GGML blocks in their blocks.
     keep_blocks: bool,
+    /// Refuse tensors holding NaN or infinity.
+    check_tensors: bool,
 }
 
 impl<'a> WeightLoader<'a> {
@@ -283,6 +285,7 @@ impl<'a> WeightLoader<'a> {
             ignored: RefCell::default(),
             device: device.clone(),
             keep_blocks: false,
+            check_tensors: false,
         }
     }
 
@@ -292,6 +295,23 @@ impl<'a> WeightLoader<'a> {
     pub fn keep_blocks(mut self, keep: bool) -> Self {
         self.keep_blocks = keep;
         self
+    }
+
+    /// Refuses, by name, a tensor holding NaN or infinity.
+    pub fn check_tensors(mut self, check: bool) -> Self {
+        self.check_tensors = check;
+        self
+    }
+
+    fn check_finite(&self, ours: &str, values: &[f32], offset: usize) -> Result<()> {
+        match values.iter().position(|x| !x.is_finite()) {
+            Some(i) => Err(ModelError::NonFiniteTensor {
+                name: ours.to_string(),
+                index: offset + i,
+                value: values[i],
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Reports progress to `f` as tensors load.
@@ -367,6 +387,9 @@ impl<'a> WeightLoader<'a> {
         let name = self.checkpoint_name(ours, expected)?;
         let t = self.source.load(name)?.ok_or_else(|| self.missing(ours))?;
         self.loaded_one(name);
+        if self.check_tensors {
+            self.check_finite(ours, &t.data, 0)?;
+        }
         if t.shape != expected {
             return Err(ModelError::TensorShape {
                 name: ours.to_string(),
@@ -411,6 +434,14 @@ impl<'a> WeightLoader<'a> {
                         expected: vec![rows, cols],
                         actual: vec![m.rows(), m.cols()],
                     });
+                }
+                if self.check_tensors {
+                    let mut row = Vec::with_capacity(cols);
+                    for r in 0..rows {
+                        row.clear();
+                        m.dequantize_row(r, &mut row);
+                        self.check_finite(ours, &row, r * cols)?;
+                    }
                 }
                 return Ok(Matrix::Blocks(BlockMatrix(Arc::new(m))));
             }

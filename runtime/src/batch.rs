@@ -376,6 +376,15 @@ impl<'t> Scheduler<'t> {
             }
             ran += 1;
             let logits = match rows.next() {
+                // Only this sequence ends: the others' rows are their own.
+                Some(Ok(l)) if !l.iter().all(|x| x.is_finite()) => {
+                    let error = RuntimeError::NonFiniteLogits {
+                        position: s.cache.len().saturating_sub(1),
+                    };
+                    self.events.push(Event::Failed { seq: s.id, error });
+                    done.push(i);
+                    continue;
+                }
                 Some(Ok(l)) => l,
                 Some(Err(error)) => {
                     self.events.push(Event::Failed { seq: s.id, error });

@@ -78,6 +78,9 @@ pub struct SessionOptions {
     pub passes: Passes,
     /// Positions a session holds (the RoPE tables are built for this many).
     pub context: Context,
+    /// Refuse a model whose weights hold NaN or infinity, naming the tensor
+    /// (`LoadOptions::check_tensors`); off by default, as it reads every weight.
+    pub check_tensors: bool,
 }
 
 /// How many positions an engine's sessions hold.
@@ -175,6 +178,7 @@ impl Engine {
         let load = LoadOptions {
             keep_blocks: policy.keep_blocks,
             progress,
+            check_tensors: options.check_tensors,
         };
         let model = Model::load_with(path, &device, &load)?;
         let context = context_for(&model, options.context)?;

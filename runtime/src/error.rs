@@ -44,6 +44,11 @@ pub enum RuntimeError {
         "{model} is an encoder ({arch}): it embeds text, it does not generate (try `llama embed`)"
     )]
     NotGenerative { model: String, arch: String },
+    #[error(
+        "the logits at position {position} are not finite (NaN or infinity): the model's \
+         weights or activations overflowed there"
+    )]
+    NonFiniteLogits { position: usize },
     #[error("reference {path}: {message}")]
     Reference { path: String, message: String },
     #[error("node {node} yields {ours:?}, the reference holds {reference:?}")]

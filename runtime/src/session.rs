@@ -249,10 +249,19 @@ impl Session {
                 llama_graph::GraphError::Input("the graph produced no output".into())
             })?;
         let rows = value.dims()[0];
+        let data = value.to_f32_vec()?;
+        // Garbage in, never garbage out: a step whose logits are not finite is an error,
+        // not a token sampled from NaNs.
+        if let Some(bad) = data.iter().position(|x| !x.is_finite()) {
+            let row = bad / self.vocab.max(1);
+            return Err(RuntimeError::NonFiniteLogits {
+                position: self.tokens.len().saturating_sub(rows) + row,
+            });
+        }
         Ok(Logits {
             rows,
             vocab: self.vocab,
-            data: value.to_f32_vec()?,
+            data,
         })
     }
 }

@@ -14,6 +14,7 @@ mod engine;
 mod generation;
 mod gguf_format;
 mod model_variants;
+mod non_finite;
 mod passes_on_models;
 mod rag;
 mod real_families;

@@ -272,7 +272,7 @@ fn the_default_cpu_path_multiplies_the_gguf_blocks_within_the_fidelity_bounds() 
     let device = flex();
     let options = llama::models::LoadOptions {
         keep_blocks: true,
-        progress: None,
+        ..Default::default()
     };
     let model = llama::models::Model::load_with(&path, &device, &options).unwrap();
     // The pipeline `llama` runs on CPU backends by default.

@@ -261,3 +261,39 @@ pub fn qwen25_path() -> PathBuf {
         "scripts/fetch-qwen2.5.sh",
     )
 }
+
+/// `tiny/<name>` copied into `out` with `edit` applied to the values of one tensor (by
+/// its HF name): a fault planted in a model that is otherwise the reference's.
+pub fn copy_with_edit(name: &str, out: &std::path::Path, tensor: &str, edit: impl Fn(&mut [f32])) {
+    use safetensors::tensor::TensorView;
+    let dir = fixture(name);
+    for f in ["config.json", "generation_config.json", "tokenizer.json"] {
+        if dir.join(f).exists() {
+            std::fs::copy(dir.join(f), out.join(f)).unwrap();
+        }
+    }
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (n, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        if n == tensor {
+            let mut values: Vec<f32> = data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            edit(&mut values);
+            data = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        }
+        tensors.push((n, view.shape().to_vec(), data));
+    }
+    assert!(tensors.iter().any(|t| t.0 == tensor), "no tensor {tensor}");
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, shape, data)| {
+            let view = TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &out.join("model.safetensors")).unwrap();
+}

@@ -1,0 +1,144 @@
+//! Weights that are not finite never turn into tokens: `--check-tensors` names them at
+//! load, and without it a step whose logits are NaN or infinite ends its sequence with
+//! an error naming the position, and only that sequence. The model: the tiny Llama 2
+//! with one token's embedding row set to NaN, so exactly the sequences that contain
+//! that token go wrong.
+
+use crate::common::*;
+use llama::graph::{KvType, Pipeline, Program};
+use llama::runtime::{BatchOptions, Event, RuntimeError, Scheduler, Tokenizer};
+
+/// The poisoned token, and the model directory.
+fn poisoned(dir: &std::path::Path) -> u32 {
+    let tokenizer = Tokenizer::from_file(&fixture("llama2-mha").join("tokenizer.json")).unwrap();
+    let bad = tokenizer.encode_plain("Z").unwrap()[0];
+    let width = 64;
+    copy_with_edit("llama2-mha", dir, "model.embed_tokens.weight", |w| {
+        w[bad as usize * width..(bad as usize + 1) * width].fill(f32::NAN)
+    });
+    bad
+}
+
+#[test]
+fn a_step_with_non_finite_logits_is_an_error_and_the_other_sequences_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = poisoned(dir.path());
+    let device = flex();
+    let model = llama::models::Model::load(dir.path(), &device).unwrap();
+    let mut g = model.build_graph().unwrap();
+    Pipeline::standard()
+        .run(
+            &mut g,
+            &llama::graph::PassContext {
+                device: device.clone(),
+            },
+        )
+        .unwrap();
+    let program = Program::new(g, device.clone()).unwrap();
+
+    // One session: the prompt fails at the token's position, the first gone wrong.
+    let mut s = llama::runtime::Session::new(program.clone(), 64).unwrap();
+    let err = s.prefill(&[5, 9, bad, 11]).unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::NonFiniteLogits { position: 2 }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not finite"), "{err}");
+
+    // A batch: the sequence that meets the token fails, the other runs as alone.
+    let clean = vec![5u32, 9, 11, 12];
+    let mut alone = llama::runtime::Session::new(program.clone(), 64).unwrap();
+    let want = llama::runtime::generate_greedy(&mut alone, &clean, 6, &[], |_| {})
+        .unwrap()
+        .ids;
+    let mut sched =
+        Scheduler::for_program(&program, 64, KvType::F32, BatchOptions::default()).unwrap();
+    let poisoned_seq = sched.submit(vec![5, 9, bad, 11], greedy(6)).unwrap();
+    let clean_seq = sched.submit(clean, greedy(6)).unwrap();
+    let (mut failed, mut got) = (None, Vec::new());
+    sched.run(|e| match e {
+        Event::Failed { seq, error } => failed = Some((seq, error)),
+        Event::Token { seq, id, .. } if seq == clean_seq => got.push(id),
+        _ => {}
+    });
+    let (seq, error) = failed.expect("the poisoned sequence fails");
+    assert_eq!(seq, poisoned_seq);
+    assert!(
+        matches!(error, RuntimeError::NonFiniteLogits { .. }),
+        "{error}"
+    );
+    assert_eq!(got, want, "the clean sequence, beside it, as alone");
+    assert_eq!(sched.kv_used(), sched.prefix_positions());
+}
+
+#[test]
+fn generate_on_a_poisoned_prompt_says_so_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    poisoned(dir.path());
+    let out = llama(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt",
+        "abZcd",
+        "--max-tokens",
+        "4",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not finite"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let fine = llama(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt",
+        "abcd",
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(
+        fine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fine.stderr)
+    );
+}
+
+/// `--check-tensors` refuses the poisoned model at load, naming the tensor and the
+/// first bad value; a sound model (SmolLM2, its block weights read row by row) loads.
+#[test]
+fn check_tensors_names_the_tensor_that_is_not_finite() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = poisoned(dir.path());
+    let out = llama(&[
+        "generate",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--prompt",
+        "abcd",
+        "--max-tokens",
+        "1",
+        "--check-tensors",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let want = format!("tensor `token_embd.weight` holds NaN at index {}", bad * 64);
+    assert!(err.contains(&want), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let model = real_model_path();
+    let sound = llama(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "1",
+        "--check-tensors",
+    ]);
+    assert!(
+        sound.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sound.stderr)
+    );
+}
