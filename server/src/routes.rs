@@ -263,7 +263,7 @@ async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResul
         Kind::Chat => "messages",
         Kind::Completion => "prompt",
     };
-    let jobs = std::mem::take(&mut { plan.jobs });
+    let jobs = plan.jobs;
     let choices = jobs.len();
     let running = Running::start(state.clone(), jobs, arrived, param).await?;
     let id = state.id(match plan.kind {
