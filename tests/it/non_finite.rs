@@ -71,37 +71,41 @@ fn a_step_with_non_finite_logits_is_an_error_and_the_other_sequences_go_on() {
     assert_eq!(sched.kv_used(), sched.prefix_positions());
 }
 
+/// `llama generate` of `prompt` on `model` with `extra` flags: Ok(stdout) on success,
+/// Err(stderr) on failure.
+fn generate(model: &std::path::Path, prompt: &str, extra: &[&str]) -> Result<String, String> {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "2",
+    ];
+    args.extend(extra);
+    let out = llama(&args);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    if out.status.success() {
+        Ok(text(&out.stdout))
+    } else {
+        Err(text(&out.stderr))
+    }
+}
+
+/// A failure as a user sees it: one line, saying `what`.
+fn one_line(result: Result<String, String>, what: &str) {
+    let err = result.expect_err(what);
+    assert!(err.contains(what), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
 #[test]
 fn generate_on_a_poisoned_prompt_says_so_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     poisoned(dir.path());
-    let out = llama(&[
-        "generate",
-        "--model",
-        dir.path().to_str().unwrap(),
-        "--prompt",
-        "abZcd",
-        "--max-tokens",
-        "4",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("not finite"), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let fine = llama(&[
-        "generate",
-        "--model",
-        dir.path().to_str().unwrap(),
-        "--prompt",
-        "abcd",
-        "--max-tokens",
-        "4",
-    ]);
-    assert!(
-        fine.status.success(),
-        "{}",
-        String::from_utf8_lossy(&fine.stderr)
-    );
+    one_line(generate(dir.path(), "abZcd", &[]), "not finite");
+    generate(dir.path(), "abcd", &[]).expect("a prompt without the token runs");
 }
 
 /// `--check-tensors` refuses the poisoned model at load, naming the tensor and the
@@ -110,35 +114,7 @@ fn generate_on_a_poisoned_prompt_says_so_in_one_line() {
 fn check_tensors_names_the_tensor_that_is_not_finite() {
     let dir = tempfile::tempdir().unwrap();
     let bad = poisoned(dir.path());
-    let out = llama(&[
-        "generate",
-        "--model",
-        dir.path().to_str().unwrap(),
-        "--prompt",
-        "abcd",
-        "--max-tokens",
-        "1",
-        "--check-tensors",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
     let want = format!("tensor `token_embd.weight` holds NaN at index {}", bad * 64);
-    assert!(err.contains(&want), "{err}");
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let model = real_model_path();
-    let sound = llama(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "Hi",
-        "--max-tokens",
-        "1",
-        "--check-tensors",
-    ]);
-    assert!(
-        sound.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sound.stderr)
-    );
+    one_line(generate(dir.path(), "abcd", &["--check-tensors"]), &want);
+    generate(&real_model_path(), "Hi", &["--check-tensors"]).expect("SmolLM2 is sound");
 }
