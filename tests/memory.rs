@@ -5,6 +5,7 @@
 #[path = "it/common/mod.rs"]
 mod common;
 
+use crate::common::gguf_writer::gguf_string;
 use crate::common::*;
 use llama::graph::{KvType, Pipeline, Program};
 use llama::runtime::{BatchOptions, Event, Scheduler};
@@ -62,17 +63,9 @@ fn a_thousand_sequences_come_and_go_without_leaking() {
     );
 }
 
-/// Peak resident memory since the last reset, in KiB (`VmHWM`).
+/// Peak resident memory since the last reset, in KiB.
 fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .expect("VmHWM in /proc/self/status")
+    status_kib("VmHWM").expect("VmHWM in /proc/self/status")
 }
 
 /// A GGUF v3 header claiming `n_tensors` tensors and `n_kv` metadata pairs, then `rest`.
@@ -83,12 +76,6 @@ fn header(n_tensors: u64, n_kv: u64, rest: &[u8]) -> Vec<u8> {
     b.extend(n_kv.to_le_bytes());
     b.extend(rest);
     b.extend([0u8; 64]);
-    b
-}
-
-fn gguf_string(s: &str) -> Vec<u8> {
-    let mut b = (s.len() as u64).to_le_bytes().to_vec();
-    b.extend(s.as_bytes());
     b
 }
 

@@ -155,8 +155,7 @@ impl Family {
                 ]
             }
             Family::Phi3 => out.push("Q, K, V and gate, up stored as fused matrices".into()),
-            Family::Qwen2 => {}
-            Family::Llama | Family::Mistral | Family::Gemma | Family::Gemma3 => {}
+            Family::Llama | Family::Mistral | Family::Qwen2 | Family::Gemma | Family::Gemma3 => {}
         }
         if c.attention_bias || self == Family::Qwen2 {
             out.push("biases on the attention projections".into());

@@ -127,10 +127,15 @@ pub fn compare(session: &mut Session, reference: &Reference, tolerance: f32) -> 
     session.reset();
     let (_, taps) = session.prefill_with_taps(&reference.input_ids, &Taps::All)?;
     session.reset();
+    let by_name: std::collections::HashMap<&str, &ReferenceNode> = reference
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n))
+        .collect();
     let mut nodes = Vec::new();
     let mut found = std::collections::HashSet::new();
     for (name, value) in &taps {
-        let Some(r) = reference.nodes.iter().find(|n| &n.name == name) else {
+        let Some(r) = by_name.get(name.as_str()) else {
             continue;
         };
         found.insert(name.as_str());

@@ -142,10 +142,7 @@ fn perplexity_matches_references(model: &str, path: &std::path::Path) {
     let r = llamacpp(model);
     let p = &r.perplexity;
     let exact: TransformersPpl = read_json(&fixture_of(model, "transformers_ppl.json"));
-    let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2/passage.txt"),
-    )
-    .unwrap();
+    let text = std::fs::read_to_string(smollm2_fixture("passage.txt")).unwrap();
     // llama-perplexity drops the file's one trailing newline.
     let text = text.strip_suffix('\n').unwrap_or(&text);
     for (precision, tolerance) in [

@@ -113,15 +113,17 @@ pub fn cache_dir() -> PathBuf {
 
 /// Reads this process's resident memory, in KiB.
 pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    status_kib("VmRSS").unwrap_or(0)
+}
+
+/// A field of `/proc/self/status` in KiB (`VmRSS`, `VmHWM`: the peak).
+pub fn status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }
 
 /// The real model's GGUF: `$LLAMA_RS_MODEL`, else the cache that
