@@ -1,12 +1,17 @@
 //! What the process's resident memory shows: a thousand sequences come and go through
 //! one scheduler and leave nothing behind; model files that claim more than they hold
-//! are refused without allocating what they claim. A binary of its own, its tests one
+//! are refused without allocating what they claim; a server that takes ten thousand
+//! hostile requests comes back to the memory it had. A binary of its own, its tests one
 //! at a time, so that the memory each reads is its own.
 #[path = "it/common/mod.rs"]
 mod common;
 
 use crate::common::gguf_writer::gguf_string;
 use crate::common::*;
+
+/// Ten thousand hostile requests against a running server.
+#[path = "memory/hostile.rs"]
+mod hostile;
 use llama::graph::{KvType, Pipeline, Program};
 use llama::runtime::{BatchOptions, Event, Scheduler};
 

@@ -36,6 +36,13 @@ pub struct ServeArgs {
     /// The largest request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     body_limit: usize,
+    /// Seconds from a request's first byte to its answer's first byte, and that a
+    /// connection may sit with nothing sent either way, before it is closed.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    timeout: u64,
+    /// Open connections past this many are answered 503 and closed.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: u64,
     /// Seconds that requests in flight may run on after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_timeout: u64,
@@ -62,6 +69,8 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         body_limit: args.body_limit,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        timeout: Duration::from_secs(args.timeout),
+        max_connections: args.max_connections as usize,
         webui: !args.no_webui,
         pooling: args.pooling,
     };

@@ -6,6 +6,7 @@
 //! long as its handler or its event stream: a client that goes away cancels them at
 //! the next step. The server binds first and loads the model after, answering
 //! `/health` with 503 until it is ready.
+mod conn;
 mod embeddings;
 mod error;
 mod jobs;
@@ -51,6 +52,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(routes::health))
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(limit))
@@ -112,7 +114,8 @@ async fn count(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
 /// a blocking thread meanwhile (`/health` answers 503 until then). After the signal
 /// no connection is accepted, requests in flight run on for the configured timeout,
 /// then what is left is cancelled. A model that fails to load ends the server with
-/// that error.
+/// that error. Connections are limited in number and in how long a peer may take
+/// (`ServerConfig::{max_connections, timeout}`).
 pub async fn serve<L, S>(
     listener: TcpListener,
     config: ServerConfig,
@@ -123,6 +126,7 @@ where
     L: FnOnce() -> llama_runtime::Result<Engine> + Send + 'static,
     S: Future<Output = ()> + Send + 'static,
 {
+    let listener = conn::LimitedListener::new(listener, config.max_connections, config.timeout);
     let state = Arc::new(AppState::new(config));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, router(state.clone()))

@@ -613,8 +613,14 @@ pub async fn models(State(state): State<Arc<AppState>>) -> AppResult {
     Ok(Json(json!({ "object": "list", "data": [model_object(&state)] })).into_response())
 }
 
-pub async fn model(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> AppResult {
+pub async fn model(
+    State(state): State<Arc<AppState>>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> AppResult {
     state.model()?;
+    // An id that does not decode (percent-escaped bytes that are not UTF-8) names no
+    // model either.
+    let id = id.map_or_else(|e| format!("<{}>", e.body_text()), |Path(id)| id);
     if id != state.config.alias {
         return Err(ApiError {
             code: Some("model_not_found"),
@@ -662,5 +668,12 @@ pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!("no route for {}", uri.path()),
+    )
+}
+
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{} does not take {method}", uri.path()),
     )
 }

@@ -28,6 +28,12 @@ pub struct ServerConfig {
     pub body_limit: usize,
     /// How long requests in flight may run on after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// How long may pass from a request's first byte to its answer's first byte (a
+    /// stream's answer begins at once), and a connection may sit with nothing moving
+    /// either way, before it is closed (see `conn`).
+    pub timeout: Duration,
+    /// Open connections past this are answered 503 and closed.
+    pub max_connections: usize,
     /// Serve the chat page at `/`.
     pub webui: bool,
     /// How `/v1/embeddings` pools token rows (default: the model's own, else mean).
@@ -43,6 +49,8 @@ impl Default for ServerConfig {
             max_queue: 256,
             body_limit: 4 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            timeout: Duration::from_secs(600),
+            max_connections: 1024,
             webui: true,
             pooling: None,
         }
