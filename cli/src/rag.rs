@@ -114,6 +114,9 @@ struct QueryArgs {
     /// Most tokens of the answer.
     #[arg(long, short = 'n', default_value_t = 256)]
     max_tokens: usize,
+    /// Do not ask the model which source it used when its answer cites none.
+    #[arg(long)]
+    no_cite: bool,
     /// Context size of the chat model (default: the model's, at most 4096).
     #[arg(long, short = 'c')]
     ctx_size: Option<usize>,
@@ -218,6 +221,7 @@ fn query(a: QueryArgs) -> Result<()> {
         k: a.k,
         source_budget: a.source_budget,
         max_tokens: a.max_tokens,
+        cite: !a.no_cite,
         ..AnswerOptions::default()
     };
     let answer = pipeline::answer(store.as_ref(), &embedder, &engine, &a.question, &opts)?;

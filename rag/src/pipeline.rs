@@ -263,6 +263,9 @@ pub struct AnswerOptions {
     pub max_tokens: usize,
     /// How the answer is sampled (greedy by default).
     pub sampler: SamplerConfig,
+    /// When the answer cites no source by itself, ask the model which source it drew
+    /// on (see [`choose_source`]) and append that citation.
+    pub cite: bool,
 }
 
 impl Default for AnswerOptions {
@@ -272,6 +275,7 @@ impl Default for AnswerOptions {
             source_budget: 1500,
             max_tokens: 256,
             sampler: SamplerConfig::default(), // greedy
+            cite: true,
         }
     }
 }
@@ -371,12 +375,55 @@ pub fn answer(
         ..GenerateOptions::default()
     };
     let g = generate(&mut session, &tokenizer, &prompt, &gen_opts, |_| {}).map_err(rt)?;
-    let cited = citations(&g.text, sources.len());
+    let mut answer = g.text.trim().to_string();
+    let mut cited = citations(&g.text, sources.len());
+    if cited.is_empty() && opts.cite && !sources.is_empty() {
+        let mut said = prompt.clone();
+        said.extend(g.ids.iter().filter(|id| !gen_opts.eos.contains(id)));
+        if let Some(n) = choose_source(&mut session, &tokenizer, &said, sources.len())? {
+            answer.push_str(&format!(" [{n}]"));
+            cited.push(n);
+        }
+    }
     Ok(Answer {
-        answer: g.text.trim().to_string(),
+        answer,
         sources,
         cited,
     })
+}
+
+/// The source the model says its answer came from: after the prompt and the answer
+/// (`said`), the model reads "Source: [" and the most likely of the numbers `1..=n`
+/// (each one token) is its choice; a choice constrained to the sources, so it is
+/// always one of them. Small models seldom cite by themselves even when told to
+/// (SmolLM2-135M in 1 answer of 40 on the committed corpus), yet they pick the right
+/// source when asked this way (the README has the rates). `None` when the context has
+/// no room left or no number is a single token.
+pub fn choose_source(
+    session: &mut llama_runtime::Session,
+    tokenizer: &llama_runtime::Tokenizer,
+    said: &[u32],
+    n: usize,
+) -> Result<Option<usize>> {
+    let rt = |e: llama_runtime::RuntimeError| RagError::Input(e.to_string());
+    let mut ids = said.to_vec();
+    ids.extend(tokenizer.encode_plain("\n\nSource: [").map_err(rt)?);
+    if ids.len() > session.context() {
+        return Ok(None);
+    }
+    let mut numbers = Vec::new();
+    for k in 1..=n {
+        if let [id] = tokenizer.encode_plain(&k.to_string()).map_err(rt)?[..] {
+            numbers.push((k, id as usize));
+        }
+    }
+    let rest = session.sync_prefix(&ids).map_err(rt)?;
+    let logits = session.prefill_last(&rest).map_err(rt)?;
+    Ok(numbers
+        .into_iter()
+        .filter(|&(_, id)| id < logits.len())
+        .max_by(|a, b| logits[a.1].total_cmp(&logits[b.1]))
+        .map(|(k, _)| k))
 }
 
 /// The numbers `[N]` (also `[N, M]` and `[N][M]`) in `text` that name one of `n`
