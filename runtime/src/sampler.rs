@@ -97,6 +97,14 @@ impl SamplerConfig {
                 return Err(format!("{name} penalty {v} must be a finite number"));
             }
         }
+        // A bias of minus infinity bans a token; anything else must be a number.
+        if let Some(&(id, b)) = self
+            .logit_bias
+            .iter()
+            .find(|&&(_, b)| b.is_nan() || b == f32::INFINITY)
+        {
+            return Err(format!("the logit bias {b} of token {id} is not a number"));
+        }
         Ok(())
     }
 }

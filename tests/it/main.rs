@@ -11,6 +11,7 @@ mod cli;
 mod compare;
 mod embeddings;
 mod engine;
+mod fuzz_replay;
 mod generation;
 mod gguf_format;
 mod model_variants;
