@@ -25,13 +25,16 @@ use llama_runtime::{Backend, Context, Engine, SessionOptions};
 /// What separates the parts of a multi-part input.
 pub const SEPARATOR: &[u8] = b"\n--8<--\n";
 
+/// An entry point: takes the input's bytes, says whether it went all the way through.
+pub type Target = fn(&[u8]) -> bool;
+
 /// Each entry point returns whether the input went all the way through (loaded and
 /// ran, rendered, answered 2xx): the seeds must, so the fuzzer starts from inputs that
 /// reach the deep code.
 ///
 /// The fuzz targets, by name: what `scripts/fuzz.sh` runs and the replay test reads
 /// `tests/fixtures/fuzz/<name>/` for.
-pub const TARGETS: &[(&str, fn(&[u8]) -> bool)] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("gguf", gguf),
     ("safetensors", safetensors),
     ("tokenizer", tokenizer),
@@ -71,6 +74,21 @@ fn scratch() -> &'static Path {
         std::fs::create_dir_all(&dir).expect("a scratch directory for the harness");
         dir
     })
+}
+
+/// A directory of the calling thread's own under [`scratch`], so that entry points
+/// called from several threads at once (the test harness runs tests in parallel)
+/// never read each other's files.
+fn thread_scratch() -> PathBuf {
+    thread_local! {
+        static DIR: PathBuf = {
+            let id = format!("{:?}", std::thread::current().id());
+            let dir = scratch().join(id.replace(|c: char| !c.is_ascii_alphanumeric(), ""));
+            std::fs::create_dir_all(&dir).expect("a scratch directory for the thread");
+            dir
+        };
+    }
+    DIR.with(|d| d.clone())
 }
 
 fn write(path: &Path, bytes: &[u8]) {
@@ -138,7 +156,7 @@ fn load_and_run(path: &Path) -> bool {
 
 /// A GGUF file: header, metadata, tensor index, then loading and running it.
 pub fn gguf(data: &[u8]) -> bool {
-    let path = scratch().join("model.gguf");
+    let path = thread_scratch().join("model.gguf");
     write(&path, data);
     load_and_run(&path)
 }
@@ -154,7 +172,7 @@ pub fn safetensors(data: &[u8]) -> bool {
         "tokenizer_config.json",
         "generation_config.json",
     ];
-    let dir = scratch().join("checkpoint");
+    let dir = thread_scratch().join("checkpoint");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("the harness's checkpoint directory");
     for (name, bytes) in FILES.iter().zip(parts(data)) {

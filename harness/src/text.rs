@@ -2,7 +2,7 @@
 use llama_models::GgufFile;
 use llama_runtime::{ChatTemplate, Sampler, SamplerConfig, Tokenizer};
 
-use crate::{parts, scratch, write};
+use crate::{parts, thread_scratch, write};
 
 /// A tokenizer and the text it is given. Parts: the tokenizer (a GGUF file whose
 /// `tokenizer.ggml.*` metadata the builder reads, or a `tokenizer.json` when the bytes
@@ -20,14 +20,14 @@ pub fn tokenizer(data: &[u8]) -> bool {
         .map(|c| u32::from(c[0]) | u32::from(*c.get(1).unwrap_or(&0)) << 8)
         .collect();
     let tokenizer = if source.starts_with(b"GGUF") {
-        let path = scratch().join("tokenizer.gguf");
+        let path = thread_scratch().join("tokenizer.gguf");
         write(&path, source);
         let Ok(file) = GgufFile::open(&path) else {
             return false;
         };
         Tokenizer::from_gguf(&file)
     } else {
-        let path = scratch().join("tokenizer.json");
+        let path = thread_scratch().join("tokenizer.json");
         write(&path, source);
         Tokenizer::from_file(&path)
     };

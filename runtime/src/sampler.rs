@@ -190,8 +190,28 @@ impl Sampler {
 pub fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
     for &(id, b) in bias {
         if let Some(l) = logits.get_mut(id as usize) {
-            *l += b;
+            *l = if b == f32::NEG_INFINITY {
+                b
+            } else {
+                saturate(*l, *l + b)
+            };
         }
+    }
+}
+
+/// `new`, computed from the logit `old`, kept finite when `old` was: a sum or a
+/// quotient that overflows f32 becomes the largest finite value of its sign rather
+/// than an infinity (which would turn the softmax into NaN).
+fn saturate(old: f32, new: f32) -> f32 {
+    if old.is_finite() {
+        // NaN only from an overflow minus an overflow: the logit stays as it was.
+        if new.is_nan() {
+            old
+        } else {
+            new.clamp(f32::MIN, f32::MAX)
+        }
+    } else {
+        new
     }
 }
 
@@ -210,12 +230,16 @@ pub fn apply_penalties(logits: &mut [f32], recent: &[u32], c: &SamplerConfig) {
         let Some(l) = logits.get_mut(id as usize) else {
             continue;
         };
-        if *l > 0.0 {
-            *l /= c.repeat_penalty;
+        let old = *l;
+        let penalized = if old > 0.0 {
+            old / c.repeat_penalty
         } else {
-            *l *= c.repeat_penalty;
-        }
-        *l -= count as f32 * c.frequency_penalty + c.presence_penalty;
+            old * c.repeat_penalty
+        };
+        *l = saturate(
+            old,
+            penalized - (count as f32 * c.frequency_penalty + c.presence_penalty),
+        );
     }
 }
 
@@ -242,6 +266,10 @@ pub fn top_k(mut c: Vec<Candidate>, k: usize) -> Vec<Candidate> {
 /// Probabilities of sorted candidates at temperature `t`.
 pub fn softmax(c: &[Candidate], t: f32) -> Vec<f64> {
     let max = c.first().map_or(0.0, |c| c.logit) as f64;
+    if max == f64::NEG_INFINITY {
+        // Every candidate is banned: the first (the lowest id) gets the mass.
+        return (0..c.len()).map(|i| f64::from(u8::from(i == 0))).collect();
+    }
     let t = t as f64;
     let e: Vec<f64> = c
         .iter()

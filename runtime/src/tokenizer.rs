@@ -15,11 +15,21 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let mut inner =
-            tokenizers::Tokenizer::from_file(path).map_err(|e| RuntimeError::Tokenizer {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
+        let bad = |message: String| RuntimeError::Tokenizer {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        // Parsed here first: `tokenizers` panics instead of failing on some malformed
+        // files (a syntax error inside the decoder section). It panics on a few
+        // well-formed but wrong ones too (a precompiled charsmap it cannot read), so
+        // its own parse runs under catch_unwind and a panic becomes this error.
+        let value: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut inner = std::panic::catch_unwind(move || {
+            serde_json::from_value::<tokenizers::Tokenizer>(value)
+        })
+        .map_err(|_| bad("the tokenizer's definition is malformed".into()))?
+        .map_err(|e| bad(e.to_string()))?;
         // A tokenizer.json may carry the padding and truncation its trainer batched
         // with (all-MiniLM-L6-v2's pads every text to 128 ids): we run each text at
         // its own length, and truncate where the caller says ([`Tokenizer::encode_limited`]).

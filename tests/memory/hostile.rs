@@ -349,9 +349,7 @@ fn check(case: &Case, got: Result<(u16, Vec<u8>), String>) -> Result<(), String>
     if case.openai_body {
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| format!("{}: {status} with a body that is not JSON: {e}", case.what))?;
-        if !v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty())
+        if v["error"]["message"].as_str().is_none_or(str::is_empty)
             || v["error"]["type"].as_str().is_none()
         {
             return Err(format!(
