@@ -191,8 +191,14 @@ fn llama_rag_ingests_searches_and_answers_with_sources() {
         .collect();
     assert!(cited.contains(&1), "{answer}");
     for n in &cited {
-        assert!((1..=sources.len()).contains(n), "cited [{n}] is not a source");
-        assert!(answer["answer"].as_str().unwrap().contains(&format!("[{n}]")));
+        assert!(
+            (1..=sources.len()).contains(n),
+            "cited [{n}] is not a source"
+        );
+        assert!(answer["answer"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("[{n}]")));
     }
     // The plain output ends with the numbered sources.
     let out = run_ok(
