@@ -1,9 +1,11 @@
 //! Arguments shared by the commands: the model and engine flags, sampling, generation.
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use llama_runtime::{
-    random_seed, Backend, Context, KvType, Passes, Precision, SamplerConfig, SessionOptions,
+    random_seed, Backend, Context, Grammar, KvType, Passes, Precision, SamplerConfig,
+    SessionOptions,
 };
 
 #[derive(Args)]
@@ -246,4 +248,54 @@ pub struct RunArgs {
     pub keep: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+/// A grammar the output must stay inside (at most one of these).
+#[derive(Args, Default)]
+#[group(multiple = false)]
+pub struct GrammarArgs {
+    /// Output JSON valid under this JSON schema: a file, or the schema itself when the
+    /// value starts with `{`.
+    #[arg(long, value_name = "FILE|JSON")]
+    pub json_schema: Option<String>,
+    /// Output one JSON object (any keys).
+    #[arg(long)]
+    pub json_object: bool,
+    /// Output text of this Lark grammar (a file; llguidance's dialect, which may embed
+    /// JSON schemas with `%json { ... }`).
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<PathBuf>,
+    /// Output text that this regex matches in full.
+    #[arg(long, value_name = "REGEX")]
+    pub regex: Option<String>,
+}
+
+impl GrammarArgs {
+    /// The grammar asked for, read from its file.
+    pub fn grammar(&self) -> anyhow::Result<Option<Grammar>> {
+        if self.json_object {
+            return Ok(Some(Grammar::JsonObject));
+        }
+        if let Some(rx) = &self.regex {
+            return Ok(Some(Grammar::Regex(rx.clone())));
+        }
+        if let Some(path) = &self.grammar {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--grammar {}", path.display()))?;
+            return Ok(Some(Grammar::Lark(text)));
+        }
+        let Some(arg) = &self.json_schema else {
+            return Ok(None);
+        };
+        let (text, from) = if arg.trim_start().starts_with('{') {
+            (arg.clone(), "the schema given".to_string())
+        } else {
+            let text =
+                std::fs::read_to_string(arg).with_context(|| format!("--json-schema {arg}"))?;
+            (text, arg.clone())
+        };
+        let schema: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("--json-schema: {from} is not JSON"))?;
+        Ok(Some(Grammar::JsonSchema(schema)))
+    }
 }

@@ -10,7 +10,7 @@ use llama_runtime::{
     Scheduler,
 };
 
-use crate::args::{ModelArgs, RunArgs, SAMPLING_HELP};
+use crate::args::{GrammarArgs, ModelArgs, RunArgs, SAMPLING_HELP};
 use crate::{ctx_size, ctx_size_error, load};
 
 #[derive(Args)]
@@ -33,6 +33,8 @@ pub struct GenerateArgs {
     /// prefilled once and shared). Sample `i` uses seed `--seed + i`.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     samples: u32,
+    #[command(flatten)]
+    grammar: GrammarArgs,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -59,6 +61,7 @@ fn options(engine: &Engine, run: &RunArgs, defaults: SamplerConfig) -> GenerateO
         context_shift: run.context_shift.then_some(run.keep),
         cancel: None,
         logprobs: None,
+        constraint: None,
     }
 }
 
@@ -68,8 +71,16 @@ fn stats_line(g: &Generation, seed: u64, sampled: bool) -> String {
     } else {
         String::new()
     };
+    let grammar = if g.mask_steps > 0 {
+        format!(
+            " | grammar {:.2} ms/token",
+            g.mask_time.as_secs_f64() * 1e3 / g.mask_steps as f64
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "prompt {} tokens | ttft {:.0} ms | prefill {:.1} tok/s | generated {} tokens, decode {:.1} tok/s | stop: {:?}{seed}",
+        "prompt {} tokens | ttft {:.0} ms | prefill {:.1} tok/s | generated {} tokens, decode {:.1} tok/s{grammar} | stop: {:?}{seed}",
         g.prompt_tokens,
         g.ttft.as_secs_f64() * 1e3,
         g.prefill_tok_s(),
@@ -79,11 +90,28 @@ fn stats_line(g: &Generation, seed: u64, sampled: bool) -> String {
     )
 }
 
+/// Timings of a generation as the JSON report gives them. `mask_ms_per_token` is the
+/// grammar's share of each token (mask and matcher step), beside the whole step's
+/// `step_ms_per_token` (model, sampling and mask).
+fn timings(g: &Generation) -> serde_json::Value {
+    serde_json::json!({
+        "ttft_ms": g.ttft.as_secs_f64() * 1e3,
+        "prefill_tok_s": g.prefill_tok_s(),
+        "decode_tok_s": g.decode_tok_s(),
+        "step_ms_per_token": g.decode_time.as_secs_f64() * 1e3 / g.decode_steps.max(1) as f64,
+        "mask_ms_per_token": g.mask_time.as_secs_f64() * 1e3 / g.mask_steps.max(1) as f64,
+        "mask_steps": g.mask_steps,
+    })
+}
+
 pub fn run_generate(args: GenerateArgs) -> Result<()> {
     let engine = load(&args.model, ctx_size(args.run.ctx_size), ctx_size_error)?;
     let tokenizer = engine.tokenizer()?;
     // `generate` stays greedy unless asked: the same prompt gives the same text.
-    let opts = options(&engine, &args.run, SamplerConfig::default());
+    let mut opts = options(&engine, &args.run, SamplerConfig::default());
+    if let Some(grammar) = args.grammar.grammar()? {
+        opts.constraint = Some(engine.grammars(&tokenizer)?.compile(&grammar)?);
+    }
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
@@ -114,11 +142,7 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
             "ids": g.ids,
             "finish_reason": g.finish,
             "prompt_tokens": g.prompt_tokens,
-            "timings": {
-                "ttft_ms": g.ttft.as_secs_f64() * 1e3,
-                "prefill_tok_s": g.prefill_tok_s(),
-                "decode_tok_s": g.decode_tok_s(),
-            },
+            "timings": timings(&g),
             "seed": opts.sampler.seed,
         });
         writeln!(out, "{object}")?;
@@ -187,6 +211,7 @@ fn run_samples(
                     "finish_reason": g.finish,
                     "cached_tokens": g.cached_tokens,
                     "seed": opts.sampler.seed.wrapping_add(i as u64),
+                    "timings": timings(g),
                 })
             })
             .collect();

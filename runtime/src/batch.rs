@@ -736,10 +736,14 @@ impl<'t> Scheduler<'t> {
 /// the start of a stop string that never completed), then `Done`.
 fn finish(
     seq: SeqId,
-    decoder: Decoder,
+    mut decoder: Decoder,
     mut output: Option<TextOutput<'_>>,
     events: &mut Vec<Event>,
 ) {
+    if let Some(error) = decoder.take_error() {
+        events.push(Event::Failed { seq, error });
+        return;
+    }
     let mut tail_stop = false;
     let mut text = String::new();
     if let Some(t) = output.as_mut() {

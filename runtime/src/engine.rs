@@ -292,6 +292,13 @@ impl Engine {
     pub fn eos_token_ids(&self) -> Vec<u32> {
         self.model.eos_token_ids()
     }
+
+    /// The grammar compiler for this model's tokenizer, logits and end ids.
+    pub fn grammars(&self, tokenizer: &Tokenizer) -> Result<crate::constrain::Grammars> {
+        self.check_generates()?;
+        let vocab = crate::session::logits_width(&self.program)?;
+        crate::constrain::Grammars::new(tokenizer, vocab, &self.eos_token_ids())
+    }
 }
 
 /// The positions a session holds; never more than the model's.

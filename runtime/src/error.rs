@@ -65,6 +65,8 @@ pub enum RuntimeError {
         tokens: usize,
         max: usize,
     },
+    #[error("grammar: {0}")]
+    Grammar(String),
     #[error("{}", context_size_message(*requested, *max))]
     ContextSize { requested: usize, max: usize },
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::constrain::{Active, Constraint};
 use crate::error::{Result, RuntimeError};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::session::Session;
@@ -43,6 +44,8 @@ pub struct GenerateOptions {
     /// log-softmax, before any sampling stage) and this many most likely
     /// alternatives. `None`: no log-probabilities are computed.
     pub logprobs: Option<usize>,
+    /// A grammar the output must stay inside (each sequence runs its own matcher).
+    pub constraint: Option<Constraint>,
 }
 
 /// A chosen token's log-probability, and the most likely tokens at its position.
@@ -86,6 +89,7 @@ impl Default for GenerateOptions {
             context_shift: None,
             cancel: None,
             logprobs: None,
+            constraint: None,
         }
     }
 }
@@ -110,6 +114,11 @@ pub struct Generation {
     pub decode_steps: usize,
     /// Times the context was shifted.
     pub context_shifts: usize,
+    /// Time spent on the grammar constraint (token masks and matcher steps), and the
+    /// masks computed; zero without one.
+    #[serde(serialize_with = "as_ms")]
+    pub mask_time: Duration,
+    pub mask_steps: usize,
 }
 
 fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -161,10 +170,12 @@ pub fn check_fit(
 /// cancellation. Whoever runs the model (one session, or a batched step of many)
 /// hands it the logits of the sequence's last position and feeds back the token it
 /// picks, until it says it is done.
-#[derive(Debug)]
 pub struct Decoder {
     opts: GenerateOptions,
     sampler: Sampler,
+    constraint: Option<Active>,
+    /// What ended the sequence when something went wrong (the grammar).
+    error: Option<RuntimeError>,
     ids: Vec<u32>,
     finish: Option<FinishReason>,
     prompt_tokens: usize,
@@ -182,6 +193,8 @@ impl Decoder {
         Ok(Decoder {
             opts: opts.clone(),
             sampler: Sampler::new(opts.sampler.clone()),
+            constraint: opts.constraint.as_ref().map(Constraint::start),
+            error: None,
             ids: Vec::new(),
             finish: None,
             prompt_tokens,
@@ -221,14 +234,30 @@ impl Decoder {
         if cancelled {
             return self.end(FinishReason::Cancelled);
         }
-        let next = self.sampler.sample(logits, history);
+        let masked = match self.constraint.as_mut().map(|c| c.mask(logits)) {
+            Some(Err(e)) => return self.fail(e),
+            Some(Ok(m)) => m,
+            None => None,
+        };
+        let next = self
+            .sampler
+            .sample(masked.as_deref().unwrap_or(logits), history);
         self.first.get_or_insert_with(Instant::now);
         if self.opts.eos.contains(&next) {
             return self.end(FinishReason::Eos);
         }
+        let complete = match self.constraint.as_mut().map(|c| c.advance(next)) {
+            Some(Err(e)) => return self.fail(e),
+            Some(Ok(done)) => done,
+            None => false,
+        };
         self.ids.push(next);
         if !on_token(next) {
             return self.end(FinishReason::Stop);
+        }
+        if complete {
+            // The grammar admits nothing more: the output is whole.
+            return self.end(FinishReason::Eos);
         }
         if self.ids.len() == self.opts.max_tokens {
             return self.end(FinishReason::Length);
@@ -240,6 +269,23 @@ impl Decoder {
     fn end(&mut self, reason: FinishReason) -> Option<u32> {
         self.finish = Some(reason);
         None
+    }
+
+    fn fail(&mut self, error: RuntimeError) -> Option<u32> {
+        self.error = Some(error);
+        self.end(FinishReason::Stop)
+    }
+
+    /// What went wrong, if the sequence ended on an error (the grammar could not go
+    /// on); its output is then not to be trusted.
+    pub fn take_error(&mut self) -> Option<RuntimeError> {
+        self.error.take()
+    }
+
+    /// Whether the output so far is complete under the sequence's grammar (true
+    /// without one).
+    pub fn grammar_accepts(&mut self) -> bool {
+        self.constraint.as_mut().is_none_or(Active::accepting)
     }
 
     /// The options it decides by.
@@ -270,6 +316,10 @@ impl Decoder {
     /// What was generated, and how long it took.
     pub fn finish(self) -> Generation {
         let end = Instant::now();
+        let (mask_time, mask_steps) = self
+            .constraint
+            .as_ref()
+            .map_or((Duration::ZERO, 0), |c| (c.time, c.steps));
         let first = self.first.unwrap_or(end);
         Generation {
             ids: self.ids,
@@ -281,7 +331,19 @@ impl Decoder {
             decode_time: end - first,
             decode_steps: self.decode_steps,
             context_shifts: self.context_shifts,
+            mask_time,
+            mask_steps,
         }
+    }
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("opts", &self.opts)
+            .field("ids", &self.ids)
+            .field("finish", &self.finish)
+            .finish_non_exhaustive()
     }
 }
 
@@ -304,6 +366,9 @@ pub fn generate_ids(
             }
         }
         logits = session.decode(next)?;
+    }
+    if let Some(e) = decoder.take_error() {
+        return Err(e);
     }
     Ok(decoder.finish())
 }

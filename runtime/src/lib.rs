@@ -2,6 +2,7 @@
 pub mod batch;
 pub mod chat;
 pub mod compare;
+pub mod constrain;
 pub mod device;
 pub mod embed;
 pub mod engine;
@@ -15,6 +16,7 @@ pub mod tokenizer;
 
 pub use batch::{BatchOptions, BatchStats, Event, Scheduler, SeqId, SeqState};
 pub use chat::{ChatTemplate, Message};
+pub use constrain::{Constraint, Grammar, Grammars};
 pub use device::Backend;
 pub use embed::{cosine, Embedder, Pooling};
 pub use engine::{Context, Engine, Passes, Policy, Precision, SessionOptions, DEFAULT_CONTEXT};

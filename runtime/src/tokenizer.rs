@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 use crate::error::{Result, RuntimeError};
 
 /// A model's tokenizer.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: String,

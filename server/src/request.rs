@@ -3,7 +3,7 @@
 //! server cannot honour is refused by name rather than ignored.
 use std::collections::BTreeMap;
 
-use llama_runtime::{random_seed, Message, SamplerConfig};
+use llama_runtime::{random_seed, Grammar, Message, SamplerConfig};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
@@ -268,18 +268,6 @@ impl Common {
 /// change the answer, accepted where they ask for what happens anyway.
 pub fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
     let set = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
-    if let Some(rf) = body.get("response_format").filter(|v| !v.is_null()) {
-        let kind = rf.get("type").and_then(Value::as_str);
-        if kind != Some("text") {
-            return Err(ApiError::unsupported(
-                "response_format",
-                &format!(
-                    "response_format of type {}",
-                    kind.map_or("(none)".to_string(), |k| format!("`{k}`"))
-                ),
-            ));
-        }
-    }
     let no_tools = body
         .get("tools")
         .is_none_or(|t| t.is_null() || t.as_array().is_some_and(Vec::is_empty));
@@ -421,6 +409,45 @@ impl ChatFields {
             )),
             _ => Ok(None),
         }
+    }
+}
+
+/// `response_format`: the grammar it asks for (`None` for plain text). A schema is
+/// checked when it is compiled (see `routes`).
+pub fn response_format(body: &Value) -> Result<Option<Grammar>, ApiError> {
+    let Some(rf) = body.get("response_format").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let kind = rf.get("type").and_then(Value::as_str);
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Grammar::JsonObject)),
+        Some("json_schema") => {
+            let Some(js) = rf.get("json_schema").filter(|v| v.is_object()) else {
+                return Err(ApiError::field(
+                    "response_format.json_schema",
+                    "response_format of type json_schema needs a `json_schema` object",
+                ));
+            };
+            match js.get("schema") {
+                Some(schema) if schema.is_object() || schema.is_boolean() => {
+                    Ok(Some(Grammar::JsonSchema(schema.clone())))
+                }
+                // OpenAI's own default: a json_schema without a schema is any JSON.
+                None | Some(Value::Null) => Ok(Some(Grammar::JsonSchema(Value::Bool(true)))),
+                Some(_) => Err(ApiError::field(
+                    "response_format.json_schema.schema",
+                    "response_format.json_schema.schema must be a JSON schema object",
+                )),
+            }
+        }
+        other => Err(ApiError::unsupported(
+            "response_format.type",
+            &format!(
+                "response_format of type {}",
+                other.map_or("(none)".to_string(), |k| format!("`{k}`"))
+            ),
+        )),
     }
 }
 

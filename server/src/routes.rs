@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use llama_runtime::{FinishReason, GenerateOptions, Generation, TokenLogprob};
+use llama_runtime::{Constraint, FinishReason, GenerateOptions, Generation, Grammar, TokenLogprob};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -114,7 +114,30 @@ fn base_options(
         context_shift: None,
         cancel: None,
         logprobs,
+        constraint: None,
     })
+}
+
+/// The constraint `response_format` asks for, compiled for the model: a schema with a
+/// keyword that cannot be enforced is refused (400) with the keyword named.
+fn response_format(model: &Loaded, value: &Value) -> Result<Option<Constraint>, ApiError> {
+    let Some(grammar) = request::response_format(value)? else {
+        return Ok(None);
+    };
+    let grammars = model.grammars().map_err(|why| {
+        ApiError::field(
+            "response_format",
+            format!("structured output is not available for this model: {why}"),
+        )
+    })?;
+    let param = match grammar {
+        Grammar::JsonSchema(_) => "response_format.json_schema.schema",
+        _ => "response_format",
+    };
+    grammars
+        .compile(&grammar)
+        .map(Some)
+        .map_err(|e| ApiError::field(param, format!("{param}: {e}")))
 }
 
 fn plan_chat(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
@@ -138,7 +161,8 @@ fn plan_chat(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
         .encode_plain(&text)
         .map_err(|e| ApiError::from_runtime(e, "messages"))?;
     let n = common.n()?;
-    let base = base_options(model, &mut common, logprobs)?;
+    let mut base = base_options(model, &mut common, logprobs)?;
+    base.constraint = response_format(model, value)?;
     let jobs = (0..n)
         .map(|i| job(model, &common, prompt.clone(), &base, i, "messages"))
         .collect::<Result<Vec<_>, _>>()?;
@@ -199,7 +223,8 @@ fn plan_completion(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
         Vec::new()
     };
     let n = common.n()?;
-    let base = base_options(model, &mut common, logprobs)?;
+    let mut base = base_options(model, &mut common, logprobs)?;
+    base.constraint = response_format(model, value)?;
     let prompt_tokens = prompts.iter().map(Vec::len).sum();
     let mut jobs = Vec::with_capacity(prompts.len() * n);
     for p in &prompts {

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use llama_runtime::{
-    BatchOptions, ChatTemplate, Embedder, Engine, Pooling, Result as RtResult, RuntimeError,
-    Service, ServiceOptions, Tokenizer,
+    BatchOptions, ChatTemplate, Embedder, Engine, Grammars, Pooling, Result as RtResult,
+    RuntimeError, Service, ServiceOptions, Tokenizer,
 };
 
 use crate::error::ApiError;
@@ -65,6 +65,9 @@ pub struct Loaded {
     /// The embedder, made on the first `/v1/embeddings` request (a decoder compiles
     /// a second, head-less graph for it), or why it cannot be made.
     pub embedder: OnceLock<std::result::Result<Arc<Embedder>, String>>,
+    /// The grammar compiler, made on the first request for structured output, or why
+    /// it cannot be made.
+    grammars: OnceLock<std::result::Result<Grammars, String>>,
     pub tokenizer: Tokenizer,
     /// The chat template, or why there is none.
     pub template: std::result::Result<ChatTemplate, String>,
@@ -105,12 +108,27 @@ impl Loaded {
             service,
             engine,
             embedder: OnceLock::new(),
+            grammars: OnceLock::new(),
             tokenizer,
             template,
             eos,
             context,
             vocab,
         })
+    }
+}
+
+impl Loaded {
+    /// The grammar compiler for structured output (built once, on first use).
+    pub fn grammars(&self) -> std::result::Result<&Grammars, String> {
+        self.grammars
+            .get_or_init(|| {
+                self.engine
+                    .grammars(&self.tokenizer)
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 }
 
