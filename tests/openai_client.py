@@ -7,6 +7,7 @@ Each check prints one line; any failure raises (non-zero exit).
 import math
 import sys
 
+import json
 import openai
 
 base, model = sys.argv[1], sys.argv[2]
@@ -103,13 +104,47 @@ try:
     raise AssertionError("empty messages accepted")
 except openai.BadRequestError as e:
     check("bad request", e.status_code == 400 and "messages" in str(e), e)
+# A schema is a guarantee: the answer parses and has the shape asked for.
+schema = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "mood": {"enum": ["happy", "sad"]},
+    },
+    "required": ["name", "mood"],
+    "additionalProperties": False,
+}
+shaped = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=64,
+    temperature=1.0,
+    seed=3,
+    response_format={"type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": schema}},
+)
+value = json.loads(shaped.choices[0].message.content)
+check(
+    "json_schema",
+    set(value) == {"name", "mood"} and value["mood"] in ("happy", "sad") and len(value["name"]) <= 12,
+    value,
+)
 try:
     client.chat.completions.create(
-        model=model, messages=messages, max_tokens=4, response_format={"type": "json_object"}
+        model=model,
+        messages=messages,
+        max_tokens=4,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "p", "schema": {"type": "string", "format": "weird-format"}},
+        },
     )
-    raise AssertionError("response_format accepted")
+    raise AssertionError("an unenforceable schema accepted")
 except openai.BadRequestError as e:
-    check("unsupported", "response_format" in str(e) and e.body.get("param") == "response_format", e.body)
+    check(
+        "unenforceable schema",
+        "weird-format" in str(e) and e.body.get("param") == "response_format.json_schema.schema",
+        e.body,
+    )
 try:
     client.completions.create(model=model, prompt="word " * 5000, max_tokens=4)
     raise AssertionError("a prompt past the context accepted")

@@ -538,14 +538,52 @@ async fn bad_requests_get_openai_errors() {
         ),
         (
             "/v1/chat/completions",
-            chat(json!({"response_format": {"type": "json_object"}})),
+            chat(
+                json!({"response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "strict": true,
+                "schema": {"type": "string", "format": "weird-format"}}}}),
+            ),
             400,
-            Some("response_format"),
-            "not supported",
+            Some("response_format.json_schema.schema"),
+            "weird-format",
         ),
         (
             "/v1/chat/completions",
-            chat(json!({"tools": [{"type": "function", "function": {"name": "f"}}]})),
+            chat(json!({"response_format": {"type": "xml"}})),
+            400,
+            Some("response_format.type"),
+            "xml",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(json!({"tools": [{"type": "retrieval"}]})),
+            400,
+            Some("tools[0].type"),
+            "retrieval",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            ),
+            400,
+            Some("tools"),
+            "`g`",
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                "response_format": {"type": "json_object"}}),
+            ),
+            400,
+            Some("response_format"),
+            "tools",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}),
             400,
             Some("tools"),
             "not supported",

@@ -2,6 +2,7 @@
 //!
 //! Every command that runs a model goes through [`llama_runtime::Engine`]: the choices
 //! of passes, weight storage and KV cache per device are made there, not here.
+mod agent;
 mod args;
 mod bench;
 mod embed;
@@ -47,6 +48,9 @@ enum Command {
     /// Retrieval-augmented answers: ingest files into a store (SQLite or PostgreSQL),
     /// search it, and answer questions citing the sources.
     Rag(rag::RagArgs),
+    /// Solve a task with tools (calculator, a RAG store's search, files of a
+    /// directory): the model calls them in-process until it answers.
+    Agent(agent::AgentArgs),
     /// Perplexity of a text file; the last stdout line is `perplexity: <number>`.
     Perplexity(graph::PerplexityArgs),
     /// Describe a model file without loading its weights.
@@ -125,6 +129,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => info::run_tokenize(a),
         Command::Embed(a) => embed::run_embed(a),
         Command::Rag(a) => rag::run_rag(a),
+        Command::Agent(a) => agent::run_agent(a),
         Command::Perplexity(a) => graph::run_perplexity(a),
         Command::Inspect(a) => info::run_inspect(a),
         Command::Convert(a) => info::run_convert(a),

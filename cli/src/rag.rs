@@ -28,16 +28,16 @@ enum RagCommand {
 
 /// The store and the embedding model every subcommand needs.
 #[derive(Args)]
-struct StoreArgs {
+pub(crate) struct StoreArgs {
     /// A SQLite file (created if missing) or a `postgres://` URL.
     #[arg(long, short = 's')]
-    store: String,
+    pub(crate) store: String,
     /// The embedding model (an HF directory such as all-MiniLM-L6-v2, or a decoder).
     #[arg(long)]
-    embed_model: PathBuf,
+    pub(crate) embed_model: PathBuf,
     /// How the embedding model pools token rows: `mean`, `last` or `cls`.
     #[arg(long, value_parser = crate::embed::pooling)]
-    pooling: Option<llama_runtime::Pooling>,
+    pub(crate) pooling: Option<llama_runtime::Pooling>,
 }
 
 /// Worker threads of the CPU backend.
@@ -51,7 +51,7 @@ struct Threads {
 impl StoreArgs {
     /// The embedding model on the CPU with `threads` workers (the pool is
     /// process-wide: the first engine sets it).
-    fn embedder(&self, threads: Option<u32>) -> Result<(Engine, Embedder)> {
+    pub(crate) fn embedder(&self, threads: Option<u32>) -> Result<(Engine, Embedder)> {
         let options = SessionOptions {
             threads: threads.map(|t| t as usize),
             ..SessionOptions::default()
@@ -246,7 +246,11 @@ fn query(a: QueryArgs) -> Result<()> {
 }
 
 /// A store made with another embedding model is refused before any search.
-fn check_store(store: &dyn llama_rag::Store, a: &StoreArgs, embedder: &Embedder) -> Result<()> {
+pub(crate) fn check_store(
+    store: &dyn llama_rag::Store,
+    a: &StoreArgs,
+    embedder: &Embedder,
+) -> Result<()> {
     let want = pipeline::store_info(&a.embed_model, embedder);
     match store.info()? {
         None => anyhow::bail!(

@@ -450,7 +450,12 @@ mod tests {
         let x = serde_json::json!({"b": [1, 2.5, "q\"é<>\n", null, true], "a": {}, "c": 1e-5});
         let cases = [
             (
+                // Python dicts keep insertion order, and so does ours.
                 "{{ messages[0] | tojson }}",
+                r#"{"b": [1, 2.5, "q\"é<>\n", null, true], "a": {}, "c": 1e-05}"#,
+            ),
+            (
+                "{{ messages[0] | tojson(sort_keys=true) }}",
                 r#"{"a": {}, "b": [1, 2.5, "q\"é<>\n", null, true], "c": 1e-05}"#,
             ),
             (

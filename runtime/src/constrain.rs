@@ -106,6 +106,8 @@ impl TokenizerEnv for Vocab {
 pub struct Grammars {
     factory: Arc<ParserFactory>,
     vocab: usize,
+    /// Per token: its text, after any whitespace, begins a JSON object.
+    opens_object: Arc<Vec<bool>>,
 }
 
 impl std::fmt::Debug for Grammars {
@@ -131,6 +133,10 @@ impl Grammars {
         // Ids past the tokenizer (padding rows of the output matrix) have no bytes:
         // no grammar ever allows them.
         words.resize(vocab, Vec::new());
+        let opens_object = words
+            .iter()
+            .map(|w| w.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{'))
+            .collect();
         let first_eos = eos.first().copied().unwrap_or(0);
         if let Some(&id) = eos.iter().find(|&&id| id as usize >= vocab) {
             return Err(bad(format!("end id {id} is outside {vocab} logits")));
@@ -146,6 +152,7 @@ impl Grammars {
         Ok(Grammars {
             factory: Arc::new(factory),
             vocab,
+            opens_object: Arc::new(opens_object),
         })
     }
 
@@ -165,7 +172,23 @@ impl Grammars {
             matcher,
             vocab: self.vocab,
             trigger: None,
+            bare: None,
         })
+    }
+
+    /// `lazy` (a constraint that waits for its trigger token), and besides: when the
+    /// answer's first token opens a JSON object, `bare` holds from there on. Small
+    /// models often write a tool call as bare JSON without its opening tag; this keeps
+    /// such a call inside the grammar too. At the first step, tokens that open an
+    /// object are allowed only where `bare` allows them; other tokens are free.
+    pub fn lazy_or_bare(&self, lazy: Constraint, bare: Constraint) -> Constraint {
+        Constraint {
+            bare: Some(Bare {
+                matcher: bare.matcher,
+                opens_object: self.opens_object.clone(),
+            }),
+            ..lazy
+        }
     }
 }
 
@@ -180,6 +203,15 @@ pub struct Constraint {
     vocab: usize,
     /// Constrain only what follows this token (free text before it).
     trigger: Option<u32>,
+    /// With a trigger: the grammar of an answer that starts as a JSON object.
+    bare: Option<Bare>,
+}
+
+/// The other start of a lazy constraint (see [`Grammars::lazy_or_bare`]).
+#[derive(Clone)]
+struct Bare {
+    matcher: Matcher,
+    opens_object: Arc<Vec<bool>>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -205,6 +237,7 @@ impl Constraint {
             matcher: self.matcher.clone(),
             vocab: self.vocab,
             waiting_for: self.trigger,
+            bare: self.trigger.and(self.bare.clone()),
             time: Duration::ZERO,
             steps: 0,
         }
@@ -216,6 +249,8 @@ pub(crate) struct Active {
     matcher: Matcher,
     vocab: usize,
     waiting_for: Option<u32>,
+    /// At the first step of a lazy constraint: the grammar if the answer opens an object.
+    bare: Option<Bare>,
     /// Time spent computing masks and advancing the matcher.
     pub time: Duration,
     /// Masks computed.
@@ -227,7 +262,7 @@ impl Active {
     /// infinity, or `None` while the constraint is not in force.
     pub fn mask(&mut self, logits: &[f32]) -> Result<Option<Vec<f32>>> {
         if self.waiting_for.is_some() {
-            return Ok(None);
+            return self.mask_first(logits);
         }
         let start = Instant::now();
         let mask = self
@@ -254,9 +289,37 @@ impl Active {
         Ok(Some(masked))
     }
 
+    /// The first step of a lazy constraint with a bare start: a token that opens an
+    /// object must be one the bare grammar allows.
+    fn mask_first(&mut self, logits: &[f32]) -> Result<Option<Vec<f32>>> {
+        let Some(bare) = self.bare.as_mut() else {
+            return Ok(None);
+        };
+        let start = Instant::now();
+        let mask = bare
+            .matcher
+            .compute_mask()
+            .map_err(|e| RuntimeError::Grammar(e.to_string()))?;
+        let mut masked = logits.to_vec();
+        for (id, l) in masked.iter_mut().enumerate().take(self.vocab) {
+            if bare.opens_object[id] && !mask.is_allowed(id as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        self.time += start.elapsed();
+        self.steps += 1;
+        Ok(Some(masked))
+    }
+
     /// Feeds the chosen token; says whether the grammar is now complete (nothing may
     /// follow).
     pub fn advance(&mut self, token: u32) -> Result<bool> {
+        if let Some(bare) = self.bare.take() {
+            if bare.opens_object.get(token as usize) == Some(&true) {
+                self.waiting_for = None;
+                self.matcher = bare.matcher;
+            }
+        }
         if let Some(trigger) = self.waiting_for {
             if token == trigger {
                 self.waiting_for = None;

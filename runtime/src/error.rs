@@ -67,6 +67,8 @@ pub enum RuntimeError {
     },
     #[error("grammar: {0}")]
     Grammar(String),
+    #[error("tools: {0}")]
+    Tools(String),
     #[error("{}", context_size_message(*requested, *max))]
     ContextSize { requested: usize, max: usize },
 }

@@ -13,6 +13,7 @@ pub mod sampler;
 pub mod service;
 pub mod session;
 pub mod tokenizer;
+pub mod tools;
 
 pub use batch::{BatchOptions, BatchStats, Event, Scheduler, SeqId, SeqState};
 pub use chat::{ChatTemplate, Message};
@@ -31,3 +32,6 @@ pub use sampler::{random_seed, Sampler, SamplerConfig};
 pub use service::{Service, ServiceLoad, ServiceOptions, Sink, Stream, Ticket};
 pub use session::{argmax, Logits, Session, SessionState};
 pub use tokenizer::Tokenizer;
+pub use tools::{
+    Function, Parsed, ToolCall, ToolChoice, ToolDelta, ToolFormat, ToolParser, ToolSpec,
+};

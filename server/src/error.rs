@@ -90,6 +90,7 @@ impl ApiError {
             RuntimeError::Sampling(m) => ApiError::new(StatusCode::BAD_REQUEST, m),
             e @ RuntimeError::Template { .. } => ApiError::field("messages", e.to_string()),
             e @ RuntimeError::Options(_) => ApiError::new(StatusCode::BAD_REQUEST, e.to_string()),
+            e @ RuntimeError::Tools(_) => ApiError::field(param, e.to_string()),
             e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         }
     }

@@ -3,10 +3,10 @@
 //! server cannot honour is refused by name rather than ignored.
 use std::collections::BTreeMap;
 
-use llama_runtime::{random_seed, Grammar, Message, SamplerConfig};
+use llama_runtime::{random_seed, Function, Grammar, SamplerConfig, ToolChoice, ToolSpec};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::error::ApiError;
 
@@ -265,18 +265,18 @@ impl Common {
 }
 
 /// Fields whose features come with other work: refused by name while they would
-/// change the answer, accepted where they ask for what happens anyway.
-pub fn refuse_unsupported(body: &Value) -> Result<(), ApiError> {
+/// change the answer, accepted where they ask for what happens anyway. Tools belong
+/// to chat; `/v1/completions` refuses them.
+pub fn refuse_unsupported(body: &Value, chat: bool) -> Result<(), ApiError> {
     let set = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
-    let no_tools = body
-        .get("tools")
-        .is_none_or(|t| t.is_null() || t.as_array().is_some_and(Vec::is_empty));
-    if !no_tools {
-        return Err(ApiError::unsupported("tools", "tools"));
-    }
-    if let Some(choice) = body.get("tool_choice").filter(|v| !v.is_null()) {
-        if choice.as_str() != Some("none") && choice.as_str() != Some("auto") {
-            return Err(ApiError::unsupported("tool_choice", "tool_choice"));
+    if !chat {
+        for k in ["tools", "tool_choice", "parallel_tool_calls"] {
+            if set(k) {
+                return Err(ApiError::unsupported(
+                    k,
+                    &format!("`{k}` in completions (use chat completions)"),
+                ));
+            }
         }
     }
     for k in [
@@ -327,6 +327,134 @@ pub struct ChatMessage {
     pub role: String,
     pub content: Option<Content>,
     pub tool_calls: Option<Value>,
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+}
+
+/// An assistant message's `tool_calls`, checked: each a function call with a name
+/// and arguments (JSON text, as OpenAI sends them, or an object).
+fn tool_calls(calls: &Value, i: usize) -> Result<Value, ApiError> {
+    let Some(list) = calls.as_array() else {
+        return Err(ApiError::field(
+            &format!("messages[{i}].tool_calls"),
+            "tool_calls must be a list",
+        ));
+    };
+    for (j, c) in list.iter().enumerate() {
+        let param = format!("messages[{i}].tool_calls[{j}]");
+        let f = c.get("function");
+        let name_ok = f.and_then(|f| f.get("name")).is_some_and(Value::is_string);
+        let args = f.and_then(|f| f.get("arguments"));
+        let args_ok = match args {
+            Some(Value::String(t)) => serde_json::from_str::<Value>(t).is_ok(),
+            Some(Value::Object(_)) => true,
+            _ => false,
+        };
+        if !name_ok || !args_ok {
+            return Err(ApiError::field(
+                &param,
+                format!(
+                    "{param} needs function.name and function.arguments (a JSON object, as text)"
+                ),
+            ));
+        }
+    }
+    Ok(calls.clone())
+}
+
+/// `tools`, `tool_choice` and `parallel_tool_calls` of a chat request; `None` when
+/// there are no tools.
+pub fn tool_spec(body: &Value) -> Result<Option<ToolSpec>, ApiError> {
+    let tools = match body.get("tools") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list.clone(),
+        Some(_) => return Err(ApiError::field("tools", "tools must be a list")),
+    };
+    let mut functions = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
+        match t.get("type").and_then(Value::as_str) {
+            Some("function") => {}
+            other => {
+                return Err(ApiError::unsupported(
+                    &format!("tools[{i}].type"),
+                    &format!(
+                        "tools of type {}",
+                        other.map_or("(none)".into(), |k| format!("`{k}`"))
+                    ),
+                ))
+            }
+        }
+        let f: Function = t
+            .get("function")
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::field(
+                    &format!("tools[{i}].function"),
+                    format!("tools[{i}] has no function"),
+                )
+            })
+            .and_then(|f| {
+                serde_json::from_value(f).map_err(|e| {
+                    ApiError::field(
+                        &format!("tools[{i}].function"),
+                        format!("tools[{i}].function: {e}"),
+                    )
+                })
+            })?;
+        functions.push(f);
+    }
+    let choice = match body.get("tool_choice") {
+        None | Some(Value::Null) => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            other => {
+                return Err(ApiError::field(
+                    "tool_choice",
+                    format!("tool_choice is `{other}`; it must be none, auto, required or a function"),
+                ))
+            }
+        },
+        Some(v) => match v.pointer("/function/name").and_then(Value::as_str) {
+            Some(name) if v.get("type").and_then(Value::as_str) == Some("function") => {
+                ToolChoice::Function(name.to_string())
+            }
+            _ => {
+                return Err(ApiError::field(
+                    "tool_choice",
+                    "tool_choice must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                ))
+            }
+        },
+    };
+    let parallel = match body.get("parallel_tool_calls") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::field(
+                "parallel_tool_calls",
+                "parallel_tool_calls must be true or false",
+            ))
+        }
+    };
+    if functions.is_empty() {
+        if matches!(choice, ToolChoice::Required | ToolChoice::Function(_)) {
+            return Err(ApiError::field(
+                "tool_choice",
+                "tool_choice asks for a call but there are no tools",
+            ));
+        }
+        return Ok(None);
+    }
+    let spec = ToolSpec {
+        functions,
+        choice,
+        parallel,
+    };
+    spec.check()
+        .map_err(|e| ApiError::from_runtime(e, "tools"))?;
+    Ok(Some(spec))
 }
 
 #[derive(Debug, Deserialize)]
@@ -337,8 +465,10 @@ pub struct ChatFields {
 }
 
 impl ChatFields {
-    /// The conversation as the chat template takes it.
-    pub fn messages(&self) -> Result<Vec<Message>, ApiError> {
+    /// The conversation in OpenAI's shape, checked: roles known (`developer` read as
+    /// `system`), content as text, assistant tool calls and tool results kept for the
+    /// template.
+    pub fn messages(&self) -> Result<Vec<Value>, ApiError> {
         if self.messages.is_empty() {
             return Err(ApiError::field("messages", "messages is empty"));
         }
@@ -356,12 +486,6 @@ impl ChatFields {
                     ))
                 }
             };
-            if m.tool_calls.as_ref().is_some_and(|t| !t.is_null()) {
-                return Err(ApiError::unsupported(
-                    &format!("messages[{i}].tool_calls"),
-                    "tool calls",
-                ));
-            }
             let content = match &m.content {
                 None => String::new(),
                 Some(Content::Text(t)) => t.clone(),
@@ -387,7 +511,29 @@ impl ChatFields {
                     text
                 }
             };
-            out.push(Message::new(role, &content));
+            let mut msg = json!({ "role": role, "content": content });
+            if let Some(calls) = m.tool_calls.as_ref().filter(|t| !t.is_null()) {
+                if role != "assistant" {
+                    return Err(ApiError::field(
+                        &format!("messages[{i}].tool_calls"),
+                        format!("messages[{i}] is a {role} message; only assistant messages carry tool_calls"),
+                    ));
+                }
+                msg["tool_calls"] = tool_calls(calls, i)?;
+            }
+            if role == "tool" {
+                let Some(id) = &m.tool_call_id else {
+                    return Err(ApiError::field(
+                        &format!("messages[{i}].tool_call_id"),
+                        format!("messages[{i}] is a tool message without tool_call_id"),
+                    ));
+                };
+                msg["tool_call_id"] = json!(id);
+            }
+            if let Some(name) = &m.name {
+                msg["name"] = json!(name);
+            }
+            out.push(msg);
         }
         Ok(out)
     }

@@ -11,7 +11,10 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use llama_runtime::{Constraint, FinishReason, GenerateOptions, Generation, Grammar, TokenLogprob};
+use llama_runtime::{
+    Constraint, FinishReason, GenerateOptions, Generation, Grammar, Parsed, TokenLogprob,
+    ToolDelta, ToolFormat, ToolParser,
+};
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
@@ -63,6 +66,8 @@ struct Plan {
     echo: Vec<String>,
     /// Prompt tokens, counted once per prompt.
     prompt_tokens: usize,
+    /// How tool calls are read out of the answers, when the request has tools.
+    tools: Option<ToolFormat>,
 }
 
 /// Generation options of one choice, from the shared fields, with `max_tokens`
@@ -140,21 +145,41 @@ fn response_format(model: &Loaded, value: &Value) -> Result<Option<Constraint>, 
         .map_err(|e| ApiError::field(param, format!("{param}: {e}")))
 }
 
+/// The constraint of a request with tools: calls limited to the functions and their
+/// parameter schemas (after the opening tag, under `auto`).
+fn tool_constraint(
+    model: &Loaded,
+    format: ToolFormat,
+    spec: &llama_runtime::ToolSpec,
+) -> Result<Option<Constraint>, ApiError> {
+    let grammars = model.grammars().map_err(|why| {
+        ApiError::field(
+            "tools",
+            format!("tool calls are not available for this model: {why}"),
+        )
+    })?;
+    format
+        .constraint(grammars, spec)
+        .map_err(|e| ApiError::from_runtime(e, "tools"))
+}
+
 fn plan_chat(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
-    request::refuse_unsupported(value)?;
+    request::refuse_unsupported(value, true)?;
     let mut common: Common = request::parse(value)?;
     common.check_stream_options()?;
     let fields: ChatFields = request::parse(value)?;
     let messages = fields.messages()?;
     let logprobs = fields.logprobs()?;
+    let spec = request::tool_spec(value)?;
     let template = model.template.as_ref().map_err(|why| {
         ApiError::field(
             "messages",
             format!("{why}: chat completions need one; use /v1/completions"),
         )
     })?;
-    let text = template
-        .render(&messages, true)
+    let format = ToolFormat::detect(template, &model.tokenizer);
+    let text = format
+        .prompt(template, &messages, spec.as_ref())
         .map_err(|e| ApiError::from_runtime(e, "messages"))?;
     let prompt = model
         .tokenizer
@@ -163,6 +188,18 @@ fn plan_chat(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
     let n = common.n()?;
     let mut base = base_options(model, &mut common, logprobs)?;
     base.constraint = response_format(model, value)?;
+    if let Some(spec) = spec.as_ref().filter(|s| s.active()) {
+        if base.constraint.is_some() {
+            return Err(ApiError::field(
+                "response_format",
+                "response_format and tools cannot both constrain one answer; use tool_choice none or drop one",
+            ));
+        }
+        base.constraint = tool_constraint(model, format, spec)?;
+    } else if let Some(spec) = spec.as_ref().filter(|_| base.constraint.is_none()) {
+        // `none`: no call may start.
+        base.constraint = tool_constraint(model, format, spec)?;
+    }
     let jobs = (0..n)
         .map(|i| job(model, &common, prompt.clone(), &base, i, "messages"))
         .collect::<Result<Vec<_>, _>>()?;
@@ -175,11 +212,12 @@ fn plan_chat(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
         logprobs,
         echo: Vec::new(),
         prompt_tokens: prompt.len(),
+        tools: spec.filter(|s| s.active()).map(|_| format),
     })
 }
 
 fn plan_completion(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
-    request::refuse_unsupported(value)?;
+    request::refuse_unsupported(value, false)?;
     let mut common: Common = request::parse(value)?;
     common.check_stream_options()?;
     let fields: CompletionFields = request::parse(value)?;
@@ -241,6 +279,7 @@ fn plan_completion(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
         logprobs,
         echo,
         prompt_tokens,
+        tools: None,
     })
 }
 
@@ -304,6 +343,7 @@ async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResul
         echo: plan.echo,
         logprobs: plan.logprobs,
         prompt_tokens: plan.prompt_tokens,
+        tools: plan.tools,
         state: state.clone(),
     };
     if plan.stream {
@@ -313,6 +353,10 @@ async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResul
             pending: VecDeque::new(),
             started: vec![false; choices],
             offsets: vec![0; choices],
+            parsers: (0..choices)
+                .map(|_| plan.tools.map(ToolParser::new))
+                .collect(),
+            called: vec![false; choices],
             generated: 0,
             cached: 0,
             include_usage: plan.include_usage,
@@ -339,6 +383,7 @@ struct Shape {
     echo: Vec<String>,
     logprobs: Option<usize>,
     prompt_tokens: usize,
+    tools: Option<ToolFormat>,
     state: Arc<AppState>,
 }
 
@@ -453,14 +498,26 @@ async fn collect(mut running: Running, shape: Shape, choices: usize) -> AppResul
         if i % shape.n == 0 {
             cached += g.cached_tokens;
         }
-        let reason = finish_reason(g.finish);
+        let mut reason = finish_reason(g.finish);
         out.push(match shape.kind {
-            Kind::Chat => json!({
-                "index": i,
-                "message": { "role": "assistant", "content": g.text },
-                "logprobs": shape.logprobs_value(&lps[i], 0),
-                "finish_reason": reason,
-            }),
+            Kind::Chat => {
+                let message = match shape.tools {
+                    Some(format) => {
+                        let parsed = format.parse(&g.text);
+                        if !parsed.calls.is_empty() && reason == "stop" {
+                            reason = "tool_calls";
+                        }
+                        tool_message(parsed)
+                    }
+                    None => json!({ "role": "assistant", "content": g.text }),
+                };
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": shape.logprobs_value(&lps[i], 0),
+                    "finish_reason": reason,
+                })
+            }
             Kind::Completion => {
                 let echo = shape.echo_for(i);
                 json!({
@@ -484,6 +541,31 @@ async fn collect(mut running: Running, shape: Shape, choices: usize) -> AppResul
     .into_response())
 }
 
+/// An answer with tools as OpenAI's assistant message: the text (`null` when there
+/// is none beside calls) and the calls.
+fn tool_message(parsed: Parsed) -> Value {
+    let content = if parsed.content.is_empty() && !parsed.calls.is_empty() {
+        Value::Null
+    } else {
+        json!(parsed.content)
+    };
+    let mut m = json!({ "role": "assistant", "content": content });
+    if !parsed.calls.is_empty() {
+        m["tool_calls"] = parsed
+            .calls
+            .iter()
+            .map(|c| {
+                json!({
+                    "id": c.id,
+                    "type": "function",
+                    "function": { "name": c.name, "arguments": c.arguments },
+                })
+            })
+            .collect();
+    }
+    m
+}
+
 fn fingerprint() -> String {
     format!("llama.rs-{}", env!("CARGO_PKG_VERSION"))
 }
@@ -496,6 +578,10 @@ struct SseState {
     started: Vec<bool>,
     /// Bytes of text sent per choice (completions' `text_offset`).
     offsets: Vec<usize>,
+    /// Per choice, the reader of tool calls (requests with tools).
+    parsers: Vec<Option<ToolParser>>,
+    /// Per choice, whether a call was sent.
+    called: Vec<bool>,
     generated: usize,
     cached: usize,
     include_usage: bool,
@@ -537,6 +623,38 @@ impl SseState {
         }
     }
 
+    /// Chunks of tool-call deltas (and text between calls) for choice `i`.
+    fn tool_chunks(&mut self, i: usize, deltas: Vec<ToolDelta>, lp: Value) {
+        let mut lp = Some(lp);
+        for d in deltas {
+            let delta = match d {
+                ToolDelta::Content(t) => json!({ "content": t }),
+                ToolDelta::Start { index, id, name } => {
+                    self.called[i] = true;
+                    json!({ "tool_calls": [{
+                        "index": index, "id": id, "type": "function",
+                        "function": { "name": name, "arguments": "" },
+                    }] })
+                }
+                ToolDelta::Arguments { index, text } => json!({ "tool_calls": [{
+                    "index": index, "function": { "arguments": text },
+                }] }),
+            };
+            let c = json!({
+                "index": i, "delta": delta,
+                "logprobs": lp.take().unwrap_or(Value::Null), "finish_reason": null,
+            });
+            let e = self.chunk(vec![c]);
+            self.pending.push_back(e);
+        }
+        // Log-probabilities of tokens that made no delta yet still go out.
+        if let Some(lp) = lp.filter(|v| !v.is_null()) {
+            let c = json!({ "index": i, "delta": {}, "logprobs": lp, "finish_reason": null });
+            let e = self.chunk(vec![c]);
+            self.pending.push_back(e);
+        }
+    }
+
     async fn next_event(&mut self) -> Option<SseEvent> {
         loop {
             if let Some(e) = self.pending.pop_front() {
@@ -573,6 +691,11 @@ impl SseState {
                         }
                         _ => Value::Null,
                     };
+                    if let Some(parser) = self.parsers[i].as_mut() {
+                        let deltas = parser.push(&text);
+                        self.tool_chunks(i, deltas, lp);
+                        continue;
+                    }
                     if text.is_empty() && lp.is_null() {
                         continue;
                     }
@@ -586,7 +709,15 @@ impl SseState {
                     if i % self.shape.n == 0 {
                         self.cached += g.cached_tokens;
                     }
-                    let c = self.choice(i, "", Value::Null, Some(finish_reason(g.finish)), false);
+                    if let Some(parser) = self.parsers[i].as_mut() {
+                        let deltas = parser.finish();
+                        self.tool_chunks(i, deltas, Value::Null);
+                    }
+                    let mut reason = finish_reason(g.finish);
+                    if self.called[i] && reason == "stop" {
+                        reason = "tool_calls";
+                    }
+                    let c = self.choice(i, "", Value::Null, Some(reason), false);
                     let e = self.chunk(vec![c]);
                     self.pending.push_back(e);
                 }

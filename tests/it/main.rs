@@ -23,6 +23,7 @@ mod real_model;
 mod safetensors_loading;
 mod serve_cli;
 mod service;
+mod structured;
 mod tiny_models;
 mod tokenizer;
 mod wgpu_real_model;

@@ -247,18 +247,18 @@ fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
 }
 
 /// The venv that scripts/setup-python-client.sh makes, with the `openai` package.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     if let Ok(p) = std::env::var("LLAMA_RS_PYTHON") {
         return PathBuf::from(p);
     }
     let python = cache_dir().join("venv/bin/python");
     let has_openai = Command::new(&python)
-        .args(["-c", "import openai"])
+        .args(["-c", "import openai, jsonschema"])
         .status()
         .is_ok_and(|s| s.success());
     assert!(
         has_openai,
-        "no Python with the openai package at {}: run scripts/setup-python-client.sh",
+        "no Python with the openai and jsonschema packages at {}: run scripts/setup-python-client.sh",
         python.display()
     );
     python

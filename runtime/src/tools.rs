@@ -1,0 +1,827 @@
+//! Tool calls: functions described to the model, calls constrained to their schemas,
+//! and the model's call syntax read back as structured calls.
+//!
+//! A model whose chat template has a tools section and whose vocabulary has a
+//! `<tool_call>` token (Qwen2.5, Hermes-style models) gets the functions through its
+//! own template and calls them as it was trained to:
+//! `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`. Under `auto` the
+//! text before that token is free and everything after it is constrained (the name
+//! to one of the functions, the arguments to that function's parameter schema); under
+//! `required` or a named function the whole answer is calls. Any other model gets
+//! the generic format: the functions in a system message and an answer constrained
+//! to `{"tool_call": {"name": ..., "arguments": ...}}` or `{"response": "..."}`.
+//!
+//! Messages are taken in OpenAI's shape (`role`, `content`, `tool_calls` with
+//! `function.arguments` as JSON text or an object, `tool_call_id`), so the server and
+//! the agent runtime render conversations the same way.
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::chat::ChatTemplate;
+use crate::constrain::{Constraint, Grammar, Grammars};
+use crate::error::{Result, RuntimeError};
+use crate::tokenizer::Tokenizer;
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Function {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON schema of the arguments object (no parameters when absent).
+    #[serde(default = "no_parameters")]
+    pub parameters: Value,
+}
+
+fn no_parameters() -> Value {
+    json!({ "type": "object", "properties": {} })
+}
+
+/// Whether and which functions the model must call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// Never call; the functions are not shown.
+    None,
+    /// Answer or call, as the model decides.
+    Auto,
+    /// Call at least one function.
+    Required,
+    /// Call this function.
+    Function(String),
+}
+
+/// The functions of a request and how they may be called.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub functions: Vec<Function>,
+    pub choice: ToolChoice,
+    /// Whether one answer may hold several calls.
+    pub parallel: bool,
+}
+
+impl ToolSpec {
+    /// Checks names (OpenAI's rule: 1 to 64 of `a-z A-Z 0-9 _ -`, no duplicates),
+    /// parameter schemas (objects) and the named choice.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(RuntimeError::Tools(m));
+        let mut seen = std::collections::HashSet::new();
+        for (i, f) in self.functions.iter().enumerate() {
+            let ok = (1..=64).contains(&f.name.len())
+                && f.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                return bad(format!(
+                    "tools[{i}]: the name `{}` must be 1 to 64 letters, digits, `_` or `-`",
+                    f.name
+                ));
+            }
+            if !seen.insert(f.name.as_str()) {
+                return bad(format!("tools[{i}]: the name `{}` is used twice", f.name));
+            }
+            if !f.parameters.is_object() {
+                return bad(format!(
+                    "tools[{i}]: the parameters of `{}` must be a JSON schema object",
+                    f.name
+                ));
+            }
+        }
+        if let ToolChoice::Function(name) = &self.choice {
+            if !self.functions.iter().any(|f| &f.name == name) {
+                return bad(format!(
+                    "tool_choice names `{name}`, which is not among the tools ({})",
+                    self.names().join(", ")
+                ));
+            }
+        }
+        if self.functions.is_empty() && matches!(self.choice, ToolChoice::Required) {
+            return bad("tool_choice is `required` but there are no tools".into());
+        }
+        Ok(())
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.functions.iter().map(|f| f.name.as_str()).collect()
+    }
+
+    /// Whether the answer may hold calls.
+    pub fn active(&self) -> bool {
+        !self.functions.is_empty() && self.choice != ToolChoice::None
+    }
+
+    /// The functions the answer may call.
+    fn callable(&self) -> Vec<&Function> {
+        match &self.choice {
+            ToolChoice::Function(name) => {
+                self.functions.iter().filter(|f| &f.name == name).collect()
+            }
+            _ => self.functions.iter().collect(),
+        }
+    }
+
+    /// The functions as OpenAI lists them (`{"type": "function", "function": ...}`),
+    /// which is what tool-aware templates read.
+    pub fn openai_tools(&self) -> Vec<Value> {
+        self.functions
+            .iter()
+            .map(|f| json!({ "type": "function", "function": f }))
+            .collect()
+    }
+}
+
+/// One call the model made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// `call_` and random characters, unique within a conversation.
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text (OpenAI's `function.arguments`).
+    pub arguments: String,
+}
+
+/// A fresh call id.
+pub fn call_id() -> String {
+    let a = crate::sampler::random_seed();
+    let b = crate::sampler::random_seed();
+    format!("call_{a:016x}{:08x}", b as u32)
+}
+
+/// How a model is told about functions and how it calls them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolFormat {
+    /// The template's own tools section; calls in `<tool_call>` tags, `open` being
+    /// that tag's token.
+    Hermes { open: u32 },
+    /// Functions in a system message; the answer is one JSON object.
+    Generic,
+}
+
+const OPEN: &str = "<tool_call>";
+const CLOSE: &str = "</tool_call>";
+
+/// JSON as models write it (and as the template shows the functions).
+fn json_options() -> Value {
+    json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " })
+}
+
+fn with_options(schema: &Value) -> Value {
+    let mut s = schema.clone();
+    if let Some(o) = s.as_object_mut() {
+        o.entry("x-guidance").or_insert(json_options());
+    }
+    s
+}
+
+/// A Lark string literal of `text`.
+fn lark_str(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
+}
+
+impl ToolFormat {
+    /// The format `template` and `tokenizer` support: Hermes-style tags when the
+    /// template has a tools section that speaks of `<tool_call>` and the tag is one
+    /// token that decodes as itself.
+    pub fn detect(template: &ChatTemplate, tokenizer: &Tokenizer) -> ToolFormat {
+        let speaks_tags = template.template.contains(OPEN) && template.template.contains("tools");
+        if speaks_tags {
+            if let Ok(ids) = tokenizer.encode_plain(OPEN) {
+                if let [id] = ids[..] {
+                    if tokenizer.decode(&[id]).is_ok_and(|t| t == OPEN) {
+                        return ToolFormat::Hermes { open: id };
+                    }
+                }
+            }
+        }
+        ToolFormat::Generic
+    }
+
+    /// The prompt for `messages` (OpenAI's shape) with `spec`'s functions described,
+    /// ending where the assistant's answer begins.
+    pub fn prompt(
+        &self,
+        template: &ChatTemplate,
+        messages: &[Value],
+        spec: Option<&ToolSpec>,
+    ) -> Result<String> {
+        let mut messages = normalize(messages)?;
+        match self {
+            // Under `none` the template still describes the functions (the history
+            // may hold calls to them); the constraint keeps the answer free of calls.
+            ToolFormat::Hermes { .. } => {
+                let tools = spec
+                    .filter(|s| !s.functions.is_empty())
+                    .map(ToolSpec::openai_tools);
+                template.render_with(&messages, tools.as_ref(), true)
+            }
+            ToolFormat::Generic => {
+                generic_messages(&mut messages, spec.filter(|s| s.active()));
+                template.render_with(&messages, None::<&()>, true)
+            }
+        }
+    }
+
+    /// The grammar an answer must follow, and whether it holds only after the
+    /// opening tag (free text before it). `None`: no constraint.
+    pub fn grammar(&self, spec: &ToolSpec) -> Result<Option<(Grammar, bool)>> {
+        spec.check()?;
+        if spec.functions.is_empty() {
+            return Ok(None);
+        }
+        if spec.choice == ToolChoice::None {
+            return Ok(match self {
+                // Text that does not open a call, tagged or bare.
+                ToolFormat::Hermes { .. } => {
+                    Some((Grammar::Regex(r"\s*[^{<\s][\s\S]*".into()), false))
+                }
+                ToolFormat::Generic => None,
+            });
+        }
+        let callable = spec.callable();
+        match self {
+            ToolFormat::Hermes { .. } => {
+                let mut g = String::new();
+                let lazy = spec.choice == ToolChoice::Auto;
+                let block = format!(
+                    "{} call {}",
+                    lark_str("\n"),
+                    lark_str(&format!("\n{CLOSE}"))
+                );
+                let more = if spec.parallel { " more*" } else { "" };
+                if lazy {
+                    g.push_str(&format!("start: {block}{more}\n"));
+                } else {
+                    g.push_str(&format!("start: {} {block}{more}\n", lark_str(OPEN)));
+                }
+                g.push_str(&format!(
+                    "more: {} {block}\n",
+                    lark_str(&format!("\n{OPEN}"))
+                ));
+                call_rules(&mut g, &callable);
+                Ok(Some((Grammar::Lark(g), lazy)))
+            }
+            ToolFormat::Generic => {
+                let mut g = String::new();
+                let call = if spec.parallel {
+                    format!(
+                        "{} call (\", \" call)* \"]}}\"",
+                        lark_str("{\"tool_calls\": [")
+                    )
+                } else {
+                    format!("{} call \"}}\"", lark_str("{\"tool_call\": "))
+                };
+                if spec.choice == ToolChoice::Auto {
+                    let response = json!({ "type": "string", "x-guidance": json_options() });
+                    g.push_str(&format!(
+                        "start: calls | {} %json {response} \"}}\"\ncalls: {call}\n",
+                        lark_str("{\"response\": ")
+                    ));
+                } else {
+                    g.push_str(&format!("start: {call}\n"));
+                }
+                call_rules(&mut g, &callable);
+                Ok(Some((Grammar::Lark(g), false)))
+            }
+        }
+    }
+
+    /// The compiled constraint for an answer under `spec`, if any.
+    pub fn constraint(&self, grammars: &Grammars, spec: &ToolSpec) -> Result<Option<Constraint>> {
+        let Some((grammar, lazy)) = self.grammar(spec)? else {
+            return Ok(None);
+        };
+        // Each schema on its own first, so that an error names its function.
+        if spec.active() {
+            for (i, f) in spec.functions.iter().enumerate() {
+                grammars
+                    .compile(&Grammar::JsonSchema(f.parameters.clone()))
+                    .map_err(|e| {
+                        RuntimeError::Tools(format!(
+                            "tools[{i}] (`{}`): its parameters cannot be enforced: {e}",
+                            f.name
+                        ))
+                    })?;
+            }
+        }
+        let compile = |g: &Grammar| {
+            grammars
+                .compile(g)
+                .map_err(|e| RuntimeError::Tools(format!("the parameter schemas: {e}")))
+        };
+        let constraint = compile(&grammar)?;
+        Ok(Some(match (self, lazy) {
+            (ToolFormat::Hermes { open }, true) => {
+                // A call written as bare JSON, without its tag, is a call too.
+                let mut bare = String::from("start: call\n");
+                call_rules(&mut bare, &spec.callable());
+                let bare = compile(&Grammar::Lark(bare))?;
+                grammars.lazy_or_bare(constraint.after_token(*open), bare)
+            }
+            _ => constraint,
+        }))
+    }
+
+    /// Reads a whole answer: its text and its calls.
+    pub fn parse(&self, text: &str) -> Parsed {
+        let mut p = ToolParser::new(*self);
+        let mut deltas = p.push(text);
+        deltas.extend(p.finish());
+        Parsed::from_deltas(deltas)
+    }
+}
+
+/// `call: c0 | c1 ...` and one rule per function: the name fixed, the arguments
+/// under the function's schema.
+fn call_rules(g: &mut String, callable: &[&Function]) {
+    let alts: Vec<String> = (0..callable.len()).map(|i| format!("c{i}")).collect();
+    g.push_str(&format!("call: {}\n", alts.join(" | ")));
+    for (i, f) in callable.iter().enumerate() {
+        let head = format!("{{\"name\": {}, \"arguments\": ", lark_str(&f.name));
+        g.push_str(&format!(
+            "c{i}: {} %json {} \"}}\"\n",
+            lark_str(&head),
+            with_options(&f.parameters)
+        ));
+    }
+}
+
+/// Messages as templates read them: `tool_calls[].function.arguments` as an object
+/// (templates print it with `tojson`), content as text.
+fn normalize(messages: &[Value]) -> Result<Vec<Value>> {
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let Some(obj) = m.as_object() else {
+            return Err(RuntimeError::Tools(format!(
+                "messages[{i}] is not an object"
+            )));
+        };
+        let mut obj = obj.clone();
+        if obj.get("content").is_none_or(Value::is_null) {
+            obj.insert("content".into(), Value::String(String::new()));
+        }
+        if let Some(calls) = obj.get_mut("tool_calls").and_then(Value::as_array_mut) {
+            for (j, call) in calls.iter_mut().enumerate() {
+                let f = call
+                    .get_mut("function")
+                    .and_then(Value::as_object_mut)
+                    .ok_or_else(|| {
+                        RuntimeError::Tools(format!(
+                            "messages[{i}].tool_calls[{j}] has no `function` object"
+                        ))
+                    })?;
+                if let Some(Value::String(text)) = f.get("arguments") {
+                    let args: Value = serde_json::from_str(text).map_err(|e| {
+                        RuntimeError::Tools(format!(
+                            "messages[{i}].tool_calls[{j}].function.arguments is not JSON: {e}"
+                        ))
+                    })?;
+                    f.insert("arguments".into(), args);
+                }
+            }
+        }
+        out.push(Value::Object(obj));
+    }
+    Ok(out)
+}
+
+/// The generic format's conversation: the functions in the system message, past
+/// calls as the JSON the model writes, tool results as user messages.
+fn generic_messages(messages: &mut Vec<Value>, spec: Option<&ToolSpec>) {
+    let mut names: Map<String, Value> = Map::new();
+    for m in messages.iter_mut() {
+        let role = m["role"].as_str().unwrap_or("").to_string();
+        if let Some(calls) = m.get("tool_calls").and_then(Value::as_array).cloned() {
+            let calls: Vec<Value> = calls
+                .iter()
+                .map(|c| {
+                    if let (Some(id), Some(name)) = (c["id"].as_str(), c["function"]["name"].as_str()) {
+                        names.insert(id.to_string(), json!(name));
+                    }
+                    json!({ "name": c["function"]["name"], "arguments": c["function"]["arguments"] })
+                })
+                .collect();
+            let content = if calls.len() == 1 {
+                json!({ "tool_call": calls[0] })
+            } else {
+                json!({ "tool_calls": calls })
+            };
+            *m = json!({ "role": "assistant", "content": content.to_string() });
+        } else if role == "tool" {
+            let id = m["tool_call_id"].as_str().unwrap_or("");
+            let name = m
+                .get("name")
+                .cloned()
+                .or_else(|| names.get(id).cloned())
+                .unwrap_or(Value::Null);
+            let result = json!({ "tool_response": { "name": name, "content": m["content"] } });
+            *m = json!({ "role": "user", "content": result.to_string() });
+        }
+    }
+    let Some(spec) = spec else { return };
+    let lines: Vec<String> = spec.openai_tools().iter().map(Value::to_string).collect();
+    let shape = if spec.parallel {
+        "{\"tool_calls\": [{\"name\": <function-name>, \"arguments\": <args-json-object>}, ...]}"
+    } else {
+        "{\"tool_call\": {\"name\": <function-name>, \"arguments\": <args-json-object>}}"
+    };
+    let mut text = format!(
+        "You can call these functions:\n{}\n\nTo call a function, answer with JSON only: {shape}",
+        lines.join("\n")
+    );
+    if spec.choice == ToolChoice::Auto {
+        text.push_str(". To answer directly, answer {\"response\": <your answer>}.");
+    }
+    match messages.first_mut() {
+        Some(first) if first["role"] == "system" => {
+            let old = first["content"].as_str().unwrap_or("").to_string();
+            first["content"] = json!(format!("{old}\n\n{text}"));
+        }
+        _ => messages.insert(0, json!({ "role": "system", "content": text })),
+    }
+}
+
+/// A piece of an answer as it streams: text, a call's start, or a piece of its
+/// arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolDelta {
+    Content(String),
+    /// A new call: its index among the answer's calls, id and name.
+    Start {
+        index: usize,
+        id: String,
+        name: String,
+    },
+    /// More of the arguments of call `index`.
+    Arguments {
+        index: usize,
+        text: String,
+    },
+}
+
+/// A whole answer: its text (without call syntax) and its calls.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Parsed {
+    pub content: String,
+    pub calls: Vec<ToolCall>,
+}
+
+impl Parsed {
+    fn from_deltas(deltas: Vec<ToolDelta>) -> Parsed {
+        let mut p = Parsed::default();
+        for d in deltas {
+            match d {
+                ToolDelta::Content(t) => p.content.push_str(&t),
+                ToolDelta::Start { id, name, .. } => p.calls.push(ToolCall {
+                    id,
+                    name,
+                    arguments: String::new(),
+                }),
+                ToolDelta::Arguments { index, text } => {
+                    if let Some(c) = p.calls.get_mut(index) {
+                        c.arguments.push_str(&text);
+                    }
+                }
+            }
+        }
+        if !p.calls.is_empty() {
+            p.content = p.content.trim().to_string();
+        }
+        p
+    }
+}
+
+/// Where the streaming reader is.
+#[derive(Debug)]
+enum Mode {
+    /// Free text; `buf` holds what may be the start of an opening tag.
+    Text,
+    /// After an opening tag, before the arguments begin.
+    Head,
+    /// Inside the arguments value.
+    Args {
+        depth: usize,
+        in_str: bool,
+        esc: bool,
+    },
+    /// After the arguments, up to the closing tag.
+    Tail,
+}
+
+/// Reads an answer as it streams into text and tool-call deltas. For the Hermes
+/// format it passes text through until `<tool_call>` (holding back what may be the
+/// start of one), announces each call once its name is known and streams its
+/// arguments as they come; the generic format is one JSON object, read at the end.
+#[derive(Debug)]
+pub struct ToolParser {
+    format: ToolFormat,
+    mode: Mode,
+    buf: String,
+    calls: usize,
+    /// Nothing but whitespace has come yet (an answer that starts with `{` is a
+    /// call written without its tag).
+    at_start: bool,
+    /// The call being read opened with its tag.
+    tagged: bool,
+}
+
+impl ToolParser {
+    pub fn new(format: ToolFormat) -> Self {
+        ToolParser {
+            format,
+            mode: Mode::Text,
+            buf: String::new(),
+            calls: 0,
+            at_start: true,
+            tagged: false,
+        }
+    }
+
+    /// Deltas for `text`, the answer's next piece.
+    pub fn push(&mut self, text: &str) -> Vec<ToolDelta> {
+        self.buf.push_str(text);
+        let mut out = Vec::new();
+        if self.format == ToolFormat::Generic {
+            return out;
+        }
+        loop {
+            match &mut self.mode {
+                Mode::Text => {
+                    if self.at_start {
+                        let t = self.buf.trim_start();
+                        if t.is_empty() {
+                            return out;
+                        }
+                        self.at_start = false;
+                        if t.starts_with('{') {
+                            let ws = self.buf.len() - t.len();
+                            self.buf.drain(..ws);
+                            self.tagged = false;
+                            self.mode = Mode::Head;
+                            continue;
+                        }
+                    }
+                    if let Some(at) = self.buf.find(OPEN) {
+                        let before: String = self.buf[..at].to_string();
+                        self.buf.drain(..at + OPEN.len());
+                        // Whitespace before a call is not content.
+                        if !before.trim().is_empty() {
+                            out.push(ToolDelta::Content(before));
+                        }
+                        self.tagged = true;
+                        self.mode = Mode::Head;
+                        continue;
+                    }
+                    // Keep back a tail that could begin the tag.
+                    let keep = (1..OPEN.len())
+                        .rev()
+                        .find(|&k| self.buf.ends_with(&OPEN[..k]))
+                        .unwrap_or(0);
+                    let cut = self.buf.len() - keep;
+                    if cut > 0 {
+                        out.push(ToolDelta::Content(self.buf[..cut].to_string()));
+                        self.buf.drain(..cut);
+                    }
+                    return out;
+                }
+                Mode::Head => {
+                    let Some((name, args_at)) = head(&self.buf) else {
+                        return out;
+                    };
+                    out.push(ToolDelta::Start {
+                        index: self.calls,
+                        id: call_id(),
+                        name,
+                    });
+                    self.buf.drain(..args_at);
+                    self.mode = Mode::Args {
+                        depth: 0,
+                        in_str: false,
+                        esc: false,
+                    };
+                }
+                Mode::Args { depth, in_str, esc } => {
+                    let mut end = None;
+                    for (i, c) in self.buf.char_indices() {
+                        if *in_str {
+                            match (c, *esc) {
+                                (_, true) => *esc = false,
+                                ('\\', false) => *esc = true,
+                                ('"', false) => *in_str = false,
+                                _ => {}
+                            }
+                            continue;
+                        }
+                        match c {
+                            '"' => *in_str = true,
+                            '{' | '[' => *depth += 1,
+                            '}' | ']' => {
+                                *depth = depth.saturating_sub(1);
+                                if *depth == 0 {
+                                    end = Some(i + 1);
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    let upto = end.unwrap_or(self.buf.len());
+                    if upto > 0 {
+                        out.push(ToolDelta::Arguments {
+                            index: self.calls,
+                            text: self.buf[..upto].to_string(),
+                        });
+                        self.buf.drain(..upto);
+                    }
+                    if end.is_none() {
+                        return out;
+                    }
+                    self.calls += 1;
+                    self.mode = Mode::Tail;
+                }
+                Mode::Tail => {
+                    let Some(at) = self.buf.find(CLOSE) else {
+                        return out;
+                    };
+                    self.buf.drain(..at + CLOSE.len());
+                    // Whitespace between calls is not content.
+                    let trimmed = self.buf.trim_start().len();
+                    self.buf.drain(..self.buf.len() - trimmed);
+                    self.mode = Mode::Text;
+                }
+            }
+        }
+    }
+
+    /// The deltas left at the end of the answer.
+    pub fn finish(&mut self) -> Vec<ToolDelta> {
+        let rest = std::mem::take(&mut self.buf);
+        match self.format {
+            ToolFormat::Generic => generic_deltas(rest),
+            ToolFormat::Hermes { .. } => match self.mode {
+                // What was held back was not a tag after all.
+                Mode::Text if !rest.is_empty() => vec![ToolDelta::Content(rest)],
+                // An unfinished call (the answer was cut): its text stays content.
+                Mode::Head if !rest.is_empty() => {
+                    let tag = if self.tagged { OPEN } else { "" };
+                    vec![ToolDelta::Content(format!("{tag}{rest}"))]
+                }
+                _ => Vec::new(),
+            },
+        }
+    }
+}
+
+/// The name of a call whose head (`{"name": "x", "arguments": `) is all in `buf`,
+/// and where its arguments begin; `None` until the first character of the
+/// arguments arrives.
+fn head(buf: &str) -> Option<(String, usize)> {
+    let key = buf.find("\"arguments\"")?;
+    let after = &buf[key + "\"arguments\"".len()..];
+    let colon = after.find(':')?;
+    let value = &after[colon + 1..];
+    let ws = value.len() - value.trim_start().len();
+    if value.trim_start().is_empty() {
+        return None;
+    }
+    let args_at = buf.len() - value.len() + ws;
+    let name_key = buf.find("\"name\"")?;
+    let rest = buf[name_key + "\"name\"".len()..]
+        .trim_start()
+        .strip_prefix(':')?;
+    let mut it = serde_json::Deserializer::from_str(rest.trim_start()).into_iter::<String>();
+    let name = it.next()?.ok()?;
+    Some((name, args_at))
+}
+
+/// The generic format's answer: `{"tool_call": ...}`, `{"tool_calls": [...]}` or
+/// `{"response": "..."}`; anything else is text.
+fn generic_deltas(text: String) -> Vec<ToolDelta> {
+    let value: Option<Value> = serde_json::from_str(text.trim()).ok();
+    let calls: Option<Vec<Value>> = value.as_ref().and_then(|v| {
+        if let Some(c) = v.get("tool_call") {
+            Some(vec![c.clone()])
+        } else {
+            v.get("tool_calls").and_then(Value::as_array).cloned()
+        }
+    });
+    if let Some(calls) = calls {
+        let mut out = Vec::new();
+        for (index, c) in calls.iter().enumerate() {
+            let (Some(name), Some(args)) = (c["name"].as_str(), c.get("arguments")) else {
+                return vec![ToolDelta::Content(text)];
+            };
+            out.push(ToolDelta::Start {
+                index,
+                id: call_id(),
+                name: name.to_string(),
+            });
+            out.push(ToolDelta::Arguments {
+                index,
+                text: args.to_string(),
+            });
+        }
+        return out;
+    }
+    if let Some(r) = value
+        .as_ref()
+        .and_then(|v| v.get("response"))
+        .and_then(Value::as_str)
+    {
+        return vec![ToolDelta::Content(r.to_string())];
+    }
+    if text.is_empty() {
+        Vec::new()
+    } else {
+        vec![ToolDelta::Content(text)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hermes() -> ToolFormat {
+        ToolFormat::Hermes { open: 1 }
+    }
+
+    #[test]
+    fn a_streamed_call_reads_as_the_whole_one() {
+        let text = "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris }\", \"days\": [1, 2]}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\", \"arguments\": {}}\n</tool_call>";
+        let whole = hermes().parse(text);
+        assert_eq!(whole.content, "Let me look.");
+        assert_eq!(whole.calls.len(), 2);
+        assert_eq!(whole.calls[0].name, "get_weather");
+        assert_eq!(
+            whole.calls[0].arguments,
+            "{\"city\": \"Paris }\", \"days\": [1, 2]}"
+        );
+        assert_eq!(whole.calls[1].arguments, "{}");
+        // One character at a time: the same calls, the name announced once.
+        let mut p = ToolParser::new(hermes());
+        let mut deltas = Vec::new();
+        for c in text.chars() {
+            deltas.extend(p.push(&c.to_string()));
+        }
+        deltas.extend(p.finish());
+        let starts = deltas
+            .iter()
+            .filter(|d| matches!(d, ToolDelta::Start { .. }))
+            .count();
+        assert_eq!(starts, 2);
+        let streamed = Parsed::from_deltas(deltas);
+        assert_eq!(streamed.content, whole.content);
+        let args: Vec<_> = streamed.calls.iter().map(|c| &c.arguments).collect();
+        assert_eq!(
+            args,
+            whole.calls.iter().map(|c| &c.arguments).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_call_without_its_tag_is_a_call() {
+        let p = hermes().parse("\n{\"name\": \"f\", \"arguments\": {\"x\": \"}\"}}");
+        assert_eq!(p.content, "");
+        assert_eq!(p.calls.len(), 1);
+        assert_eq!(p.calls[0].arguments, "{\"x\": \"}\"}");
+        // Not at the start: text.
+        let p = hermes().parse("Answer: {\"name\": \"f\", \"arguments\": {}}");
+        assert!(p.calls.is_empty());
+    }
+
+    #[test]
+    fn text_that_only_looks_like_a_tag_is_text() {
+        let p = hermes().parse("a <tool_ b <tool_cal");
+        assert_eq!(p.content, "a <tool_ b <tool_cal");
+        assert!(p.calls.is_empty());
+    }
+
+    #[test]
+    fn generic_answers_read_as_calls_or_text() {
+        let p = ToolFormat::Generic
+            .parse("{\"tool_call\": {\"name\": \"f\", \"arguments\": {\"x\": 1}}}");
+        assert_eq!(p.calls.len(), 1);
+        assert_eq!(p.calls[0].arguments, "{\"x\":1}");
+        let p = ToolFormat::Generic.parse("{\"response\": \"hi\"}");
+        assert_eq!((p.content.as_str(), p.calls.len()), ("hi", 0));
+    }
+
+    #[test]
+    fn bad_specs_are_refused_by_name() {
+        let f = |name: &str| Function {
+            name: name.into(),
+            description: None,
+            parameters: no_parameters(),
+        };
+        let spec = ToolSpec {
+            functions: vec![f("a b")],
+            choice: ToolChoice::Auto,
+            parallel: true,
+        };
+        assert!(spec.check().unwrap_err().to_string().contains("`a b`"));
+        let spec = ToolSpec {
+            functions: vec![f("a")],
+            choice: ToolChoice::Function("zzz".into()),
+            parallel: true,
+        };
+        assert!(spec.check().unwrap_err().to_string().contains("zzz"));
+    }
+}
