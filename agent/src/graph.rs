@@ -17,8 +17,12 @@ pub type NodeId = usize;
 /// tools stay in the prompt (the history holds calls to them) but the constraint
 /// forbids a call, and this turns it to the results it already has.
 pub const ANSWER_INSTRUCTION: &str = "Answer my request now in plain text, using the tool \
-results above. Do not call any tool. If a search result supports a fact, cite its number \
-like [1].";
+results above. Do not call any tool.";
+
+/// The final answer turn's instruction when the tools include a search: sources cited.
+pub const CITED_ANSWER_INSTRUCTION: &str = "Answer my request now in plain text, using the \
+search results above. Do not call any tool. After each fact, cite the number of the \
+passage it comes from in brackets, like [2].";
 
 /// One step of an agent.
 #[derive(Clone)]
@@ -61,6 +65,10 @@ pub enum Condition {
     /// Every call of the last turn was made before with the same name and arguments
     /// (its result is already in the conversation): a model going round in circles.
     RepeatedCalls,
+    /// Every call the last tool node ran returned a result an earlier call had
+    /// already returned: the round brought nothing new (a model calling a tool on its
+    /// own result).
+    StaleResults,
     /// A test of the program's own, with a name for the trace.
     Custom {
         name: String,
@@ -79,6 +87,14 @@ impl Condition {
                         .iter()
                         .all(|c| state.answered(&c.name, &c.arguments).is_some())
             }
+            Condition::StaleResults => {
+                let n = state.last_calls.min(state.calls.len());
+                let (before, last) = state.calls.split_at(state.calls.len() - n);
+                n > 0
+                    && last
+                        .iter()
+                        .all(|(_, _, r)| before.iter().any(|(_, _, b)| b == r))
+            }
             Condition::Custom { test, .. } => test(state),
         }
     }
@@ -89,6 +105,7 @@ impl fmt::Display for Condition {
         match self {
             Condition::Calls => f.write_str("the turn made calls"),
             Condition::RepeatedCalls => f.write_str("every call repeats an answered one"),
+            Condition::StaleResults => f.write_str("every result repeats an earlier one"),
             Condition::Custom { name, .. } => f.write_str(name),
         }
     }
@@ -110,7 +127,9 @@ impl Graph {
     /// The tool-calling loop: (retrieve with `retrieve`'s tool first, when given) a
     /// turn that may call; no call ends the run with its text as the answer; calls
     /// that were all made before go to a final turn that must answer in text; other
-    /// calls run and the loop goes round again, until the round limit.
+    /// calls run and the loop goes round again, unless every result repeats an earlier
+    /// one (then the final turn), until the round limit. With a retrieval the final
+    /// turn is asked to cite its sources.
     pub fn tool_loop(retrieve: Option<(&str, &str)>) -> Graph {
         const TURN: NodeId = 1;
         const CALLS: NodeId = 2;
@@ -118,6 +137,7 @@ impl Graph {
         const RUN: NodeId = 4;
         const ANSWER: NodeId = 5;
         const END: NodeId = 6;
+        const STALE: NodeId = 7;
         let first = match retrieve {
             Some((tool, argument)) => Node::Retrieve {
                 tool: tool.to_string(),
@@ -144,13 +164,25 @@ impl Graph {
                 then: ANSWER,
                 otherwise: RUN,
             },
-            Node::CallTools { next: TURN },
+            Node::CallTools { next: STALE },
             Node::Generate {
                 choice: ToolChoice::None,
-                instruction: Some(ANSWER_INSTRUCTION.into()),
+                instruction: Some(
+                    if retrieve.is_some() {
+                        CITED_ANSWER_INSTRUCTION
+                    } else {
+                        ANSWER_INSTRUCTION
+                    }
+                    .into(),
+                ),
                 next: END,
             },
             Node::End,
+            Node::Branch {
+                condition: Condition::StaleResults,
+                then: ANSWER,
+                otherwise: TURN,
+            },
         ];
         Graph::new(nodes, if retrieve.is_some() { 0 } else { TURN })
     }

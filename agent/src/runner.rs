@@ -53,6 +53,8 @@ pub struct State {
     pub text: String,
     /// Every call run: name, arguments (canonical JSON) and what the model was given.
     pub calls: Vec<(String, String, String)>,
+    /// How many of `calls` the last tool node ran (they are the last ones).
+    pub last_calls: usize,
     /// Turns that could call tools so far.
     pub rounds: usize,
     /// Tokens generated so far.
@@ -374,6 +376,7 @@ impl<M: Model> Agent<M> {
                             json!({ "role": "assistant", "content": content, "tool_calls": shown }),
                         );
                     }
+                    state.last_calls = calls.len();
                     for call in calls {
                         if let Some(stop) =
                             self.call(&mut state, &call, at, &mut |s| record(s, &mut trace))

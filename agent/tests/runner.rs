@@ -425,3 +425,23 @@ fn a_custom_graph_branches_on_the_state_and_retrieves_first() {
     assert_eq!(branches, vec![false, true]);
     assert_eq!(Limits::default().max_rounds, 5);
 }
+
+#[test]
+fn a_round_that_brings_nothing_new_goes_to_the_answer_turn() {
+    // A small model's habit: calling the tool again on its own result.
+    let model = Scripted::new(vec![
+        call("a", "calculator", json!({"expression": "2 * 3"})),
+        call("b", "calculator", json!({"expression": "6"})),
+        text("2 * 3 = 6"),
+    ]);
+    let run = Agent::new(model.clone(), calc())
+        .run("2*3?", |_| {})
+        .unwrap();
+    assert_eq!(run.answer.as_deref(), Some("2 * 3 = 6"));
+    let turns = model.turns();
+    assert_eq!(turns.len(), 3);
+    assert_eq!(turns[2].1, ToolChoice::None);
+    assert_eq!(turns[2].0.last().unwrap()["content"], ANSWER_INSTRUCTION);
+    assert!(run.trace.iter().any(|s| matches!(&s.kind,
+        StepKind::Branch { condition, taken: true } if condition.contains("repeats an earlier"))));
+}

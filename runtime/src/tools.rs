@@ -205,12 +205,12 @@ impl ToolFormat {
     ) -> Result<String> {
         let mut messages = normalize(messages)?;
         match self {
-            // Under `none` the template still describes the functions (the history
-            // may hold calls to them); the constraint keeps the answer free of calls.
+            // Under `none` the functions are not described: the template still renders
+            // the calls and results of the history, and a small model shown tools
+            // it may not call writes a call as text instead of answering (measured
+            // with Qwen2.5 0.5B). The constraint keeps the answer free of calls.
             ToolFormat::Hermes { .. } => {
-                let tools = spec
-                    .filter(|s| !s.functions.is_empty())
-                    .map(ToolSpec::openai_tools);
+                let tools = spec.filter(|s| s.active()).map(ToolSpec::openai_tools);
                 template.render_with(&messages, tools.as_ref(), true)
             }
             ToolFormat::Generic => {
@@ -229,9 +229,9 @@ impl ToolFormat {
         }
         if spec.choice == ToolChoice::None {
             return Ok(match self {
-                // Text that does not open a call, tagged or bare.
+                // Text that does not open a call, tagged, bare or in a code fence.
                 ToolFormat::Hermes { .. } => {
-                    Some((Grammar::Regex(r"\s*[^{<\s][\s\S]*".into()), false))
+                    Some((Grammar::Regex(r"\s*[^{<`\s][\s\S]*".into()), false))
                 }
                 ToolFormat::Generic => None,
             });

@@ -5,6 +5,7 @@
 //! (`tests/memory.rs`, `tests/serve.rs`), where no other test allocates beside them.
 mod common;
 
+mod agent;
 mod backend_parity;
 mod batching;
 mod cli;

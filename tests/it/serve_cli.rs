@@ -19,7 +19,10 @@ struct Served {
 
 impl Served {
     fn start(extra: &[&str]) -> Served {
-        let model = real_model_path();
+        Served::start_with(&real_model_path(), extra)
+    }
+
+    fn start_with(model: &std::path::Path, extra: &[&str]) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
             .arg("serve")
             .arg("--model")
@@ -272,6 +275,20 @@ fn the_official_python_client_works_unmodified() {
         &python,
         "tests/openai_client.py",
         &[&format!("{}/v1", served.base), "smollm2"],
+    );
+}
+
+/// Tool calling through the official client with Qwen2.5 (whose template has a tools
+/// section): the call, its arguments valid under the schema, the result sent back and
+/// the answer that uses it, streaming and not.
+#[test]
+fn the_official_python_client_calls_tools() {
+    let python = python();
+    let served = Served::start_with(&qwen25_path(), &["--alias", "qwen", "--ctx-size", "2048"]);
+    run_script(
+        &python,
+        "tests/openai_tools.py",
+        &[&format!("{}/v1", served.base), "qwen"],
     );
 }
 
