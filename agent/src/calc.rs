@@ -241,7 +241,8 @@ impl Tool for Calculator {
                     "description": "The arithmetic expression, for example (12 + 3) * 4"
                 }
             },
-            "required": ["expression"]
+            "required": ["expression"],
+            "additionalProperties": false
         })
     }
 

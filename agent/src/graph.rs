@@ -130,7 +130,11 @@ impl Graph {
     /// calls run and the loop goes round again, unless every result repeats an earlier
     /// one (then the final turn), until the round limit. With a retrieval the final
     /// turn is asked to cite its sources.
-    pub fn tool_loop(retrieve: Option<(&str, &str)>) -> Graph {
+    ///
+    /// `first_call` makes the first turn call a tool (`Required`) when no retrieval
+    /// comes first: small models asked a task with tools at hand often write the call
+    /// as prose instead of making it; forced, they make it.
+    pub fn tool_loop(retrieve: Option<(&str, &str)>, first_call: bool) -> Graph {
         const TURN: NodeId = 1;
         const CALLS: NodeId = 2;
         const REPEAT: NodeId = 3;
@@ -144,8 +148,11 @@ impl Graph {
                 argument: argument.to_string(),
                 next: TURN,
             },
-            // Never reached: the graph starts at the turn.
-            None => Node::End,
+            None => Node::Generate {
+                choice: ToolChoice::Required,
+                instruction: None,
+                next: CALLS,
+            },
         };
         let nodes = vec![
             first,
@@ -184,7 +191,12 @@ impl Graph {
                 otherwise: TURN,
             },
         ];
-        Graph::new(nodes, if retrieve.is_some() { 0 } else { TURN })
+        let start = if retrieve.is_some() || first_call {
+            0
+        } else {
+            TURN
+        };
+        Graph::new(nodes, start)
     }
 
     pub fn start(&self) -> NodeId {

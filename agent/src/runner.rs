@@ -243,7 +243,7 @@ impl<M: Model> Agent<M> {
         Agent {
             model,
             tools,
-            graph: Graph::tool_loop(None),
+            graph: Graph::tool_loop(None, false),
             limits: Limits::default(),
             system: None,
         }
@@ -363,8 +363,16 @@ impl<M: Model> Agent<M> {
                         let shown: Vec<Value> = calls
                             .iter()
                             .map(|c| {
+                                // A call cut off by the token limit has arguments that
+                                // are not JSON: the history shows `{}` (the template
+                                // needs JSON) and its result says what went wrong.
+                                let arguments =
+                                    match serde_json::from_str::<Value>(&c.arguments) {
+                                        Ok(_) => c.arguments.clone(),
+                                        Err(_) => "{}".to_string(),
+                                    };
                                 json!({ "id": c.id, "type": "function",
-                                "function": { "name": c.name, "arguments": c.arguments } })
+                                "function": { "name": c.name, "arguments": arguments } })
                             })
                             .collect();
                         let content = if state.text.is_empty() {

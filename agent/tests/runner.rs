@@ -332,7 +332,7 @@ fn malformed_graphs_and_tools_are_refused_before_any_turn() {
     assert!(matches!(e, AgentError::Graph(_)), "{e}");
     assert!(e.to_string().contains("node 7"), "{e}");
 
-    agent.graph = Graph::tool_loop(Some(("search", "query")));
+    agent.graph = Graph::tool_loop(Some(("search", "query")), false);
     let e = agent.run("t", |_| {}).unwrap_err();
     assert!(e.to_string().contains("`search`"), "{e}");
 
@@ -444,4 +444,44 @@ fn a_round_that_brings_nothing_new_goes_to_the_answer_turn() {
     assert_eq!(turns[2].0.last().unwrap()["content"], ANSWER_INSTRUCTION);
     assert!(run.trace.iter().any(|s| matches!(&s.kind,
         StepKind::Branch { condition, taken: true } if condition.contains("repeats an earlier"))));
+}
+
+#[test]
+fn the_tool_loop_can_require_the_first_call() {
+    let model = Scripted::new(vec![
+        call("a", "calculator", json!({"expression": "6 * 7"})),
+        text("42"),
+    ]);
+    let mut agent = Agent::new(model.clone(), calc());
+    agent.graph = Graph::tool_loop(None, true);
+    let run = agent.run("6*7?", |_| {}).unwrap();
+    assert_eq!(run.answer.as_deref(), Some("42"));
+    let choices: Vec<ToolChoice> = model.turns().into_iter().map(|t| t.1).collect();
+    assert_eq!(choices, vec![ToolChoice::Required, ToolChoice::Auto]);
+}
+
+#[test]
+fn a_call_cut_off_mid_arguments_is_an_error_the_model_sees() {
+    let model = Scripted::new(vec![
+        Reply {
+            calls: vec![ToolCall {
+                id: "cut".into(),
+                name: "calculator".into(),
+                arguments: "{\"expression\": \"1 / 1000000".into(),
+            }],
+            tokens: 256,
+            truncated: true,
+            ..Reply::default()
+        },
+        text("sorry"),
+    ]);
+    let run = Agent::new(model.clone(), calc()).run("t", |_| {}).unwrap();
+    assert_eq!(run.answer.as_deref(), Some("sorry"));
+    let shown = &model.turns()[1].0;
+    assert_eq!(shown[1]["tool_calls"][0]["function"]["arguments"], "{}");
+    assert!(
+        shown[2]["content"].as_str().unwrap().contains("not JSON"),
+        "{}",
+        shown[2]
+    );
 }

@@ -50,6 +50,10 @@ pub struct AgentArgs {
     /// Seconds a tool call may take before it is abandoned.
     #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
     tool_timeout: f64,
+    /// Let the first turn answer without calling a tool (by default it must call one,
+    /// unless a search runs first).
+    #[arg(long)]
+    auto_first: bool,
     /// A system message before the task.
     #[arg(long)]
     system: Option<String>,
@@ -119,10 +123,10 @@ pub fn run_agent(a: AgentArgs) -> Result<()> {
     let mut model = EngineModel::new(&engine)?;
     model.sampler = a.sampling.config(SamplerConfig::default());
     let mut agent = Agent::new(model, tools);
-    if search.is_some() {
-        // Questions over a store start from what the store holds.
-        agent.graph = Graph::tool_loop(Some(("search", "query")));
-    }
+    // Questions over a store start from what the store holds; other tasks start with
+    // a call unless --auto-first.
+    let retrieve = search.is_some().then_some(("search", "query"));
+    agent.graph = Graph::tool_loop(retrieve, !a.auto_first);
     agent.system = a.system.clone();
     agent.limits = Limits {
         max_rounds: a.max_rounds,
