@@ -19,6 +19,12 @@ pub type NodeId = usize;
 pub const ANSWER_INSTRUCTION: &str = "Answer my request now in plain text, using the tool \
 results above. Do not call any tool.";
 
+/// The instruction of the turn after a retrieval: answer from the passages, citing
+/// them, or search again.
+pub const RETRIEVED_INSTRUCTION: &str = "Answer my request from the search results above \
+in one or two sentences of your own, citing the number of each passage you use in \
+brackets, like [1]. Call a tool only if the results do not hold the answer.";
+
 /// The final answer turn's instruction when the tools include a search: sources cited.
 pub const CITED_ANSWER_INSTRUCTION: &str = "Answer my request now in plain text, using the \
 search results above. Do not call any tool. After each fact, cite the number of the \
@@ -142,11 +148,12 @@ impl Graph {
         const ANSWER: NodeId = 5;
         const END: NodeId = 6;
         const STALE: NodeId = 7;
+        const FIRST_AFTER_RETRIEVAL: NodeId = 8;
         let first = match retrieve {
             Some((tool, argument)) => Node::Retrieve {
                 tool: tool.to_string(),
                 argument: argument.to_string(),
-                next: TURN,
+                next: FIRST_AFTER_RETRIEVAL,
             },
             None => Node::Generate {
                 choice: ToolChoice::Required,
@@ -189,6 +196,11 @@ impl Graph {
                 condition: Condition::StaleResults,
                 then: ANSWER,
                 otherwise: TURN,
+            },
+            Node::Generate {
+                choice: ToolChoice::Auto,
+                instruction: Some(RETRIEVED_INSTRUCTION.into()),
+                next: CALLS,
             },
         ];
         let start = if retrieve.is_some() || first_call {

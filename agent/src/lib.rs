@@ -36,7 +36,10 @@ pub mod tool;
 pub use calc::{evaluate, CalcError, Calculator};
 pub use error::{AgentError, Result, ToolError};
 pub use files::FileReader;
-pub use graph::{Condition, Graph, Node, NodeId, ANSWER_INSTRUCTION, CITED_ANSWER_INSTRUCTION};
+pub use graph::{
+    Condition, Graph, Node, NodeId, ANSWER_INSTRUCTION, CITED_ANSWER_INSTRUCTION,
+    RETRIEVED_INSTRUCTION,
+};
 pub use model::{EngineModel, Model, Reply};
 pub use runner::{Agent, Limits, Run, State, Step, StepKind, Stop};
 pub use search::{Search, Source};

@@ -366,11 +366,10 @@ impl<M: Model> Agent<M> {
                                 // A call cut off by the token limit has arguments that
                                 // are not JSON: the history shows `{}` (the template
                                 // needs JSON) and its result says what went wrong.
-                                let arguments =
-                                    match serde_json::from_str::<Value>(&c.arguments) {
-                                        Ok(_) => c.arguments.clone(),
-                                        Err(_) => "{}".to_string(),
-                                    };
+                                let arguments = match serde_json::from_str::<Value>(&c.arguments) {
+                                    Ok(_) => c.arguments.clone(),
+                                    Err(_) => "{}".to_string(),
+                                };
                                 json!({ "id": c.id, "type": "function",
                                 "function": { "name": c.name, "arguments": arguments } })
                             })

@@ -79,6 +79,17 @@ fn questions_over_a_store_are_answered_with_citations() {
     let minilm = minilm_path();
     let minilm = minilm.to_string_lossy();
     let corpus = corpus.to_string_lossy();
+    // Three documents, one of which holds the answer.
+    let docs = dir.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    for name in [
+        "01-marrowick-waste-collection.md",
+        "02-marrowick-public-library.md",
+        "03-marrowick-parking-permits.md",
+    ] {
+        std::fs::copy(PathBuf::from(corpus.as_ref()).join(name), docs.join(name)).unwrap();
+    }
+    let docs = docs.to_string_lossy();
     let out = llama(&[
         "rag",
         "ingest",
@@ -86,7 +97,7 @@ fn questions_over_a_store_are_answered_with_citations() {
         &db,
         "--embed-model",
         &minilm,
-        &corpus,
+        &docs,
     ]);
     assert!(
         out.status.success(),
@@ -104,6 +115,8 @@ fn questions_over_a_store_are_answered_with_citations() {
         &db,
         "--embed-model",
         &minilm,
+        "-k",
+        "2",
         "--json",
         "What does it cost per year to have lawn cuttings and hedge trimmings taken away from my house?",
     ]);

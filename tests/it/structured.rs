@@ -100,7 +100,7 @@ fn texts(report: &Value, context: &str) -> Vec<String> {
     choices
         .iter()
         .map(|c| {
-            assert_eq!(c["finish_reason"], "Stop", "{context}: {c}");
+            assert_ne!(c["finish_reason"], "length", "{context}: cut off: {c}");
             c["text"].as_str().expect("text").to_string()
         })
         .collect()
