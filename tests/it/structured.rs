@@ -126,10 +126,11 @@ fn sampled_answers_match_their_schemas(model: &Path, n: usize) {
         let context = format!("{} {file} seed {seed}", model.display());
         let texts = texts(&report, &context);
         assert_eq!(texts.len(), n, "{context}");
-        // Sampling at temperature 1.0 gives different answers, not one answer n times.
+        // Sampling at temperature 1.0 gives different answers, not one answer n times
+        // (the enum schema has only 72 possible answers).
         let distinct: std::collections::HashSet<&String> = texts.iter().collect();
         assert!(
-            distinct.len() > n / 4,
+            distinct.len() > (n / 4).min(10),
             "{context}: {} distinct",
             distinct.len()
         );
