@@ -12,11 +12,14 @@ use llama_agent::{
 use llama_runtime::{ToolCall, ToolChoice, ToolSpec};
 use serde_json::{json, Value};
 
+/// Each turn: the conversation shown and the tool choice.
+type Turns = Arc<Mutex<Vec<(Vec<Value>, ToolChoice)>>>;
+
 /// A model that plays back its replies and records what each turn was shown.
 #[derive(Clone, Default)]
 struct Scripted {
     replies: Arc<Mutex<VecDeque<Reply>>>,
-    seen: Arc<Mutex<Vec<(Vec<Value>, ToolChoice)>>>,
+    seen: Turns,
     /// Replies when the script runs out: the same call again, forever.
     forever: Option<Reply>,
 }

@@ -26,7 +26,7 @@ impl Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
             .arg("serve")
             .arg("--model")
-            .arg(&model)
+            .arg(model)
             .args(["--port", "0"])
             .args(extra)
             .stdout(Stdio::null())
