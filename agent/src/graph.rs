@@ -155,11 +155,14 @@ impl Graph {
                 argument: argument.to_string(),
                 next: FIRST_AFTER_RETRIEVAL,
             },
-            None => Node::Generate {
+            None if first_call => Node::Generate {
                 choice: ToolChoice::Required,
                 instruction: None,
                 next: CALLS,
             },
+            // Never reached (the graph starts at the turn); an `End` keeps `choices()`
+            // from preparing a `Required` constraint no turn uses.
+            None => Node::End,
         };
         let nodes = vec![
             first,

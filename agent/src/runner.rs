@@ -280,7 +280,8 @@ impl<M: Model> Agent<M> {
         let mut answer = None;
         let mut at = self.graph.start();
         let mut steps = 0;
-        let stop = loop {
+        // A stop other than `Answered` clears the answer after the loop.
+        let stop = 'run: loop {
             steps += 1;
             if steps > self.limits.max_steps {
                 return Err(AgentError::Graph(format!(
@@ -388,12 +389,7 @@ impl<M: Model> Agent<M> {
                         if let Some(stop) =
                             self.call(&mut state, &call, at, &mut |s| record(s, &mut trace))
                         {
-                            return Ok(Run {
-                                answer: None,
-                                stop,
-                                state,
-                                trace,
-                            });
+                            break 'run stop;
                         }
                     }
                     at = next;
@@ -419,12 +415,7 @@ impl<M: Model> Agent<M> {
                     if let Some(stop) =
                         self.call(&mut state, &call, at, &mut |s| record(s, &mut trace))
                     {
-                        return Ok(Run {
-                            answer: None,
-                            stop,
-                            state,
-                            trace,
-                        });
+                        break 'run stop;
                     }
                     at = next;
                 }
