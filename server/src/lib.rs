@@ -10,6 +10,7 @@ mod conn;
 mod embeddings;
 mod error;
 mod jobs;
+mod meta;
 mod metrics;
 mod request;
 mod routes;
@@ -47,12 +48,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
-        .route("/v1/models", get(routes::models))
-        .route("/v1/models/{id}", get(routes::model))
-        .route("/health", get(routes::health))
-        .route("/metrics", get(routes::metrics))
-        .fallback(routes::not_found)
-        .method_not_allowed_fallback(routes::method_not_allowed)
+        .route("/v1/models", get(meta::models))
+        .route("/v1/models/{id}", get(meta::model))
+        .route("/health", get(meta::health))
+        .route("/metrics", get(meta::metrics))
+        .fallback(meta::not_found)
+        .method_not_allowed_fallback(meta::method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .layer(DefaultBodyLimit::max(limit))
