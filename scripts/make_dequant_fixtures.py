@@ -37,6 +37,8 @@ def blocks(qtype, n_blocks):
             b = np.concatenate([f16_bytes(-0.01, 0.01, 1), rng.integers(0, 256, 32, dtype=np.uint8)])
         elif qtype == T.Q4_K:
             b = np.concatenate([f16_bytes(0.0005, 0.01, 2), rng.integers(0, 256, 12 + 128, dtype=np.uint8)])
+        elif qtype == T.Q5_K:
+            b = np.concatenate([f16_bytes(0.0005, 0.01, 2), rng.integers(0, 256, 12 + 32 + 128, dtype=np.uint8)])
         elif qtype == T.Q6_K:
             b = np.concatenate([rng.integers(0, 256, 128 + 64 + 16, dtype=np.uint8), f16_bytes(-0.01, 0.01, 1)])
         else:
@@ -57,6 +59,7 @@ for qtype, shape in [
     (T.Q6_K, (2, 256)),
     (T.Q5_0, (2, 64)),
     (T.Q5_1, (2, 64)),
+    (T.Q5_K, (2, 256)),
 ]:
     values = rng.standard_normal(shape).astype(np.float32)
     if qtype == T.F32:

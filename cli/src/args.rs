@@ -25,7 +25,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "default", value_parser = passes)]
     pub passes: Passes,
     /// How CPU backends store matmul weights. `native`: GGUF block weights (Q8_0, Q4_0,
-    /// Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) stay as stored, memory-mapped, through our block kernels; other
+    /// Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) stay as stored, memory-mapped, through our block kernels; other
     /// weights run in f32. `q8_0`: as native, and f32 weights are quantized to Q8_0 too.
     /// `f32`: every weight widened to f32 (the exact path, for fidelity work). GPU
     /// backends and the ndarray reference use f32.

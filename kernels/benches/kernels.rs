@@ -27,7 +27,7 @@ fn blocks(ty: GgmlType, rows: usize, cols: usize) -> QMatrix {
         let mut b: Vec<u8> = (0..ty.block_bytes()).map(|_| next() as u8).collect();
         match ty {
             GgmlType::Q6K => b[208..210].copy_from_slice(&scale),
-            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => {
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => {
                 b[..2].copy_from_slice(&scale);
                 b[2..4].copy_from_slice(&scale);
             }
@@ -48,6 +48,7 @@ fn kernels(c: &mut Criterion) {
         GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4K,
+        GgmlType::Q5K,
         GgmlType::Q6K,
     ];
     for (name, rows, cols) in shapes {

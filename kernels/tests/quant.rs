@@ -40,7 +40,7 @@ fn random_blocks(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Vec<u
         let scale = 0.01 + 0.05 * rng.unit().abs();
         match ty {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => b[..2].copy_from_slice(&f16(scale)),
-            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K => {
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => {
                 b[..2].copy_from_slice(&f16(scale));
                 b[2..4].copy_from_slice(&f16(0.1 * rng.unit()));
             }
@@ -103,13 +103,14 @@ fn check(w: &QMatrix, n: usize, rng: &mut Rng, what: &str) {
     }
 }
 
-const TYPES: [GgmlType; 7] = [
+const TYPES: [GgmlType; 8] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q5_1,
     GgmlType::Q8_0,
     GgmlType::Q4K,
+    GgmlType::Q5K,
     GgmlType::Q6K,
 ];
 
@@ -306,41 +307,47 @@ fn q8_0_quantization_is_within_half_a_step() {
 }
 
 #[test]
-fn packed_4_bit_rows_match_dequantized_f32_within_the_bound() {
-    // Q4_0 and Q4_1.
+fn packed_rows_match_dequantized_f32_within_the_bound() {
+    // Q4_0 and Q4_1; Q5_0 and Q5_1; Q8_0.
     let mut rng = Rng(0xC0FFEE);
-    // Groups of eight rows: one, five, seventeen and 130 (split across tasks, each of
-    // several blocks of output rows); rows of one block and of several; activation rows
-    // that are and are not multiples of four.
-    for (rows, blocks, ns) in [
-        (8, 1, [1, 4]),
-        (40, 3, [2, 5]),
-        (136, 7, [1, 9]),
-        (1040, 1, [1, 3]),
+    for (ta, tb) in [
+        (GgmlType::Q4_0, GgmlType::Q4_1),
+        (GgmlType::Q5_0, GgmlType::Q5_1),
+        (GgmlType::Q8_0, GgmlType::Q8_0),
     ] {
-        let cols = 32 * blocks;
-        let mut half_of = |ty| {
-            let bytes = random_blocks(ty, rows / 2, cols, &mut rng);
-            QMatrix::from_bytes(ty, rows / 2, cols, bytes).unwrap()
-        };
-        let (q40, q41) = (half_of(GgmlType::Q4_0), half_of(GgmlType::Q4_1));
-        // Q4_0 and Q4_1 rows in one matrix, and a group that straddles them.
-        let mixed = QMatrix::concat(&[&q40, &q41]).unwrap();
-        for w in [&q40, &q41, &mixed] {
-            if w.rows() % 8 != 0 {
-                assert!(w.pack().is_none(), "{} rows are not whole groups", w.rows());
-                continue;
+        // Groups of eight rows: one, five, seventeen and 130 (split across tasks, each of
+        // several blocks of output rows); rows of one block and of several; activation rows
+        // that are and are not multiples of four.
+        for (rows, blocks, ns) in [
+            (8, 1, [1, 4]),
+            (40, 3, [2, 5]),
+            (136, 7, [1, 9]),
+            (1040, 1, [1, 3]),
+        ] {
+            let cols = 32 * blocks;
+            let mut half_of = |ty| {
+                let bytes = random_blocks(ty, rows / 2, cols, &mut rng);
+                QMatrix::from_bytes(ty, rows / 2, cols, bytes).unwrap()
+            };
+            let (q40, q41) = (half_of(ta), half_of(tb));
+            // Both types' rows in one matrix, and a group that straddles them.
+            let mixed = QMatrix::concat(&[&q40, &q41]).unwrap();
+            for w in [&q40, &q41, &mixed] {
+                if w.rows() % 8 != 0 {
+                    assert!(w.pack().is_none(), "{} rows are not whole groups", w.rows());
+                    continue;
+                }
+                let packed = w.pack().expect("rows of a packed type in whole groups");
+                assert!(packed.is_packed());
+                assert_eq!(packed.dequantize(), w.dequantize(), "the rows are kept");
+                for n in ns {
+                    check(&packed, n, &mut rng, &format!("packed {}", w.type_names()));
+                }
+                assert!(
+                    !packed.slice_rows(0, 8).unwrap().is_packed(),
+                    "row operations read the rows"
+                );
             }
-            let packed = w.pack().expect("4-bit rows in whole groups");
-            assert!(packed.is_packed());
-            assert_eq!(packed.dequantize(), w.dequantize(), "the rows are kept");
-            for n in ns {
-                check(&packed, n, &mut rng, &format!("packed {}", w.type_names()));
-            }
-            assert!(
-                !packed.slice_rows(0, 8).unwrap().is_packed(),
-                "row operations read the rows"
-            );
         }
     }
     // Q4_K: one and three super-blocks, one group and three (split across tasks).
@@ -363,6 +370,6 @@ fn packed_4_bit_rows_match_dequantized_f32_within_the_bound() {
         let mixed = QMatrix::concat(&[&w, &q40]).unwrap();
         assert!(mixed.pack().is_none(), "Q4_K and Q4_0 rows in one matrix");
     }
-    let q8 = QMatrix::from_bytes(GgmlType::Q8_0, 8, 32, vec![0; 8 * 34]).unwrap();
-    assert!(q8.pack().is_none(), "only 4-bit rows are packed");
+    let q6 = QMatrix::from_bytes(GgmlType::Q6K, 8, 256, vec![0; 8 * 210]).unwrap();
+    assert!(q6.pack().is_none(), "Q6_K rows have no packed layout");
 }

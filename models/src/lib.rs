@@ -107,7 +107,7 @@ pub struct Inventory {
 /// How [`Model::load_with`] loads weights.
 #[derive(Default)]
 pub struct LoadOptions<'a> {
-    /// Keep matrices stored as GGML blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) in
+    /// Keep matrices stored as GGML blocks (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) in
     /// those blocks, read in place from the memory-mapped file, for the CPU block
     /// kernels.
     /// Otherwise every weight is widened to f32 on the device.

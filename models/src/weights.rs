@@ -290,7 +290,7 @@ impl<'a> WeightLoader<'a> {
     }
 
     /// Keeps matrices that the checkpoint stores as GGML blocks (Q8_0, Q4_0, Q4_1, Q5_0,
-    /// Q5_1, Q4_K, Q6_K) in those blocks, read in place, for the CPU block kernels; without it every
+    /// Q5_1, Q4_K, Q5_K, Q6_K) in those blocks, read in place, for the CPU block kernels; without it every
     /// weight is widened to f32 on the device.
     pub fn keep_blocks(mut self, keep: bool) -> Self {
         self.keep_blocks = keep;

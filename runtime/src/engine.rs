@@ -19,7 +19,7 @@ use crate::{ChatTemplate, Session, Tokenizer};
 /// How matmul weights are stored on devices with host kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
-    /// GGUF block weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) stay in their
+    /// GGUF block weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) stay in their
     /// blocks, memory-mapped, multiplied by the block kernels; other weights run in f32.
     #[default]
     Native,

@@ -66,6 +66,7 @@ fn dequantization_matches_the_reference_for_every_type() {
         GgmlType::Q5_1,
         GgmlType::Q8_0,
         GgmlType::Q4K,
+        GgmlType::Q5K,
         GgmlType::Q6K,
     ] {
         assert!(seen.contains(&ty), "{} is covered", ty.name());

@@ -10,7 +10,7 @@ use crate::graph::Graph;
 use crate::ir::{NodeId, Op};
 use crate::value::Value;
 
-/// For CPU backends: stores each Q4_0 / Q4_1 / Q4_K matmul weight with its rows interleaved
+/// For CPU backends: stores each Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K matmul weight with its rows interleaved
 /// eight at a time ([`QMatrix::pack`]), the layout the grouped kernel
 /// reads. The rows' own bytes are then released: a memory-mapped GGUF drops those pages,
 /// so the packed copy takes their place in memory instead of adding to it. Does nothing

@@ -17,6 +17,7 @@ pub enum GgmlType {
     Q5_1,
     Q8_0,
     Q4K,
+    Q5K,
     Q6K,
 }
 
@@ -32,6 +33,7 @@ impl GgmlType {
             7 => GgmlType::Q5_1,
             8 => GgmlType::Q8_0,
             12 => GgmlType::Q4K,
+            13 => GgmlType::Q5K,
             14 => GgmlType::Q6K,
             30 => GgmlType::BF16,
             _ => return None,
@@ -49,6 +51,7 @@ impl GgmlType {
             GgmlType::Q5_1 => 7,
             GgmlType::Q8_0 => 8,
             GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
             GgmlType::Q6K => 14,
             GgmlType::BF16 => 30,
         }
@@ -65,6 +68,7 @@ impl GgmlType {
             GgmlType::Q5_1 => "Q5_1",
             GgmlType::Q8_0 => "Q8_0",
             GgmlType::Q4K => "Q4_K",
+            GgmlType::Q5K => "Q5_K",
             GgmlType::Q6K => "Q6_K",
         }
     }
@@ -76,7 +80,7 @@ impl GgmlType {
             GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
                 32
             }
-            GgmlType::Q4K | GgmlType::Q6K => 256,
+            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => 256,
         }
     }
 
@@ -91,11 +95,12 @@ impl GgmlType {
             GgmlType::Q5_1 => 2 + 2 + 4 + 16,
             GgmlType::Q8_0 => 2 + 32,
             GgmlType::Q4K => 2 + 2 + 12 + 128,
+            GgmlType::Q5K => 2 + 2 + 12 + 32 + 128,
             GgmlType::Q6K => 128 + 64 + 16 + 2,
         }
     }
 
-    /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K or Q6_K: blocks our matmul kernels multiply
+    /// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K: blocks our matmul kernels multiply
     /// directly.
     pub fn is_block_quantized(self) -> bool {
         self.block_len() > 1
@@ -185,6 +190,26 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut Vec<f32>) {
                     let (d2, m2) = (d * s2 as f32, dmin * m2 as f32);
                     out.extend(chunk.iter().map(|q| d1 * (q & 0x0F) as f32 - m1));
                     out.extend(chunk.iter().map(|q| d2 * (q >> 4) as f32 - m2));
+                }
+            }
+        }
+        GgmlType::Q5K => {
+            // As Q4_K, with 32 bytes of fifth bits between the scales and the nibbles:
+            // bit j of byte l is the high bit of weight l of the j-th 32 weights.
+            for blk in bytes.chunks_exact(bb) {
+                let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+                let scales = &blk[4..16];
+                let qh = &blk[16..48];
+                for (c, chunk) in blk[48..176].chunks_exact(32).enumerate() {
+                    for (half, shift) in [(0, 0), (1, 4)] {
+                        let j = 2 * c + half;
+                        let (sc, mn) = k4_scale_min(j, scales);
+                        let (dj, mj) = (d * sc as f32, dmin * mn as f32);
+                        out.extend(chunk.iter().zip(qh).map(|(q, h)| {
+                            let q = ((q >> shift) & 0x0F) | (((h >> j) & 1) << 4);
+                            dj * q as f32 - mj
+                        }));
+                    }
                 }
             }
         }

@@ -13,7 +13,7 @@
 //! - Q4_1: `sum((d q + m) x) = d dx sum(q qx) + m sx`
 //! - Q5_0 and Q5_1: as Q4_0 (with `- 16 d sx`) and Q4_1, `q` five bits
 //! - Q8_0: `d dx sum(q qx)`
-//! - Q4_K: per 32-value sub-block, `d sc dx sum(q qx) - dmin mn sx`
+//! - Q4_K and Q5_K: per 32-value sub-block, `d sc dx sum(q qx) - dmin mn sx`
 //! - Q6_K: per 16-value half, `d sc dx (sum(q qx) - 32 hx)`
 //!
 //! where `dx` is the activation block's scale, `sx = dx sum(qx)`, and `hx` the sum of a
@@ -56,7 +56,7 @@ pub struct QActs {
     /// Per block: `dx * sum(qx)`.
     pub(super) s: Vec<f32>,
     /// Per 16 values: `sum(qx)`.
-    h: Vec<i32>,
+    pub(super) h: Vec<i32>,
 }
 
 /// One activation row of a [`QActs`].
@@ -228,6 +228,34 @@ fn dot_q4_k(w: &[u8], a: ActRow<'_>) -> f32 {
     acc
 }
 
+fn dot_q5_k(w: &[u8], a: ActRow<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (sb, blk) in w.chunks_exact(176).enumerate() {
+        let (d, dmin) = (f16_at(blk, 0), f16_at(blk, 2));
+        let scales = &blk[4..16];
+        let qh = &blk[16..48];
+        for (c, q) in blk[48..176].chunks_exact(32).enumerate() {
+            for (half, shift) in [(0, 0), (1, 4)] {
+                let j = 2 * c + half;
+                let (sc, mn) = k4_scale_min(j, scales);
+                let ab = sb * 8 + j;
+                let x = &a.qs[ab * QK..(ab + 1) * QK];
+                let isum: i32 = q
+                    .iter()
+                    .zip(qh)
+                    .zip(x)
+                    .map(|((&q, &h), &x)| {
+                        let q = ((q >> shift) & 0x0F) | (((h >> j) & 1) << 4);
+                        q as i32 * x as i32
+                    })
+                    .sum();
+                acc += d * sc as f32 * a.d[ab] * isum as f32 - dmin * mn as f32 * a.s[ab];
+            }
+        }
+    }
+    acc
+}
+
 fn dot_q6_k(w: &[u8], a: ActRow<'_>) -> f32 {
     let mut acc = 0f32;
     for (sb, blk) in w.chunks_exact(210).enumerate() {
@@ -334,7 +362,7 @@ pub(crate) mod avx2 {
 
     /// 32 bits at `p` as 32 bytes: `0x10` where bit `i` is set, for byte `i`.
     #[inline(always)]
-    unsafe fn high_bits(p: *const u8) -> __m256i {
+    pub(crate) unsafe fn high_bits(p: *const u8) -> __m256i {
         let bits = std::ptr::read_unaligned(p as *const i32);
         // Byte i takes byte i / 8 of the bits (each 128-bit lane holds all four)...
         let spread = _mm256_shuffle_epi8(
@@ -507,6 +535,48 @@ pub(crate) mod avx2 {
         hsum(_mm256_add_ps(acc[0], acc[1])) - mins
     }
 
+    /// As `q4_k`, each value's fifth bit taken from the 32 bytes before the nibbles:
+    /// bit `j` of byte `l` for value `l` of sub-block `j`.
+    #[inline(always)]
+    unsafe fn q5_k(row: &[u8], a: &QActs, t: usize) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut mins = 0f32;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        let base = t * a.cols / QK;
+        for sb in 0..row.len() / 176 {
+            let blk = row.as_ptr().add(sb * 176);
+            let (d, dmin) = f16x2(blk);
+            let scales = std::slice::from_raw_parts(blk.add(4), 12);
+            let mut qh = _mm256_loadu_si256(blk.add(16) as *const __m256i);
+            for c in 0..4 {
+                let v = _mm256_loadu_si256(blk.add(48 + 32 * c) as *const __m256i);
+                // Bits 0 and 1 of each byte are this chunk's two sub-blocks; the
+                // shift after each chunk brings the next two down.
+                let fifth = [
+                    _mm256_slli_epi16(_mm256_and_si256(qh, one), 4),
+                    _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 1), one), 4),
+                ];
+                qh = _mm256_srli_epi16(qh, 2);
+                let halves = [
+                    _mm256_or_si256(_mm256_and_si256(v, m4), fifth[0]),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), fifth[1]),
+                ];
+                for (half, q) in halves.into_iter().enumerate() {
+                    let j = 2 * c + half;
+                    let (sc, mn) = super::k4_scale_min(j, scales);
+                    let i = base + sb * 8 + j;
+                    let p16 = _mm256_maddubs_epi16(q, act(a, i));
+                    let p = _mm256_madd_epi16(p16, _mm256_set1_epi16(sc as i16));
+                    let dd = _mm256_set1_ps(d * *a.d.get_unchecked(i));
+                    acc[half] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(p), acc[half]);
+                    mins += dmin * mn as f32 * *a.s.get_unchecked(i);
+                }
+            }
+        }
+        hsum(_mm256_add_ps(acc[0], acc[1])) - mins
+    }
+
     #[inline(always)]
     unsafe fn q6_k(row: &[u8], a: &QActs, t: usize) -> f32 {
         // Two accumulators (even and odd quarters), as in `q4_k`.
@@ -587,6 +657,11 @@ pub(crate) mod avx2 {
         |r, a, t, o: &mut [f32]| q4_k_n(r, a, t, o)
     );
     rows!(
+        rows_q5_k,
+        |r, a, t, o: &mut [f32]| q5_k_n(r, a, t, o),
+        |r, a, t, o: &mut [f32]| q5_k_n(r, a, t, o)
+    );
+    rows!(
         rows_q6_k,
         |r, a, t, o: &mut [f32]| q6_k_n(r, a, t, o),
         |r, a, t, o: &mut [f32]| q6_k_n(r, a, t, o)
@@ -596,6 +671,13 @@ pub(crate) mod avx2 {
     unsafe fn q4_k_n(row: &[u8], a: &QActs, t: usize, out: &mut [f32]) {
         for (j, o) in out.iter_mut().enumerate() {
             *o = q4_k(row, a, t + j);
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn q5_k_n(row: &[u8], a: &QActs, t: usize, out: &mut [f32]) {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = q5_k(row, a, t + j);
         }
     }
 
@@ -627,6 +709,7 @@ fn pick(ty: GgmlType, simd: bool) -> RowsFn {
             GgmlType::Q5_1 => |w, rb, a, o| unsafe { avx2::rows_q5_1(w, rb, a, o) },
             GgmlType::Q8_0 => |w, rb, a, o| unsafe { avx2::rows_q8_0(w, rb, a, o) },
             GgmlType::Q4K => |w, rb, a, o| unsafe { avx2::rows_q4_k(w, rb, a, o) },
+            GgmlType::Q5K => |w, rb, a, o| unsafe { avx2::rows_q5_k(w, rb, a, o) },
             _ => |w, rb, a, o| unsafe { avx2::rows_q6_k(w, rb, a, o) },
         };
     }
@@ -638,6 +721,7 @@ fn pick(ty: GgmlType, simd: bool) -> RowsFn {
         GgmlType::Q5_1 => |w, rb, a, o| rows_portable(dot_q5::<24>, w, rb, a, o),
         GgmlType::Q8_0 => |w, rb, a, o| rows_portable(dot_q8_0, w, rb, a, o),
         GgmlType::Q4K => |w, rb, a, o| rows_portable(dot_q4_k, w, rb, a, o),
+        GgmlType::Q5K => |w, rb, a, o| rows_portable(dot_q5_k, w, rb, a, o),
         _ => |w, rb, a, o| rows_portable(dot_q6_k, w, rb, a, o),
     }
 }
