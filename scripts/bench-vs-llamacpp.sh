@@ -3,7 +3,13 @@
 # the same protocol: a prompt of P tokens, then N decode steps, R repetitions; at 1 and
 # 2 threads; the two systems one right after the other. Prints both, the ratios, and
 # each one's peak RSS.
-#   usage: scripts/bench-vs-llamacpp.sh [--parallel 1,2,4,8,16] [MODEL.gguf] [P] [N] [R]
+#   usage: scripts/bench-vs-llamacpp.sh [--parallel 1,2,4,8,16 | --depth D | --suite]
+#                                       [MODEL.gguf] [P] [N] [R]
+# With --depth D, both measure on top of D tokens already in the cache (llama-bench's
+# `-d`). With --suite, the table of the CPU-speed goal in one run: SmolLM2 Q4_1 and
+# its Q4_K_M, Q5_K_M, Q6_K and Q8_0 requantizations (scripts/quantize-smollm2.sh),
+# Qwen2.5 0.5B Q4_K_M and Gemma 3 270M Q4_K_M where cached, at P/N (64/128); then
+# SmolLM2 Q4_1 with a 2048-token prompt and at depth 2048.
 # With --parallel, many sequences at once instead: `llama bench --parallel` beside
 # llama.cpp's `llama-batched-bench -npp P -ntg N -npl LIST`: aggregate prefill and
 # decode tok/s per parallel count, the ratios, and each one's scaling (aggregate decode
@@ -13,10 +19,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 parallel=""
-if [ "${1:-}" = "--parallel" ]; then
-    parallel="$2"
-    shift 2
-fi
+depth=0
+suite=""
+case "${1:-}" in
+    --parallel) parallel="$2"; shift 2 ;;
+    --depth) depth="$2"; shift 2 ;;
+    --suite) suite=1; shift ;;
+esac
 model="${1:-$(./scripts/fetch-model.sh)}"
 p="${2:-64}"; n="${3:-128}"; r="${4:-5}"
 bin="$(./scripts/build-llamacpp.sh llama-bench llama-batched-bench llama-quantize)"
@@ -58,10 +67,24 @@ for t in ["1", "2"]:
 PY
     exit 0
 fi
-python3 - "$bench" "$model" "$p" "$n" "$r" <<'PY'
-import json, subprocess, sys
+# Cases: model, prompt, decode, depth.
+cases=()
+if [ -n "$suite" ]; then
+    cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}/models"
+    q41="$(./scripts/fetch-model.sh)"
+    for f in "$q41" $(./scripts/quantize-smollm2.sh) \
+        "$cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" "$cache/gemma-3-270m-q4_k_m.gguf"; do
+        [ -f "$f" ] && cases+=("$f $p $n 0")
+    done
+    cases+=("$q41 2048 0 0" "$q41 $p $n 2048")
+else
+    cases+=("$model $p $n $depth")
+fi
+python3 - "$bench" "$r" "${cases[@]}" <<'PY'
+import json, os, subprocess, sys
 
-bench, model, p, n, r = sys.argv[1:]
+bench, r = sys.argv[1:3]
+cases = [c.split() for c in sys.argv[3:]]
 
 def peak_rss(cmd):
     # A fresh child per measurement: RUSAGE_CHILDREN is the largest child so far, so
@@ -71,22 +94,33 @@ def peak_rss(cmd):
     return int(subprocess.run([sys.executable, "-c", code, *cmd], check=True,
                               capture_output=True, text=True).stdout)
 
-print(f"model {model}; prompt {p}, decode {n}, {r} repetitions")
-print(f"{'threads':>7} {'system':<10} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak RSS MiB':>13}")
-for t in ["1", "2"]:
-    ours_cmd = ["./target/release/llama", "bench", "--model", model, "-p", p, "-n", n,
-                "-r", r, "--threads", t, "--json"]
-    ours = json.loads(subprocess.run(ours_cmd, check=True, capture_output=True, text=True).stdout)
-    theirs_cmd = [bench, "-m", model, "-p", p, "-n", n, "-r", r, "-t", t, "-o", "json"]
-    rows = json.loads(subprocess.run(theirs_cmd, check=True, capture_output=True, text=True).stdout)
-    pp = next(x for x in rows if x["n_gen"] == 0)
-    tg = next(x for x in rows if x["n_prompt"] == 0)
-    theirs = {"prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"],
-              "peak_rss_bytes": peak_rss(theirs_cmd)}
-    for name, m in [("llama.rs", ours), ("llama.cpp", theirs)]:
-        print(f"{t:>7} {name:<10} {m['prefill_tok_s']:>14.1f} {m['decode_tok_s']:>13.1f} "
-              f"{m['peak_rss_bytes'] / 2**20:>13.1f}")
-    print(f"{t:>7} {'ratio':<10} {ours['prefill_tok_s'] / theirs['prefill_tok_s']:>14.2f} "
-          f"{ours['decode_tok_s'] / theirs['decode_tok_s']:>13.2f} "
-          f"{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:>13.2f}")
+print(f"{r} repetitions; llama-bench reports means, llama bench medians")
+print(f"{'model':<40} {'test':<18} {'threads':>7} {'system':<10} {'prefill tok/s':>14} "
+      f"{'decode tok/s':>13} {'peak RSS MiB':>13}")
+ratios = []
+for model, p, n, d in cases:
+    test = f"p{p}" + (f"/n{n}" if n != "0" else "") + (f" @ d{d}" if d != "0" else "")
+    name = os.path.basename(model)[:40]
+    for t in ["1", "2"]:
+        ours_cmd = ["./target/release/llama", "bench", "--model", model, "-p", p, "-n", n,
+                    "-d", d, "-r", r, "--threads", t, "--json"]
+        ours = json.loads(subprocess.run(ours_cmd, check=True, capture_output=True,
+                                         text=True).stdout)
+        theirs_cmd = [bench, "-m", model, "-p", p, "-n", n, "-d", d, "-r", r, "-t", t,
+                      "-o", "json"]
+        rows = json.loads(subprocess.run(theirs_cmd, check=True, capture_output=True,
+                                         text=True).stdout)
+        pp = next(x for x in rows if x["n_gen"] == 0)
+        tg = next((x for x in rows if x["n_prompt"] == 0), None)
+        theirs = {"prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"] if tg else 0.0,
+                  "peak_rss_bytes": peak_rss(theirs_cmd)}
+        for system, m in [("llama.rs", ours), ("llama.cpp", theirs)]:
+            print(f"{name:<40} {test:<18} {t:>7} {system:<10} {m['prefill_tok_s']:>14.1f} "
+                  f"{m['decode_tok_s']:>13.1f} {m['peak_rss_bytes'] / 2**20:>13.1f}")
+        pr = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
+        dr = ours["decode_tok_s"] / theirs["decode_tok_s"] if tg else float("nan")
+        ratios += [pr] + ([dr] if tg else [])
+        print(f"{name:<40} {test:<18} {t:>7} {'ratio':<10} {pr:>14.2f} {dr:>13.2f} "
+              f"{ours['peak_rss_bytes'] / theirs['peak_rss_bytes']:>13.2f}")
+print(f"lowest ratio {min(ratios):.2f}; {sum(x < 1.0 for x in ratios)} of {len(ratios)} below 1.0")
 PY

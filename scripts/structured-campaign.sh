@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}"
 LLAMA_STRUCTURED_SAMPLES=200 LLAMA_STRUCTURED_QWEN_SAMPLES=200 \
-    cargo test -j2 --test it -- structured::smollm2 structured::qwen25 --test-threads 1
+    cargo test --workspace -j2 --test it -- structured::smollm2 structured::qwen25 --test-threads 1
 for model in smollm2-135m-instruct-q4_1.gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf; do
     for schema in tests/fixtures/schemas/*.json; do
         ./target/debug/llama generate -m "$cache/models/$model" --chat \

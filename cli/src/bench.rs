@@ -14,9 +14,18 @@ use crate::load;
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Prompt tokens to prefill.
-    #[arg(short = 'p', long = "n-prompt", default_value_t = 64)]
-    n_prompt: usize,
+    /// Prompt tokens to prefill; a list (`-p 64,512,2048`) measures each length.
+    #[arg(
+        short = 'p',
+        long = "n-prompt",
+        value_delimiter = ',',
+        default_value = "64"
+    )]
+    n_prompt: Vec<usize>,
+    /// Tokens already in the cache before each measured prefill and decode, as
+    /// llama-bench's `-d`: the speed at that depth of a conversation.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    depth: usize,
     /// Tokens to decode after the prompt.
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
@@ -60,34 +69,61 @@ fn stats(values: &mut [f64]) -> (f64, f64, f64) {
 }
 
 pub fn run_bench(args: BenchArgs) -> Result<()> {
-    if args.n_prompt == 0 {
+    if args.n_prompt.contains(&0) {
         bail!("-p must be at least 1");
     }
-    let context = Context::Positions(args.shared_prefix + args.n_prompt + args.n_gen);
+    let batched = !args.parallel.is_empty();
+    if batched && args.n_prompt.len() > 1 {
+        bail!("a list of -p lengths is for single-sequence runs, not --parallel");
+    }
+    if batched && args.depth > 0 {
+        bail!("-d is for single-sequence runs, not --parallel");
+    }
+    let longest = args.n_prompt.iter().copied().max().unwrap_or(1);
+    let context = Context::Positions(args.depth + args.shared_prefix + longest + args.n_gen);
     let engine = load(&args.model, context, |_, max| {
         format!(
-            "-p {} plus -n {} exceed the model's {max} positions",
-            args.n_prompt, args.n_gen
+            "-d {} plus -p {longest} plus -n {} exceed the model's {max} positions",
+            args.depth, args.n_gen
         )
     })?;
     let vocab = engine.model().config.vocab_size as u64;
     // A fixed, varied prompt: speed does not depend on which ids.
-    let prompt: Vec<u32> = (0..args.n_prompt as u64)
-        .map(|i| ((i * 2654435761 + 12345) % vocab) as u32)
-        .collect();
+    let ids = |n: usize, salt: u64| -> Vec<u32> {
+        (0..n as u64)
+            .map(|i| ((i * 2654435761 + 12345 + salt * 40503) % vocab) as u32)
+            .collect()
+    };
     if args.shared_prefix > 0 {
         return run_shared_prefix(&args, &engine, vocab);
     }
-    if !args.parallel.is_empty() {
-        return run_parallel(&args, &engine, &prompt);
+    if batched {
+        return run_parallel(&args, &engine, &ids(longest, 0));
     }
     let mut session = engine.session()?;
+    // The depth is filled once; every run rewinds to it.
+    if args.depth > 0 {
+        session.prefill_last(&ids(args.depth, 7))?;
+    }
+    if !args.json {
+        println!("| model | backend | test | tok/s (median) | min | max |");
+        println!("|---|---|---|---|---|---|");
+    }
+    for &n_prompt in &args.n_prompt {
+        bench_one(&args, &mut session, &ids(n_prompt, 0))?;
+    }
+    Ok(())
+}
+
+/// Prefill of `prompt` and `-n` decode steps on top of the depth, `-r` times.
+fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u32]) -> Result<()> {
+    let n_prompt = prompt.len();
     let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
     // One untimed warm-up run (kernel compilation on GPUs, page faults on CPUs).
     for rep in 0..=args.repetitions {
-        session.reset();
+        session.truncate(args.depth)?;
         let start = Instant::now();
-        let logits = session.prefill_last(&prompt)?;
+        let logits = session.prefill_last(prompt)?;
         let mut next = llama_runtime::argmax(&logits);
         let first = start.elapsed();
         let start = Instant::now();
@@ -96,7 +132,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         }
         let gen = start.elapsed();
         if rep > 0 {
-            prefill.push(args.n_prompt as f64 / first.as_secs_f64());
+            prefill.push(n_prompt as f64 / first.as_secs_f64());
             ttft.push(first.as_secs_f64() * 1e3);
             if args.n_gen > 0 {
                 decode.push(args.n_gen as f64 / gen.as_secs_f64());
@@ -116,10 +152,10 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
     let rss = peak_rss_bytes();
     // Where the time goes: one more prefill and decode run with every op timed.
     let profile = if args.profile {
-        session.reset();
+        session.truncate(args.depth)?;
         session.program().start_profile();
         let start = Instant::now();
-        let mut next = llama_runtime::argmax(&session.prefill_last(&prompt)?);
+        let mut next = llama_runtime::argmax(&session.prefill_last(prompt)?);
         let prefill = (session.program().take_profile(), start.elapsed());
         session.program().start_profile();
         let start = Instant::now();
@@ -128,7 +164,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         }
         let decode = (session.program().take_profile(), start.elapsed());
         Some([
-            ("prefill", prefill.0, prefill.1, args.n_prompt),
+            ("prefill", prefill.0, prefill.1, n_prompt),
             ("decode", decode.0, decode.1, args.n_gen),
         ])
     } else {
@@ -141,8 +177,9 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
             serde_json::json!({
                 "model": args.model.model.display().to_string(),
                 "backend": backend,
-                "n_prompt": args.n_prompt,
+                "n_prompt": n_prompt,
                 "n_gen": args.n_gen,
+                "n_depth": args.depth,
                 "repetitions": args.repetitions,
                 "prefill_tok_s": p.0, "prefill_tok_s_min": p.1, "prefill_tok_s_max": p.2,
                 "decode_tok_s": d.0, "decode_tok_s_min": d.1, "decode_tok_s_max": d.2,
@@ -158,16 +195,20 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
             })
         );
     } else {
-        println!("| model | backend | test | tok/s (median) | min | max |");
-        println!("|---|---|---|---|---|---|");
         let name = file_name(&args.model.model);
+        // llama-bench's names: `pp512 @ d2048`.
+        let at = if args.depth > 0 {
+            format!(" @ d{}", args.depth)
+        } else {
+            String::new()
+        };
         println!(
-            "| {name} | {backend} | pp{} | {:.1} | {:.1} | {:.1} |",
-            args.n_prompt, p.0, p.1, p.2
+            "| {name} | {backend} | pp{n_prompt}{at} | {:.1} | {:.1} | {:.1} |",
+            p.0, p.1, p.2
         );
         if args.n_gen > 0 {
             println!(
-                "| {name} | {backend} | tg{} | {:.1} | {:.1} | {:.1} |",
+                "| {name} | {backend} | tg{}{at} | {:.1} | {:.1} | {:.1} |",
                 args.n_gen, d.0, d.1, d.2
             );
         }
@@ -202,7 +243,7 @@ fn run_parallel(args: &BenchArgs, engine: &llama_runtime::Engine, prompt: &[u32]
         let (mut pp_ms, mut tg_ms) = (Vec::new(), Vec::new());
         for rep in 0..=args.repetitions {
             let mut caches = (0..n)
-                .map(|_| program.new_cache_of(args.n_prompt + args.n_gen, engine.cache_type()))
+                .map(|_| program.new_cache_of(prompt.len() + args.n_gen, engine.cache_type()))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             let start = Instant::now();
             let mut seqs: Vec<Sequence<'_>> = caches
@@ -228,7 +269,7 @@ fn run_parallel(args: &BenchArgs, engine: &llama_runtime::Engine, prompt: &[u32]
             }
             let gen = start.elapsed();
             if rep > 0 {
-                prefill.push((n * args.n_prompt) as f64 / first.as_secs_f64());
+                prefill.push((n * prompt.len()) as f64 / first.as_secs_f64());
                 pp_ms.push(first.as_secs_f64() * 1e3);
                 if args.n_gen > 0 {
                     decode.push((n * args.n_gen) as f64 / gen.as_secs_f64());
@@ -249,7 +290,7 @@ fn run_parallel(args: &BenchArgs, engine: &llama_runtime::Engine, prompt: &[u32]
                     "model": args.model.model.display().to_string(),
                     "backend": backend,
                     "parallel": n,
-                    "n_prompt": args.n_prompt,
+                    "n_prompt": prompt.len(),
                     "n_gen": args.n_gen,
                     "repetitions": args.repetitions,
                     "prefill_tok_s": p,
@@ -276,6 +317,7 @@ fn run_shared_prefix(args: &BenchArgs, engine: &llama_runtime::Engine, vocab: u6
             .collect()
     };
     let shared = ids(args.shared_prefix, 0);
+    let n_prompt = args.n_prompt[0];
     if !args.json {
         println!("| parallel | shared prefix | own tokens | prefix cache | first tokens ms | prompt tokens run |");
         println!("|---|---|---|---|---|---|");
@@ -287,7 +329,7 @@ fn run_shared_prefix(args: &BenchArgs, engine: &llama_runtime::Engine, vocab: u6
             let mut run_tokens = 0;
             for rep in 0..=args.repetitions {
                 let opts = BatchOptions {
-                    kv_budget: n * (args.shared_prefix + args.n_prompt + 1) + args.shared_prefix,
+                    kv_budget: n * (args.shared_prefix + n_prompt + 1) + args.shared_prefix,
                     max_sequences: n,
                     prefix_cache: cache,
                     step_tokens: 512,
@@ -296,7 +338,7 @@ fn run_shared_prefix(args: &BenchArgs, engine: &llama_runtime::Engine, vocab: u6
                 let mut s = Scheduler::new(engine, opts)?;
                 let start = Instant::now();
                 for i in 0..n {
-                    let prompt = [shared.clone(), ids(args.n_prompt.max(1), 1 + i as u64)].concat();
+                    let prompt = [shared.clone(), ids(n_prompt, 1 + i as u64)].concat();
                     let g = GenerateOptions {
                         max_tokens: 1,
                         ..GenerateOptions::default()
@@ -324,7 +366,7 @@ fn run_shared_prefix(args: &BenchArgs, engine: &llama_runtime::Engine, vocab: u6
                     serde_json::json!({
                         "parallel": n,
                         "shared_prefix": args.shared_prefix,
-                        "n_prompt": args.n_prompt,
+                        "n_prompt": n_prompt,
                         "prefix_cache": cache,
                         "first_tokens_ms": ms,
                         "prompt_tokens_run": run_tokens,
@@ -334,7 +376,7 @@ fn run_shared_prefix(args: &BenchArgs, engine: &llama_runtime::Engine, vocab: u6
                 println!(
                     "| {n} | {} | {} | {} | {ms:.1} | {run_tokens} |",
                     args.shared_prefix,
-                    args.n_prompt,
+                    n_prompt,
                     if cache { "on" } else { "off" }
                 );
             }

@@ -581,6 +581,33 @@ fn bench_parallel_reports_each_count() {
 }
 
 #[test]
+fn bench_sweeps_prompt_lengths_on_top_of_a_depth() {
+    let dir = fixture("llama3");
+    let m = dir.to_str().unwrap();
+    let rows = json_lines(&llama(&[
+        "bench", "-m", m, "-p", "4,8", "-n", "2", "-d", "16", "-r", "1", "--json",
+    ]));
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (row, p) in rows.iter().zip([4, 8]) {
+        assert_eq!(
+            (row["n_prompt"].as_u64(), row["n_depth"].as_u64()),
+            (Some(p), Some(16))
+        );
+        assert!(row["prefill_tok_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["decode_tok_s"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    // A depth past the model's positions, or beside --parallel, is refused by name.
+    assert_one_line_error(
+        &llama(&["bench", "-m", m, "-d", "100000000"]),
+        "-d 100000000",
+    );
+    assert_one_line_error(
+        &llama(&["bench", "-m", m, "-d", "8", "--parallel", "2"]),
+        "-d",
+    );
+}
+
+#[test]
 fn parallel_zero_is_a_one_line_error() {
     let dir = fixture("llama3");
     let out = llama(&["bench", "-m", dir.to_str().unwrap(), "--parallel", "0"]);
