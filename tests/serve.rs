@@ -3,6 +3,8 @@
 #[path = "it/common/mod.rs"]
 mod common;
 use crate::common::server;
+#[path = "serve/rig.rs"]
+mod rig;
 
 use std::time::{Duration, Instant};
 
