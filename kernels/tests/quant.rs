@@ -367,9 +367,36 @@ fn packed_rows_match_dequantized_f32_within_the_bound() {
             random_blocks(GgmlType::Q4_0, 8, cols, &mut rng),
         )
         .unwrap();
+        // Groups of different layouts in one matrix (a fused Q/K/V of a K-quant mix)
+        // pack; a group whose rows differ in layout does not.
         let mixed = QMatrix::concat(&[&w, &q40]).unwrap();
-        assert!(mixed.pack().is_none(), "Q4_K and Q4_0 rows in one matrix");
+        let packed = mixed.pack().expect("Q4_K groups, then a Q4_0 group");
+        check(&packed, 3, &mut rng, "packed Q4_K+Q4_0");
+        let halves =
+            QMatrix::concat(&[&w.slice_rows(0, 4).unwrap(), &q40.slice_rows(0, 4).unwrap()])
+                .unwrap();
+        assert!(halves.pack().is_none(), "a group of Q4_K and Q4_0 rows");
     }
-    let q6 = QMatrix::from_bytes(GgmlType::Q6K, 8, 256, vec![0; 8 * 210]).unwrap();
-    assert!(q6.pack().is_none(), "Q6_K rows have no packed layout");
+    // Q6_K, and a fused matrix of Q4_K and Q6_K groups (a Q4_K_M file's Q/K/V).
+    for (rows, supers, ns) in [(8, 1, [1, 4]), (24, 3, [3, 6]), (136, 2, [1, 5])] {
+        let cols = 256 * supers;
+        let bytes = random_blocks(GgmlType::Q6K, rows, cols, &mut rng);
+        let w = QMatrix::from_bytes(GgmlType::Q6K, rows, cols, bytes).unwrap();
+        let packed = w.pack().expect("Q6_K rows in whole groups");
+        assert_eq!(packed.dequantize(), w.dequantize(), "the rows are kept");
+        for n in ns {
+            check(&packed, n, &mut rng, "packed Q6_K");
+        }
+        let bytes = random_blocks(GgmlType::Q4K, 16, cols, &mut rng);
+        let q4k = QMatrix::from_bytes(GgmlType::Q4K, 16, cols, bytes).unwrap();
+        let qkv = QMatrix::concat(&[&q4k, &w]).unwrap();
+        check(
+            &qkv.pack().expect("Q4_K and Q6_K groups"),
+            2,
+            &mut rng,
+            "packed Q4_K+Q6_K",
+        );
+    }
+    let q5k = QMatrix::from_bytes(GgmlType::Q5K, 8, 256, vec![0; 8 * 176]).unwrap();
+    assert!(q5k.pack().is_none(), "Q5_K rows have no packed layout");
 }

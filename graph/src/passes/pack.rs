@@ -15,7 +15,8 @@ use crate::value::Value;
 /// reads. The rows' own bytes are then released: a memory-mapped GGUF drops those pages,
 /// so the packed copy takes their place in memory instead of adding to it. Does nothing
 /// on a CPU without the grouped kernel, or to weights that are not whole groups of
-/// such rows (a Q4_K_M file's fused Q/K/V with a Q6_K V stays as rows).
+/// such rows (groups may differ in type: a fused Q/K/V of Q5_0 Q/K and Q8_0 V rows is
+/// packed; one with Q6_K V rows stays as rows).
 pub struct PackBlocks;
 
 impl Pass for PackBlocks {

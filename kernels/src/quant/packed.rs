@@ -1,5 +1,5 @@
-//! Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K weights repacked eight rows at a time, for a
-//! kernel that computes eight output rows in one SIMD register.
+//! Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K weights repacked eight rows at a time,
+//! for a kernel that computes eight output rows in one SIMD register.
 //!
 //! Row by row, a 4-bit block's dot product ends in a horizontal sum of eight lanes, and
 //! its two f16 scales are converted and applied one block at a time: about twenty
@@ -45,6 +45,11 @@ const BLOCK5: usize = BLOCK + 4 * GROUP;
 const BLOCK8: usize = 2 * GROUP + 32 * GROUP;
 /// Bytes per group and Q4_K super-block column.
 const SUPER: usize = 2 * 2 * GROUP + 2 * 8 * GROUP + 128 * GROUP;
+/// Bytes per group and Q6_K super-block column.
+const SUPER6: usize = 2 * GROUP + 16 * GROUP + 4 * PAIR6;
+/// Bytes per pair of 32-value blocks of a Q6_K super-block column: low nibbles, then
+/// high bits.
+const PAIR6: usize = 256 + 128;
 
 /// Which packed layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,70 +62,98 @@ enum Kind {
     Q8,
     /// Q4_K rows.
     Q4K,
+    /// Q6_K rows.
+    Q6K,
 }
 
 impl Kind {
-    /// Bytes per group and block (Q4) or super-block (Q4_K) column.
+    /// The layout of rows of `ty`, if it has one.
+    fn of(ty: GgmlType) -> Option<Kind> {
+        Some(match ty {
+            GgmlType::Q4_0 | GgmlType::Q4_1 => Kind::Q4,
+            GgmlType::Q5_0 | GgmlType::Q5_1 => Kind::Q5,
+            GgmlType::Q8_0 => Kind::Q8,
+            GgmlType::Q4K => Kind::Q4K,
+            GgmlType::Q6K => Kind::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// Bytes per group and block (super-block for Q4_K) column.
     fn unit(self) -> usize {
         match self {
             Kind::Q4 => BLOCK,
             Kind::Q5 => BLOCK5,
             Kind::Q8 => BLOCK8,
             Kind::Q4K => SUPER,
+            Kind::Q6K => SUPER6,
+        }
+    }
+
+    /// Block (super-block for Q4_K) columns of rows `cols` wide.
+    fn units(self, cols: usize) -> usize {
+        match self {
+            Kind::Q4 | Kind::Q5 | Kind::Q8 => cols / 32,
+            Kind::Q4K | Kind::Q6K => cols / 256,
         }
     }
 }
 
 /// The packed copy of a [`QMatrix`] whose rows are Q4_0 / Q4_1, Q5_0 / Q5_1, Q8_0 or
-/// Q4_K.
+/// Q4_K. Each group of eight rows has one layout, but groups may differ: a fused Q/K/V
+/// of a K-quant mix whose V rows are Q8_0 and Q/K rows Q5_0 is packed whole.
 pub struct Packed {
-    kind: Kind,
-    /// Block (Q4) or super-block (Q4_K) columns.
-    units: usize,
+    cols: usize,
+    /// Per group: its layout and where its bytes start in `bytes`.
+    groups: Vec<(Kind, usize)>,
     bytes: Vec<u8>,
 }
 
 impl Packed {
-    /// Packs `m`; `None` unless the rows are a whole number of groups and all Q4_0 /
-    /// Q4_1, all Q5_0 / Q5_1, all Q8_0 or all Q4_K.
+    /// Packs `m`; `None` unless the rows are a whole number of groups, each group's
+    /// eight rows of one layout (Q4_0 / Q4_1, Q5_0 / Q5_1, Q8_0, Q4_K or Q6_K).
     pub fn new(m: &QMatrix) -> Option<Packed> {
         let (rows, cols) = (m.rows(), m.cols());
         if rows == 0 || !rows.is_multiple_of(GROUP) {
             return None;
         }
-        let kind = match m.row(0).0 {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => Kind::Q4,
-            GgmlType::Q5_0 | GgmlType::Q5_1 => Kind::Q5,
-            GgmlType::Q8_0 => Kind::Q8,
-            GgmlType::Q4K => Kind::Q4K,
-            _ => return None,
-        };
-        let units = match kind {
-            Kind::Q4 | Kind::Q5 | Kind::Q8 => cols / 32,
-            Kind::Q4K => cols / 256,
-        };
-        let unit = kind.unit();
-        let mut bytes = vec![0u8; rows / GROUP * units * unit];
-        for (g, group) in bytes.chunks_exact_mut(units * unit).enumerate() {
+        let mut groups = Vec::with_capacity(rows / GROUP);
+        let mut len = 0;
+        for g in 0..rows / GROUP {
+            let kind = Kind::of(m.row(g * GROUP).0)?;
+            if (1..GROUP).any(|r| Kind::of(m.row(g * GROUP + r).0) != Some(kind)) {
+                return None;
+            }
+            groups.push((kind, len));
+            len += kind.units(cols) * kind.unit();
+        }
+        let mut bytes = vec![0u8; len];
+        for (g, &(kind, at)) in groups.iter().enumerate() {
+            let group = &mut bytes[at..at + kind.units(cols) * kind.unit()];
             for r in 0..GROUP {
                 let (ty, row) = m.row(g * GROUP + r);
-                let dst = group.chunks_exact_mut(unit);
-                match (kind, ty) {
-                    (Kind::Q4, GgmlType::Q4_0 | GgmlType::Q4_1) => pack_q4(ty, row, r, dst),
-                    (Kind::Q5, GgmlType::Q5_0 | GgmlType::Q5_1) => pack_q5(ty, row, r, dst),
-                    (Kind::Q8, GgmlType::Q8_0) => pack_q8(row, r, dst),
-                    (Kind::Q4K, GgmlType::Q4K) => pack_q4k(row, r, dst),
-                    _ => return None,
+                let dst = group.chunks_exact_mut(kind.unit());
+                match kind {
+                    Kind::Q4 => pack_q4(ty, row, r, dst),
+                    Kind::Q5 => pack_q5(ty, row, r, dst),
+                    Kind::Q8 => pack_q8(row, r, dst),
+                    Kind::Q4K => pack_q4k(row, r, dst),
+                    Kind::Q6K => pack_q6k(row, r, dst),
                 }
             }
         }
-        Some(Packed { kind, units, bytes })
+        Some(Packed {
+            cols,
+            groups,
+            bytes,
+        })
     }
 
-    /// Bytes of group `g`.
-    fn group(&self, g: usize) -> &[u8] {
-        let len = self.units * self.kind.unit();
-        &self.bytes[g * len..(g + 1) * len]
+    /// Group `g`'s layout, block columns and bytes.
+    fn group(&self, g: usize) -> (Kind, usize, &[u8]) {
+        let (kind, at) = self.groups[g];
+        let units = kind.units(self.cols);
+        (kind, units, &self.bytes[at..at + units * kind.unit()])
     }
 }
 
@@ -190,6 +223,41 @@ fn pack_q8<'a>(row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>) 
     }
 }
 
+/// Row `r` of a group, Q6_K super-blocks, into the group's super-block columns.
+fn pack_q6k<'a>(row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>) {
+    for (blk, dst) in row.chunks_exact(210).zip(units) {
+        dst[2 * r..2 * r + 2].copy_from_slice(&blk[208..210]);
+        for (s, &sc) in blk[192..208].iter().enumerate() {
+            dst[16 + 8 * s + r] = sc;
+        }
+        // The 256 values as 6-bit numbers, in order (see `dequantize`).
+        let mut q = [0u8; 256];
+        for h in 0..2 {
+            let (ql, qh) = (&blk[64 * h..64 * h + 64], &blk[128 + 32 * h..160 + 32 * h]);
+            for l in 0..32 {
+                let v = &mut q[128 * h..128 * h + 128];
+                v[l] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+                v[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+                v[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                v[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        for pair in 0..4 {
+            let base = 144 + PAIR6 * pair;
+            for k in 0..8 {
+                for b in 0..4 {
+                    let (first, second) = (q[64 * pair + 4 * k + b], q[64 * pair + 32 + 4 * k + b]);
+                    dst[base + 32 * k + 4 * r + b] = (first & 0x0F) | (second << 4);
+                    for (e, v) in [first, second].into_iter().enumerate() {
+                        let at = base + 256 + 32 * (2 * e + k / 4) + 4 * r + b;
+                        dst[at] |= (v >> 4) << (2 * (k % 4));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Row `r` of a group, Q4_K super-blocks, into the group's super-block columns.
 fn pack_q4k<'a>(row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>) {
     for (blk, dst) in row.chunks_exact(144).zip(units) {
@@ -214,7 +282,7 @@ fn pack_q4k<'a>(row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>)
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Kind, Packed, BLOCK, BLOCK5, BLOCK8, GROUP, SUPER};
+    use super::{Kind, Packed, BLOCK, BLOCK5, BLOCK8, GROUP, PAIR6, SUPER, SUPER6};
     use crate::features::features;
     use crate::quant::kernels::QActs;
 
@@ -243,6 +311,10 @@ pub(crate) mod avx2 {
         unsafe fn sum8(q: &[__m256i; 8], a: &QActs, i: usize) -> __m256i {
             Self::sum(q, a, i)
         }
+
+        /// The sums of the block's two 16-value halves (chunks 0..4 and 4..8), the
+        /// values in 0..64.
+        unsafe fn halves6(q: &[__m256i; 8], a: &QActs, i: usize) -> [__m256i; 2];
     }
 
     /// AVX2: `u8 x i8` pair sums in i16 (`maddubs`), widened once per block.
@@ -290,6 +362,21 @@ pub(crate) mod avx2 {
             let sum_x = *a.h.as_ptr().add(2 * i) + *a.h.as_ptr().add(2 * i + 1);
             _mm256_add_epi32(s, _mm256_set1_epi32(128 * sum_x))
         }
+
+        #[inline(always)]
+        unsafe fn halves6(q: &[__m256i; 8], a: &QActs, i: usize) -> [__m256i; 2] {
+            // A pair sum reaches 2 * 63 * 127: two fit i16.
+            let ones = _mm256_set1_epi16(1);
+            let pair = |k: usize| {
+                let s0 = _mm256_maddubs_epi16(q[k], bcast(a, i, 4 * k));
+                let s1 = _mm256_maddubs_epi16(q[k + 1], bcast(a, i, 4 * k + 4));
+                _mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones)
+            };
+            [
+                _mm256_add_epi32(pair(0), pair(2)),
+                _mm256_add_epi32(pair(4), pair(6)),
+            ]
+        }
     }
 
     /// AVX-VNNI (`vpdpbusd`, VEX): four `u8 x i8` products added to an i32 lane in one
@@ -306,6 +393,18 @@ pub(crate) mod avx2 {
             }
             _mm256_add_epi32(s0, s1)
         }
+
+        #[inline(always)]
+        unsafe fn halves6(q: &[__m256i; 8], a: &QActs, i: usize) -> [__m256i; 2] {
+            let half = |h: usize| {
+                let mut s = _mm256_setzero_si256();
+                for (k, q) in q.iter().enumerate().skip(4 * h).take(4) {
+                    s = _mm256_dpbusd_avx_epi32(s, *q, bcast(a, i, 4 * k));
+                }
+                s
+            };
+            [half(0), half(1)]
+        }
     }
 
     /// AVX-512 VNNI on 256-bit registers (CPUs with AVX-512 but not AVX-VNNI).
@@ -320,6 +419,18 @@ pub(crate) mod avx2 {
                 s1 = _mm256_dpbusd_epi32(s1, q[4 + k], bcast(a, i, 16 + 4 * k));
             }
             _mm256_add_epi32(s0, s1)
+        }
+
+        #[inline(always)]
+        unsafe fn halves6(q: &[__m256i; 8], a: &QActs, i: usize) -> [__m256i; 2] {
+            let half = |h: usize| {
+                let mut s = _mm256_setzero_si256();
+                for (k, q) in q.iter().enumerate().skip(4 * h).take(4) {
+                    s = _mm256_dpbusd_epi32(s, *q, bcast(a, i, 4 * k));
+                }
+                s
+            };
+            [half(0), half(1)]
         }
     }
 
@@ -496,19 +607,81 @@ pub(crate) mod avx2 {
         out
     }
 
-    /// One group times activation rows `t..t + R`: `out[j][r]`.
+    /// Eight Q6_K rows (one group) times activation rows `t..t + R`: per 32-value
+    /// block, `d dx (sc0 (sum0 - 32 hx0) + sc1 (sum1 - 32 hx1))` over its 16-value halves.
     #[inline(always)]
-    unsafe fn group<S: BlockSum, const R: usize>(
-        p: &Packed,
-        w: &[u8],
+    unsafe fn group_q6k<S: BlockSum, const R: usize>(
+        g: &[u8],
+        units: usize,
         a: &QActs,
         t: usize,
     ) -> [__m256; R] {
-        match p.kind {
-            Kind::Q4 => group_q4::<S, R>(w, p.units, a, t),
-            Kind::Q5 => group_q5::<S, R>(w, p.units, a, t),
-            Kind::Q8 => group_q8::<S, R>(w, p.units, a, t),
-            Kind::Q4K => group_q4k::<S, R>(w, p.units, a, t),
+        let mut acc = [_mm256_setzero_ps(); R];
+        let an = a.cols / 32;
+        let m3 = _mm256_set1_epi8(3);
+        for sb in 0..units {
+            let p = g.as_ptr().add(sb * SUPER6);
+            let d = f16x8(p);
+            for pair in 0..4 {
+                let base = p.add(144 + PAIR6 * pair);
+                let mut lo = [_mm256_setzero_si256(); 8];
+                let mut hi = [_mm256_setzero_si256(); 8];
+                for k in 0..8 {
+                    (lo[k], hi[k]) = nibbles(base.add(32 * k));
+                }
+                for (e, low) in [lo, hi].iter().enumerate() {
+                    // Chunk k's high bits: bits 2 (k % 4) of vector 2e + k / 4.
+                    let hv = [
+                        _mm256_loadu_si256(base.add(256 + 64 * e) as *const __m256i),
+                        _mm256_loadu_si256(base.add(288 + 64 * e) as *const __m256i),
+                    ];
+                    let mut q = [_mm256_setzero_si256(); 8];
+                    for k in 0..8 {
+                        let bits = match k % 4 {
+                            0 => _mm256_and_si256(hv[k / 4], m3),
+                            1 => _mm256_and_si256(_mm256_srli_epi16(hv[k / 4], 2), m3),
+                            2 => _mm256_and_si256(_mm256_srli_epi16(hv[k / 4], 4), m3),
+                            _ => _mm256_and_si256(_mm256_srli_epi16(hv[k / 4], 6), m3),
+                        };
+                        q[k] = _mm256_or_si256(low[k], _mm256_slli_epi16(bits, 4));
+                    }
+                    let blk = 2 * pair + e;
+                    let sc = |s: usize| {
+                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(16 + 8 * s) as *const __m128i))
+                    };
+                    let (sc0, sc1) = (sc(2 * blk), sc(2 * blk + 1));
+                    for (j, acc) in acc.iter_mut().enumerate() {
+                        let i = (t + j) * an + 8 * sb + blk;
+                        let [s0, s1] = S::halves6(&q, a, i);
+                        let h = a.h.as_ptr().add(2 * i);
+                        let s0 = _mm256_sub_epi32(s0, _mm256_set1_epi32(32 * *h));
+                        let s1 = _mm256_sub_epi32(s1, _mm256_set1_epi32(32 * *h.add(1)));
+                        let s = _mm256_add_epi32(
+                            _mm256_mullo_epi32(s0, sc0),
+                            _mm256_mullo_epi32(s1, sc1),
+                        );
+                        let dx = _mm256_set1_ps(*a.d.as_ptr().add(i));
+                        *acc = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), _mm256_cvtepi32_ps(s), *acc);
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    /// One group times activation rows `t..t + R`: `out[j][r]`.
+    #[inline(always)]
+    unsafe fn group<S: BlockSum, const R: usize>(
+        (kind, units, w): (Kind, usize, &[u8]),
+        a: &QActs,
+        t: usize,
+    ) -> [__m256; R] {
+        match kind {
+            Kind::Q4 => group_q4::<S, R>(w, units, a, t),
+            Kind::Q5 => group_q5::<S, R>(w, units, a, t),
+            Kind::Q8 => group_q8::<S, R>(w, units, a, t),
+            Kind::Q4K => group_q4k::<S, R>(w, units, a, t),
+            Kind::Q6K => group_q6k::<S, R>(w, units, a, t),
         }
     }
 
@@ -527,7 +700,7 @@ pub(crate) mod avx2 {
             let mut t = 0;
             let mut lanes = [0f32; GROUP];
             while t + 4 <= n {
-                for (j, v) in group::<S, 4>(p, w, a, t).into_iter().enumerate() {
+                for (j, v) in group::<S, 4>(w, a, t).into_iter().enumerate() {
                     _mm256_storeu_ps(lanes.as_mut_ptr(), v);
                     for (r, l) in lanes.iter().enumerate() {
                         o[r * n + t + j] = *l;
@@ -536,7 +709,7 @@ pub(crate) mod avx2 {
                 t += 4;
             }
             while t < n {
-                let [v] = group::<S, 1>(p, w, a, t);
+                let [v] = group::<S, 1>(w, a, t);
                 if n == 1 {
                     _mm256_storeu_ps(o.as_mut_ptr(), v);
                 } else {
