@@ -397,6 +397,30 @@ fn packed_rows_match_dequantized_f32_within_the_bound() {
             "packed Q4_K+Q6_K",
         );
     }
-    let q5k = QMatrix::from_bytes(GgmlType::Q5K, 8, 256, vec![0; 8 * 176]).unwrap();
-    assert!(q5k.pack().is_none(), "Q5_K rows have no packed layout");
+    // Q5_K, and a fused matrix of Q5_K and Q6_K groups (a Q5_K_M file's Q/K/V).
+    for (rows, supers, ns) in [(8, 1, [1, 4]), (24, 3, [3, 6])] {
+        let cols = 256 * supers;
+        let bytes = random_blocks(GgmlType::Q5K, rows, cols, &mut rng);
+        let w = QMatrix::from_bytes(GgmlType::Q5K, rows, cols, bytes).unwrap();
+        let packed = w.pack().expect("Q5_K rows in whole groups");
+        assert_eq!(packed.dequantize(), w.dequantize(), "the rows are kept");
+        for n in ns {
+            check(&packed, n, &mut rng, "packed Q5_K");
+        }
+        let bytes = random_blocks(GgmlType::Q6K, 8, cols, &mut rng);
+        let q6k = QMatrix::from_bytes(GgmlType::Q6K, 8, cols, bytes).unwrap();
+        let qkv = QMatrix::concat(&[&w, &q6k]).unwrap();
+        check(
+            &qkv.pack().expect("Q5_K and Q6_K groups"),
+            2,
+            &mut rng,
+            "packed Q5_K+Q6_K",
+        );
+    }
+    let (q5k, q6k) = (
+        QMatrix::from_bytes(GgmlType::Q5K, 4, 256, vec![0; 4 * 176]).unwrap(),
+        QMatrix::from_bytes(GgmlType::Q6K, 4, 256, vec![0; 4 * 210]).unwrap(),
+    );
+    let straddling = QMatrix::concat(&[&q5k, &q6k]).unwrap();
+    assert!(straddling.pack().is_none(), "a group of Q5_K and Q6_K rows");
 }

@@ -1,5 +1,5 @@
-//! Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q6_K weights repacked eight rows at a time,
-//! for a kernel that computes eight output rows in one SIMD register.
+//! Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K weights repacked eight rows at a
+//! time, for a kernel that computes eight output rows in one SIMD register.
 //!
 //! Row by row, a 4-bit block's dot product ends in a horizontal sum of eight lanes, and
 //! its two f16 scales are converted and applied one block at a time: about twenty
@@ -45,6 +45,10 @@ const BLOCK5: usize = BLOCK + 4 * GROUP;
 const BLOCK8: usize = 2 * GROUP + 32 * GROUP;
 /// Bytes per group and Q4_K super-block column.
 const SUPER: usize = 2 * 2 * GROUP + 2 * 8 * GROUP + 128 * GROUP;
+/// Bytes per group and Q5_K super-block column: as Q4_K, then per pair of sub-blocks
+/// sixteen 32-bit masks of fifth bits (mask `8e + k`: chunk `k` of the pair's sub-block
+/// `e`, bit `4r + b` for value `4k + b` of row `r`).
+const SUPER5: usize = SUPER + 4 * 64;
 /// Bytes per group and Q6_K super-block column.
 const SUPER6: usize = 2 * GROUP + 16 * GROUP + 4 * PAIR6;
 /// Bytes per pair of 32-value blocks of a Q6_K super-block column: low nibbles, then
@@ -62,6 +66,8 @@ enum Kind {
     Q8,
     /// Q4_K rows.
     Q4K,
+    /// Q5_K rows.
+    Q5K,
     /// Q6_K rows.
     Q6K,
 }
@@ -74,6 +80,7 @@ impl Kind {
             GgmlType::Q5_0 | GgmlType::Q5_1 => Kind::Q5,
             GgmlType::Q8_0 => Kind::Q8,
             GgmlType::Q4K => Kind::Q4K,
+            GgmlType::Q5K => Kind::Q5K,
             GgmlType::Q6K => Kind::Q6K,
             _ => return None,
         })
@@ -86,6 +93,7 @@ impl Kind {
             Kind::Q5 => BLOCK5,
             Kind::Q8 => BLOCK8,
             Kind::Q4K => SUPER,
+            Kind::Q5K => SUPER5,
             Kind::Q6K => SUPER6,
         }
     }
@@ -94,7 +102,7 @@ impl Kind {
     fn units(self, cols: usize) -> usize {
         match self {
             Kind::Q4 | Kind::Q5 | Kind::Q8 => cols / 32,
-            Kind::Q4K | Kind::Q6K => cols / 256,
+            Kind::Q4K | Kind::Q5K | Kind::Q6K => cols / 256,
         }
     }
 }
@@ -111,7 +119,7 @@ pub struct Packed {
 
 impl Packed {
     /// Packs `m`; `None` unless the rows are a whole number of groups, each group's
-    /// eight rows of one layout (Q4_0 / Q4_1, Q5_0 / Q5_1, Q8_0, Q4_K or Q6_K).
+    /// eight rows of one layout (Q4_0 / Q4_1, Q5_0 / Q5_1, Q8_0, Q4_K, Q5_K or Q6_K).
     pub fn new(m: &QMatrix) -> Option<Packed> {
         let (rows, cols) = (m.rows(), m.cols());
         if rows == 0 || !rows.is_multiple_of(GROUP) {
@@ -137,7 +145,8 @@ impl Packed {
                     Kind::Q4 => pack_q4(ty, row, r, dst),
                     Kind::Q5 => pack_q5(ty, row, r, dst),
                     Kind::Q8 => pack_q8(row, r, dst),
-                    Kind::Q4K => pack_q4k(row, r, dst),
+                    Kind::Q4K => pack_q4k::<false>(row, r, dst),
+                    Kind::Q5K => pack_q4k::<true>(row, r, dst),
                     Kind::Q6K => pack_q6k(row, r, dst),
                 }
             }
@@ -259,8 +268,10 @@ fn pack_q6k<'a>(row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>)
 }
 
 /// Row `r` of a group, Q4_K super-blocks, into the group's super-block columns.
-fn pack_q4k<'a>(row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>) {
-    for (blk, dst) in row.chunks_exact(144).zip(units) {
+/// With `FIVE`, Q5_K super-blocks: their fifth bits into the masks after the nibbles.
+fn pack_q4k<'a, const FIVE: bool>(row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>) {
+    let (bytes, qs_at) = if FIVE { (176, 48) } else { (144, 16) };
+    for (blk, dst) in row.chunks_exact(bytes).zip(units) {
         dst[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
         dst[16 + 2 * r..18 + 2 * r].copy_from_slice(&blk[2..4]);
         for j in 0..8 {
@@ -271,8 +282,19 @@ fn pack_q4k<'a>(row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>)
         for pair in 0..4 {
             for k in 0..8 {
                 let at = 160 + 256 * pair + 32 * k + 4 * r;
-                let from = 16 + 32 * pair + 4 * k;
+                let from = qs_at + 32 * pair + 4 * k;
                 dst[at..at + 4].copy_from_slice(&blk[from..from + 4]);
+                if !FIVE {
+                    continue;
+                }
+                for e in 0..2 {
+                    for b in 0..4 {
+                        // Value 4k + b of sub-block 2 pair + e: its bit of byte 4k + b.
+                        let bit = (blk[16 + 4 * k + b] >> (2 * pair + e)) & 1;
+                        let mask = SUPER + 64 * pair + 4 * (8 * e + k);
+                        dst[mask + r / 2] |= bit << (4 * (r % 2) + b);
+                    }
+                }
             }
         }
     }
@@ -282,7 +304,7 @@ fn pack_q4k<'a>(row: &[u8], r: usize, units: impl Iterator<Item = &'a mut [u8]>)
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Kind, Packed, BLOCK, BLOCK5, BLOCK8, GROUP, PAIR6, SUPER, SUPER6};
+    use super::{Kind, Packed, BLOCK, BLOCK5, BLOCK8, GROUP, PAIR6, SUPER, SUPER5, SUPER6};
     use crate::features::features;
     use crate::quant::kernels::QActs;
 
@@ -567,23 +589,30 @@ pub(crate) mod avx2 {
     /// Eight Q4_K rows (one group) times activation rows `t..t + R`: per 32-value
     /// sub-block `d sc dx sum(q qx) - dmin mn sx`.
     #[inline(always)]
-    unsafe fn group_q4k<S: BlockSum, const R: usize>(
+    unsafe fn group_q4k<S: BlockSum, const R: usize, const FIVE: bool>(
         g: &[u8],
         units: usize,
         a: &QActs,
         t: usize,
     ) -> [__m256; R] {
+        use crate::quant::kernels::avx2::high_bits;
         let mut acc = [_mm256_setzero_ps(); R];
         let mut mins = [_mm256_setzero_ps(); R];
         let an = a.cols / 32;
+        let unit = if FIVE { SUPER5 } else { SUPER };
         for sb in 0..units {
-            let p = g.as_ptr().add(sb * SUPER);
+            let p = g.as_ptr().add(sb * unit);
             let (d, dmin) = (f16x8(p), f16x8(p.add(16)));
             for pair in 0..4 {
                 let mut lo = [_mm256_setzero_si256(); 8];
                 let mut hi = [_mm256_setzero_si256(); 8];
                 for k in 0..8 {
                     (lo[k], hi[k]) = nibbles(p.add(160 + 256 * pair + 32 * k));
+                    if FIVE {
+                        let masks = p.add(SUPER + 64 * pair + 4 * k);
+                        lo[k] = _mm256_or_si256(lo[k], high_bits(masks));
+                        hi[k] = _mm256_or_si256(hi[k], high_bits(masks.add(32)));
+                    }
                 }
                 for (half, q) in [lo, hi].iter().enumerate() {
                     let sub = 2 * pair + half;
@@ -591,7 +620,12 @@ pub(crate) mod avx2 {
                     let min = _mm256_mul_ps(dmin, u8x8(p.add(96 + 8 * sub)));
                     for j in 0..R {
                         let i = (t + j) * an + 8 * sb + sub;
-                        let s = _mm256_cvtepi32_ps(S::sum(q, a, i));
+                        let s = if FIVE {
+                            S::sum5(q, a, i)
+                        } else {
+                            S::sum(q, a, i)
+                        };
+                        let s = _mm256_cvtepi32_ps(s);
                         let dx = _mm256_set1_ps(*a.d.as_ptr().add(i));
                         acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(scale, dx), s, acc[j]);
                         let sx = _mm256_set1_ps(*a.s.as_ptr().add(i));
@@ -680,7 +714,8 @@ pub(crate) mod avx2 {
             Kind::Q4 => group_q4::<S, R>(w, units, a, t),
             Kind::Q5 => group_q5::<S, R>(w, units, a, t),
             Kind::Q8 => group_q8::<S, R>(w, units, a, t),
-            Kind::Q4K => group_q4k::<S, R>(w, units, a, t),
+            Kind::Q4K => group_q4k::<S, R, false>(w, units, a, t),
+            Kind::Q5K => group_q4k::<S, R, true>(w, units, a, t),
             Kind::Q6K => group_q6k::<S, R>(w, units, a, t),
         }
     }
