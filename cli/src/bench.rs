@@ -139,15 +139,12 @@ fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u
             }
         }
     }
-    let (p, d, t) = (
-        stats(&mut prefill),
-        stats(&mut decode.clone()),
-        stats(&mut ttft),
-    );
+    let (p, t) = (stats(&mut prefill), stats(&mut ttft));
+    // `-n 0` measures prefill only.
     let d = if decode.is_empty() {
         (0.0, 0.0, 0.0)
     } else {
-        d
+        stats(&mut decode)
     };
     let rss = peak_rss_bytes();
     // Where the time goes: one more prefill and decode run with every op timed.

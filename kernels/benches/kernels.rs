@@ -5,8 +5,10 @@
 //!
 //!   cargo bench -p llama-kernels --bench kernels [-- FILTER]
 //!
-//! Q4_0, Q4_1 and Q4_K also run packed (`Q4_1/packed/Auto` with VNNI where the CPU has
-//! it, `Q4_1/packed/Avx2` without), the layout the CPU pipeline gives them.
+//! Every type also runs packed (`Q4_1/packed/Auto` with VNNI where the CPU has it,
+//! `Q4_1/packed/Avx2` without), the layout the CPU pipeline gives it. `memory/read`
+//! beside them is this machine's read bandwidth (a sum over a 256 MiB buffer, on one
+//! thread and on every thread): the roofline of decode.
 //!
 //! Threads: rayon's default (every core) unless `RAYON_NUM_THREADS` is set.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -79,9 +81,29 @@ fn kernels(c: &mut Criterion) {
     }
 }
 
+/// Read bandwidth: sums of u64 words over a buffer far larger than any cache.
+fn memory(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let words: Vec<u64> = (0..32u64 << 20).collect(); // 256 MiB
+    let mut group = c.benchmark_group("memory");
+    group.throughput(Throughput::Bytes((words.len() * 8) as u64));
+    group.bench_function("read/1-thread", |b| {
+        b.iter(|| words.iter().fold(0u64, |a, &w| a.wrapping_add(w)))
+    });
+    group.bench_function("read/all-threads", |b| {
+        b.iter(|| {
+            words
+                .par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &w| a.wrapping_add(w)))
+                .reduce(|| 0, u64::wrapping_add)
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = kernels
+    targets = kernels, memory
 }
 criterion_main!(benches);

@@ -64,6 +64,47 @@ fn silu_body(x: &mut [f32]) {
     }
 }
 
+/// GELU's tanh approximation, `x/2 * (1 + tanh(√(2/π) (x + 0.044715 x³)))`, in place
+/// (Gemma's `gelu_pytorch_tanh`), one pass where burn's version builds it from several
+/// whole-tensor ops (it took half of Gemma 3's prefill).
+///
+/// Written as transformers writes it, `1 + tanh`, although `x / (1 + exp(-2u))` is the
+/// same value without the cancellation for negative `x` and 2.5x faster: on the block
+/// path, whose activations are rounded to int8 before every matmul, that rounding-level
+/// change moved Gemma 3's perplexity on the test passage from 0.2% below transformers'
+/// to 1.2% above it (llama.cpp's is 1.4% above), so the reference's own form is kept.
+pub fn gelu_tanh(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2_fma_f16c {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide(x: &mut [f32]) {
+            gelu_tanh_body(x)
+        }
+        // SAFETY: the CPU has AVX2 and FMA, checked by `features`.
+        return unsafe { wide(x) };
+    }
+    gelu_tanh_body(x)
+}
+
+#[inline(always)]
+fn gelu_tanh_body(x: &mut [f32]) {
+    // √(2/π).
+    const K: f32 = 0.797_884_6;
+    let chunk = 4096;
+    let run = |c: &mut [f32]| {
+        for v in c.iter_mut() {
+            let x = *v;
+            let u = K * (x + 0.044_715 * x * x * x);
+            *v = 0.5 * x * (1.0 + u.tanh());
+        }
+    };
+    if x.len() >= 4 * chunk {
+        x.par_chunks_mut(chunk).for_each(run);
+    } else {
+        run(x);
+    }
+}
+
 /// Exact GELU, `x * Φ(x) = x/2 * (1 + erf(x / √2))`, in place (BERT's `gelu`).
 ///
 /// erf is Abramowitz and Stegun's 7.1.26 (absolute error at most 1.5e-7): one `exp`
@@ -136,6 +177,22 @@ mod gelu_tests {
             assert!(
                 (*g as f64 - want).abs() <= 1e-6,
                 "gelu({x}) = {g}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn gelu_tanh_matches_its_definition() {
+        let xs: Vec<f32> = (-400..=400).map(|i| i as f32 * 0.025).collect();
+        let mut got = xs.clone();
+        super::gelu_tanh(&mut got);
+        for (&x, &g) in xs.iter().zip(&got) {
+            let x64 = x as f64;
+            let inner = (2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3));
+            let want = 0.5 * x64 * (1.0 + inner.tanh());
+            assert!(
+                (g as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "gelu_tanh({x}) = {g}, want {want}"
             );
         }
     }

@@ -28,7 +28,7 @@ pub mod quant;
 mod rope;
 
 pub use attention::{attention, AttentionShape, KvRows};
-pub use elementwise::{gelu, silu, swiglu};
+pub use elementwise::{gelu, gelu_tanh, silu, swiglu};
 pub use features::{features, Features};
 pub use norm::rms_norm;
 pub use rope::rope;

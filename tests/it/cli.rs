@@ -596,6 +596,13 @@ fn bench_sweeps_prompt_lengths_on_top_of_a_depth() {
         assert!(row["prefill_tok_s"].as_f64().unwrap() > 0.0, "{row}");
         assert!(row["decode_tok_s"].as_f64().unwrap() > 0.0, "{row}");
     }
+    // Prefill only: no decode speed.
+    let rows = json_lines(&llama(&[
+        "bench", "-m", m, "-p", "8", "-n", "0", "-r", "1", "--json",
+    ]));
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0]["prefill_tok_s"].as_f64().unwrap() > 0.0, "{rows:?}");
+    assert_eq!(rows[0]["decode_tok_s"].as_f64(), Some(0.0), "{rows:?}");
     // A depth past the model's positions, or beside --parallel, is refused by name.
     assert_one_line_error(
         &llama(&["bench", "-m", m, "-d", "100000000"]),

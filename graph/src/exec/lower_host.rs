@@ -19,6 +19,7 @@ pub(super) fn lowers(op: &Op) -> bool {
         Op::RmsNorm { .. }
             | Op::Silu
             | Op::Gelu
+            | Op::GeluTanh
             | Op::SwiGlu
             | Op::Rope { .. }
             | Op::Attention { .. }
@@ -69,6 +70,11 @@ pub(super) fn eval(
         Op::Gelu => {
             let (mut x, dims) = host2(node, f2(node, next()?)?)?;
             llama_kernels::gelu(&mut x);
+            tensor2(x, dims, device)
+        }
+        Op::GeluTanh => {
+            let (mut x, dims) = host2(node, f2(node, next()?)?)?;
+            llama_kernels::gelu_tanh(&mut x);
             tensor2(x, dims, device)
         }
         Op::SwiGlu => {
