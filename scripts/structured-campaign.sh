@@ -12,6 +12,11 @@ for model in smollm2-135m-instruct-q4_1.gguf qwen2.5-coder-0.5b-instruct-q4_k_m.
     for schema in tests/fixtures/schemas/*.json; do
         ./target/debug/llama generate -m "$cache/models/$model" --chat \
             -p "Answer as JSON." --json-schema "$schema" --temperature 1.0 --json |
-            python3 -c 'import json,sys; t=json.load(sys.stdin)["timings"]; print(f"'"$model $(basename "$schema")"': mask {t["mask_ms_per_token"]:.3f} ms/token, step {t["step_ms_per_token"]:.2f} ms/token ({100*t["mask_ms_per_token"]/t["step_ms_per_token"]:.1f}%)")'
+            python3 -c '
+import json, sys
+t = json.load(sys.stdin)["timings"]
+mask, step = t["mask_ms_per_token"], t["step_ms_per_token"]
+print(f"{sys.argv[1]} {sys.argv[2]}: mask {mask:.3f} ms/token, step {step:.2f} ms/token ({100 * mask / step:.1f}%)")
+' "$model" "$(basename "$schema")"
     done
 done
