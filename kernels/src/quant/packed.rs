@@ -31,7 +31,17 @@
 //! from 6 bits to one byte each (`[sub-block][row]`), then for each pair of sub-blocks
 //! eight chunks of 32 bytes; in chunk `k`, bytes `4r..4r + 4` are row `r`'s bytes
 //! `4k..4k + 4` of the pair's 32, whose low nibbles are values `4k..4k + 4` of the first
-//! sub-block and high nibbles those of the second.
+//! sub-block and high nibbles those of the second. Q5_K (1440 bytes; 1408 as rows) adds
+//! masks of fifth bits after them, as Q5_0 does (see `SUPER5`).
+//!
+//! Q6_K (1680 bytes, as rows): the eight rows' `d` (f16), their sixteen i8 scales
+//! (`[scale][row]`), then per pair of 32-value blocks the Q4_K chunks of low nibbles
+//! followed by four 32-byte planes of high bits: byte `4r + b` of plane `2e + k / 4`
+//! holds, in bits `2 (k % 4)`, the two high bits of value `4k + b` of the pair's block
+//! `e` in row `r`. Each 16-value half is summed on its own, `32 hx` taken off and its
+//! row's scale applied in i32.
+//!
+//! Each group of eight rows has one of these layouts; groups of one matrix may differ.
 use super::format::{k4_scale_min, GgmlType};
 use super::matrix::QMatrix;
 
