@@ -490,81 +490,51 @@ pub(crate) mod avx2 {
         )
     }
 
-    /// Eight Q4_0 / Q4_1 rows (one group) times activation rows `t..t + R`.
-    #[inline(always)]
-    unsafe fn group_q4<S: BlockSum, const R: usize>(
-        g: &[u8],
-        nb: usize,
-        a: &QActs,
-        t: usize,
-    ) -> [__m256; R] {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut off = [_mm256_setzero_ps(); R];
-        let an = a.cols / 32;
-        for b in 0..nb {
-            let p = g.as_ptr().add(b * BLOCK);
-            let (d, m) = (f16x8(p), f16x8(p.add(16)));
-            // Low nibbles are values 0..16 of the block, high ones 16..32.
-            let mut q = [_mm256_setzero_si256(); 8];
-            for c in 0..4 {
-                (q[c], q[4 + c]) = nibbles(p.add(32 + 32 * c));
-            }
-            for j in 0..R {
-                let i = (t + j) * an + b;
-                let s = _mm256_cvtepi32_ps(S::sum(&q, a, i));
-                let dx = _mm256_set1_ps(*a.d.as_ptr().add(i));
-                acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), s, acc[j]);
-                off[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.s.as_ptr().add(i)), off[j]);
-            }
-        }
-        let mut out = [_mm256_setzero_ps(); R];
-        for j in 0..R {
-            out[j] = _mm256_add_ps(acc[j], off[j]);
-        }
-        out
-    }
+    /// The layouts of 32-value blocks with a scale and an offset, as const parameters of
+    /// `group_blocks` (so each is compiled on its own, with no branch per block).
+    const Q4: u8 = 0;
+    const Q5: u8 = 1;
+    const Q8: u8 = 2;
 
-    /// Eight Q5_0 / Q5_1 rows (one group) times activation rows `t..t + R`: as
-    /// `group_q4`, each chunk's fifth bits or-ed in from its mask.
+    /// Block column `b` of a group in layout `K`: the eight rows' scales, offsets and
+    /// eight chunks of values (see the layouts at the top of this file).
     #[inline(always)]
-    unsafe fn group_q5<S: BlockSum, const R: usize>(
-        g: &[u8],
-        nb: usize,
-        a: &QActs,
-        t: usize,
-    ) -> [__m256; R] {
+    unsafe fn block<const K: u8>(g: &[u8], b: usize) -> (__m256, __m256, [__m256i; 8]) {
         use crate::quant::kernels::avx2::high_bits;
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut off = [_mm256_setzero_ps(); R];
-        let an = a.cols / 32;
-        for b in 0..nb {
-            let p = g.as_ptr().add(b * BLOCK5);
-            let (d, m) = (f16x8(p), f16x8(p.add(16)));
-            let mut q = [_mm256_setzero_si256(); 8];
-            for c in 0..4 {
-                let (lo, hi) = nibbles(p.add(32 + 32 * c));
-                q[c] = _mm256_or_si256(lo, high_bits(p.add(160 + 4 * c)));
-                q[4 + c] = _mm256_or_si256(hi, high_bits(p.add(176 + 4 * c)));
+        let mut q = [_mm256_setzero_si256(); 8];
+        match K {
+            Q8 => {
+                let p = g.as_ptr().add(b * BLOCK8);
+                let d = f16x8(p);
+                for (k, q) in q.iter_mut().enumerate() {
+                    *q = _mm256_loadu_si256(p.add(16 + 32 * k) as *const __m256i);
+                }
+                (d, _mm256_mul_ps(d, _mm256_set1_ps(-128.0)), q)
             }
-            for j in 0..R {
-                let i = (t + j) * an + b;
-                let s = _mm256_cvtepi32_ps(S::sum5(&q, a, i));
-                let dx = _mm256_set1_ps(*a.d.as_ptr().add(i));
-                acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), s, acc[j]);
-                off[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.s.as_ptr().add(i)), off[j]);
+            _ => {
+                let p = g.as_ptr().add(b * if K == Q5 { BLOCK5 } else { BLOCK });
+                // Low nibbles are values 0..16 of the block, high ones 16..32; Q5's
+                // fifth bits are or-ed in from their masks.
+                for c in 0..4 {
+                    let (lo, hi) = nibbles(p.add(32 + 32 * c));
+                    (q[c], q[4 + c]) = if K == Q5 {
+                        (
+                            _mm256_or_si256(lo, high_bits(p.add(160 + 4 * c))),
+                            _mm256_or_si256(hi, high_bits(p.add(176 + 4 * c))),
+                        )
+                    } else {
+                        (lo, hi)
+                    };
+                }
+                (f16x8(p), f16x8(p.add(16)), q)
             }
         }
-        let mut out = [_mm256_setzero_ps(); R];
-        for j in 0..R {
-            out[j] = _mm256_add_ps(acc[j], off[j]);
-        }
-        out
     }
 
-    /// Eight Q8_0 rows (one group) times activation rows `t..t + R`: as `group_q4`
-    /// with eight chunks of values offset by 128 and the offset `-128 d`.
+    /// Eight Q4_0 / Q4_1 (`K` = Q4), Q5_0 / Q5_1 (Q5) or Q8_0 (Q8) rows, one group,
+    /// times activation rows `t..t + R`: per block `d dx sum(q qx) + m sx`.
     #[inline(always)]
-    unsafe fn group_q8<S: BlockSum, const R: usize>(
+    unsafe fn group_blocks<S: BlockSum, const R: usize, const K: u8>(
         g: &[u8],
         nb: usize,
         a: &QActs,
@@ -574,16 +544,15 @@ pub(crate) mod avx2 {
         let mut off = [_mm256_setzero_ps(); R];
         let an = a.cols / 32;
         for b in 0..nb {
-            let p = g.as_ptr().add(b * BLOCK8);
-            let d = f16x8(p);
-            let m = _mm256_mul_ps(d, _mm256_set1_ps(-128.0));
-            let mut q = [_mm256_setzero_si256(); 8];
-            for (k, q) in q.iter_mut().enumerate() {
-                *q = _mm256_loadu_si256(p.add(16 + 32 * k) as *const __m256i);
-            }
+            let (d, m, q) = block::<K>(g, b);
             for j in 0..R {
                 let i = (t + j) * an + b;
-                let s = _mm256_cvtepi32_ps(S::sum8(&q, a, i));
+                let s = match K {
+                    Q4 => S::sum(&q, a, i),
+                    Q5 => S::sum5(&q, a, i),
+                    _ => S::sum8(&q, a, i),
+                };
+                let s = _mm256_cvtepi32_ps(s);
                 let dx = _mm256_set1_ps(*a.d.as_ptr().add(i));
                 acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(d, dx), s, acc[j]);
                 off[j] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.s.as_ptr().add(i)), off[j]);
@@ -721,9 +690,9 @@ pub(crate) mod avx2 {
         t: usize,
     ) -> [__m256; R] {
         match kind {
-            Kind::Q4 => group_q4::<S, R>(w, units, a, t),
-            Kind::Q5 => group_q5::<S, R>(w, units, a, t),
-            Kind::Q8 => group_q8::<S, R>(w, units, a, t),
+            Kind::Q4 => group_blocks::<S, R, Q4>(w, units, a, t),
+            Kind::Q5 => group_blocks::<S, R, Q5>(w, units, a, t),
+            Kind::Q8 => group_blocks::<S, R, Q8>(w, units, a, t),
             Kind::Q4K => group_q4k::<S, R, false>(w, units, a, t),
             Kind::Q5K => group_q4k::<S, R, true>(w, units, a, t),
             Kind::Q6K => group_q6k::<S, R>(w, units, a, t),
