@@ -316,14 +316,15 @@ fn run_shared_prefix(args: &BenchArgs, engine: &llama_runtime::Engine, vocab: u6
     let shared = ids(args.shared_prefix, 0);
     let n_prompt = args.n_prompt[0];
     if !args.json {
-        println!("| parallel | shared prefix | own tokens | prefix cache | first tokens ms | prompt tokens run |");
-        println!("|---|---|---|---|---|---|");
+        println!("| parallel | shared prefix | own tokens | prefix cache | first tokens ms | prompt tokens run | peak KV MiB |");
+        println!("|---|---|---|---|---|---|---|");
     }
     for &n in &args.parallel {
         let n = n as usize;
         for cache in [true, false] {
             let mut times = Vec::new();
             let mut run_tokens = 0;
+            let mut peak_kv = 0;
             for rep in 0..=args.repetitions {
                 let opts = BatchOptions {
                     kv_budget: n * (args.shared_prefix + n_prompt + 1) + args.shared_prefix,
@@ -343,11 +344,15 @@ fn run_shared_prefix(args: &BenchArgs, engine: &llama_runtime::Engine, vocab: u6
                     s.submit(prompt, g)?;
                 }
                 let mut failed = None;
-                s.run(|e| {
-                    if let Event::Failed { error, .. } = e {
-                        failed.get_or_insert(error);
+                while !s.is_idle() {
+                    for e in s.step() {
+                        if let Event::Failed { error, .. } = e {
+                            failed.get_or_insert(error);
+                        }
                     }
-                });
+                    // Host KV memory held, shared pages once.
+                    peak_kv = peak_kv.max(s.kv_bytes());
+                }
                 if let Some(e) = failed {
                     return Err(e.into());
                 }
@@ -367,14 +372,16 @@ fn run_shared_prefix(args: &BenchArgs, engine: &llama_runtime::Engine, vocab: u6
                         "prefix_cache": cache,
                         "first_tokens_ms": ms,
                         "prompt_tokens_run": run_tokens,
+                        "peak_kv_bytes": peak_kv,
                     })
                 );
             } else {
                 println!(
-                    "| {n} | {} | {} | {} | {ms:.1} | {run_tokens} |",
+                    "| {n} | {} | {} | {} | {ms:.1} | {run_tokens} | {:.1} |",
                     args.shared_prefix,
                     n_prompt,
-                    if cache { "on" } else { "off" }
+                    if cache { "on" } else { "off" },
+                    peak_kv as f64 / (1 << 20) as f64
                 );
             }
         }

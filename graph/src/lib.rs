@@ -16,12 +16,16 @@ pub mod value;
 
 /// Block-quantized weights ([`quant::QMatrix`], held by [`Value::Quant`]), from llama-kernels.
 pub use llama_kernels::quant;
+/// Positions per page of a host KV cache (pages are shared between caches until
+/// written, see [`KvCache`]).
+pub use llama_kernels::KEY_BLOCK as KV_PAGE;
 
 pub use capabilities::Capabilities;
 pub use dump::dump;
 pub use error::{GraphError, Result};
 pub use exec::{
-    KvCache, KvSnapshot, KvType, Lowering, OpProfile, Program, Rows, RunOutput, Sequence, Taps,
+    KvCache, KvSnapshot, KvType, Lowering, OpProfile, PageCount, Program, Rows, RunOutput,
+    Sequence, Taps,
 };
 pub use graph::Graph;
 pub use ir::{DType, Dim, F32Bits, KvKind, Node, NodeId, Op, ParamKind, RopeScaling, Shape};

@@ -13,6 +13,7 @@
 //! Threads: rayon's default (every core) unless `RAYON_NUM_THREADS` is set.
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use llama_kernels::quant::{matmul, GgmlType, Kernel, QMatrix};
+use llama_kernels::{attention, AttentionShape, KvRows};
 
 /// Random blocks with sane f16 scales (speed does not depend on the values).
 fn blocks(ty: GgmlType, rows: usize, cols: usize) -> QMatrix {
@@ -101,9 +102,62 @@ fn memory(c: &mut Criterion) {
     group.finish();
 }
 
+/// Causal attention over an f16 cache on SmolLM2-135M's heads (9 query heads, 3 KV
+/// heads, 64 wide): a whole prompt of 64, 512 and 2048 positions in one step, and one
+/// decode position on top of 2048; and the same over an f32 cache. Throughput is query
+/// positions (tokens).
+fn attention_bench(c: &mut Criterion) {
+    let (n_heads, n_kv_heads, hd) = (9, 3, 64);
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let mut rand = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    let mut group = c.benchmark_group("attention");
+    for (name, seq, past) in [
+        ("prefill/64", 64, 0),
+        ("prefill/512", 512, 0),
+        ("prefill/2048", 2048, 0),
+        ("decode/d2048", 1, 2048),
+    ] {
+        let rows = past + seq;
+        let q: Vec<f32> = (0..seq * n_heads * hd).map(|_| 2.0 * rand()).collect();
+        let k: Vec<half::f16> = (0..rows * n_kv_heads * hd)
+            .map(|_| half::f16::from_f32(rand()))
+            .collect();
+        let v: Vec<half::f16> = (0..rows * n_kv_heads * hd)
+            .map(|_| half::f16::from_f32(rand()))
+            .collect();
+        let s = AttentionShape {
+            n_heads,
+            n_kv_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            window: None,
+            past,
+            causal: true,
+        };
+        group.throughput(Throughput::Elements(seq as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| attention(&q, KvRows::F16(&k), KvRows::F16(&v), &s))
+        });
+        // The same over an f32 cache (no conversions).
+        let (k, v): (Vec<f32>, Vec<f32>) = (
+            k.iter().map(|x| x.to_f32()).collect(),
+            v.iter().map(|x| x.to_f32()).collect(),
+        );
+        group.bench_function(format!("{name}/f32"), |b| {
+            b.iter(|| attention(&q, KvRows::F32(&k), KvRows::F32(&v), &s))
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = kernels, memory
+    targets = kernels, memory, attention_bench
 }
 criterion_main!(benches);

@@ -1,18 +1,38 @@
 //! Causal grouped-query attention over host rows of keys and values ([`KvRows`]: f32,
-//! or the f16 of a half-size KV cache).
+//! or the f16 of a half-size KV cache), tiled the way flash attention is: a task takes
+//! a block of query rows (positions, and the query heads that read one KV head) and
+//! walks the keys in blocks of [`KEY_BLOCK`], keeping each row's running maximum, sum
+//! and output (an online softmax). No score matrix is ever built, and each block of
+//! keys and values is read from memory once per task and then from cache by every row
+//! of the task, instead of once per row: a 2048-position prompt reads each key block
+//! from cache 16 x group times over where it used to stream the whole cache per row.
 //!
-//! On CPUs with AVX2 + FMA + F16C every query row runs one hand-written kernel with its
-//! own `exp` (`avx2`), reading f16 keys and values in place; elsewhere the plain loops
-//! run. Either way a query row's output is computed by the same code whatever else is
-//! in the call: a prompt's last position gives bitwise the same result whether the
-//! prompt ran in one step, in chunks, or after a prefix copied from another sequence,
-//! and a decode row the same whichever sequences share its step (what a server needs
-//! for `seed` to mean the same text under any load).
+//! Tasks split the work across threads by KV head and query block in a prompt, and by
+//! query head in a decode step (where one KV head would leave cores idle).
+//!
+//! A query row's output does not depend on which task it ran in: key blocks start at
+//! absolute positions (multiples of [`KEY_BLOCK`]), each row takes only the keys it
+//! sees (never a masked term), and every arithmetic step of a row is the same whatever
+//! other rows share the tile. So a prompt's last position gives bitwise the same result
+//! whether the prompt ran in one step, in chunks, or after a prefix copied from another
+//! sequence, and a decode row the same whichever sequences share its step (what a
+//! server needs for `seed` to mean the same text under any load).
+//!
+//! On CPUs with AVX2 + FMA + F16C every tile runs a hand-written kernel with its own
+//! `exp` (`avx2`), reading f16 keys and values in place; elsewhere the plain loops run.
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use crate::features::features;
 use crate::norm::dot;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+/// Keys per block of the online softmax; blocks start at multiples of it (positions).
+pub const KEY_BLOCK: usize = 64;
+/// Query positions per task in a prompt.
+const QUERY_BLOCK: usize = 16;
 
 /// Shape of an attention call.
 pub struct AttentionShape {
@@ -28,81 +48,36 @@ pub struct AttentionShape {
     pub causal: bool,
 }
 
-/// The body of [`attention`], pasted into its baseline and its AVX2 + FMA build (a
-/// macro rather than a function so that the closures inside inherit the features).
-macro_rules! attention_body {
-    ($q:expr, $k:expr, $v:expr, $s:expr) => {{
-        let (q, k, v, s): (&[f32], &[f32], &[f32], &AttentionShape) = ($q, $k, $v, $s);
-        let hd = s.head_dim;
-        let (qw, kw) = (s.n_heads * hd, s.n_kv_heads * hd);
-        let seq = q.len() / qw;
-        let rows = k.len() / kw;
-        let group = s.n_heads / s.n_kv_heads;
-        let first_key = s.past + seq - rows;
-        let mut out = vec![0f32; q.len()];
-        // Query position `i`, head `h`, into `o [hd]`.
-        let head = |i: usize, h: usize, o: &mut [f32]| {
-            let qp = s.past + i;
-            // Keys j in lo..hi are visible: not after the query, and inside the window.
-            let hi = if s.causal {
-                (qp + 1 - first_key).min(rows)
-            } else {
-                rows
-            };
-            let lo = s
-                .window
-                .map_or(0, |w| (qp + 1).saturating_sub(w).saturating_sub(first_key));
-            let g = h / group;
-            let qh = &q[i * qw + h * hd..i * qw + (h + 1) * hd];
-            let mut scores = vec![0f32; hi.saturating_sub(lo)];
-            let mut max = f32::NEG_INFINITY;
-            for (j, sc) in (lo..hi).zip(scores.iter_mut()) {
-                *sc = dot(qh, &k[j * kw + g * hd..j * kw + (g + 1) * hd]) * s.scale;
-                max = max.max(*sc);
-            }
-            let mut sum = 0.0;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            for (j, &p) in (lo..hi).zip(scores.iter()) {
-                let vh = &v[j * kw + g * hd..j * kw + (g + 1) * hd];
-                for (o, v) in o.iter_mut().zip(vh) {
-                    *o += p * v;
-                }
-            }
-            let inv = 1.0 / sum;
-            o.iter_mut().for_each(|o| *o *= inv);
-        };
-        // Positions across threads in prefill; heads across threads in decode.
-        if seq > 1 {
-            out.par_chunks_mut(qw).enumerate().for_each(|(i, row)| {
-                for (h, o) in row.chunks_mut(hd).enumerate() {
-                    head(i, h, o);
-                }
-            });
-        } else {
-            out.par_chunks_mut(hd)
-                .enumerate()
-                .for_each(|(h, o)| head(0, h, o));
-        }
-        out
-    }};
+/// A page of a paged KV cache: the rows of [`KEY_BLOCK`] positions (fewer in a last
+/// page still filling), shared between caches until one of them writes it.
+pub type Page<T> = std::sync::Arc<Vec<T>>;
+
+/// The pages of one layer's keys or values: page `i` holds positions
+/// `i * KEY_BLOCK..`; the first `len` values count (every page but the last is full).
+#[derive(Debug, Clone, Copy)]
+pub struct Pages<'a, T> {
+    pub pages: &'a [Page<T>],
+    pub len: usize,
 }
 
 /// Keys or values as attention reads them: f32, or the f16 of a KV cache kept at half
-/// the size.
+/// the size; in one run of memory (the oldest row first), or in pages.
 #[derive(Debug, Clone, Copy)]
 pub enum KvRows<'a> {
     F32(&'a [f32]),
     F16(&'a [half::f16]),
+    PagedF32(Pages<'a, f32>),
+    PagedF16(Pages<'a, half::f16>),
 }
 
 impl KvRows<'_> {
+    /// Values (rows times width).
     pub fn len(&self) -> usize {
         match self {
             KvRows::F32(x) => x.len(),
             KvRows::F16(x) => x.len(),
+            KvRows::PagedF32(p) => p.len,
+            KvRows::PagedF16(p) => p.len,
         }
     }
 
@@ -110,332 +85,363 @@ impl KvRows<'_> {
         self.len() == 0
     }
 
-    /// The first `n` values.
-    pub fn first(&self, n: usize) -> KvRows<'_> {
-        match self {
-            KvRows::F32(x) => KvRows::F32(&x[..n]),
-            KvRows::F16(x) => KvRows::F16(&x[..n]),
-        }
-    }
-
-    /// The values as f32 (borrowed when they are).
+    /// The values as f32, in one run (borrowed when they are).
     pub fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
         use half::slice::HalfFloatSliceExt;
+        use std::borrow::Cow;
+        fn gather<T: Copy>(p: &Pages<T>, f: impl Fn(&[T], &mut Vec<f32>)) -> Vec<f32> {
+            let mut out = Vec::with_capacity(p.len);
+            for page in p.pages {
+                let n = (p.len - out.len()).min(page.len());
+                f(&page[..n], &mut out);
+            }
+            out
+        }
         match self {
-            KvRows::F32(x) => std::borrow::Cow::Borrowed(x),
+            KvRows::F32(x) => Cow::Borrowed(x),
             KvRows::F16(x) => {
                 let mut out = vec![0f32; x.len()];
                 x.convert_to_f32_slice(&mut out);
-                std::borrow::Cow::Owned(out)
+                Cow::Owned(out)
+            }
+            KvRows::PagedF32(p) => Cow::Owned(gather(p, |x, out| out.extend_from_slice(x))),
+            KvRows::PagedF16(p) => {
+                Cow::Owned(gather(p, |x, out| out.extend(x.iter().map(|v| v.to_f32()))))
             }
         }
     }
 }
 
+/// Where the kernels find a position's row of keys or values.
+trait Source<T>: Sync {
+    /// The first value of position `pos`'s row.
+    ///
+    /// # Safety
+    /// `pos` must be one of the source's positions (`..end()`, from its first).
+    unsafe fn row(&self, pos: usize) -> *const T;
+    /// One past the last position.
+    fn end(&self) -> usize;
+}
+
+/// Rows in one run of memory, the first one position `first`'s.
+struct Flat<'a, T> {
+    data: &'a [T],
+    first: usize,
+    width: usize,
+}
+
+impl<T: Sync> Source<T> for Flat<'_, T> {
+    unsafe fn row(&self, pos: usize) -> *const T {
+        self.data.as_ptr().add((pos - self.first) * self.width)
+    }
+
+    fn end(&self) -> usize {
+        self.first + self.data.len() / self.width
+    }
+}
+
+/// Rows in pages of [`KEY_BLOCK`] positions from position 0.
+struct Paged<'a, T> {
+    pages: Pages<'a, T>,
+    width: usize,
+}
+
+impl<T: Sync + Send> Source<T> for Paged<'_, T> {
+    unsafe fn row(&self, pos: usize) -> *const T {
+        self.pages
+            .pages
+            .get_unchecked(pos / KEY_BLOCK)
+            .as_ptr()
+            .add(pos % KEY_BLOCK * self.width)
+    }
+
+    fn end(&self) -> usize {
+        self.pages.len / self.width
+    }
+}
+
+/// One query row of a tile: query row `i` of the call, head `h`, seeing the keys at
+/// positions `lo..hi`.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    i: usize,
+    h: usize,
+    lo: usize,
+    hi: usize,
+}
+
+/// What every tile of a call shares.
+struct Geometry {
+    hd: usize,
+    /// Widths of a query row and of a key row.
+    qw: usize,
+    kw: usize,
+    group: usize,
+    scale: f32,
+    /// Position of key row 0.
+    first_key: usize,
+}
+
+impl Geometry {
+    /// Column of head `h`'s KV head in a key row.
+    fn col(&self, h: usize) -> usize {
+        h / self.group * self.hd
+    }
+}
+
+/// The tiles of a call, each a list of rows that read one KV head: blocks of
+/// [`QUERY_BLOCK`] positions by the query heads of one KV head when that makes tasks
+/// enough for every thread twice over, else by single query heads.
+fn tiles(s: &AttentionShape, seq: usize, rows: usize, first_key: usize) -> Vec<Vec<Row>> {
+    let group = s.n_heads / s.n_kv_heads;
+    let blocks = seq.div_ceil(QUERY_BLOCK);
+    let per_tile = if s.n_kv_heads * blocks >= 2 * rayon::current_num_threads() {
+        group
+    } else {
+        1
+    };
+    let end = first_key + rows;
+    let mut out = Vec::with_capacity(blocks * s.n_heads / per_tile);
+    for heads in (0..s.n_heads).step_by(per_tile) {
+        for b in 0..blocks {
+            let mut tile = Vec::with_capacity(QUERY_BLOCK * per_tile);
+            for i in b * QUERY_BLOCK..((b + 1) * QUERY_BLOCK).min(seq) {
+                let qp = s.past + i;
+                // Keys not after the query (decoders), and inside the window.
+                let hi = if s.causal { (qp + 1).min(end) } else { end };
+                let lo = s
+                    .window
+                    .map_or(0, |w| (qp + 1).saturating_sub(w))
+                    .max(first_key)
+                    .min(hi);
+                for h in heads..heads + per_tile {
+                    tile.push(Row { i, h, lo, hi });
+                }
+            }
+            out.push(tile);
+        }
+    }
+    out
+}
+
+/// Runs every tile with `run(geometry, rows, out [rows.len() * hd])` across threads
+/// and gathers the rows into `[seq, n_heads * hd]`.
+fn tiled<F>(q: &[f32], rows: usize, s: &AttentionShape, run: F) -> Vec<f32>
+where
+    F: Fn(&Geometry, &[Row], &mut [f32]) + Sync,
+{
+    let hd = s.head_dim;
+    let (qw, kw) = (s.n_heads * hd, s.n_kv_heads * hd);
+    let seq = q.len() / qw;
+    let g = Geometry {
+        hd,
+        qw,
+        kw,
+        group: s.n_heads / s.n_kv_heads,
+        scale: s.scale,
+        // Key row `j` holds position `first_key + j`; the last row is the last query's.
+        first_key: (s.past + seq).saturating_sub(rows),
+    };
+    let tiles = tiles(s, seq, rows, g.first_key);
+    let done: Vec<Vec<f32>> = tiles
+        .par_iter()
+        .map(|t| {
+            let mut o = vec![0f32; t.len() * hd];
+            run(&g, t, &mut o);
+            o
+        })
+        .collect();
+    let mut out = vec![0f32; q.len()];
+    for (t, o) in tiles.iter().zip(&done) {
+        for (r, o) in t.iter().zip(o.chunks_exact(hd)) {
+            out[r.i * qw + r.h * hd..][..hd].copy_from_slice(o);
+        }
+    }
+    out
+}
+
+/// The key blocks a tile touches.
+fn key_blocks(rows: &[Row]) -> std::ops::Range<usize> {
+    let lo = rows.iter().map(|r| r.lo).min().unwrap_or(0);
+    let hi = rows.iter().map(|r| r.hi).max().unwrap_or(0);
+    lo / KEY_BLOCK..hi.div_ceil(KEY_BLOCK)
+}
+
+/// A tile in plain loops, the same steps as the AVX2 kernel: per key block and row,
+/// the block's scores, the new running maximum, the block's exponentials and their sum,
+/// and the block's weighted values added to the rescaled output.
+fn tile_portable(q: &[f32], k: &[f32], v: &[f32], g: &Geometry, rows: &[Row], out: &mut [f32]) {
+    let hd = g.hd;
+    let mut max = vec![f32::NEG_INFINITY; rows.len()];
+    let mut sum = vec![0f32; rows.len()];
+    let mut p = [0f32; KEY_BLOCK];
+    let mut acc = vec![0f32; hd];
+    for b in key_blocks(rows) {
+        let base = b * KEY_BLOCK;
+        for (r, row) in rows.iter().enumerate() {
+            let (a, e) = (row.lo.max(base), row.hi.min(base + KEY_BLOCK));
+            if a >= e {
+                continue;
+            }
+            let qh = &q[row.i * g.qw + row.h * hd..][..hd];
+            let col = g.col(row.h);
+            let key = |pos: usize| (pos - g.first_key) * g.kw + col;
+            let mut m = f32::NEG_INFINITY;
+            for pos in a..e {
+                let x = dot(qh, &k[key(pos)..][..hd]) * g.scale;
+                p[pos - base] = x;
+                m = m.max(x);
+            }
+            let m = max[r].max(m);
+            let alpha = (max[r] - m).exp();
+            max[r] = m;
+            let mut total = 0.0;
+            for x in &mut p[a - base..e - base] {
+                *x = (*x - m).exp();
+                total += *x;
+            }
+            sum[r] = sum[r] * alpha + total;
+            acc.fill(0.0);
+            for pos in a..e {
+                let w = p[pos - base];
+                for (acc, v) in acc.iter_mut().zip(&v[key(pos)..][..hd]) {
+                    *acc += w * v;
+                }
+            }
+            for (o, acc) in out[r * hd..][..hd].iter_mut().zip(&acc) {
+                *o = *o * alpha + acc;
+            }
+        }
+    }
+    normalize(out, &sum, hd);
+}
+
+/// Divides each row's output by its softmax sum (a row that saw no key stays 0).
+fn normalize(out: &mut [f32], sum: &[f32], hd: usize) {
+    for (o, &l) in out.chunks_exact_mut(hd).zip(sum) {
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        o.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
 /// Causal grouped-query attention of `q [seq, n_heads * hd]` over `k`, `v`
-/// `[rows, n_kv_heads * hd]` (the last `rows` positions, oldest first); query head `h`
-/// reads KV head `h / (n_heads / n_kv_heads)`. Returns `[seq, n_heads * hd]`.
+/// `[rows, n_kv_heads * hd]` (the last `rows` positions, oldest first; paged rows are
+/// every position from 0); query head `h` reads KV head `h / (n_heads / n_kv_heads)`.
+/// Returns `[seq, n_heads * hd]`.
 ///
 /// Keys and values of an f16 cache are read in place (converted as they are loaded).
 pub fn attention(q: &[f32], k: KvRows, v: KvRows, s: &AttentionShape) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if features().avx2_fma_f16c {
-        // SAFETY: the CPU has AVX2, FMA and F16C, checked by `features`.
+        let width = s.n_kv_heads * s.head_dim;
+        let rows = k.len().min(v.len()) / width;
+        let first = (s.past + q.len() / (s.n_heads * s.head_dim)).saturating_sub(rows);
         match (k, v) {
-            (KvRows::F32(k), KvRows::F32(v)) => return unsafe { avx2::attention(q, k, v, s) },
-            (KvRows::F16(k), KvRows::F16(v)) => return unsafe { avx2::attention(q, k, v, s) },
+            (KvRows::F32(k), KvRows::F32(v)) => {
+                return simd(
+                    q,
+                    &Flat {
+                        data: k,
+                        first,
+                        width,
+                    },
+                    &Flat {
+                        data: v,
+                        first,
+                        width,
+                    },
+                    rows,
+                    s,
+                )
+            }
+            (KvRows::F16(k), KvRows::F16(v)) => {
+                return simd(
+                    q,
+                    &Flat {
+                        data: k,
+                        first,
+                        width,
+                    },
+                    &Flat {
+                        data: v,
+                        first,
+                        width,
+                    },
+                    rows,
+                    s,
+                )
+            }
+            (KvRows::PagedF32(k), KvRows::PagedF32(v)) if first == 0 => {
+                return simd(
+                    q,
+                    &Paged { pages: k, width },
+                    &Paged { pages: v, width },
+                    rows,
+                    s,
+                )
+            }
+            (KvRows::PagedF16(k), KvRows::PagedF16(v)) if first == 0 => {
+                return simd(
+                    q,
+                    &Paged { pages: k, width },
+                    &Paged { pages: v, width },
+                    rows,
+                    s,
+                )
+            }
             _ => {}
         }
     }
-    let (k, v) = (k.to_f32(), v.to_f32());
-    let (k, v): (&[f32], &[f32]) = (&k, &v);
-    attention_body!(q, k, v, s)
+    portable(q, k, v, s)
 }
 
+/// [`attention`] on the AVX2 kernel; the caller checks that the CPU has AVX2, FMA and
+/// F16C.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    //! Attention written out in AVX2 + FMA, one (query row, head) pair at a time: the
-    //! compiler's version of the loops above keeps each dot product in one chain of
-    //! dependent adds and re-reads the output row from memory per key. Here dot
-    //! products run four keys at a time in independent FMA chains and each head's
-    //! output stays in registers over 64-value slices of the head.
-    use std::arch::x86_64::*;
+fn simd<T: avx2::Elem, S: Source<T>>(
+    q: &[f32],
+    k: &S,
+    v: &S,
+    rows: usize,
+    s: &AttentionShape,
+) -> Vec<f32> {
+    tiled(q, rows, s, |g, rows, out| {
+        // SAFETY: the caller's CPU has AVX2, FMA and F16C; every row's keys are inside
+        // `k` and `v` (`tiled` bounds them by the rows given).
+        unsafe { avx2::tile(q, k, v, g, rows, out) }
+    })
+}
 
-    use half::f16;
-    use rayon::prelude::*;
-
-    use super::AttentionShape;
-    use crate::quant::kernels::avx2::hsum;
-
-    /// A key or value element: eight of them into a register, one into an f32.
-    pub trait Elem: Copy + Sync {
-        /// # Safety
-        /// Eight elements must be readable at `p`; the CPU must have AVX, and F16C for
-        /// f16.
-        unsafe fn load8(p: *const Self) -> __m256;
-        fn get(self) -> f32;
-    }
-
-    impl Elem for f32 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
-        #[inline(always)]
-        fn get(self) -> f32 {
-            self
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8_f16(p: *const f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-    }
-
-    impl Elem for f16 {
-        #[inline(always)]
-        unsafe fn load8(p: *const f16) -> __m256 {
-            load8_f16(p)
-        }
-        #[inline(always)]
-        fn get(self) -> f32 {
-            self.to_f32()
-        }
-    }
-
-    /// `e^x` per lane, within about one ulp of `f32::exp` for `x` in [-87.3, 88.3]
-    /// (clamped outside: softmax arguments are at most 0, and below -87.3 their share
-    /// is under 1e-38). Range reduction `x = n ln 2 + r` with `ln 2` in two parts, a
-    /// degree-6 polynomial for `e^r` on |r| <= ln 2 / 2, and `2^n` built in the
-    /// exponent bits.
-    #[inline(always)]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
-            _mm256_set1_ps(88.3),
-        );
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let p = _mm256_fmadd_ps(
-            p,
-            _mm256_mul_ps(r, r),
-            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
-        );
-        let bits = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        _mm256_mul_ps(p, _mm256_castsi256_ps(bits))
-    }
-
-    /// [`exp8`] on eight values (for tests).
-    #[cfg(test)]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn exp8_lanes(x: [f32; 8]) -> [f32; 8] {
-        let mut out = [0f32; 8];
-        _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(x.as_ptr())));
-        out
-    }
-
-    /// The lane sums of four registers, as the four lanes of one.
-    #[inline(always)]
-    unsafe fn hsum4(v: [__m256; 4]) -> __m128 {
-        // Pairwise adds leave [a0+a1, a2+a3, b0+b1, b2+b3 | ...] per 128-bit half, twice
-        // over; the two halves then add up to the four totals.
-        let ab = _mm256_hadd_ps(v[0], v[1]);
-        let cd = _mm256_hadd_ps(v[2], v[3]);
-        let abcd = _mm256_hadd_ps(ab, cd);
-        _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1))
-    }
-
-    /// `a · b` over `n` values.
-    #[inline(always)]
-    unsafe fn dot<T: Elem>(a: *const f32, b: *const T, n: usize) -> f32 {
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut c = 0;
-        while c + 16 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), T::load8(b.add(c)), a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c + 8)), T::load8(b.add(c + 8)), a1);
-            c += 16;
-        }
-        if c + 8 <= n {
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(c)), T::load8(b.add(c)), a0);
-            c += 8;
-        }
-        let mut sum = hsum(_mm256_add_ps(a0, a1));
-        while c < n {
-            sum += *a.add(c) * (*b.add(c)).get();
-            c += 1;
-        }
-        sum
-    }
-
-    /// One query head `qh` over keys and values `lo..hi` of KV head column `col`,
-    /// into `o`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn head<T: Elem>(
-        qh: &[f32],
-        k: &[T],
-        v: &[T],
-        kw: usize,
-        col: usize,
-        (lo, hi): (usize, usize),
-        scale: f32,
-        o: &mut [f32],
-    ) {
-        let hd = qh.len();
-        let mut scores = vec![0f32; hi - lo];
-        let (q, k) = (qh.as_ptr(), k.as_ptr().add(col));
-        // Four keys at a time: four independent FMA chains, and their four sums
-        // reduced together.
-        let mut j = lo;
-        while j + 4 <= hi {
-            let rows = [0, 1, 2, 3].map(|u| k.add((j + u) * kw));
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut c = 0;
-            while c + 8 <= hd {
-                let qv = _mm256_loadu_ps(q.add(c));
-                for (a, row) in acc.iter_mut().zip(rows) {
-                    *a = _mm256_fmadd_ps(qv, T::load8(row.add(c)), *a);
-                }
-                c += 8;
-            }
-            let mut sums = [0f32; 4];
-            _mm_storeu_ps(sums.as_mut_ptr(), hsum4(acc));
-            for (u, (sc, sum)) in scores[j - lo..j - lo + 4].iter_mut().zip(sums).enumerate() {
-                let tail: f32 = (c..hd).map(|c| *q.add(c) * (*rows[u].add(c)).get()).sum();
-                *sc = (sum + tail) * scale;
-            }
-            j += 4;
-        }
-        for (sc, j) in scores[j - lo..].iter_mut().zip(j..hi) {
-            *sc = dot(q, k.add(j * kw), hd) * scale;
-        }
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        let mut chunks = scores.chunks_exact_mut(8);
-        let mut sum8 = _mm256_setzero_ps();
-        for c in &mut chunks {
-            let e = exp8(_mm256_sub_ps(
-                _mm256_loadu_ps(c.as_ptr()),
-                _mm256_set1_ps(max),
-            ));
-            _mm256_storeu_ps(c.as_mut_ptr(), e);
-            sum8 = _mm256_add_ps(sum8, e);
-        }
-        let mut sum = hsum(sum8);
-        for sc in chunks.into_remainder() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        let inv = 1.0 / sum;
-        // 64 output values (eight registers) at a time over every key, then 8.
-        let mut c = 0;
-        while c + 64 <= hd {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for (j, &p) in (lo..hi).zip(&scores) {
-                let row = v.as_ptr().add(j * kw + col + c);
-                let p = _mm256_set1_ps(p);
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(p, T::load8(row.add(8 * i)), *a);
-                }
-            }
-            for (i, a) in acc.iter().enumerate() {
-                let at = o.as_mut_ptr().add(c + 8 * i);
-                _mm256_storeu_ps(at, _mm256_mul_ps(*a, _mm256_set1_ps(inv)));
-            }
-            c += 64;
-        }
-        while c + 8 <= hd {
-            let mut acc = _mm256_setzero_ps();
-            for (j, &p) in (lo..hi).zip(&scores) {
-                let row = v.as_ptr().add(j * kw + col + c);
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(p), T::load8(row), acc);
-            }
-            let at = o.as_mut_ptr().add(c);
-            _mm256_storeu_ps(at, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
-            c += 8;
-        }
-        for (c, o) in o.iter_mut().enumerate().skip(c) {
-            let acc: f32 = (lo..hi)
-                .zip(&scores)
-                .map(|(j, p)| p * v[j * kw + col + c].get())
-                .sum();
-            *o = acc * inv;
-        }
-    }
-
-    /// [`super::attention`]; the caller checks that the CPU has AVX2, FMA and F16C.
-    /// Every (query row, head) pair is one task of the same kernel.
-    pub unsafe fn attention<T: Elem>(q: &[f32], k: &[T], v: &[T], s: &AttentionShape) -> Vec<f32> {
-        let hd = s.head_dim;
-        let (qw, kw) = (s.n_heads * hd, s.n_kv_heads * hd);
-        let seq = q.len() / qw;
-        let rows = k.len() / kw;
-        let group = s.n_heads / s.n_kv_heads;
-        // Key row `j` holds position `first_key + j`; the last row is the last query's.
-        let first_key = (s.past + seq).saturating_sub(rows);
-        let mut out = vec![0f32; q.len()];
-        out.par_chunks_mut(hd).enumerate().for_each(|(at, o)| {
-            let (i, h) = (at / s.n_heads, at % s.n_heads);
-            let qp = s.past + i;
-            // Keys not after the query, and inside the window.
-            let hi = if s.causal {
-                (qp + 1).saturating_sub(first_key).min(rows)
-            } else {
-                rows
-            };
-            let lo = s
-                .window
-                .map_or(0, |w| (qp + 1).saturating_sub(w).saturating_sub(first_key))
-                .min(hi);
-            let col = h / group * hd;
-            // SAFETY: the caller's CPU has AVX2, FMA and F16C; rows are `kw` wide.
-            unsafe {
-                head(
-                    &q[i * qw + h * hd..i * qw + (h + 1) * hd],
-                    k,
-                    v,
-                    kw,
-                    col,
-                    (lo, hi),
-                    s.scale,
-                    o,
-                )
-            }
-        });
-        out
-    }
+/// [`attention`] in plain loops (f16 keys and values converted first).
+fn portable(q: &[f32], k: KvRows, v: KvRows, s: &AttentionShape) -> Vec<f32> {
+    let (k, v) = (k.to_f32(), v.to_f32());
+    let (k, v): (&[f32], &[f32]) = (&k, &v);
+    let rows = k.len().min(v.len()) / (s.n_kv_heads * s.head_dim);
+    tiled(q, rows, s, |g, rows, out| {
+        tile_portable(q, k, v, g, rows, out)
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Attention in f64 from its definition: query `i` (position `past + i`) sees the
-    /// keys at positions not after it and, with a window `w`, within `w` of it.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32> {
+    /// Attention in f64 from its definition, for the query rows `which` (the others
+    /// stay 0): query `i` (position `past + i`) sees the keys at positions not after it
+    /// and, with a window `w`, within `w` of it.
+    fn reference_rows(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: &AttentionShape,
+        which: impl Iterator<Item = usize>,
+    ) -> Vec<f32> {
         let hd = s.head_dim;
         let (qw, kw) = (s.n_heads * hd, s.n_kv_heads * hd);
         let (seq, rows) = (q.len() / qw, k.len() / kw);
         let first = s.past + seq - rows;
         let mut out = vec![0f32; q.len()];
-        for i in 0..seq {
+        for i in which {
             let qp = s.past + i;
             for h in 0..s.n_heads {
                 let g = h / (s.n_heads / s.n_kv_heads);
@@ -470,6 +476,21 @@ mod tests {
         out
     }
 
+    fn reference(q: &[f32], k: &[f32], v: &[f32], s: &AttentionShape) -> Vec<f32> {
+        let seq = q.len() / (s.n_heads * s.head_dim);
+        reference_rows(q, k, v, s, 0..seq)
+    }
+
+    /// A xorshift stream of values in [-1, 1).
+    fn stream(mut x: u64) -> impl FnMut() -> f32 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn the_vector_exp_is_within_two_ulps_of_exp() {
@@ -496,13 +517,7 @@ mod tests {
 
     #[test]
     fn host_attention_matches_its_definition() {
-        let mut x = 0x2545F4914F6CDD1Du64;
-        let mut rand = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        };
+        let mut rand = stream(0x2545F4914F6CDD1D);
         // Decode (one query) and prefill; grouped and plain heads; head sizes with and
         // without a tail past the SIMD width; with and without a window.
         // Bidirectional (an encoder's whole input in one step) too.
@@ -559,6 +574,215 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Random queries (scaled by `qs`), keys and values for `seq` positions after `past`.
+    fn inputs(
+        rand: &mut impl FnMut() -> f32,
+        s: &AttentionShape,
+        seq: usize,
+        qs: f32,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let rows = s.past + seq;
+        let kw = s.n_kv_heads * s.head_dim;
+        let q = (0..seq * s.n_heads * s.head_dim)
+            .map(|_| qs * rand())
+            .collect();
+        let k = (0..rows * kw).map(|_| rand()).collect();
+        let v = (0..rows * kw).map(|_| rand()).collect();
+        (q, k, v)
+    }
+
+    /// The tiled kernel against attention's definition at every scale of prompt, from
+    /// one position to 4096 (block edges either side of 16 and 64 included), on the
+    /// SIMD path (f32 and f16 keys) and the portable one. Errors are relative to the
+    /// values' magnitude (the output is a convex combination of values in [-1, 1]).
+    /// Long prompts check a sample of rows (the first and last 24 and every 61st)
+    /// against the f64 definition; the kernel computes all of them.
+    #[test]
+    fn tiled_attention_matches_its_definition_from_1_to_4096_positions() {
+        let mut rand = stream(0x9E3779B97F4A7C15);
+        for seq in [
+            1, 2, 3, 5, 8, 15, 16, 17, 31, 63, 64, 65, 100, 127, 128, 129, 255, 257, 513, 1000,
+            2048, 4096,
+        ] {
+            let s = AttentionShape {
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 64,
+                scale: 0.125,
+                window: None,
+                past: 0,
+                causal: true,
+            };
+            // Queries of spread 4: scores of standard deviation about 1, so attention
+            // spreads over many keys (the hard case for a running sum).
+            let (q, k, v) = inputs(&mut rand, &s, seq, 4.0);
+            let which: Vec<usize> = (0..seq)
+                .filter(|&i| seq <= 256 || i < 24 || i + 24 >= seq || i % 61 == 0)
+                .collect();
+            let want = reference_rows(&q, &k, &v, &s, which.iter().copied());
+            let k16: Vec<half::f16> = k.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let v16: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let (kr, vr): (Vec<f32>, Vec<f32>) = (
+                k16.iter().map(|x| x.to_f32()).collect(),
+                v16.iter().map(|x| x.to_f32()).collect(),
+            );
+            let want16 = reference_rows(&q, &kr, &vr, &s, which.iter().copied());
+            let mut runs = vec![
+                (
+                    "simd f32",
+                    attention(&q, KvRows::F32(&k), KvRows::F32(&v), &s),
+                    &want,
+                ),
+                (
+                    "simd f16",
+                    attention(&q, KvRows::F16(&k16), KvRows::F16(&v16), &s),
+                    &want16,
+                ),
+            ];
+            if seq <= 1024 {
+                runs.push((
+                    "portable",
+                    portable(&q, KvRows::F32(&k), KvRows::F32(&v), &s),
+                    &want,
+                ));
+            }
+            let qw = s.n_heads * s.head_dim;
+            for (what, got, want) in runs {
+                let mut worst = 0f32;
+                for &i in &which {
+                    for (g, w) in got[i * qw..(i + 1) * qw]
+                        .iter()
+                        .zip(&want[i * qw..(i + 1) * qw])
+                    {
+                        worst = worst.max((g - w).abs());
+                    }
+                }
+                assert!(worst <= 1e-5, "{what} at {seq} positions: error {worst:e}");
+            }
+        }
+    }
+
+    /// A row's output is the same bits whichever call it is in: a prompt in one step,
+    /// the same prompt in chunks of several sizes (each chunk after the cache of the
+    /// ones before), and the last position as a decode step; with and without a window.
+    #[test]
+    fn a_rows_output_does_not_depend_on_the_call_it_is_in() {
+        let mut rand = stream(0xD1B54A32D192ED03);
+        for window in [None, Some(100)] {
+            let seq = 300;
+            let whole = AttentionShape {
+                n_heads: 6,
+                n_kv_heads: 2,
+                head_dim: 40,
+                scale: 0.15,
+                window,
+                past: 0,
+                causal: true,
+            };
+            let (q, k, v) = inputs(&mut rand, &whole, seq, 3.0);
+            let k16: Vec<half::f16> = k.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let v16: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let (qw, kw) = (6 * 40, 2 * 40);
+            let one = attention(&q, KvRows::F16(&k16), KvRows::F16(&v16), &whole);
+            let one_portable = portable(&q, KvRows::F32(&k), KvRows::F32(&v), &whole);
+            for chunk in [1, 7, 16, 64, 100, 299] {
+                let mut past = 0;
+                while past < seq {
+                    let n = chunk.min(seq - past);
+                    let s = AttentionShape { past, ..whole };
+                    let qs = &q[past * qw..(past + n) * qw];
+                    // The cache as a sliding window would hold it: the last w - 1
+                    // positions before the chunk, then the chunk.
+                    let first = window.map_or(0, |w| past.saturating_sub(w - 1));
+                    let (ks, vs) = (
+                        &k16[first * kw..(past + n) * kw],
+                        &v16[first * kw..(past + n) * kw],
+                    );
+                    let got = attention(qs, KvRows::F16(ks), KvRows::F16(vs), &s);
+                    let (kf, vf) = (
+                        &k[first * kw..(past + n) * kw],
+                        &v[first * kw..(past + n) * kw],
+                    );
+                    let got_portable = portable(qs, KvRows::F32(kf), KvRows::F32(vf), &s);
+                    for (i, (g, w)) in got.iter().zip(&one[past * qw..]).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "window {window:?} chunk {chunk} at {past} [{i}]"
+                        );
+                    }
+                    for (i, (g, w)) in got_portable
+                        .iter()
+                        .zip(&one_portable[past * qw..])
+                        .enumerate()
+                    {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "portable, window {window:?} chunk {chunk} at {past} [{i}]"
+                        );
+                    }
+                    past += n;
+                }
+            }
+        }
+    }
+
+    /// Keys and values in pages (a last page holding stale rows past the length, as a
+    /// cache rewound and shared leaves it) give the same bits as in one run.
+    #[test]
+    fn paged_rows_read_as_one_run_does() {
+        let mut rand = stream(0x94D049BB133111EB);
+        for (seq, past) in [(1, 0), (1, 200), (70, 0), (33, 95), (1, 127), (130, 0)] {
+            let s = AttentionShape {
+                n_heads: 4,
+                n_kv_heads: 1,
+                head_dim: 72,
+                scale: 0.12,
+                window: None,
+                past,
+                causal: true,
+            };
+            let (q, k, v) = inputs(&mut rand, &s, seq, 3.0);
+            let width = 72;
+            let page = |x: &[f32]| -> Vec<Page<half::f16>> {
+                let mut pages: Vec<Page<half::f16>> = x
+                    .chunks(KEY_BLOCK * width)
+                    .map(|c| Page::new(c.iter().map(|&x| half::f16::from_f32(x)).collect()))
+                    .collect();
+                // Stale rows after the last position.
+                if let Some(last) = pages.last_mut() {
+                    std::sync::Arc::make_mut(last)
+                        .extend((0..width).map(|_| half::f16::from_f32(9.0)));
+                }
+                pages
+            };
+            let (kp, vp) = (page(&k), page(&v));
+            let k16: Vec<half::f16> = k.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let v16: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+            let flat = attention(&q, KvRows::F16(&k16), KvRows::F16(&v16), &s);
+            let (kr, vr) = (
+                KvRows::PagedF16(Pages {
+                    pages: &kp,
+                    len: k.len(),
+                }),
+                KvRows::PagedF16(Pages {
+                    pages: &vp,
+                    len: v.len(),
+                }),
+            );
+            let paged = attention(&q, kr, vr, &s);
+            assert!(
+                flat.iter()
+                    .zip(&paged)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "seq {seq} past {past}"
+            );
+            assert_eq!(kr.to_f32().len(), k.len());
+            assert!(kr.to_f32().iter().zip(&k16).all(|(a, b)| *a == b.to_f32()));
         }
     }
 }

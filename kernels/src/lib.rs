@@ -27,7 +27,7 @@ mod norm;
 pub mod quant;
 mod rope;
 
-pub use attention::{attention, AttentionShape, KvRows};
+pub use attention::{attention, AttentionShape, KvRows, Page, Pages, KEY_BLOCK};
 pub use elementwise::{gelu, gelu_tanh, silu, swiglu};
 pub use features::{features, Features};
 pub use norm::rms_norm;

@@ -12,16 +12,21 @@
 //!   could never fit is refused with the numbers.
 //! - A prefix cache: once a prompt is prefilled its keys and values are kept; a later
 //!   sequence whose prompt starts with the same tokens (a system prompt, a chat
-//!   history, a document, several samples of one prompt) copies those positions
-//!   instead of running them again. A sequence whose prompt shares a prefix with one
-//!   still prefilling waits for it. Entries count against the KV budget and the least
-//!   recently used go first when room is needed.
+//!   history, a document, several samples of one prompt) starts from those positions
+//!   instead of running them again, sharing their memory: host caches hold pages of
+//!   64 positions, reference-counted and copied only when written (`KvCache`), so a
+//!   sequence shares every whole page of the prefix and copies at most one. A
+//!   sequence whose prompt shares a prefix with one still prefilling waits for it.
+//!   Entries count against the KV budget and the least recently used go first when
+//!   room is needed; a sequence sharing an entry's pages is charged only for the rest
+//!   of its reservation, and the entry stays (pinned) until such sequences end, so
+//!   the budget still bounds the memory held.
 //! - Isolation: a failing step is retried one sequence at a time, so an error (or a
 //!   cancellation) ends only the sequence it belongs to.
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
-use llama_graph::{KvCache, KvType, Program, Rows, Sequence, Taps};
+use llama_graph::{KvCache, KvType, Program, Rows, Sequence, Taps, KV_PAGE};
 
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
@@ -133,7 +138,11 @@ struct Slot<'t> {
     prompt_len: usize,
     decoder: Decoder,
     text: Option<TextOutput<'t>>,
+    /// Positions charged to the KV budget: the reservation less the whole pages
+    /// shared with `pinned`.
     reserve: usize,
+    /// The prefix entry whose pages it shares.
+    pinned: Option<u64>,
     /// Tokens this step runs for it.
     planned: usize,
 }
@@ -145,9 +154,12 @@ impl Slot<'_> {
 }
 
 struct PrefixEntry {
+    id: u64,
     tokens: Vec<u32>,
     cache: KvCache,
     last_used: u64,
+    /// Running sequences sharing its pages: while there are any it is not evicted.
+    users: usize,
 }
 
 /// Runs many sequences through one program, a batched step at a time.
@@ -162,6 +174,7 @@ pub struct Scheduler<'t> {
     waiting: VecDeque<Waiting>,
     active: Vec<Slot<'t>>,
     prefixes: Vec<PrefixEntry>,
+    next_entry: u64,
     /// Positions reserved by running sequences and held by prefix entries.
     used: usize,
     events: Vec<Event>,
@@ -213,6 +226,7 @@ impl<'t> Scheduler<'t> {
             waiting: VecDeque::new(),
             active: Vec::new(),
             prefixes: Vec::new(),
+            next_entry: 0,
             used: 0,
             events: Vec::new(),
             clock: 0,
@@ -333,6 +347,19 @@ impl<'t> Scheduler<'t> {
         self.used
     }
 
+    /// Bytes of host KV memory that running sequences and the prefix cache hold,
+    /// each page counted once however many of them share it.
+    pub fn kv_bytes(&self) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let caches = self.active.iter().map(|s| &s.cache);
+        caches
+            .chain(self.prefixes.iter().map(|p| &p.cache))
+            .flat_map(KvCache::page_sizes)
+            .filter(|&(at, _)| seen.insert(at))
+            .map(|(_, bytes)| bytes)
+            .sum()
+    }
+
     /// Positions held by the prefix cache.
     pub fn prefix_positions(&self) -> usize {
         self.prefixes.iter().map(|p| p.tokens.len()).sum()
@@ -342,11 +369,25 @@ impl<'t> Scheduler<'t> {
         self.stats
     }
 
-    /// Drops every prefix cache entry.
+    /// Drops every prefix cache entry that no running sequence shares.
     pub fn clear_prefixes(&mut self) {
-        let freed = self.prefix_positions();
-        self.prefixes.clear();
-        self.used -= freed;
+        let used = &mut self.used;
+        self.prefixes.retain(|p| {
+            if p.users > 0 {
+                return true;
+            }
+            *used -= p.tokens.len();
+            false
+        });
+    }
+
+    /// Gives back what an ended sequence held: its charge, and its pin on the entry
+    /// whose pages it shared.
+    fn release(&mut self, s: &Slot) {
+        self.used -= s.reserve;
+        if let Some(p) = self.prefixes.iter_mut().find(|p| Some(p.id) == s.pinned) {
+            p.users -= 1;
+        }
     }
 
     /// Steps until every sequence has ended, handing each event to `on_event`.
@@ -417,10 +458,13 @@ impl<'t> Scheduler<'t> {
                         && common_prefix(&p.tokens, &s.tokens) >= s.prompt_len
                 });
                 if !covered && s.prompt_len >= self.opts.min_prefix {
+                    self.next_entry += 1;
                     let entry = PrefixEntry {
+                        id: self.next_entry,
                         tokens: s.tokens[..s.prompt_len].to_vec(),
                         cache: s.cache.clone(),
                         last_used: self.clock,
+                        users: 0,
                     };
                     // Made room for only where the budget has it free.
                     if self.used + entry.tokens.len() <= self.opts.kv_budget {
@@ -472,7 +516,7 @@ impl<'t> Scheduler<'t> {
         self.stats.widest_step = self.stats.widest_step.max(ran);
         for &i in done.iter().rev() {
             let s = self.active.remove(i);
-            self.used -= s.reserve;
+            self.release(&s);
             if self
                 .events
                 .iter()
@@ -505,8 +549,12 @@ impl<'t> Scheduler<'t> {
         let tokens = &tokens[..len];
         let mut i = 0;
         while i < self.prefixes.len() {
-            let p = &self.prefixes[i].tokens;
-            if p.len() <= len && common_prefix(p, tokens) == p.len() {
+            let p = &self.prefixes[i];
+            // (One that running sequences share stays until they end.)
+            if p.users == 0
+                && p.tokens.len() <= len
+                && common_prefix(&p.tokens, tokens) == p.tokens.len()
+            {
                 let p = self.prefixes.remove(i);
                 self.used -= p.tokens.len();
             } else {
@@ -518,10 +566,13 @@ impl<'t> Scheduler<'t> {
         }
         self.clock += 1;
         self.used += len;
+        self.next_entry += 1;
         self.prefixes.push(PrefixEntry {
+            id: self.next_entry,
             tokens: tokens.to_vec(),
             cache,
             last_used: self.clock,
+            users: 0,
         });
     }
 
@@ -542,7 +593,7 @@ impl<'t> Scheduler<'t> {
             }
             if s.decoder.is_done() {
                 let s = self.active.remove(i);
-                self.used -= s.reserve;
+                self.release(&s);
                 finish(s.id, s.decoder, s.text, &mut self.events);
             } else {
                 i += 1;
@@ -572,14 +623,16 @@ impl<'t> Scheduler<'t> {
                     return;
                 }
             }
+            // What it costs: its reservation less the whole pages it will share.
+            let need = w.reserve - entry.map_or(0, |e| self.shared(e, reuse));
             // Room: the least recently used prefixes go first (not the one about to
-            // be copied).
-            while self.used + w.reserve > self.opts.kv_budget {
+            // be shared, nor those running sequences share).
+            while self.used + need > self.opts.kv_budget {
                 let victim = self
                     .prefixes
                     .iter()
                     .enumerate()
-                    .filter(|(i, _)| Some(*i) != entry)
+                    .filter(|(i, p)| Some(*i) != entry && p.users == 0)
                     .min_by_key(|(_, p)| p.last_used)
                     .map(|(i, _)| i);
                 let Some(v) = victim else { break };
@@ -588,10 +641,10 @@ impl<'t> Scheduler<'t> {
                 // Indices after the evicted one move down.
                 entry = entry.map(|e| if e > v { e - 1 } else { e });
             }
-            if self.used + w.reserve > self.opts.kv_budget {
+            if self.used + need > self.opts.kv_budget {
                 // Reusing the entry is not worth blocking on: drop it too if it is
                 // all that stands in the way.
-                if let Some(e) = entry {
+                if let Some(e) = entry.filter(|&e| self.prefixes[e].users == 0) {
                     if self.used - self.prefixes[e].tokens.len() + w.reserve <= self.opts.kv_budget
                     {
                         let p = self.prefixes.remove(e);
@@ -632,12 +685,19 @@ impl<'t> Scheduler<'t> {
 
     fn start(&mut self, w: Waiting, entry: Option<usize>, reuse: usize) -> Result<Slot<'t>> {
         let mut cache = self.program.new_cache_of(w.reserve, self.cache_type)?;
+        let (mut reserve, mut pinned) = (w.reserve, None);
         if let Some(e) = entry {
             self.clock += 1;
+            let shared = self.shared(e, reuse);
             let p = &mut self.prefixes[e];
             p.last_used = self.clock;
             if cache.copy_prefix(&p.cache, reuse).is_ok() {
                 self.stats.prompt_tokens_reused += reuse as u64;
+                if shared > 0 {
+                    reserve -= shared;
+                    pinned = Some(p.id);
+                    p.users += 1;
+                }
             } else {
                 // A sliding-window layer that moved past the prefix: run it instead.
                 cache = self.program.new_cache_of(w.reserve, self.cache_type)?;
@@ -653,9 +713,21 @@ impl<'t> Scheduler<'t> {
             tokens: w.prompt,
             decoder,
             text,
-            reserve: w.reserve,
+            reserve,
+            pinned,
             planned: 0,
         })
+    }
+
+    /// Positions of the first `reuse` of entry `e` that a sequence starting from them
+    /// shares rather than holds: the whole pages, where the cache shares pages (host
+    /// layers; a device cache copies).
+    fn shared(&self, e: usize, reuse: usize) -> usize {
+        if self.prefixes[e].cache.shares_pages() {
+            reuse / KV_PAGE * KV_PAGE
+        } else {
+            0
+        }
     }
 
     /// Decides what each running sequence runs this step: one token for those

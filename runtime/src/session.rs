@@ -46,8 +46,10 @@ pub fn argmax(row: &[f32]) -> u32 {
 
 /// One conversation with a model: positions advance as tokens are prefilled and decoded.
 ///
-/// Cloning a session ([`Session::fork`]) shares the weights and copies the cache
-/// lazily (burn copies a cache tensor when one of the two sessions first writes it).
+/// Cloning a session ([`Session::fork`]) shares the weights and the cache: host layers
+/// share their pages of positions until one of the two sessions writes into a page
+/// (then that page alone is copied); device layers are copied lazily (burn copies a
+/// cache tensor when one of the two sessions first writes it).
 #[derive(Debug, Clone)]
 pub struct Session {
     program: Program,
@@ -91,6 +93,12 @@ impl Session {
 
     pub fn context(&self) -> usize {
         self.cache.capacity()
+    }
+
+    /// Pages of the host cache this session holds, and how many of them it does not
+    /// share with a fork or a prefix it started from.
+    pub fn cache_pages(&self) -> llama_graph::PageCount {
+        self.cache.pages()
     }
 
     /// Rows of keys (and of values) allocated per layer.
@@ -149,7 +157,9 @@ impl Session {
         crate::generate(self, tokenizer, prompt, opts, on_text)
     }
 
-    /// An independent session at the same position, sharing the weights.
+    /// An independent session at the same position, sharing the weights and, until
+    /// either writes over them, the cached positions: a fork costs a reference count
+    /// per page, not a copy of the cache.
     pub fn fork(&self) -> Session {
         self.clone()
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::common::*;
 use burn::tensor::Device;
-use llama::graph::{KvType, Pipeline, Program, Rows, Sequence, Taps};
+use llama::graph::{KvType, PageCount, Pipeline, Program, Rows, Sequence, Taps};
 use llama::runtime::{
     generate_ids, BatchOptions, Event, FinishReason, GenerateOptions, RuntimeError, SamplerConfig,
     Scheduler, Session,
@@ -288,6 +288,66 @@ fn the_kv_budget_refuses_with_numbers_and_makes_others_wait() {
     assert_eq!(done[&b].0, solo(&p, &ids(10, 2), &greedy(15)));
 }
 
+/// Sequences that start from a kept prefix share its whole pages and are charged
+/// only for the rest of their reservation: three sequences whose reservations add up
+/// to twice the budget run at once, the entry they share stays until they end, and
+/// each produces what it produces alone.
+#[test]
+fn sequences_sharing_a_prefix_are_charged_for_what_they_do_not_share() {
+    let p = program("llama3", &flex());
+    let opts = BatchOptions {
+        kv_budget: 300,
+        min_prefix: 16,
+        step_tokens: 256,
+        ..BatchOptions::default()
+    };
+    let mut s = Scheduler::for_program(&p, 256, KvType::F16, opts).expect("scheduler");
+    let prompt = ids(130, 7);
+    // 133 positions reserved; once prefilled, its prompt is kept (130 more).
+    let a = s.submit(prompt.clone(), greedy(4)).expect("fits");
+    let mut c = Collector::default();
+    c.take(s.step());
+    assert_eq!(s.kv_used(), 133 + 130);
+    // Each reserves 134 positions, of which the 128 of two whole pages are shared.
+    let tails: Vec<Vec<u32>> = (0..2u32)
+        .map(|i| {
+            let mut t = prompt.clone();
+            t.push(ids(1, 40 + i)[0]);
+            t
+        })
+        .collect();
+    let seqs: Vec<u64> = tails
+        .iter()
+        .map(|t| s.submit(t.clone(), greedy(4)).expect("fits"))
+        .collect();
+    for &q in &seqs {
+        assert_eq!(s.state(q), Some(llama::runtime::SeqState::Running));
+    }
+    assert_eq!(s.kv_used(), 133 + 130 + 2 * (134 - 128));
+    assert_eq!(s.running(), 3);
+    // With the prefix cache asked to empty, the entry they share stays.
+    s.clear_prefixes();
+    assert_eq!(s.prefix_positions(), 130);
+    let done = c.drain(&mut s);
+    let alone = |t: &[u32]| {
+        let mut s = Session::with_cache_type(p.clone(), 256, KvType::F16).expect("session");
+        generate_ids(&mut s, t, &greedy(4), |_| true)
+            .expect("alone")
+            .ids
+    };
+    assert_eq!(done[&a].0, alone(&prompt));
+    for (q, t) in seqs.iter().zip(&tails) {
+        assert_eq!(done[q].0, alone(t), "sequence {q}");
+    }
+    assert!(s.stats().prompt_tokens_reused >= 2 * 130);
+    s.clear_prefixes();
+    assert_eq!(
+        s.kv_used(),
+        0,
+        "nothing is charged once every sequence ended"
+    );
+}
+
 #[test]
 fn cancelling_one_sequence_leaves_the_others_alone() {
     let device = flex();
@@ -460,6 +520,60 @@ fn a_copied_prefix_continues_like_the_original() {
             Err(e) => assert_eq!(name, "mistral", "{name} refused a partial copy: {e}"),
         }
     }
+}
+
+/// Caches share pages of 64 positions: a copied prefix and a clone hold the prefix's
+/// pages without copying them, a cache that writes after a shared prefix copies only
+/// the page it writes into (and makes new ones), and what the other caches compute
+/// does not change by a bit.
+#[test]
+fn a_shared_prefix_shares_pages_and_copies_on_write() {
+    let p = program("llama3", &flex());
+    let cache = || p.new_cache_of(256, KvType::F16).expect("cache");
+    let mut a = cache();
+    p.run(&ids(150, 5), &mut a, &Taps::None).expect("prompt");
+    // 150 positions: three pages for each layer's keys and each layer's values.
+    let held = a.pages().held;
+    assert!(held > 0 && held % 3 == 0, "{held} pages");
+    let per_page = held / 3;
+    assert_eq!(a.pages().own, held);
+    let mut b = cache();
+    b.copy_prefix(&a, 100).expect("a prefix");
+    let shared = PageCount {
+        held: 2 * per_page,
+        own: 0,
+    };
+    assert_eq!(b.pages(), shared, "a copied prefix holds shared pages");
+    assert_eq!(a.pages().own, per_page, "only a's last page is its own");
+    let next = ids(1, 9);
+    let mut fork = a.clone();
+    assert_eq!(fork.pages().own, 0, "a clone shares every page");
+    let want = logits_of(p.run(&next, &mut fork, &Taps::None).expect("next"));
+    // Positions 100..160 of other tokens: page 1 copied, page 2 new, page 0 shared.
+    p.run(&ids(60, 11), &mut b, &Taps::None)
+        .expect("b's own tokens");
+    assert_eq!(
+        b.pages(),
+        PageCount {
+            held: 3 * per_page,
+            own: 2 * per_page
+        }
+    );
+    let got = logits_of(p.run(&next, &mut a, &Taps::None).expect("next"));
+    assert!(
+        want.iter()
+            .zip(&got)
+            .all(|(w, g)| w.to_bits() == g.to_bits()),
+        "a's logits changed after caches sharing its pages wrote"
+    );
+    // And b computes what a cache that ran all of its tokens computes.
+    let mut whole = cache();
+    let mut all = ids(150, 5)[..100].to_vec();
+    all.extend(ids(60, 11));
+    p.run(&all, &mut whole, &Taps::None).expect("whole");
+    let want = logits_of(p.run(&next, &mut whole, &Taps::None).expect("next"));
+    let got = logits_of(p.run(&next, &mut b, &Taps::None).expect("next"));
+    assert_close("after a shared prefix", &want, &got);
 }
 
 /// A finished sequence leaves its prompt and what it generated in the prefix cache:

@@ -213,6 +213,11 @@ fn fork_and_save_restore_continue_like_the_original() {
     };
     let next = [t.encode(" there").unwrap()[0]];
     let mut fork = s.fork();
+    // The fork holds the same pages and owns none of them, until it writes.
+    let pages = s.cache_pages();
+    assert!(pages.held > 0);
+    assert_eq!(fork.cache_pages().held, pages.held);
+    assert_eq!(fork.cache_pages().own, 0, "a fork shares every page");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("state.bin");
     s.state().unwrap().save(&file).unwrap();

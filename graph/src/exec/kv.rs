@@ -1,7 +1,9 @@
 //! The KV cache: keys and values of every attention layer, written in place.
 
 use burn::tensor::{Device, Tensor, TensorData};
-use llama_kernels::KvRows;
+use std::sync::Arc;
+
+use llama_kernels::{KvRows, Page, Pages, KEY_BLOCK};
 
 use crate::capabilities::Capabilities;
 use crate::error::{GraphError, Result};
@@ -36,56 +38,161 @@ pub enum KvType {
     F16,
 }
 
+/// One host layer's keys or values in pages of [`KEY_BLOCK`] positions. Pages are
+/// shared: a cache cloned, or given another's prefix ([`KvCache::copy_prefix`]), holds
+/// the same pages, and a page is copied only when a cache writes into one it shares
+/// (copy on write). So sequences that share a prompt prefix share its memory, and a
+/// session forks in the time it takes to count references.
+#[derive(Debug, Clone)]
+struct PagedRows<T> {
+    pages: Vec<Page<T>>,
+    /// Values that count (positions times width); a last page may hold stale rows
+    /// after them, which the next write replaces.
+    len: usize,
+}
+
+impl<T: Clone> PagedRows<T> {
+    fn new() -> Self {
+        PagedRows {
+            pages: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn rows(&self, n: usize) -> Option<Pages<'_, T>> {
+        (n <= self.len).then_some(Pages {
+            pages: &self.pages,
+            len: n,
+        })
+    }
+
+    /// Replaces every value from `from` on with `new`, in pages of `page` values: the
+    /// page holding `from` is copied first if another cache shares it.
+    fn write(&mut self, from: usize, new: impl ExactSizeIterator<Item = T>, page: usize) {
+        let from = from.min(self.len);
+        self.pages.truncate(from.div_ceil(page));
+        if !from.is_multiple_of(page) {
+            if let Some(last) = self.pages.last_mut() {
+                let keep = from % page;
+                match Arc::get_mut(last) {
+                    Some(p) => p.truncate(keep),
+                    None => {
+                        let mut p = Vec::with_capacity(page);
+                        p.extend_from_slice(&last[..keep]);
+                        *last = Arc::new(p);
+                    }
+                }
+            }
+        }
+        self.len = from + new.len();
+        let mut new = new.peekable();
+        while new.peek().is_some() {
+            let full = self.pages.last().is_none_or(|p| p.len() == page);
+            if full {
+                self.pages.push(Arc::new(Vec::with_capacity(page)));
+            }
+            if let Some(last) = self.pages.last_mut() {
+                // Unique by now (a new page, or the one the truncation copied).
+                let last = Arc::make_mut(last);
+                let room = page - last.len();
+                last.extend(new.by_ref().take(room));
+            }
+        }
+    }
+
+    /// The first `n` values of `src`, sharing its pages.
+    fn share(&mut self, src: &PagedRows<T>, n: usize, page: usize) {
+        self.pages = src.pages[..n.div_ceil(page)].to_vec();
+        self.len = n;
+    }
+
+    /// Pages this layer holds that no other cache shares.
+    fn own_pages(&self) -> usize {
+        self.pages
+            .iter()
+            .filter(|p| Arc::strong_count(p) == 1)
+            .count()
+    }
+}
+
 /// One host layer's keys and values.
 #[derive(Debug, Clone)]
 enum HostKv {
-    F32([Vec<f32>; 2]),
-    F16([Vec<half::f16>; 2]),
+    F32([PagedRows<f32>; 2]),
+    F16([PagedRows<half::f16>; 2]),
 }
 
 impl HostKv {
     fn new(ty: KvType) -> HostKv {
         match ty {
-            KvType::F32 => HostKv::F32([Vec::new(), Vec::new()]),
-            KvType::F16 => HostKv::F16([Vec::new(), Vec::new()]),
+            KvType::F32 => HostKv::F32([PagedRows::new(), PagedRows::new()]),
+            KvType::F16 => HostKv::F16([PagedRows::new(), PagedRows::new()]),
         }
     }
 
-    /// Keys (0) or values (1), rows `0..n / width`.
+    /// Keys (0) or values (1), the first `n` values.
     fn rows(&self, kind: usize, n: usize) -> Option<KvRows<'_>> {
         Some(match self {
-            HostKv::F32(x) => KvRows::F32(x[kind].get(..n)?),
-            HostKv::F16(x) => KvRows::F16(x[kind].get(..n)?),
+            HostKv::F32(x) => KvRows::PagedF32(x[kind].rows(n)?),
+            HostKv::F16(x) => KvRows::PagedF16(x[kind].rows(n)?),
         })
     }
 
-    /// Replaces everything from value `from` on with `new`, reserving `total` values
-    /// the first time so that growing never copies (nor holds twice the size); pages
-    /// are only touched as positions are written.
-    fn write(&mut self, kind: usize, from: usize, new: &[f32], total: usize) {
-        fn put<T>(data: &mut Vec<T>, from: usize, total: usize, new: impl Iterator<Item = T>) {
-            if data.capacity() == 0 {
-                data.reserve_exact(total);
-            }
-            data.truncate(from);
-            data.extend(new);
-        }
+    /// Replaces everything from value `from` on with `new`; rows are `width` wide.
+    fn write(&mut self, kind: usize, from: usize, new: &[f32], width: usize) {
+        let page = KEY_BLOCK * width;
         match self {
-            HostKv::F32(x) => put(&mut x[kind], from, total, new.iter().copied()),
-            HostKv::F16(x) => put(
-                &mut x[kind],
-                from,
-                total,
-                new.iter().map(|&v| half::f16::from_f32(v)),
-            ),
+            HostKv::F32(x) => x[kind].write(from, new.iter().copied(), page),
+            HostKv::F16(x) => {
+                x[kind].write(from, new.iter().map(|&v| half::f16::from_f32(v)), page)
+            }
         }
     }
 
-    /// Keys (0) or values (1) from f32, as a restored state.
-    fn set(&mut self, kind: usize, data: &[f32]) {
+    /// Keys and values hold the first `n` values of `src`'s, sharing its pages.
+    fn share(&mut self, src: &HostKv, n: usize, width: usize) -> Result<()> {
+        let page = KEY_BLOCK * width;
+        match (self, src) {
+            (HostKv::F32(a), HostKv::F32(b)) => {
+                a.iter_mut().zip(b).for_each(|(a, b)| a.share(b, n, page))
+            }
+            (HostKv::F16(a), HostKv::F16(b)) => {
+                a.iter_mut().zip(b).for_each(|(a, b)| a.share(b, n, page))
+            }
+            _ => {
+                return Err(GraphError::Input(
+                    "cannot share the pages of a KV cache of another type".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Each page by its address, with its size in bytes.
+    fn page_sizes(&self, out: &mut Vec<(usize, usize)>) {
+        fn of<T>(x: &[PagedRows<T>; 2], out: &mut Vec<(usize, usize)>) {
+            for p in x.iter().flat_map(|x| &x.pages) {
+                let at = Arc::as_ptr(p) as usize;
+                out.push((at, p.capacity() * std::mem::size_of::<T>()));
+            }
+        }
         match self {
-            HostKv::F32(x) => x[kind] = data.to_vec(),
-            HostKv::F16(x) => x[kind] = data.iter().map(|&v| half::f16::from_f32(v)).collect(),
+            HostKv::F32(x) => of(x, out),
+            HostKv::F16(x) => of(x, out),
+        }
+    }
+
+    fn own_pages(&self) -> usize {
+        match self {
+            HostKv::F32(x) => x.iter().map(PagedRows::own_pages).sum(),
+            HostKv::F16(x) => x.iter().map(PagedRows::own_pages).sum(),
+        }
+    }
+
+    fn pages(&self) -> usize {
+        match self {
+            HostKv::F32(x) => x.iter().map(|x| x.pages.len()).sum(),
+            HostKv::F16(x) => x.iter().map(|x| x.pages.len()).sum(),
         }
     }
 }
@@ -179,6 +286,32 @@ impl KvCache {
     /// Positions the cache can hold.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Pages of host layers (keys and values, every layer): all that this cache holds,
+    /// and those of them no other cache shares.
+    pub fn pages(&self) -> PageCount {
+        let host = self.layers.iter().filter_map(|l| l.host.as_ref());
+        PageCount {
+            held: host.clone().map(HostKv::pages).sum(),
+            own: host.map(HostKv::own_pages).sum(),
+        }
+    }
+
+    /// The host pages this cache holds, each by its address (the same for a page
+    /// shared with another cache) and its size in bytes.
+    pub fn page_sizes(&self) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        for h in self.layers.iter().filter_map(|l| l.host.as_ref()) {
+            h.page_sizes(&mut out);
+        }
+        out
+    }
+
+    /// Whether every layer keeps its rows in shared pages (host layers), so that a
+    /// clone or [`KvCache::copy_prefix`] shares memory instead of copying it.
+    pub fn shares_pages(&self) -> bool {
+        self.layers.iter().all(|l| l.host.is_some())
     }
 
     /// Rows allocated per layer (keys or values), for memory accounting.
@@ -288,8 +421,8 @@ impl KvCache {
         }
         for (l, s) in self.layers.iter_mut().zip(&snap.layers) {
             if let Some(host) = &mut l.host {
-                host.set(0, &s.keys);
-                host.set(1, &s.values);
+                host.write(0, 0, &s.keys, l.width);
+                host.write(1, 0, &s.values, l.width);
                 continue;
             }
             for (slot, data) in l.kv.iter_mut().zip([&s.keys, &s.values]) {
@@ -331,7 +464,7 @@ impl KvCache {
         if let Some(host) = &mut l.host {
             // Rows past `past` belong to a step that failed; this step replaces them.
             let new = Value::F2(new).into_f32_vec()?;
-            host.write(kind as usize, past * l.width, &new, l.rows * l.width);
+            host.write(kind as usize, past * l.width, &new, l.width);
             // Attention reads every position as stored, a step's own ones included
             // (rounded, with an f16 cache): a position's keys and values are the same
             // whether this step computed them, an earlier chunk of the prompt did, or
@@ -383,8 +516,10 @@ impl KvCache {
 
     /// Makes this cache hold the first `n` positions of `src` (a cache of the same
     /// graph), and nothing after them: what a sequence that shares a prompt prefix
-    /// with another starts from instead of running the prefix again. A layer with a
-    /// sliding window can give only positions it still holds.
+    /// with another starts from instead of running the prefix again. Host layers
+    /// share `src`'s pages (nothing is copied until one of the two writes into a
+    /// shared page); device layers are copied. A layer with a sliding window can give
+    /// only positions it still holds.
     pub fn copy_prefix(&mut self, src: &KvCache, n: usize) -> Result<()> {
         let same_layout = self.layers.len() == src.layers.len()
             && self.layers.iter().zip(&src.layers).all(|(a, b)| {
@@ -409,14 +544,11 @@ impl KvCache {
         }
         for (l, s) in self.layers.iter_mut().zip(&src.layers) {
             let values = n * l.width;
-            let total = l.rows * l.width;
             if let (Some(host), Some(from)) = (&mut l.host, &s.host) {
-                for kind in 0..2 {
-                    let rows = from
-                        .rows(kind, values)
-                        .ok_or_else(|| GraphError::Input("a KV cache layer is short".into()))?;
-                    host.write(kind, 0, &rows.to_f32(), total);
+                if from.rows(0, values).is_none() || from.rows(1, values).is_none() {
+                    return Err(GraphError::Input("a KV cache layer is short".into()));
                 }
+                host.share(from, values, l.width)?;
                 continue;
             }
             if n == 0 {
@@ -464,6 +596,14 @@ pub struct CachedRows {
     pub kind: KvKind,
     pub rows: usize,
     pub width: usize,
+}
+
+/// Pages of a [`KvCache`]'s host layers ([`KvCache::pages`]), each [`KEY_BLOCK`]
+/// positions of one layer's keys or values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageCount {
+    pub held: usize,
+    pub own: usize,
 }
 
 /// A KV cache copied to the host.

@@ -15,7 +15,7 @@ mod kv;
 mod lower_burn;
 mod lower_host;
 
-pub use kv::{CachedRows, KvCache, KvSnapshot, KvType, LayerSnapshot};
+pub use kv::{CachedRows, KvCache, KvSnapshot, KvType, LayerSnapshot, PageCount};
 pub use lower_burn::{eval, rope_angles};
 
 /// Which node outputs a run should capture.
