@@ -11,7 +11,7 @@ use super::{key_blocks, normalize, Geometry, Row, Source, KEY_BLOCK};
 use crate::quant::kernels::avx2::hsum;
 
 /// A key or value element: eight of them into a register, one into an f32.
-pub trait Elem: Copy + Sync {
+pub(super) trait Elem: Copy + Sync {
     /// # Safety
     /// Eight elements must be readable at `p`; the CPU must have AVX, and F16C for
     /// f16.
@@ -89,7 +89,7 @@ unsafe fn exp8(x: __m256) -> __m256 {
 /// [`exp8`] on eight values (for tests).
 #[cfg(test)]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn exp8_lanes(x: [f32; 8]) -> [f32; 8] {
+pub(super) unsafe fn exp8_lanes(x: [f32; 8]) -> [f32; 8] {
     let mut out = [0f32; 8];
     _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(x.as_ptr())));
     out
@@ -115,7 +115,7 @@ unsafe fn hsum4(v: [__m256; 4]) -> __m128 {
 /// values for every position of every row's `lo..hi`; `q` holds the rows' queries and
 /// `out` is `rows.len() * g.hd` long.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn tile<T: Elem, S: Source<T>>(
+pub(super) unsafe fn tile<T: Elem, S: Source<T>>(
     q: &[f32],
     k: &S,
     v: &S,
