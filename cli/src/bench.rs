@@ -35,7 +35,8 @@ pub struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// Also time every op of one more decode run and print where the time goes.
+    /// Also time every op of the last run (prefill and decode; with --parallel, the
+    /// batched decode) and print where the time goes.
     #[arg(long)]
     profile: bool,
     /// Run this many sequences at once, as llama-batched-bench's `-npl`: each
@@ -253,6 +254,10 @@ fn run_parallel(args: &BenchArgs, engine: &llama_runtime::Engine, prompt: &[u32]
             let out = program.run_batch(&mut seqs, &Taps::None, Rows::Last)?;
             let mut next = argmax_rows(&out.outputs[0].to_f32_vec()?, n);
             let first = start.elapsed();
+            let profiled = args.profile && rep == args.repetitions;
+            if profiled {
+                program.start_profile();
+            }
             let start = Instant::now();
             for _ in 0..args.n_gen {
                 let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
@@ -265,6 +270,12 @@ fn run_parallel(args: &BenchArgs, engine: &llama_runtime::Engine, prompt: &[u32]
                 next = argmax_rows(&out.outputs[0].to_f32_vec()?, n);
             }
             let gen = start.elapsed();
+            if profiled {
+                let p = program.take_profile();
+                if !args.json {
+                    print_profile(&format!("decode, {n} at once"), &p, gen, n * args.n_gen);
+                }
+            }
             if rep > 0 {
                 prefill.push((n * prompt.len()) as f64 / first.as_secs_f64());
                 pp_ms.push(first.as_secs_f64() * 1e3);

@@ -121,6 +121,7 @@ fn attention_bench(c: &mut Criterion) {
         ("prefill/512", 512, 0),
         ("prefill/2048", 2048, 0),
         ("decode/d2048", 1, 2048),
+        ("decode/d128", 1, 128),
     ] {
         let rows = past + seq;
         let q: Vec<f32> = (0..seq * n_heads * hd).map(|_| 2.0 * rand()).collect();

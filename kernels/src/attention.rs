@@ -243,14 +243,20 @@ where
         first_key: (s.past + seq).saturating_sub(rows),
     };
     let tiles = tiles(s, seq, rows, g.first_key);
-    let done: Vec<Vec<f32>> = tiles
-        .par_iter()
-        .map(|t| {
-            let mut o = vec![0f32; t.len() * hd];
-            run(&g, t, &mut o);
-            o
-        })
-        .collect();
+    let one = |t: &Vec<Row>| {
+        let mut o = vec![0f32; t.len() * hd];
+        run(&g, t, &mut o);
+        o
+    };
+    // A call of a few thousand (row, key) pairs (a decode step over a short context,
+    // one of a batch's many) is a few microseconds: cheaper on this thread than
+    // handed out, and a batch's calls run side by side anyway.
+    let pairs: usize = tiles.iter().flatten().map(|r| r.hi - r.lo).sum();
+    let done: Vec<Vec<f32>> = if pairs < 4096 {
+        tiles.iter().map(one).collect()
+    } else {
+        tiles.par_iter().map(one).collect()
+    };
     let mut out = vec![0f32; q.len()];
     for (t, o) in tiles.iter().zip(&done) {
         for (r, o) in t.iter().zip(o.chunks_exact(hd)) {

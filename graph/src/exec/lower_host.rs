@@ -100,7 +100,7 @@ pub(super) fn eval(
         } => {
             let (q, [rows, width]) = host2(node, f2(node, next()?)?)?;
             let kv = per_sequence(node, next()?, next()?)?;
-            let mut out = Vec::with_capacity(q.len());
+            let mut calls = Vec::with_capacity(step.parts.len());
             for (p, (k, v)) in step.parts.iter().zip(kv) {
                 let cache = &*p.cache;
                 let k = AttentionInput::new(node, k, cache)?;
@@ -115,12 +115,22 @@ pub(super) fn eval(
                     causal: true,
                 };
                 let q = &q[p.offset * width..(p.offset + p.seq) * width];
-                if out.is_empty() && p.seq == rows {
-                    out = llama_kernels::attention(q, k.rows(), v.rows(), &shape);
-                } else {
-                    out.extend(llama_kernels::attention(q, k.rows(), v.rows(), &shape));
-                }
+                calls.push((q, k, v, shape));
             }
+            let attend =
+                |(q, k, v, shape): &(&[f32], AttentionInput, AttentionInput, AttentionShape)| {
+                    llama_kernels::attention(q, k.rows(), v.rows(), shape)
+                };
+            // The sequences of a batched step side by side across threads (each call
+            // splits its own heads too): one at a time, a step of many decoding
+            // sequences is many small calls that leave threads idle.
+            let out = if let [one] = calls.as_slice() {
+                attend(one)
+            } else {
+                use rayon::prelude::*;
+                let parts: Vec<Vec<f32>> = calls.par_iter().map(attend).collect();
+                parts.concat()
+            };
             tensor2(out, [rows, width], device)
         }
         Op::EncoderAttention {
