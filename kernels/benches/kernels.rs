@@ -144,6 +144,26 @@ fn attention_bench(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| attention(&q, KvRows::F16(&k), KvRows::F16(&v), &s))
         });
+        // The same in pages of 64 positions, as a host KV cache holds them.
+        let pages = |x: &[half::f16]| -> Vec<llama_kernels::Page<half::f16>> {
+            x.chunks(llama_kernels::KEY_BLOCK * n_kv_heads * hd)
+                .map(|c| std::sync::Arc::new(c.to_vec()))
+                .collect()
+        };
+        let (kp, vp) = (pages(&k), pages(&v));
+        group.bench_function(format!("{name}/paged"), |b| {
+            b.iter(|| {
+                let kr = KvRows::PagedF16(llama_kernels::Pages {
+                    pages: &kp,
+                    len: k.len(),
+                });
+                let vr = KvRows::PagedF16(llama_kernels::Pages {
+                    pages: &vp,
+                    len: v.len(),
+                });
+                attention(&q, kr, vr, &s)
+            })
+        });
         // The same over an f32 cache (no conversions).
         let (k, v): (Vec<f32>, Vec<f32>) = (
             k.iter().map(|x| x.to_f32()).collect(),
