@@ -33,6 +33,8 @@ mod avx2;
 pub const KEY_BLOCK: usize = 64;
 /// Query positions per task in a prompt.
 const QUERY_BLOCK: usize = 16;
+/// (query row, key) pairs under which a call runs on the calling thread.
+const SMALL: usize = 4096;
 
 /// Shape of an attention call.
 pub struct AttentionShape {
@@ -195,7 +197,10 @@ impl Geometry {
 fn tiles(s: &AttentionShape, seq: usize, rows: usize, first_key: usize) -> Vec<Vec<Row>> {
     let group = s.n_heads / s.n_kv_heads;
     let blocks = seq.div_ceil(QUERY_BLOCK);
-    let per_tile = if s.n_kv_heads * blocks >= 2 * rayon::current_num_threads() {
+    // A small call runs on one thread (see `tiled`): whole groups then, so each key
+    // and value is read once for all the heads that read it.
+    let small = seq * s.n_heads * rows < SMALL;
+    let per_tile = if small || s.n_kv_heads * blocks >= 2 * rayon::current_num_threads() {
         group
     } else {
         1
@@ -252,7 +257,7 @@ where
     // one of a batch's many) is a few microseconds: cheaper on this thread than
     // handed out, and a batch's calls run side by side anyway.
     let pairs: usize = tiles.iter().flatten().map(|r| r.hi - r.lo).sum();
-    let done: Vec<Vec<f32>> = if pairs < 4096 {
+    let done: Vec<Vec<f32>> = if pairs < SMALL {
         tiles.iter().map(one).collect()
     } else {
         tiles.par_iter().map(one).collect()
