@@ -33,7 +33,8 @@ mod avx2;
 pub const KEY_BLOCK: usize = 64;
 /// Query positions per task in a prompt.
 const QUERY_BLOCK: usize = 16;
-/// (query row, key) pairs under which a call runs on the calling thread.
+/// Query rows (positions by heads) times key rows under which a call runs on the
+/// calling thread.
 const SMALL: usize = 4096;
 
 /// Shape of an attention call.
@@ -194,12 +195,17 @@ impl Geometry {
 /// The tiles of a call, each a list of rows that read one KV head: blocks of
 /// [`QUERY_BLOCK`] positions by the query heads of one KV head when that makes tasks
 /// enough for every thread twice over, else by single query heads.
-fn tiles(s: &AttentionShape, seq: usize, rows: usize, first_key: usize) -> Vec<Vec<Row>> {
+fn tiles(
+    s: &AttentionShape,
+    seq: usize,
+    rows: usize,
+    first_key: usize,
+    small: bool,
+) -> Vec<Vec<Row>> {
     let group = s.n_heads / s.n_kv_heads;
     let blocks = seq.div_ceil(QUERY_BLOCK);
     // A small call runs on one thread (see `tiled`): whole groups then, so each key
     // and value is read once for all the heads that read it.
-    let small = seq * s.n_heads * rows < SMALL;
     let per_tile = if small || s.n_kv_heads * blocks >= 2 * rayon::current_num_threads() {
         group
     } else {
@@ -247,17 +253,17 @@ where
         // Key row `j` holds position `first_key + j`; the last row is the last query's.
         first_key: (s.past + seq).saturating_sub(rows),
     };
-    let tiles = tiles(s, seq, rows, g.first_key);
+    // A call of a few thousand (query row, key) pairs or fewer (a decode step over a
+    // short context, one of a batch's many) is a few microseconds: cheaper on this
+    // thread than handed out, and a batch's calls run side by side anyway.
+    let small = seq * s.n_heads * rows < SMALL;
+    let tiles = tiles(s, seq, rows, g.first_key, small);
     let one = |t: &Vec<Row>| {
         let mut o = vec![0f32; t.len() * hd];
         run(&g, t, &mut o);
         o
     };
-    // A call of a few thousand (row, key) pairs (a decode step over a short context,
-    // one of a batch's many) is a few microseconds: cheaper on this thread than
-    // handed out, and a batch's calls run side by side anyway.
-    let pairs: usize = tiles.iter().flatten().map(|r| r.hi - r.lo).sum();
-    let done: Vec<Vec<f32>> = if pairs < SMALL {
+    let done: Vec<Vec<f32>> = if small {
         tiles.iter().map(one).collect()
     } else {
         tiles.par_iter().map(one).collect()
@@ -349,56 +355,20 @@ pub fn attention(q: &[f32], k: KvRows, v: KvRows, s: &AttentionShape) -> Vec<f32
         let first = (s.past + q.len() / (s.n_heads * s.head_dim)).saturating_sub(rows);
         match (k, v) {
             (KvRows::F32(k), KvRows::F32(v)) => {
-                return simd(
-                    q,
-                    &Flat {
-                        data: k,
-                        first,
-                        width,
-                    },
-                    &Flat {
-                        data: v,
-                        first,
-                        width,
-                    },
-                    rows,
-                    s,
-                )
+                let [k, v] = [k, v].map(|data| Flat { data, first, width });
+                return simd(q, &k, &v, rows, s);
             }
             (KvRows::F16(k), KvRows::F16(v)) => {
-                return simd(
-                    q,
-                    &Flat {
-                        data: k,
-                        first,
-                        width,
-                    },
-                    &Flat {
-                        data: v,
-                        first,
-                        width,
-                    },
-                    rows,
-                    s,
-                )
+                let [k, v] = [k, v].map(|data| Flat { data, first, width });
+                return simd(q, &k, &v, rows, s);
             }
             (KvRows::PagedF32(k), KvRows::PagedF32(v)) if first == 0 => {
-                return simd(
-                    q,
-                    &Paged { pages: k, width },
-                    &Paged { pages: v, width },
-                    rows,
-                    s,
-                )
+                let [k, v] = [k, v].map(|pages| Paged { pages, width });
+                return simd(q, &k, &v, rows, s);
             }
             (KvRows::PagedF16(k), KvRows::PagedF16(v)) if first == 0 => {
-                return simd(
-                    q,
-                    &Paged { pages: k, width },
-                    &Paged { pages: v, width },
-                    rows,
-                    s,
-                )
+                let [k, v] = [k, v].map(|pages| Paged { pages, width });
+                return simd(q, &k, &v, rows, s);
             }
             _ => {}
         }
