@@ -1,5 +1,7 @@
 //! Backends and devices: the one place a burn backend is named.
-use burn::tensor::{Device, DeviceKind, DeviceType, Tensor};
+use burn::tensor::Device;
+#[cfg(feature = "wgpu")]
+use burn::tensor::{DeviceKind, DeviceType, Tensor};
 
 use crate::error::{Result, RuntimeError};
 
@@ -53,6 +55,7 @@ const NO_ADAPTER: &str =
 
 /// GPU drivers print warnings of their own (Mesa: "XDG_RUNTIME_DIR is invalid or not
 /// set") when this is unset; give them a private directory so users see none.
+#[cfg(feature = "wgpu")]
 fn quiet_drivers() {
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         let dir = std::env::temp_dir().join(format!("llama-rs-runtime-{}", std::process::id()));
@@ -68,6 +71,7 @@ fn quiet_drivers() {
 }
 
 /// Runs `f`, turning a panic inside the GPU stack into `None` without printing it.
+#[cfg(feature = "wgpu")]
 fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
@@ -77,9 +81,16 @@ fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
 }
 
 /// Every wgpu adapter, in a stable order.
+#[cfg(feature = "wgpu")]
 pub fn gpu_adapters() -> Vec<Device> {
     quiet_drivers();
     quietly(|| Device::enumerate(DeviceType::Wgpu).into_vec()).unwrap_or_default()
+}
+
+/// A build without the `wgpu` feature has no adapters.
+#[cfg(not(feature = "wgpu"))]
+pub fn gpu_adapters() -> Vec<Device> {
+    Vec::new()
 }
 
 /// Every wgpu adapter, each with a line describing it; an error when there is none.
@@ -104,11 +115,11 @@ pub fn describe_gpu(device: &Device) -> String {
             .to_string()
     };
     let (kind, mut api) = (field("kind"), field("backend"));
-    match quietly(|| device.identity()).flatten() {
-        Some(id) => {
+    match adapter_identity(device) {
+        Some((name, fingerprint)) => {
             if api == "Auto" {
                 // The shader target says which API the runtime settled on.
-                api = match id.fingerprint.split('_').next() {
+                api = match fingerprint.split('_').next() {
                     Some("spirv") => "Vulkan".into(),
                     Some("msl") => "Metal".into(),
                     Some("hlsl") => "DX12".into(),
@@ -116,15 +127,36 @@ pub fn describe_gpu(device: &Device) -> String {
                 };
             }
             format!(
-                "{} | type {kind} | api {api} | shaders {} | memory unknown",
-                id.name, id.fingerprint
+                "{name} | type {kind} | api {api} | shaders {fingerprint} | memory unknown"
             )
         }
         None => format!("type {kind} | api {api}"),
     }
 }
 
+/// The adapter's name and shader target, when the device reports them.
+#[cfg(feature = "wgpu")]
+fn adapter_identity(device: &Device) -> Option<(String, String)> {
+    quietly(|| device.identity())
+        .flatten()
+        .map(|id| (id.name, id.fingerprint))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn adapter_identity(_device: &Device) -> Option<(String, String)> {
+    None
+}
+
+/// A build without the `wgpu` feature refuses the backend.
+#[cfg(not(feature = "wgpu"))]
+fn gpu_device(_index: Option<usize>) -> Result<Device> {
+    Err(RuntimeError::Device(
+        "backend wgpu: this build has no GPU support (built without the `wgpu` feature); use --backend flex".into(),
+    ))
+}
+
 /// The default adapter, or adapter `index` of [`gpu_adapters`], once it has run an op.
+#[cfg(feature = "wgpu")]
 fn gpu_device(index: Option<usize>) -> Result<Device> {
     let adapters = gpu_adapters();
     if adapters.is_empty() {
