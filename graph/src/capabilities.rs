@@ -5,11 +5,11 @@ use burn::tensor::Device;
 
 /// The one answer to "what may run on this device".
 ///
-/// | device | host kernels | host KV cache |
-/// |---|---|---|
-/// | burn-flex (CPU) | yes | yes |
-/// | burn-ndarray (CPU) | no: pure burn, the reference the others are checked against | no |
-/// | burn-wgpu (GPU) | no | no |
+/// | device | host kernels | host KV cache | device blocks |
+/// |---|---|---|---|
+/// | burn-flex (CPU) | yes | yes | no |
+/// | burn-ndarray (CPU) | no: pure burn, the reference the others are checked against | no | no |
+/// | burn-wgpu (GPU) | no | no | yes |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
     /// Our host kernels (`llama-kernels`: block matmuls over GGML blocks, RMSNorm, RoPE,
@@ -20,6 +20,9 @@ pub struct Capabilities {
     /// as positions arrive and read in place by the host attention. Otherwise the cache
     /// is a pair of preallocated tensors per layer on the device.
     pub host_kv: bool,
+    /// GGML block weights stay in their blocks in device memory and our GPU kernels
+    /// multiply them ([`crate::gpu::DeviceBlocks`]).
+    pub device_blocks: bool,
 }
 
 impl Capabilities {
@@ -29,6 +32,7 @@ impl Capabilities {
         Capabilities {
             host_kernels: host,
             host_kv: host,
+            device_blocks: crate::gpu::DeviceBlocks::supported(device),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod capabilities;
 pub mod dump;
 pub mod error;
 pub mod exec;
+pub mod gpu;
 pub mod graph;
 pub mod ir;
 pub mod passes;

@@ -12,6 +12,8 @@ pub enum Value {
     I1(Tensor<1, Int>),
     /// A weight matrix of GGML blocks in host memory, for the CPU matmul kernels.
     Quant(std::sync::Arc<llama_kernels::quant::QMatrix>),
+    /// A weight matrix of GGML blocks on a GPU device, for the GPU block kernels.
+    Blocks(std::sync::Arc<crate::gpu::DeviceBlocks>),
     /// Keys or values held in the host KV cache (CPU devices), read in place.
     Cached(crate::exec::CachedRows),
     /// One value per sequence of a batched step, in row order: what `kv_append`
@@ -26,6 +28,7 @@ impl Value {
             Value::F2(t) => t.dims().to_vec(),
             Value::I1(t) => t.dims().to_vec(),
             Value::Quant(m) => vec![m.rows(), m.cols()],
+            Value::Blocks(m) => vec![m.rows(), m.cols()],
             Value::Cached(r) => vec![r.rows, r.width],
             Value::PerSequence(values) => {
                 let dims: Vec<Vec<usize>> = values.iter().map(Value::dims).collect();
@@ -60,6 +63,7 @@ impl Value {
             Value::F2(t) => t.into_data(),
             Value::I1(_) => return Err(GraphError::Input("integer value read as f32".into())),
             Value::Quant(m) => return Ok(m.dequantize()),
+            Value::Blocks(m) => return Ok(m.host().dequantize()),
             Value::Cached(_) | Value::PerSequence(_) => {
                 return Err(GraphError::Input(
                     "cached KV rows are read through the cache".into(),

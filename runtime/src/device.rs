@@ -126,9 +126,7 @@ pub fn describe_gpu(device: &Device) -> String {
                     _ => api,
                 };
             }
-            format!(
-                "{name} | type {kind} | api {api} | shaders {fingerprint} | memory unknown"
-            )
+            format!("{name} | type {kind} | api {api} | shaders {fingerprint} | memory unknown")
         }
         None => format!("type {kind} | api {api}"),
     }

@@ -100,10 +100,10 @@ pub const DEFAULT_CONTEXT: usize = 4096;
 
 /// What the engine compiles for a device: decided once, here.
 ///
-/// | | host kernels (flex) | no host kernels (ndarray, wgpu) |
-/// |---|---|---|
-/// | GGUF block weights | kept in blocks unless `Precision::F32` | widened to f32 |
-/// | default passes | fuse-matmul, constant-fold, dead-nodes, fuse-swiglu, quantize-weights (`Precision::Q8_0` only), pack-blocks | fuse-matmul, constant-fold, dead-nodes |
+/// | | host kernels (flex) | device blocks (wgpu) | neither (ndarray) |
+/// |---|---|---|---|
+/// | GGUF block weights | kept in blocks unless `Precision::F32` | kept in blocks on the device unless `Precision::F32` | widened to f32 |
+/// | default passes | fuse-matmul, constant-fold, dead-nodes, fuse-swiglu, quantize-weights (`Precision::Q8_0` only), pack-blocks | fuse-matmul, constant-fold, dead-nodes, upload-blocks | fuse-matmul, constant-fold, dead-nodes |
 /// | KV cache | host rows, f16 (f32 with `Precision::F32`) | device tensors, f32 |
 pub struct Policy {
     /// Whether GGUF block matrices stay as stored.
@@ -120,6 +120,7 @@ impl Policy {
         let host = caps.host_kernels;
         let pipeline = match &options.passes {
             Passes::Default if host => Pipeline::standard_cpu(options.precision == Precision::Q8_0),
+            Passes::Default if caps.device_blocks => Pipeline::standard_gpu(),
             Passes::Default => Pipeline::standard(),
             Passes::None => Pipeline::none(),
             Passes::List(names) => {
@@ -133,7 +134,7 @@ impl Policy {
             None => KvType::F16,
         };
         Policy {
-            keep_blocks: host && options.precision != Precision::F32,
+            keep_blocks: (host || caps.device_blocks) && options.precision != Precision::F32,
             pipeline,
             cache_type,
         }
@@ -321,10 +322,17 @@ mod tests {
     const HOST: Capabilities = Capabilities {
         host_kernels: true,
         host_kv: true,
+        device_blocks: false,
     };
     const DEVICE_ONLY: Capabilities = Capabilities {
         host_kernels: false,
         host_kv: false,
+        device_blocks: false,
+    };
+    const GPU: Capabilities = Capabilities {
+        host_kernels: false,
+        host_kv: false,
+        device_blocks: true,
     };
 
     fn options(precision: Precision, cache_type: Option<KvType>) -> SessionOptions {
@@ -374,6 +382,24 @@ mod tests {
                 ["fuse-matmul", "constant-fold", "dead-nodes"]
             );
         }
+    }
+
+    #[test]
+    fn gpu_devices_keep_blocks_on_the_device() {
+        let p = Policy::decide(GPU, &options(Precision::Native, None));
+        assert!(p.keep_blocks);
+        assert_eq!(p.cache_type, KvType::F32);
+        assert_eq!(
+            p.pipeline.names(),
+            [
+                "fuse-matmul",
+                "constant-fold",
+                "dead-nodes",
+                "upload-blocks"
+            ]
+        );
+        let exact = Policy::decide(GPU, &options(Precision::F32, None));
+        assert!(!exact.keep_blocks, "f32 precision widens every weight");
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod engine;
 mod fuzz_replay;
 mod generation;
 mod gguf_format;
+mod gpu_blocks;
 mod model_variants;
 mod non_finite;
 mod passes_on_models;

@@ -27,6 +27,10 @@ pub fn eval(
             let Value::I1(ids) = next()? else {
                 return Err(bad(node, "token ids must be integers"));
             };
+            let table = match table {
+                Value::Blocks(b) => Value::Quant(b.host().clone()),
+                t => t,
+            };
             match table {
                 // A block-quantized table: only the looked-up rows are widened.
                 Value::Quant(table) => {
@@ -53,6 +57,7 @@ pub fn eval(
             let x = f2(node, next()?)?;
             match next()? {
                 Value::F2(w) => Value::F2(x.matmul(w.transpose())),
+                Value::Blocks(w) => Value::F2(w.matmul(node, x)?),
                 other => {
                     return Err(bad(
                         node,
@@ -125,6 +130,12 @@ pub fn eval(
                     .ok_or_else(|| bad(node, "row slice past the end of the matrix"))?,
             )),
             Value::Quant(_) => return Err(bad(node, "a block matrix is sliced by rows only")),
+            Value::Blocks(_) => {
+                return Err(bad(
+                    node,
+                    "a device block matrix is not sliced while running",
+                ))
+            }
             Value::Cached(_) | Value::PerSequence(_) => {
                 return Err(bad(node, "cannot slice cached rows"))
             }

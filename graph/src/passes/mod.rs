@@ -8,6 +8,7 @@ mod fuse_matmul;
 mod fuse_swiglu;
 mod pack;
 mod quantize;
+mod upload;
 
 use burn::tensor::Device;
 
@@ -17,6 +18,7 @@ pub use fuse_matmul::FuseSiblingMatMuls;
 pub use fuse_swiglu::FuseSwiGlu;
 pub use pack::PackBlocks;
 pub use quantize::QuantizeWeights;
+pub use upload::UploadBlocks;
 
 use crate::error::Result;
 use crate::graph::Graph;
@@ -75,6 +77,14 @@ impl Pipeline {
         p
     }
 
+    /// The default on GPU backends: the standard pipeline, then block weights copied
+    /// to the device as stored (the matmul kernels widen them as they read).
+    pub fn standard_gpu() -> Self {
+        let mut p = Self::standard();
+        p.passes.push(Box::new(UploadBlocks));
+        p
+    }
+
     /// A single named pass from the standard set.
     pub fn by_name(name: &str) -> Option<Box<dyn Pass>> {
         match name {
@@ -84,6 +94,7 @@ impl Pipeline {
             "dead-nodes" => Some(Box::new(DeadNodes)),
             "quantize-weights" => Some(Box::new(QuantizeWeights)),
             "pack-blocks" => Some(Box::new(PackBlocks)),
+            "upload-blocks" => Some(Box::new(UploadBlocks)),
             _ => None,
         }
     }
@@ -96,6 +107,7 @@ impl Pipeline {
         "dead-nodes",
         "quantize-weights",
         "pack-blocks",
+        "upload-blocks",
     ];
 
     pub fn from_passes(passes: Vec<Box<dyn Pass>>) -> Self {

@@ -1,0 +1,230 @@
+//! Block weights on GPU devices: GGUF's blocks copied to the device as stored and
+//! multiplied by our cubecl kernels, which widen each weight as they read it. A
+//! Q4_K_M file's weights then take about their file size of device memory instead of
+//! six to eight times as much as f32.
+use std::sync::Arc;
+
+use burn::tensor::{Device, Tensor};
+use llama_kernels::quant::QMatrix;
+
+use crate::error::{GraphError, Result};
+
+#[cfg(feature = "wgpu")]
+mod kernels;
+#[cfg(feature = "wgpu")]
+mod ops;
+
+/// A `[rows, cols]` weight matrix of GGML blocks on a GPU device, with the host matrix
+/// it came from (an embedding table is looked up on the host).
+pub struct DeviceBlocks {
+    host: Arc<QMatrix>,
+    #[cfg(feature = "wgpu")]
+    chunks: Arc<Chunks>,
+}
+
+impl std::fmt::Debug for DeviceBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceBlocks[{}x{}, {}, {} bytes]",
+            self.rows(),
+            self.cols(),
+            self.host.type_names(),
+            self.device_bytes()
+        )
+    }
+}
+
+impl DeviceBlocks {
+    /// Whether `device` runs the block kernels (a cubecl device: wgpu).
+    pub fn supported(device: &Device) -> bool {
+        #[cfg(feature = "wgpu")]
+        {
+            matches!(device.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
+        }
+        #[cfg(not(feature = "wgpu"))]
+        {
+            let _ = device;
+            false
+        }
+    }
+
+    /// Copies `host`'s blocks to `device`.
+    pub fn upload(host: Arc<QMatrix>, device: &Device) -> Result<DeviceBlocks> {
+        #[cfg(feature = "wgpu")]
+        {
+            let chunks = Arc::new(Chunks::upload(&host, device)?);
+            Ok(DeviceBlocks { host, chunks })
+        }
+        #[cfg(not(feature = "wgpu"))]
+        {
+            let _ = (host, device);
+            Err(GraphError::Input(
+                "block weights on a GPU need the `wgpu` feature".into(),
+            ))
+        }
+    }
+
+    /// The matrix in host memory.
+    pub fn host(&self) -> &Arc<QMatrix> {
+        &self.host
+    }
+
+    pub fn rows(&self) -> usize {
+        self.host.rows()
+    }
+
+    pub fn cols(&self) -> usize {
+        self.host.cols()
+    }
+
+    /// Bytes held on the device.
+    pub fn device_bytes(&self) -> usize {
+        #[cfg(feature = "wgpu")]
+        {
+            self.chunks.chunks.iter().map(|c| c.words * 4).sum()
+        }
+        #[cfg(not(feature = "wgpu"))]
+        {
+            0
+        }
+    }
+
+    /// `x · Wᵀ` for `x: [m, cols]`, on the device.
+    pub fn matmul(&self, node: &str, x: Tensor<2>) -> Result<Tensor<2>> {
+        let [_, k] = x.dims();
+        if k != self.cols() {
+            return Err(GraphError::Invalid {
+                node: node.into(),
+                message: format!(
+                    "input of {k} features for a {}x{} block matrix",
+                    self.rows(),
+                    self.cols()
+                ),
+            });
+        }
+        #[cfg(feature = "wgpu")]
+        {
+            Ok(ops::matmul(x, &self.chunks))
+        }
+        #[cfg(not(feature = "wgpu"))]
+        {
+            Err(GraphError::Input(
+                "block weights on a GPU need the `wgpu` feature".into(),
+            ))
+        }
+    }
+}
+
+/// The device copy: runs of rows of one block type, each in one buffer of `u32` words
+/// (each row padded to whole words), no buffer over [`CHUNK_BYTES`].
+#[cfg(feature = "wgpu")]
+pub struct Chunks {
+    /// Rows of the whole matrix.
+    rows: usize,
+    chunks: Vec<Chunk>,
+}
+
+#[cfg(feature = "wgpu")]
+impl std::fmt::Debug for Chunks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Chunks[{} rows, {} buffers]",
+            self.rows,
+            self.chunks.len()
+        )
+    }
+}
+
+#[cfg(feature = "wgpu")]
+struct Chunk {
+    /// The block type, as the kernels number them ([`kernels::Q4_0`]...).
+    ty: u32,
+    first_row: usize,
+    rows: usize,
+    row_words: usize,
+    words: usize,
+    handle: cubecl::server::Handle,
+}
+
+/// The largest buffer of one run: within every wgpu backend's binding limit (128 MiB
+/// by default).
+#[cfg(feature = "wgpu")]
+const CHUNK_BYTES: usize = 64 << 20;
+
+#[cfg(feature = "wgpu")]
+impl Chunks {
+    fn upload(host: &QMatrix, device: &Device) -> Result<Chunks> {
+        use llama_kernels::quant::GgmlType;
+        let burn::backend::DispatchDevice::Cube(cube) = device.as_dispatch() else {
+            return Err(GraphError::Input(
+                "block weights go to GPU devices only".into(),
+            ));
+        };
+        let client = cube.client();
+        let code = |ty: GgmlType| -> Result<u32> {
+            Ok(match ty {
+                GgmlType::Q4_0 => kernels::Q4_0,
+                GgmlType::Q4_1 => kernels::Q4_1,
+                GgmlType::Q5_0 => kernels::Q5_0,
+                GgmlType::Q5_1 => kernels::Q5_1,
+                GgmlType::Q8_0 => kernels::Q8_0,
+                GgmlType::Q4K => kernels::Q4_K,
+                GgmlType::Q5K => kernels::Q5_K,
+                GgmlType::Q6K => kernels::Q6_K,
+                other => {
+                    return Err(GraphError::Input(format!(
+                        "{} rows have no GPU block kernel",
+                        other.name()
+                    )))
+                }
+            })
+        };
+        let mut chunks = Vec::new();
+        // The run being gathered: (type, first row, row words, words).
+        let mut run: Option<(u32, usize, usize, Vec<u32>)> = None;
+        let flush = |run: (u32, usize, usize, Vec<u32>), chunks: &mut Vec<Chunk>| {
+            let (ty, first_row, row_words, words) = run;
+            let n = words.len();
+            // Weights live as long as the model: the exact-fit persistent pool.
+            let handle = client.memory_persistent_allocation(words, |words| {
+                client.create(cubecl::bytes::Bytes::from_elems(words))
+            });
+            chunks.push(Chunk {
+                ty,
+                first_row,
+                rows: n / row_words.max(1),
+                row_words,
+                words: n,
+                handle,
+            });
+        };
+        for r in 0..host.rows() {
+            let (ty, bytes) = host.row(r);
+            let ty = code(ty)?;
+            let row_words = bytes.len().div_ceil(4);
+            let fits = |run: &(u32, usize, usize, Vec<u32>)| {
+                run.0 == ty && (run.3.len() + row_words) * 4 <= CHUNK_BYTES
+            };
+            if run.as_ref().is_some_and(|r| !fits(r)) {
+                if let Some(done) = run.take() {
+                    flush(done, &mut chunks);
+                }
+            }
+            let cur = run.get_or_insert_with(|| (ty, r, row_words, Vec::new()));
+            cur.3.extend(bytes.chunks(4).map(|b| {
+                let mut w = [0u8; 4];
+                w[..b.len()].copy_from_slice(b);
+                u32::from_le_bytes(w)
+            }));
+        }
+        if let Some(done) = run.take() {
+            flush(done, &mut chunks);
+        }
+        Ok(Chunks {
+            rows: host.rows(),
+            chunks,
+        })
+    }
+}
