@@ -24,11 +24,12 @@ pub struct ModelArgs {
     /// Graph passes: `default`, `none`, or a comma-separated list of pass names.
     #[arg(long, default_value = "default", value_parser = passes)]
     pub passes: Passes,
-    /// How CPU backends store matmul weights. `native`: GGUF block weights (Q8_0, Q4_0,
-    /// Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) stay as stored, memory-mapped, through our block kernels; other
-    /// weights run in f32. `q8_0`: as native, and f32 weights are quantized to Q8_0 too.
-    /// `f32`: every weight widened to f32 (the exact path, for fidelity work). GPU
-    /// backends and the ndarray reference use f32.
+    /// How matmul weights are stored. `native`: GGUF block weights (Q8_0, Q4_0, Q4_1,
+    /// Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) stay as stored (memory-mapped on CPU backends,
+    /// copied as blocks to the GPU with wgpu) and our block kernels multiply them; other
+    /// weights run in f32. `q8_0`: as native, and on CPU backends f32 weights are
+    /// quantized to Q8_0 too. `f32`: every weight widened to f32 (the exact path, for
+    /// fidelity work). The ndarray reference uses f32.
     #[arg(long, value_enum, default_value = "native")]
     pub precision: PrecisionArg,
     /// How CPU backends keep the KV cache: `f16` halves its memory and what decode

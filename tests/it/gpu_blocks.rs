@@ -139,3 +139,87 @@ fn grids_and_parts_past_their_limits() {
         check(&w, m, &mut rng, &format!("33,000 rows, {m} rows"));
     }
 }
+
+/// The fused attention kernel against attention computed in f64: grouped heads, head
+/// sizes 32 to 256, keys before the step, a step of several rows, a sliding window
+/// over a cache that keeps only its last positions.
+#[test]
+fn fused_attention_matches_its_definition() {
+    use llama::graph::gpu::fused_attention;
+    let device = wgpu();
+    let mut rng = Rng(3);
+    // (heads, kv heads, head dim, step rows, positions before, cached rows, window)
+    let cases = [
+        (9, 3, 64, 1, 40, 41, None),
+        (4, 4, 256, 3, 10, 13, Some(5)),
+        (8, 2, 32, 16, 0, 16, None),
+        (6, 2, 128, 2, 100, 20, Some(10)),
+    ];
+    for (heads, kv, hd, seq, past, rows, window) in cases {
+        let what = format!(
+            "{heads}/{kv} heads of {hd}, {seq} rows after {past}, {rows} keys, window {window:?}"
+        );
+        let q: Vec<f32> = (0..seq * heads * hd).map(|_| rng.unit()).collect();
+        let k: Vec<f32> = (0..rows * kv * hd).map(|_| rng.unit()).collect();
+        let v: Vec<f32> = (0..rows * kv * hd).map(|_| rng.unit()).collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let t = |x: &Vec<f32>, d: [usize; 2]| {
+            Tensor::<2>::from_data(TensorData::new(x.clone(), d), &device)
+        };
+        let got = fused_attention(
+            &t(&q, [seq, heads * hd]),
+            &t(&k, [rows, kv * hd]),
+            &t(&v, [rows, kv * hd]),
+            (heads, kv, hd),
+            scale,
+            window,
+            past,
+            &device,
+        )
+        .expect("a GPU device and a short step take the fused kernel")
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32");
+        let first_key = past + seq - rows;
+        for i in 0..seq {
+            for h in 0..heads {
+                let g = h / (heads / kv);
+                let qp = past + i;
+                let visible: Vec<usize> = (0..rows)
+                    .filter(|&j| {
+                        let kp = first_key + j;
+                        kp <= qp && window.is_none_or(|w| qp - kp < w)
+                    })
+                    .collect();
+                let scores: Vec<f64> = visible
+                    .iter()
+                    .map(|&j| {
+                        (0..hd)
+                            .map(|d| {
+                                q[(i * heads + h) * hd + d] as f64 * k[(j * kv + g) * hd + d] as f64
+                            })
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let top = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - top).exp()).collect();
+                let total: f64 = w.iter().sum();
+                for d in 0..hd {
+                    let want: f64 = visible
+                        .iter()
+                        .zip(&w)
+                        .map(|(&j, p)| p * v[(j * kv + g) * hd + d] as f64)
+                        .sum::<f64>()
+                        / total;
+                    let have = got[(i * heads + h) * hd + d] as f64;
+                    assert!(
+                        (have - want).abs() <= 1e-5,
+                        "{what}: row {i} head {h} dim {d}: {have} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -239,8 +239,22 @@ pub fn eval(
             for (p, (k, v)) in step.parts.iter().zip(per_sequence(node, next()?, next()?)?) {
                 let (k, v) = (f2(node, k)?, f2(node, v)?);
                 let q = rows_of(&q, p.offset, p.seq);
+                let shape = (*n_heads, *n_kv_heads, *head_dim);
+                let fused = crate::gpu::fused_attention(
+                    &q,
+                    &k,
+                    &v,
+                    shape,
+                    scale.get(),
+                    *window,
+                    p.past,
+                    device,
+                );
                 let at = (p.past, p.seq);
-                outs.push(attention(q, k, v, &heads, scale.get(), *window, at, device));
+                outs.push(match fused {
+                    Some(out) => out,
+                    None => attention(q, k, v, &heads, scale.get(), *window, at, device),
+                });
             }
             Value::F2(if outs.len() == 1 {
                 outs.remove(0)

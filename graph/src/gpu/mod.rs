@@ -10,6 +10,8 @@ use llama_kernels::quant::QMatrix;
 use crate::error::{GraphError, Result};
 
 #[cfg(feature = "wgpu")]
+mod attention;
+#[cfg(feature = "wgpu")]
 mod kernels;
 #[cfg(feature = "wgpu")]
 mod ops;
@@ -113,6 +115,60 @@ impl DeviceBlocks {
                 "block weights on a GPU need the `wgpu` feature".into(),
             ))
         }
+    }
+}
+
+/// Steps of at most this many query rows per sequence take the fused attention kernel
+/// on GPU devices (each of its cubes walks every key: right for decode, not for a long
+/// prompt, where the matmul form shares each key between the queries).
+pub const FUSED_ATTENTION_ROWS: usize = 16;
+
+/// Causal attention of `q: [seq, heads·hd]` (at positions `past..`) over `k`, `v:
+/// [rows, kv_heads·hd]` (the last `rows` positions, ending with the step's own), by the
+/// fused kernel: `None` where it does not apply (not a GPU device, a long step, heads
+/// that do not divide).
+#[allow(clippy::too_many_arguments)]
+pub fn fused_attention(
+    q: &Tensor<2>,
+    k: &Tensor<2>,
+    v: &Tensor<2>,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    scale: f32,
+    window: Option<usize>,
+    past: usize,
+    device: &Device,
+) -> Option<Tensor<2>> {
+    let seq = q.dims()[0];
+    let fits = seq <= FUSED_ATTENTION_ROWS
+        && n_kv_heads > 0
+        && n_heads.is_multiple_of(n_kv_heads)
+        && head_dim > 0
+        && head_dim <= 256
+        && window != Some(0)
+        && DeviceBlocks::supported(device);
+    if !fits {
+        return None;
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        Some(ops::attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            ops::AttentionParams {
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                scale,
+                window: window.unwrap_or(0),
+                past,
+            },
+        ))
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        let _ = (k, v, scale, past);
+        None
     }
 }
 

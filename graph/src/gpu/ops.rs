@@ -12,8 +12,7 @@ use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::CubeBackend;
 use cubecl::prelude::*;
 
-use super::kernels;
-use super::Chunks;
+use super::{attention, kernels, Chunks};
 
 /// Steps of at most this many rows multiply with [`kernels::block_gemv`]; longer ones
 /// widen the weights a part at a time and run burn's tiled matmul.
@@ -32,6 +31,33 @@ pub trait BlockOps: Backend {
     /// `x · Wᵀ` for `x: [m, k]` and the block matrix `W: [n, k]`.
     #[fusion(dtype = x, shape = out_shape(x, blocks))]
     fn block_matmul(x: FloatTensor<Self>, blocks: Arc<Chunks>) -> FloatTensor<Self>;
+
+    /// Causal attention of `q: [seq, heads·hd]` over `k`, `v: [rows, kv_heads·hd]`.
+    #[fusion(dtype = q, shape = q)]
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        params: AttentionParams,
+    ) -> FloatTensor<Self>;
+}
+
+/// The shape of one attention call: heads, scale, sliding window (0: none), and the
+/// positions cached before the step.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionParams {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub window: usize,
+    pub past: usize,
+}
+
+/// Units per cube of the fused attention: their partial outputs (`units x head_dim`
+/// f32) take 8 KiB of shared memory, within every API's 16 KiB.
+pub fn attention_units(head_dim: usize) -> usize {
+    (2048 / head_dim.max(1)).clamp(1, 32)
 }
 
 fn out_shape(x: &Shape, blocks: &Arc<Chunks>) -> Shape {
@@ -117,6 +143,54 @@ impl BlockOps for CubeBackend {
         }
         CubeBackend::float_cat(parts, 1)
     }
+
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        p: AttentionParams,
+    ) -> FloatTensor<Self> {
+        let (q, k, v) = (into_contiguous(q), into_contiguous(k), into_contiguous(v));
+        let seq = q.meta.shape()[0];
+        let rows = k.meta.shape()[0];
+        let client = q.client.clone();
+        let out = empty_device_contiguous_dtype(
+            client.clone(),
+            q.device.clone(),
+            q.meta.shape().clone(),
+            DType::F32,
+        );
+        let units = attention_units(p.head_dim);
+        attention::decode_attention::launch(
+            &client,
+            CubeCount::Static(p.n_heads as u32, seq as u32, 1),
+            CubeDim::new_1d(units as u32),
+            q.into_tensor_arg(),
+            k.into_tensor_arg(),
+            v.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            rows as u32,
+            p.past as u32,
+            seq as u32,
+            p.n_heads as u32,
+            p.n_kv_heads as u32,
+            p.scale,
+            p.window as u32,
+            p.head_dim,
+            units,
+        );
+        out
+    }
+}
+
+/// Fused attention on the device that holds `q`.
+pub fn attention(q: Tensor<2>, k: Tensor<2>, v: Tensor<2>, params: AttentionParams) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as BlockOps>::fused_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        params,
+    ))
 }
 
 /// `x · Wᵀ` on the device that holds `blocks`.

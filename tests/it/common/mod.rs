@@ -183,6 +183,13 @@ pub fn wgpu() -> Device {
     Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)
 }
 
+/// The gap between a row's two largest logits.
+pub fn margin(row: &[f32]) -> f32 {
+    let mut v = row.to_vec();
+    v.sort_by(|a, b| b.total_cmp(a));
+    v[0] - v[1]
+}
+
 /// Normalized mean squared error of `got` against `want`, as llama.cpp's
 /// test-backend-ops measures backends.
 pub fn nmse(want: &[f32], got: &[f32]) -> f64 {
