@@ -153,7 +153,8 @@ impl ModelConfig {
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
+    /// Refuses shapes no family can build (zero sizes, heads that do not divide).
+    pub(crate) fn validate(&self, path: &Path) -> Result<()> {
         let bad = |message: String| {
             Err(ModelError::Config {
                 path: path.to_path_buf(),
@@ -177,6 +178,9 @@ impl ModelConfig {
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
+        }
+        if self.head_dim() == 0 {
+            return bad("head_dim must be positive".into());
         }
         if !self.head_dim().is_multiple_of(2) {
             return bad(format!(
@@ -214,8 +218,13 @@ impl ModelConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
+        // Checked: a config is validated (no zero heads) before anything builds on it,
+        // and this must not panic on one that is not.
+        self.head_dim.unwrap_or_else(|| {
+            self.hidden_size
+                .checked_div(self.num_attention_heads)
+                .unwrap_or(0)
+        })
     }
 
     /// The RoPE parameters of the global (full-attention) layers, wherever this config

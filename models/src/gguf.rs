@@ -381,7 +381,7 @@ impl GgufFile {
                 (conventions.name == "gemma3" && layers == 62).then(|| hidden as f32 / heads as f32)
             }
         };
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architectures: vec![hf_arch.to_string()],
             model_type: Some(arch.to_string()),
             hidden_size: hidden,
@@ -418,7 +418,9 @@ impl GgufFile {
             layer_norm_eps: None,
             type_vocab_size: None,
             position_embedding_type: None,
-        })
+        };
+        config.validate(&self.path)?;
+        Ok(config)
     }
 }
 

@@ -274,3 +274,34 @@ fn inspect_names_what_gemma3_changes_from_llama() {
         assert!(text.contains(want), "{want:?} not in:\n{text}");
     }
 }
+
+/// Qwen2.5 0.5B Q4_K_M on wgpu (lavapipe here) with its blocks on the device: the GPU
+/// kernels multiply f32 activations by the exactly widened weights, so perplexity is
+/// transformers' exact value (the f32 path's) to rounding.
+#[test]
+fn qwen25_on_wgpu_with_device_blocks_matches_transformers() {
+    let p = llamacpp("qwen2.5").perplexity;
+    let exact: TransformersPpl = read_json(&fixture_of("qwen2.5", "transformers_ppl.json"));
+    let options = llama::runtime::SessionOptions {
+        backend: llama::runtime::Backend::Wgpu,
+        context: llama::runtime::Context::Positions(p.n_ctx),
+        ..Default::default()
+    };
+    let engine =
+        llama::runtime::Engine::load(&qwen25_path(), &options).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        engine.passes().contains(&"upload-blocks"),
+        "{:?}",
+        engine.passes()
+    );
+    let mut session = engine.session().unwrap();
+    let got = llama::runtime::perplexity(&mut session, &p.ids, p.n_ctx, None, |_, _| {}).unwrap();
+    assert_eq!(got.windows, p.n_chunks);
+    let rel = (got.perplexity - exact.ppl_f32).abs() / exact.ppl_f32;
+    assert!(
+        rel <= 1e-3,
+        "wgpu device blocks: perplexity {} vs transformers {} ({rel:.2e} apart)",
+        got.perplexity,
+        exact.ppl_f32
+    );
+}
