@@ -131,12 +131,12 @@ fn rows_of_mixed_types_multiply_as_one_matrix() {
 
 #[test]
 fn grids_and_parts_past_their_limits() {
-    // 33,000 rows: the GEMV's grid wraps to a second row of cubes (32,768 per row),
-    // and a long step widens the weights in 4,096-row parts (nine of them).
+    // 270,000 rows: the GEMV's grid (8 weight rows a cube) wraps to a second row of
+    // cubes (32,768 a row), and a long step widens the weights in 4,096-row parts.
     let mut rng = Rng(7);
-    let w = random_matrix(GgmlType::Q8_0, 33_000, 32, &mut rng);
+    let w = random_matrix(GgmlType::Q8_0, 270_000, 32, &mut rng);
     for m in [1, 9] {
-        check(&w, m, &mut rng, &format!("33,000 rows, {m} rows"));
+        check(&w, m, &mut rng, &format!("270,000 rows, {m} rows"));
     }
 }
 

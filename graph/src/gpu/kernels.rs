@@ -148,11 +148,133 @@ pub fn weight(w: &[u32], row: usize, e: u32, #[comptime] ty: u32) -> f32 {
     v
 }
 
-/// `out[r, col0 + c] = sum_e x[r, e] * W[c, e]` for each of the `m` rows of `x`: one
-/// cube per weight row `c` of this chunk (`cols` rows, `row_words` words each), its
-/// units striding over the row's `k` weights, then a tree sum in shared memory. For
-/// the few rows of a decode step, where the weights' bytes are the cost: each weight
-/// byte is read from memory once per step.
+/// Signed value of byte `q` (two's complement).
+#[cube]
+fn signed(q: u32) -> f32 {
+    f32::cast_from(i32::cast_from(q) - i32::cast_from(q & 0x80u32) * 2)
+}
+
+/// The dot product of weights `32g .. 32g + 32` of the row whose blocks start at byte
+/// `row` with `x[xo + 32g ..]`: each block's (or sub-block's) scale and minimum decoded
+/// once, sums of quantized values times activations, then scaled.
+#[cube]
+fn group_dot(
+    w: &[u32],
+    row: usize,
+    g: u32,
+    x: &Tensor<f32>,
+    xo: usize,
+    #[comptime] ty: u32,
+) -> f32 {
+    let xg = xo + (g * 32) as usize;
+    let mut out = 0.0f32;
+    if comptime![ty == Q8_0] {
+        let b = row + (g * 34) as usize;
+        let mut s = 0.0f32;
+        #[unroll]
+        for l in 0..32usize {
+            s += signed(byte_at(w, b + 2 + l)) * x[xg + l];
+        }
+        out = half_at(w, b) * s;
+    } else if comptime![ty == Q4_0 || ty == Q4_1] {
+        let size = comptime![if ty == Q4_0 { 18usize } else { 20usize }];
+        let b = row + (g as usize) * size;
+        let qs = b + size - 16;
+        let mut sq = 0.0f32;
+        let mut sx = 0.0f32;
+        #[unroll]
+        for l in 0..16usize {
+            let q = byte_at(w, qs + l);
+            let x0 = x[xg + l];
+            let x1 = x[xg + l + 16];
+            sq += f32::cast_from(q & 0xFu32) * x0 + f32::cast_from(q >> 4u32) * x1;
+            sx += x0 + x1;
+        }
+        if comptime![ty == Q4_0] {
+            out = half_at(w, b) * (sq - 8.0f32 * sx);
+        } else {
+            out = half_at(w, b) * sq + half_at(w, b + 2) * sx;
+        }
+    } else if comptime![ty == Q5_0 || ty == Q5_1] {
+        let size = comptime![if ty == Q5_0 { 22usize } else { 24usize }];
+        let b = row + (g as usize) * size;
+        let qh_at = b + size - 20;
+        let qh = byte_at(w, qh_at)
+            | (byte_at(w, qh_at + 1) << 8u32)
+            | (byte_at(w, qh_at + 2) << 16u32)
+            | (byte_at(w, qh_at + 3) << 24u32);
+        let qs = b + size - 16;
+        let mut sq = 0.0f32;
+        let mut sx = 0.0f32;
+        #[unroll]
+        for l in 0..16usize {
+            let q = byte_at(w, qs + l);
+            let lo = (q & 0xFu32) | (((qh >> l as u32) & 1u32) << 4u32);
+            let hi = (q >> 4u32) | (((qh >> (l as u32 + 16u32)) & 1u32) << 4u32);
+            let x0 = x[xg + l];
+            let x1 = x[xg + l + 16];
+            sq += f32::cast_from(lo) * x0 + f32::cast_from(hi) * x1;
+            sx += x0 + x1;
+        }
+        if comptime![ty == Q5_0] {
+            out = half_at(w, b) * (sq - 16.0f32 * sx);
+        } else {
+            out = half_at(w, b) * sq + half_at(w, b + 2) * sx;
+        }
+    } else if comptime![ty == Q4_K || ty == Q5_K] {
+        let size = comptime![if ty == Q4_K { 144usize } else { 176usize }];
+        let b = row + ((g / 8) as usize) * size;
+        let j = g % 8;
+        let qs =
+            b + comptime![if ty == Q4_K { 16usize } else { 48usize }] + ((j / 2) * 32) as usize;
+        let shift = (j % 2) * 4;
+        let mut sq = 0.0f32;
+        let mut sx = 0.0f32;
+        #[unroll]
+        for l in 0..32usize {
+            let mut q = (byte_at(w, qs + l) >> shift) & 0xFu32;
+            if comptime![ty == Q5_K] {
+                q |= ((byte_at(w, b + 16 + l) >> j) & 1u32) << 4u32;
+            }
+            let xv = x[xg + l];
+            sq += f32::cast_from(q) * xv;
+            sx += xv;
+        }
+        let d = half_at(w, b) * f32::cast_from(k_scale(w, b + 4, j));
+        let m = half_at(w, b + 2) * f32::cast_from(k_min(w, b + 4, j));
+        out = d * sq - m * sx;
+    } else if comptime![ty == Q6_K] {
+        let b = row + ((g / 8) as usize) * 210;
+        let j = g % 8;
+        let half = j / 4;
+        let quarter = j % 4;
+        let ql = b + (half * 64 + (quarter % 2) * 32) as usize;
+        let qh = b + 128 + (half * 32) as usize;
+        let low_shift = (quarter / 2) * 4;
+        let high_shift = quarter * 2;
+        let mut s0 = 0.0f32;
+        let mut s1 = 0.0f32;
+        #[unroll]
+        for l in 0..16usize {
+            let q0 = ((byte_at(w, ql + l) >> low_shift) & 0xFu32)
+                | (((byte_at(w, qh + l) >> high_shift) & 3u32) << 4u32);
+            let q1 = ((byte_at(w, ql + l + 16) >> low_shift) & 0xFu32)
+                | (((byte_at(w, qh + l + 16) >> high_shift) & 3u32) << 4u32);
+            s0 += (f32::cast_from(q0) - 32.0f32) * x[xg + l];
+            s1 += (f32::cast_from(q1) - 32.0f32) * x[xg + l + 16];
+        }
+        let sc = b + 192 + (half * 8 + quarter * 2) as usize;
+        out = half_at(w, b + 208) * (signed(byte_at(w, sc)) * s0 + signed(byte_at(w, sc + 1)) * s1);
+    }
+    out
+}
+
+/// `out[r, col0 + c] = sum_e x[r, e] * W[c, e]` for each of the `m` rows of `x`. A cube
+/// takes `CUBE_DIM_Y` weight rows of this chunk (`cols` rows, `row_words` words each),
+/// `CUBE_DIM_X` units to a row striding over its groups of 32 weights ([`group_dot`]:
+/// scales decoded once a group), then a tree sum in shared memory. For the few rows
+/// of a decode step, where the weights' bytes are the cost: each is read from memory
+/// once per step.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn block_gemv(
@@ -168,33 +290,36 @@ pub fn block_gemv(
     #[comptime] ty: u32,
     #[comptime] units: usize,
 ) {
-    let c = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
-    if c >= cols {
-        terminate!();
-    }
+    let c = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_Y + UNIT_POS_Y;
+    // Rows past the chunk still take part in every barrier.
+    let active = c < cols;
     let row = (c as usize) * (row_words as usize) * 4;
     let unit = UNIT_POS_X;
+    let slot = (UNIT_POS_Y * CUBE_DIM_X) as usize;
+    let groups = k / 32;
     let mut sums = Shared::<[f32]>::new_slice(units);
     for r in 0..m {
         let mut acc = 0.0f32;
-        let mut e = unit;
-        let xrow = (r as usize) * (k as usize);
-        while e < k {
-            acc += weight(w, row, e, ty) * x[xrow + e as usize];
-            e += CUBE_DIM_X;
+        if active {
+            let mut g = unit;
+            let xo = (r as usize) * (k as usize);
+            while g < groups {
+                acc += group_dot(w, row, g, x, xo, ty);
+                g += CUBE_DIM_X;
+            }
         }
-        sums[unit as usize] = acc;
+        sums[slot + unit as usize] = acc;
         sync_cube();
         let mut half = CUBE_DIM_X / 2;
         while half > 0 {
             if unit < half {
-                sums[unit as usize] += sums[(unit + half) as usize];
+                sums[slot + unit as usize] += sums[slot + (unit + half) as usize];
             }
             sync_cube();
             half /= 2;
         }
-        if unit == 0 {
-            out[(r as usize) * (n_out as usize) + (col0 + c) as usize] = sums[0];
+        if unit == 0 && active {
+            out[(r as usize) * (n_out as usize) + (col0 + c) as usize] = sums[slot];
         }
         sync_cube();
     }

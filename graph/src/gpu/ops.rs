@@ -17,8 +17,10 @@ use super::{attention, kernels, Chunks};
 /// Steps of at most this many rows multiply with [`kernels::block_gemv`]; longer ones
 /// widen the weights a part at a time and run burn's tiled matmul.
 const GEMV_ROWS: usize = 8;
-/// Units per cube of the GEMV (a power of two: the tree sum halves it).
-const GEMV_UNITS: usize = 64;
+/// Units per weight row in the GEMV, each taking groups of 32 weights (a power of two:
+/// the tree sum halves it), and weight rows per cube.
+const GEMV_UNITS: u32 = 8;
+const GEMV_ROWS_PER_CUBE: u32 = 8;
 /// Units per cube of the dequantizing kernel.
 const DEQUANT_UNITS: u32 = 256;
 /// Weight rows widened at a time for a long step (4096 rows of 896 weights: 14 MiB).
@@ -90,8 +92,8 @@ impl BlockOps for CubeBackend {
                 let w = unsafe { BufferArg::from_raw_parts(ch.handle.clone(), ch.words) };
                 kernels::block_gemv::launch(
                     &client,
-                    grid(ch.rows),
-                    CubeDim::new_1d(GEMV_UNITS as u32),
+                    grid(ch.rows.div_ceil(GEMV_ROWS_PER_CUBE as usize)),
+                    CubeDim::new_2d(GEMV_UNITS, GEMV_ROWS_PER_CUBE),
                     w,
                     x.clone().into_tensor_arg(),
                     out.clone().into_tensor_arg(),
@@ -102,7 +104,7 @@ impl BlockOps for CubeBackend {
                     n as u32,
                     ch.rows as u32,
                     ch.ty,
-                    GEMV_UNITS,
+                    (GEMV_UNITS * GEMV_ROWS_PER_CUBE) as usize,
                 );
             }
             return out;
