@@ -102,7 +102,7 @@ pub const DEFAULT_CONTEXT: usize = 4096;
 ///
 /// | | host kernels (flex) | device blocks (wgpu) | neither (ndarray) |
 /// |---|---|---|---|
-/// | GGUF block weights | kept in blocks unless `Precision::F32` | kept in blocks on the device unless `Precision::F32` | widened to f32 |
+/// | GGUF block weights | kept in blocks unless `Precision::F32` | kept in blocks on the device unless `Precision::F32` or a pass list without upload-blocks | widened to f32 |
 /// | default passes | fuse-matmul, constant-fold, dead-nodes, fuse-swiglu, quantize-weights (`Precision::Q8_0` only), pack-blocks | fuse-matmul, constant-fold, dead-nodes, upload-blocks | fuse-matmul, constant-fold, dead-nodes |
 /// | KV cache | host rows, f16 (f32 with `Precision::F32`) | device tensors, f32 |
 pub struct Policy {
@@ -133,8 +133,11 @@ impl Policy {
             None if options.precision == Precision::F32 => KvType::F32,
             None => KvType::F16,
         };
+        // On GPU devices blocks stay only where the pipeline moves them to the device:
+        // a pass list without `upload-blocks` gets the widened weights burn multiplies.
+        let gpu_blocks = caps.device_blocks && pipeline.names().contains(&"upload-blocks");
         Policy {
-            keep_blocks: (host || caps.device_blocks) && options.precision != Precision::F32,
+            keep_blocks: (host || gpu_blocks) && options.precision != Precision::F32,
             pipeline,
             cache_type,
         }
@@ -400,6 +403,15 @@ mod tests {
         );
         let exact = Policy::decide(GPU, &options(Precision::F32, None));
         assert!(!exact.keep_blocks, "f32 precision widens every weight");
+        let listed = SessionOptions {
+            passes: "fuse-matmul,constant-fold".parse().expect("pass names"),
+            ..SessionOptions::default()
+        };
+        let without = Policy::decide(GPU, &listed);
+        assert!(
+            !without.keep_blocks,
+            "blocks stay only where upload-blocks takes them to the device"
+        );
     }
 
     #[test]
