@@ -204,6 +204,16 @@ struct Chunk {
     handle: cubecl::server::Handle,
 }
 
+#[cfg(feature = "wgpu")]
+impl Chunk {
+    /// The run's words as a kernel's `&[u32]` argument.
+    fn buffer_arg(&self) -> cubecl::prelude::BufferArg {
+        // SAFETY: the handle was created from exactly `words` u32 words (`upload`), the
+        // length bound here; the kernels index it only below row `rows` x `row_words`.
+        unsafe { cubecl::prelude::BufferArg::from_raw_parts(self.handle.clone(), self.words) }
+    }
+}
+
 /// The largest buffer of one run: within every wgpu backend's binding limit (128 MiB
 /// by default).
 #[cfg(feature = "wgpu")]

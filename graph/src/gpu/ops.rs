@@ -88,8 +88,7 @@ impl BlockOps for CubeBackend {
                 DType::F32,
             );
             for ch in &blocks.chunks {
-                // SAFETY (of `from_raw_parts`): the handle holds `words` u32 words.
-                let w = unsafe { BufferArg::from_raw_parts(ch.handle.clone(), ch.words) };
+                let w = ch.buffer_arg();
                 kernels::block_gemv::launch(
                     &client,
                     grid(ch.rows.div_ceil(GEMV_ROWS_PER_CUBE as usize)),
@@ -121,8 +120,7 @@ impl BlockOps for CubeBackend {
                     Shape::new([rows, k]),
                     DType::F32,
                 );
-                // SAFETY (of `from_raw_parts`): the handle holds `words` u32 words.
-                let w = unsafe { BufferArg::from_raw_parts(ch.handle.clone(), ch.words) };
+                let w = ch.buffer_arg();
                 kernels::block_dequantize::launch(
                     &client,
                     grid((rows * k).div_ceil(DEQUANT_UNITS as usize)),
