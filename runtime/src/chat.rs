@@ -159,16 +159,22 @@ impl ChatTemplate {
         let template = env.get_template("chat").map_err(err)?;
         let tools = tools.map(minijinja::Value::from_serialize);
         let mut out = CappedOutput::default();
-        let rendered = template.render_captured_to(
-            minijinja::context! {
-                messages => minijinja::Value::from_serialize(messages),
-                tools => tools,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => self.bos_token,
-                eos_token => self.eos_token,
-            },
-            &mut out,
-        );
+        let ctx = minijinja::context! {
+            messages => minijinja::Value::from_serialize(messages),
+            tools => tools,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        };
+        // minijinja's value arithmetic can overflow on hostile numbers (a panic where
+        // overflow checks are on): an untrusted template must end in an error, not a crash.
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            template.render_captured_to(ctx, &mut out)
+        }))
+        .map_err(|_| RuntimeError::Template {
+            source_name: self.source.clone(),
+            message: "the template engine failed on this template's arithmetic".into(),
+        })?;
         if out.overflowed {
             return Err(RuntimeError::Template {
                 source_name: self.source.clone(),
