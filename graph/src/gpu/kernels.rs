@@ -176,47 +176,44 @@ fn group_dot(
             s += signed(byte_at(w, b + 2 + l)) * x[xg + l];
         }
         out = half_at(w, b) * s;
-    } else if comptime![ty == Q4_0 || ty == Q4_1] {
-        let size = comptime![if ty == Q4_0 { 18usize } else { 20usize }];
+    } else if comptime![ty == Q4_0 || ty == Q4_1 || ty == Q5_0 || ty == Q5_1] {
+        // 32 weights: d (and m), for Q5 a u32 of fifth bits, 16 bytes of nibble pairs.
+        let five = comptime![ty == Q5_0 || ty == Q5_1];
+        let size = comptime![match ty {
+            Q4_0 => 18usize,
+            Q4_1 => 20usize,
+            Q5_0 => 22usize,
+            _ => 24usize,
+        }];
         let b = row + (g as usize) * size;
         let qs = b + size - 16;
+        let mut qh = 0u32;
+        if five {
+            let at = b + size - 20;
+            qh = byte_at(w, at)
+                | (byte_at(w, at + 1) << 8u32)
+                | (byte_at(w, at + 2) << 16u32)
+                | (byte_at(w, at + 3) << 24u32);
+        }
         let mut sq = 0.0f32;
         let mut sx = 0.0f32;
         #[unroll]
         for l in 0..16usize {
             let q = byte_at(w, qs + l);
-            let x0 = x[xg + l];
-            let x1 = x[xg + l + 16];
-            sq += f32::cast_from(q & 0xFu32) * x0 + f32::cast_from(q >> 4u32) * x1;
-            sx += x0 + x1;
-        }
-        if comptime![ty == Q4_0] {
-            out = half_at(w, b) * (sq - 8.0f32 * sx);
-        } else {
-            out = half_at(w, b) * sq + half_at(w, b + 2) * sx;
-        }
-    } else if comptime![ty == Q5_0 || ty == Q5_1] {
-        let size = comptime![if ty == Q5_0 { 22usize } else { 24usize }];
-        let b = row + (g as usize) * size;
-        let qh_at = b + size - 20;
-        let qh = byte_at(w, qh_at)
-            | (byte_at(w, qh_at + 1) << 8u32)
-            | (byte_at(w, qh_at + 2) << 16u32)
-            | (byte_at(w, qh_at + 3) << 24u32);
-        let qs = b + size - 16;
-        let mut sq = 0.0f32;
-        let mut sx = 0.0f32;
-        #[unroll]
-        for l in 0..16usize {
-            let q = byte_at(w, qs + l);
-            let lo = (q & 0xFu32) | (((qh >> l as u32) & 1u32) << 4u32);
-            let hi = (q >> 4u32) | (((qh >> (l as u32 + 16u32)) & 1u32) << 4u32);
+            let mut lo = q & 0xFu32;
+            let mut hi = q >> 4u32;
+            if five {
+                lo |= ((qh >> l as u32) & 1u32) << 4u32;
+                hi |= ((qh >> (l as u32 + 16u32)) & 1u32) << 4u32;
+            }
             let x0 = x[xg + l];
             let x1 = x[xg + l + 16];
             sq += f32::cast_from(lo) * x0 + f32::cast_from(hi) * x1;
             sx += x0 + x1;
         }
-        if comptime![ty == Q5_0] {
+        if comptime![ty == Q4_0] {
+            out = half_at(w, b) * (sq - 8.0f32 * sx);
+        } else if comptime![ty == Q5_0] {
             out = half_at(w, b) * (sq - 16.0f32 * sx);
         } else {
             out = half_at(w, b) * sq + half_at(w, b + 2) * sx;
