@@ -3,11 +3,10 @@ use std::sync::Arc;
 use llama_kernels::quant::kernels::packed_kernel_available;
 use llama_kernels::quant::QMatrix;
 
-use super::quantize::is_matmul_weight;
+use super::quantize::matmul_weights;
 use super::{Pass, PassContext};
 use crate::error::Result;
 use crate::graph::Graph;
-use crate::ir::{NodeId, Op};
 use crate::value::Value;
 
 /// For CPU backends: stores each Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K matmul weight with its rows interleaved
@@ -28,14 +27,7 @@ impl Pass for PackBlocks {
         if !packed_kernel_available() {
             return Ok(0);
         }
-        let users = graph.users();
-        let weights: Vec<NodeId> = (0..graph.nodes().len())
-            .map(NodeId)
-            .filter(|&w| matches!(graph.node(w).op, Op::Param(_)))
-            .filter(|&w| {
-                !users[w.0].is_empty() && users[w.0].iter().all(|u| is_matmul_weight(graph, *u, w))
-            })
-            .collect();
+        let weights = matmul_weights(graph, |_, _| false);
         let mut done = 0;
         let mut packed_from = Vec::new();
         for w in weights {

@@ -58,6 +58,22 @@ impl Pass for QuantizeWeights {
     }
 }
 
+/// The parameters some matmul reads as its weight and every other reader accepts by
+/// `also(reader, parameter)`.
+pub(super) fn matmul_weights(graph: &Graph, also: impl Fn(NodeId, NodeId) -> bool) -> Vec<NodeId> {
+    let users = graph.users();
+    (0..graph.nodes().len())
+        .map(NodeId)
+        .filter(|&w| matches!(graph.node(w).op, Op::Param(_)))
+        .filter(|&w| {
+            users[w.0].iter().any(|&u| is_matmul_weight(graph, u, w))
+                && users[w.0]
+                    .iter()
+                    .all(|&u| is_matmul_weight(graph, u, w) || also(u, w))
+        })
+        .collect()
+}
+
 pub(super) fn is_matmul_weight(graph: &Graph, user: NodeId, w: NodeId) -> bool {
     let n = graph.node(user);
     n.op == Op::MatMul && n.inputs.get(1) == Some(&w) && n.inputs.first() != Some(&w)

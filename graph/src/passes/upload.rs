@@ -1,11 +1,11 @@
 use std::sync::Arc;
 
-use super::quantize::is_matmul_weight;
+use super::quantize::matmul_weights;
 use super::{Pass, PassContext};
 use crate::error::Result;
 use crate::gpu::DeviceBlocks;
 use crate::graph::Graph;
-use crate::ir::{NodeId, Op};
+use crate::ir::Op;
 use crate::value::Value;
 
 /// For GPU backends: copies each matmul weight stored as GGML blocks to the device as
@@ -23,19 +23,10 @@ impl Pass for UploadBlocks {
         if !DeviceBlocks::supported(&ctx.device) {
             return Ok(0);
         }
-        let users = graph.users();
-        let weights: Vec<NodeId> = (0..graph.nodes().len())
-            .map(NodeId)
-            .filter(|&w| matches!(graph.node(w).op, Op::Param(_)))
-            .filter(|&w| {
-                users[w.0].iter().any(|u| is_matmul_weight(graph, *u, w))
-                    && users[w.0].iter().all(|&u| {
-                        is_matmul_weight(graph, u, w)
-                            || (graph.node(u).op == Op::Embedding
-                                && graph.node(u).inputs.first() == Some(&w))
-                    })
-            })
-            .collect();
+        // A table also looked up by token keeps its host copy for the lookup.
+        let weights = matmul_weights(graph, |u, w| {
+            graph.node(u).op == Op::Embedding && graph.node(u).inputs.first() == Some(&w)
+        });
         let mut done = 0;
         for w in weights {
             let name = graph.node(w).name.clone();
