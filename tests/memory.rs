@@ -126,13 +126,18 @@ fn files_that_claim_more_than_they_hold_are_refused_at_once() {
         std::fs::write(&path, &bytes).unwrap();
         std::fs::write("/proc/self/clear_refs", "5").expect("reset the peak RSS");
         let before = peak_rss_kib();
-        let start = std::time::Instant::now();
-        let err = llama::models::GgufFile::open(&path)
-            .expect_err(what)
-            .to_string();
-        let took = start.elapsed();
+        // The fastest of five tries: the time the refusal takes, not the time another
+        // process (or a device thread of an earlier test) held the core.
+        let mut took = std::time::Duration::MAX;
+        for _ in 0..5 {
+            let start = std::time::Instant::now();
+            let err = llama::models::GgufFile::open(&path)
+                .expect_err(what)
+                .to_string();
+            took = took.min(start.elapsed());
+            assert!(err.contains(says), "{what}: {err}");
+        }
         let grown = peak_rss_kib().saturating_sub(before);
-        assert!(err.contains(says), "{what}: {err}");
         assert!(
             took < std::time::Duration::from_millis(10),
             "{what}: refused after {took:?}"

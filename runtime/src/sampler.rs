@@ -201,17 +201,17 @@ pub fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
 
 /// `new`, computed from the logit `old`, kept finite when `old` was: a sum or a
 /// quotient that overflows f32 becomes the largest finite value of its sign rather
-/// than an infinity (which would turn the softmax into NaN).
+/// than an infinity (which would turn the softmax into NaN). A logit that is not
+/// finite (a token banned by a bias of minus infinity) stays as it is: a penalty that
+/// overflows to minus infinity would otherwise turn the ban into NaN.
 fn saturate(old: f32, new: f32) -> f32 {
-    if old.is_finite() {
-        // NaN only from an overflow minus an overflow: the logit stays as it was.
-        if new.is_nan() {
-            old
-        } else {
-            new.clamp(f32::MIN, f32::MAX)
-        }
+    if !old.is_finite() {
+        old
+    } else if new.is_nan() {
+        // Only from an overflow minus an overflow: the logit stays as it was.
+        old
     } else {
-        new
+        new.clamp(f32::MIN, f32::MAX)
     }
 }
 

@@ -74,6 +74,28 @@ fn logit_bias_comes_before_temperature() {
 }
 
 #[test]
+fn a_banned_token_stays_banned_under_penalties_that_overflow() {
+    // Presence and frequency penalties of -2.8e38 sum past f32's range: minus
+    // infinity, which taken from a banned token's minus infinity would be NaN.
+    let config = SamplerConfig {
+        temperature: 1.0,
+        presence_penalty: -2.8e38,
+        frequency_penalty: -2.8e38,
+        logit_bias: vec![(0, f32::NEG_INFINITY)],
+        ..Default::default()
+    };
+    assert!(config.validate().is_ok());
+    for logits in [vec![0.0], vec![0.0, 1.0, -3.0]] {
+        let d = sampler(config.clone()).distribution(&logits, &[0, 1]);
+        let mass: f64 = d.iter().map(|&(_, p)| p).sum();
+        assert!((mass - 1.0).abs() < 1e-9, "{logits:?}: {d:?}");
+        if logits.len() > 1 {
+            assert!(d.iter().all(|(id, p)| *id != 0 || *p == 0.0), "{d:?}");
+        }
+    }
+}
+
+#[test]
 fn seeded_runs_repeat_and_seeds_matter() {
     let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
     let draw = |seed| {
