@@ -149,8 +149,8 @@ fn files_that_claim_more_than_they_hold_are_refused_at_once() {
 /// The engine as `llama generate --backend wgpu` builds it: SmolLM2 Q4_1's block
 /// weights stay in their blocks on the device. Device memory (wgpu's own pools) stays
 /// within 1.3x the file's tensor bytes plus the KV cache (the f32 weights alone would
-/// be about 5x); perplexity matches transformers as the widened path does; greedy
-/// tokens equal the CPU's up to a near-tie. The CPU reference is its exact path (the
+/// be about 5x), the KV cache in f16; perplexity matches transformers as the widened
+/// path does; greedy tokens (picked on the device) equal the CPU's up to a near-tie. The CPU reference is its exact path (the
 /// same weights widened to f32): the CPU block kernels round activations to 8 bits, as
 /// llama.cpp's do, and the GPU kernels multiply f32 activations. Here, not in `it`:
 /// the device's pools are the process's, and other tests would allocate beside it.
@@ -183,7 +183,13 @@ fn block_weights_stay_in_blocks_on_wgpu() {
     let file = GgufFile::open(&path).expect("gguf");
     let tensor_bytes: usize = file.tensors.iter().map(|t| t.len).sum();
     let c = &gpu.model().config;
-    let kv_bytes = 2 * c.num_hidden_layers * context * c.n_kv_heads() * c.head_dim() * 4;
+    // Keys and values in f16 on the device, the engine's default on GPUs.
+    let kv_bytes = 2 * c.num_hidden_layers * context * c.n_kv_heads() * c.head_dim() * 2;
+    assert_eq!(
+        s.cache_device_bytes(),
+        kv_bytes,
+        "an f16 KV cache on the device"
+    );
     let bound = 1.3 * tensor_bytes as f64 + kv_bytes as f64;
     let usage = || {
         gpu.device()

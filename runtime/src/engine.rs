@@ -73,7 +73,7 @@ pub struct SessionOptions {
     /// process-wide: the first engine loaded sets it.
     pub threads: Option<usize>,
     pub precision: Precision,
-    /// The host KV cache's element type; `None`: the device's default.
+    /// The KV cache's element type; `None`: the device's default.
     pub cache_type: Option<KvType>,
     pub passes: Passes,
     /// Positions a session holds (the RoPE tables are built for this many).
@@ -104,13 +104,13 @@ pub const DEFAULT_CONTEXT: usize = 4096;
 /// |---|---|---|---|
 /// | GGUF block weights | kept in blocks unless `Precision::F32` | kept in blocks on the device unless `Precision::F32` or a pass list without upload-blocks | widened to f32 |
 /// | default passes | fuse-matmul, constant-fold, dead-nodes, fuse-swiglu, quantize-weights (`Precision::Q8_0` only), pack-blocks | fuse-matmul, constant-fold, dead-nodes, upload-blocks | fuse-matmul, constant-fold, dead-nodes |
-/// | KV cache | host rows, f16 (f32 with `Precision::F32`) | device tensors, f32 |
+/// | KV cache | host rows, f16 (f32 with `Precision::F32`) | device tensors, f16 where the device computes in f16 (f32 with `Precision::F32`) | device tensors, f32 |
 pub struct Policy {
     /// Whether GGUF block matrices stay as stored.
     pub keep_blocks: bool,
     /// The pass pipeline to run.
     pub pipeline: Pipeline,
-    /// The host KV cache's element type (device caches are f32).
+    /// The KV cache's element type (caches of devices without our kernels are f32).
     pub cache_type: KvType,
 }
 
@@ -128,7 +128,7 @@ impl Policy {
             }
         };
         let cache_type = match options.cache_type {
-            _ if !caps.host_kv => KvType::F32,
+            _ if !caps.host_kv && !caps.device_blocks => KvType::F32,
             Some(ty) => ty,
             None if options.precision == Precision::F32 => KvType::F32,
             None => KvType::F16,
@@ -391,7 +391,7 @@ mod tests {
     fn gpu_devices_keep_blocks_on_the_device() {
         let p = Policy::decide(GPU, &options(Precision::Native, None));
         assert!(p.keep_blocks);
-        assert_eq!(p.cache_type, KvType::F32);
+        assert_eq!(p.cache_type, KvType::F16, "half the bytes decode reads");
         assert_eq!(
             p.pipeline.names(),
             [
@@ -403,6 +403,7 @@ mod tests {
         );
         let exact = Policy::decide(GPU, &options(Precision::F32, None));
         assert!(!exact.keep_blocks, "f32 precision widens every weight");
+        assert_eq!(exact.cache_type, KvType::F32, "and keeps an exact cache");
         let listed = SessionOptions {
             passes: "fuse-matmul,constant-fold".parse().expect("pass names"),
             ..SessionOptions::default()

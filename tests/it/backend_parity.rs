@@ -385,3 +385,65 @@ fn kv_equivalence_on_wgpu() {
         }
     }
 }
+
+/// A KV cache in f16 on the device (what engines on GPUs get by default) holds half
+/// the bytes of an f32 one, every value it holds is an f16, and it gives what the
+/// host's f16 cache gives: both store keys and values rounded, a step's own rows
+/// included, and attention reads them widened. Prefill, then decode through the fused
+/// attention kernel. Mistral's layers all have a sliding window, a ring the host keeps
+/// in f32 device tensors: there the reference is the exact cache, within what
+/// rounding to 2^-11 moves the logits.
+#[test]
+fn f16_kv_cache_on_wgpu_matches_the_host_f16_cache() {
+    use llama::graph::KvType;
+    use llama::runtime::Session;
+    let device = wgpu();
+    for model in ["llama3", "mistral"] {
+        let ids = reference(model).input_ids;
+        let open = |device: &Device, ty| {
+            let program = session(model, device, &Pipeline::standard())
+                .program()
+                .clone();
+            Session::with_cache_type(program, 64, ty).unwrap()
+        };
+        let wide = open(&device, KvType::F32);
+        let mut half = open(&device, KvType::F16);
+        assert_eq!(
+            2 * half.cache_device_bytes(),
+            wide.cache_device_bytes(),
+            "{model}: the device cache is f16"
+        );
+        let mut host = open(&flex(), KvType::F16);
+        let n = 5;
+        let (a, b) = (
+            half.prefill(&ids[..n]).unwrap(),
+            host.prefill(&ids[..n]).unwrap(),
+        );
+        let mut worst = max_abs_diff(a.last(), b.last());
+        let mut spread = b.last().iter().fold(0f32, |m, x| m.max(x.abs()));
+        for &id in &ids[n..] {
+            let (a, b) = (half.decode(id).unwrap(), host.decode(id).unwrap());
+            worst = worst.max(max_abs_diff(&a, &b));
+            spread = spread.max(b.iter().fold(0f32, |m, x| m.max(x.abs())));
+        }
+        let state = half.state().expect("state");
+        for l in &state.cache.layers {
+            for &x in l.keys.iter().chain(&l.values) {
+                assert_eq!(
+                    half::f16::from_f32(x).to_f32(),
+                    x,
+                    "{model}: {x} is not an f16"
+                );
+            }
+        }
+        let bound = if model == "mistral" {
+            1e-2 * spread.max(1.0)
+        } else {
+            1e-3
+        };
+        assert!(
+            worst <= bound,
+            "{model}: f16 caches on wgpu and the host differ by {worst} (bound {bound})"
+        );
+    }
+}

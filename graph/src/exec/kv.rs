@@ -1,6 +1,6 @@
 //! The KV cache: keys and values of every attention layer, written in place.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use std::sync::Arc;
 
 use llama_kernels::{KvRows, Page, Pages, KEY_BLOCK};
@@ -14,9 +14,12 @@ use crate::value::Value;
 /// One attention layer's keys and values.
 #[derive(Debug, Clone)]
 struct LayerCache {
-    /// Keys and values, each `[rows, kv_heads * head_dim]`; `None` only while a step
-    /// writes them.
+    /// Keys and values, each `[rows, kv_heads * head_dim]` of `dtype`; `None` only
+    /// while a step writes them.
     kv: [Option<Tensor<2>>; 2],
+    /// The device tensors' element type: f16 where the cache type asks for it and the
+    /// device computes in f16, else f32.
+    dtype: DType,
     /// On CPU devices, layers without a window keep keys and values in host memory
     /// instead (grown as positions arrive, `[positions, width]` row-major), so the host
     /// attention reads them in place rather than copying the whole cache every step.
@@ -27,7 +30,8 @@ struct LayerCache {
     rows: usize,
 }
 
-/// How a KV cache in host memory stores keys and values.
+/// How a KV cache stores keys and values: in host memory, or in device tensors on GPU
+/// devices that compute in f16 (others keep f32).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvType {
     /// Exactly as computed.
@@ -216,8 +220,9 @@ impl KvCache {
         Self::for_graph_of(graph, capacity, device, KvType::F32)
     }
 
-    /// The same with host layers stored as `ty`: layers without a window, on devices
-    /// whose [`Capabilities`] keep the cache in host memory.
+    /// The same with keys and values stored as `ty`: host layers (layers without a
+    /// window, on devices whose [`Capabilities`] keep the cache in host memory), and
+    /// device layers on GPU devices (block kernels) that support f16.
     pub fn for_graph_of(
         graph: &Graph,
         capacity: usize,
@@ -237,7 +242,14 @@ impl KvCache {
                 specs[layer] = Some((width, window));
             }
         }
-        let host_kv = Capabilities::of(device).host_kv;
+        let caps = Capabilities::of(device);
+        let host_kv = caps.host_kv;
+        let dtype = if ty == KvType::F16 && caps.device_blocks && device.supports_dtype(DType::F16)
+        {
+            DType::F16
+        } else {
+            DType::F32
+        };
         let layers = specs
             .into_iter()
             .map(|spec| {
@@ -247,15 +259,17 @@ impl KvCache {
                     return LayerCache {
                         kv: [None, None],
                         host: Some(HostKv::new(ty)),
+                        dtype: DType::F32,
                         width,
                         window,
                         rows,
                     };
                 }
-                let z = || Some(Tensor::<2>::zeros([rows, width], device));
+                let z = || Some(Tensor::<2>::zeros([rows, width], (device, dtype)));
                 LayerCache {
                     kv: [z(), z()],
                     host: None,
+                    dtype,
                     width,
                     window,
                     rows,
@@ -312,6 +326,16 @@ impl KvCache {
     /// clone or [`KvCache::copy_prefix`] shares memory instead of copying it.
     pub fn shares_pages(&self) -> bool {
         self.layers.iter().all(|l| l.host.is_some())
+    }
+
+    /// Bytes of the device tensors (keys and values of layers not kept in host
+    /// memory), for memory accounting.
+    pub fn device_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|l| l.host.is_none())
+            .map(|l| 2 * l.rows * l.width * l.dtype.size())
+            .sum()
     }
 
     /// Rows allocated per layer (keys or values), for memory accounting.
@@ -372,7 +396,8 @@ impl KvCache {
                     })?;
                     let width = t.dims()[1];
                     let rows = if l.window.is_some() { l.rows } else { self.len };
-                    let data = Value::F2(t.clone().narrow(0, 0, rows)).to_f32_vec()?;
+                    let rows_f32 = t.clone().narrow(0, 0, rows).cast(DType::F32);
+                    let data = Value::F2(rows_f32).to_f32_vec()?;
                     Ok((rows, width, data))
                 };
                 let (rows, width, keys) = read(&l.kv[0])?;
@@ -433,7 +458,8 @@ impl KvCache {
                 let rows = Tensor::<2>::from_data(
                     TensorData::new(data.clone(), [s.rows, s.width]),
                     &device,
-                );
+                )
+                .cast(l.dtype);
                 *slot = Some(if s.rows == 0 {
                     cache
                 } else {
@@ -478,6 +504,9 @@ impl KvCache {
             }));
         }
         let (rows, window) = (l.rows, l.window);
+        // Stored (and read back by attention, this step's rows included) in the cache's
+        // element type, as host layers are.
+        let new = new.cast(l.dtype);
         let slot = &mut l.kv[kind as usize];
         let mut cache = slot.take().ok_or_else(|| {
             GraphError::Input(format!(
@@ -523,7 +552,10 @@ impl KvCache {
     pub fn copy_prefix(&mut self, src: &KvCache, n: usize) -> Result<()> {
         let same_layout = self.layers.len() == src.layers.len()
             && self.layers.iter().zip(&src.layers).all(|(a, b)| {
-                a.width == b.width && a.window == b.window && a.host.is_some() == b.host.is_some()
+                a.width == b.width
+                    && a.window == b.window
+                    && a.host.is_some() == b.host.is_some()
+                    && a.dtype == b.dtype
             });
         if !same_layout || n > src.len || n > self.capacity {
             return Err(GraphError::Input(format!(

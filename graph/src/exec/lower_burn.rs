@@ -1,7 +1,7 @@
 //! The burn lowering: every op as burn tensor ops, on any device. The reference that
 //! the host lowering is checked against, and the whole path on ndarray and wgpu.
 use burn::tensor::activation;
-use burn::tensor::{Bool, Device, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Tensor, TensorData};
 
 use super::{bad, f2, rows_of, Step};
 use crate::error::Result;
@@ -253,7 +253,11 @@ pub fn eval(
                 let at = (p.past, p.seq);
                 outs.push(match fused {
                     Some(out) => out,
-                    None => attention(q, k, v, &heads, scale.get(), *window, at, device),
+                    None => {
+                        // A cache in f16 is widened for the general path's matmuls.
+                        let (k, v) = (k.cast(DType::F32), v.cast(DType::F32));
+                        attention(q, k, v, &heads, scale.get(), *window, at, device)
+                    }
                 });
             }
             Value::F2(if outs.len() == 1 {

@@ -6,17 +6,18 @@ use cubecl::prelude::*;
 /// Attention of query row `CUBE_POS_Y` (at position `past + row`), head `CUBE_POS_X`,
 /// over the `rows` cached keys (key `j` at position `past + seq - rows + j`), causal
 /// and, when `window > 0`, within `window` positions. `q: [seq, heads·hd]`, `k` and `v`:
-/// `[rows, kv_heads·hd]`, `out: [seq, heads·hd]`.
+/// `[rows, kv_heads·hd]` of the cache's element type `K` (f16 or f32; widened to f32
+/// as they are read), `out: [seq, heads·hd]`.
 ///
 /// Each unit walks keys `u, u + units, ...` with an online softmax (running maximum,
 /// sum and weighted values in registers); the units' partial results are then merged
 /// in shared memory, each rescaled to the common maximum.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
-pub fn decode_attention(
+pub fn decode_attention<K: Float>(
     q: &Tensor<f32>,
-    k: &Tensor<f32>,
-    v: &Tensor<f32>,
+    k: &Tensor<K>,
+    v: &Tensor<K>,
     out: &mut Tensor<f32>,
     rows: u32,
     past: u32,
@@ -27,6 +28,7 @@ pub fn decode_attention(
     window: u32,
     #[comptime] hd: usize,
     #[comptime] units: usize,
+    #[define(K)] _kv: ElemType,
 ) {
     let row = CUBE_POS_Y;
     let head = CUBE_POS_X;
@@ -53,7 +55,7 @@ pub fn decode_attention(
             let mut s = 0.0f32;
             #[unroll]
             for d in 0..hd {
-                s += q[q_at + d] * k[k_at + d];
+                s += q[q_at + d] * f32::cast_from(k[k_at + d]);
             }
             s *= scale;
             let m_new = f32::max(m, s);
@@ -62,7 +64,7 @@ pub fn decode_attention(
             l = l * c + p;
             #[unroll]
             for d in 0..hd {
-                acc[d] = acc[d] * c + p * v[k_at + d];
+                acc[d] = acc[d] * c + p * f32::cast_from(v[k_at + d]);
             }
             m = m_new;
         }

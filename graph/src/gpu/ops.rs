@@ -3,6 +3,7 @@
 //! on the cubecl backend.
 use std::sync::Arc;
 
+use burn::backend::cubecl::dtype_to_storage_type;
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch};
@@ -34,7 +35,8 @@ pub trait BlockOps: Backend {
     #[fusion(dtype = x, shape = out_shape(x, blocks))]
     fn block_matmul(x: FloatTensor<Self>, blocks: Arc<Chunks>) -> FloatTensor<Self>;
 
-    /// Causal attention of `q: [seq, heads·hd]` over `k`, `v: [rows, kv_heads·hd]`.
+    /// Causal attention of `q: [seq, heads·hd]` over `k`, `v: [rows, kv_heads·hd]`
+    /// (f32 or f16, both the same).
     #[fusion(dtype = q, shape = q)]
     fn fused_attention(
         q: FloatTensor<Self>,
@@ -161,6 +163,7 @@ impl BlockOps for CubeBackend {
             DType::F32,
         );
         let units = attention_units(p.head_dim);
+        let kv_type = dtype_to_storage_type(k.dtype);
         attention::decode_attention::launch(
             &client,
             CubeCount::Static(p.n_heads as u32, seq as u32, 1),
@@ -178,6 +181,7 @@ impl BlockOps for CubeBackend {
             p.window as u32,
             p.head_dim,
             units,
+            kv_type,
         );
         out
     }
