@@ -131,12 +131,80 @@ impl ChatTemplate {
         tools: Option<&T>,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let err = |e: minijinja::Error| RuntimeError::Template {
+        let failed = |message: String| RuntimeError::Template {
             source_name: self.source.clone(),
-            message: match e.detail() {
-                Some(d) => format!("{}: {d}", e.kind()),
-                None => e.to_string(),
-            },
+            message,
+        };
+        let key = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            self.template.hash(&mut h);
+            h.finish()
+        };
+        let ran_away = || RAN_AWAY.lock().map_or(false, |set| set.contains(&key));
+        if ran_away() {
+            return Err(failed(format!(
+                "the template ran past {TEMPLATE_TIME:?} before and is not rendered again"
+            )));
+        }
+        let job = Render {
+            template: self.template.clone(),
+            messages: minijinja::Value::from_serialize(messages),
+            tools: tools.map(minijinja::Value::from_serialize),
+            add_generation_prompt,
+            bos_token: self.bos_token.clone(),
+            eos_token: self.eos_token.clone(),
+        };
+        // On a thread of its own, with a deadline: fuel bounds the template's
+        // instructions, but some single instructions of minijinja's walk a lazy
+        // sequence for ever without spending any (a `for` over `[] * 10**12`). Such a
+        // render ends in an error here; its thread cannot be stopped and spins on, so
+        // the template is refused from then on rather than left to start another.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("chat-template".into())
+            .stack_size(8 << 20)
+            .spawn(move || {
+                let _ = tx.send(job.run());
+            })
+            .map_err(|e| failed(format!("cannot start the render: {e}")))?;
+        match rx.recv_timeout(TEMPLATE_TIME) {
+            Ok(rendered) => rendered.map_err(failed),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Ok(mut set) = RAN_AWAY.lock() {
+                    set.insert(key);
+                }
+                Err(failed(format!("the template ran past {TEMPLATE_TIME:?}")))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(failed("the template engine stopped".into()))
+            }
+        }
+    }
+}
+
+/// Templates (by hash) whose render ran past [`TEMPLATE_TIME`].
+static RAN_AWAY: std::sync::Mutex<std::collections::BTreeSet<u64>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Time a render may take: a chat template renders in milliseconds.
+const TEMPLATE_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Everything one render needs, owned, for its thread.
+struct Render {
+    template: String,
+    messages: minijinja::Value,
+    tools: Option<minijinja::Value>,
+    add_generation_prompt: bool,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl Render {
+    fn run(self) -> std::result::Result<String, String> {
+        let err = |e: minijinja::Error| match e.detail() {
+            Some(d) => format!("{}: {d}", e.kind()),
+            None => e.to_string(),
         };
         let mut env = minijinja::Environment::new();
         // Templates are written for Python's Jinja: allow `.strip()`, `.items()`, ...
@@ -155,14 +223,34 @@ impl ChatTemplate {
         // (minijinja has no filesystem or environment access to begin with).
         env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_recursion_limit(TEMPLATE_DEPTH);
+        // `[x] * n` is a lazy sequence of n items however large n is, and walking one
+        // costs no fuel: printing or listing it would run for hours. Such values are
+        // refused before they are walked.
+        env.set_formatter(|out, state, value| {
+            walkable(value)?;
+            minijinja::escape_formatter(out, state, value)
+        });
+        env.add_filter(
+            "list",
+            |state: &minijinja::State, value: minijinja::Value| {
+                walkable(&value)?;
+                minijinja::filters::list(state, value)
+            },
+        );
+        env.add_filter(
+            "string",
+            |state: &minijinja::State, value: &minijinja::Value| {
+                walkable(value)?;
+                minijinja::filters::string(state, value)
+            },
+        );
         env.add_template("chat", &self.template).map_err(err)?;
         let template = env.get_template("chat").map_err(err)?;
-        let tools = tools.map(minijinja::Value::from_serialize);
         let mut out = CappedOutput::default();
         let ctx = minijinja::context! {
-            messages => minijinja::Value::from_serialize(messages),
-            tools => tools,
-            add_generation_prompt => add_generation_prompt,
+            messages => self.messages,
+            tools => self.tools,
+            add_generation_prompt => self.add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
         };
@@ -171,21 +259,14 @@ impl ChatTemplate {
         let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             template.render_captured_to(ctx, &mut out)
         }))
-        .map_err(|_| RuntimeError::Template {
-            source_name: self.source.clone(),
-            message: "the template engine failed on this template's arithmetic".into(),
-        })?;
+        .map_err(|_| "the template engine failed on this template's arithmetic".to_string())?;
         if out.overflowed {
-            return Err(RuntimeError::Template {
-                source_name: self.source.clone(),
-                message: format!("the rendered prompt passes {TEMPLATE_OUTPUT} bytes"),
-            });
+            return Err(format!(
+                "the rendered prompt passes {TEMPLATE_OUTPUT} bytes"
+            ));
         }
         rendered.map_err(err)?;
-        String::from_utf8(out.bytes).map_err(|e| RuntimeError::Template {
-            source_name: self.source.clone(),
-            message: e.to_string(),
-        })
+        String::from_utf8(out.bytes).map_err(|e| e.to_string())
     }
 }
 
@@ -196,6 +277,62 @@ const TEMPLATE_FUEL: u64 = 20_000_000;
 const TEMPLATE_DEPTH: usize = 64;
 /// Bytes a rendered prompt may have: far past any context window.
 const TEMPLATE_OUTPUT: usize = 16 << 20;
+
+/// Items (of sequences and maps, nested ones included) a value may have to be
+/// printed or listed: far past any conversation.
+const TEMPLATE_ITEMS: usize = 1 << 20;
+/// Nesting a value may have to be printed or listed.
+const TEMPLATE_NESTING: usize = 256;
+
+/// Refuses a value of more than [`TEMPLATE_ITEMS`] items or nested deeper than
+/// [`TEMPLATE_NESTING`] (see `render_with`). The walk itself visits at most that many.
+fn walkable(value: &minijinja::Value) -> std::result::Result<(), minijinja::Error> {
+    let mut budget = TEMPLATE_ITEMS;
+    if fits(value, &mut budget, 0) {
+        Ok(())
+    } else {
+        Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!(
+                "a value of more than {TEMPLATE_ITEMS} items or {TEMPLATE_NESTING} levels is too long to print"
+            ),
+        ))
+    }
+}
+
+fn fits(value: &minijinja::Value, budget: &mut usize, depth: usize) -> bool {
+    use minijinja::value::ValueKind;
+    let kind = value.kind();
+    if !matches!(kind, ValueKind::Seq | ValueKind::Map | ValueKind::Iterable) {
+        return true;
+    }
+    // Iterables without a length are printed without being walked.
+    let Some(n) = value.len() else {
+        return true;
+    };
+    // An empty sequence may still be a lazy one of 10^12 empty repeats: not walked.
+    if n == 0 {
+        return true;
+    }
+    if n > *budget || depth >= TEMPLATE_NESTING {
+        return false;
+    }
+    *budget -= n;
+    let Ok(items) = value.try_iter() else {
+        return true;
+    };
+    for item in items {
+        let item = if kind == ValueKind::Map {
+            value.get_item(&item).unwrap_or_default()
+        } else {
+            item
+        };
+        if !fits(&item, budget, depth + 1) {
+            return false;
+        }
+    }
+    true
+}
 
 /// The render's output, refused past [`TEMPLATE_OUTPUT`] bytes.
 #[derive(Default)]
@@ -228,6 +365,7 @@ fn python_tojson(
     value: &minijinja::Value,
     kwargs: minijinja::value::Kwargs,
 ) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    walkable(value)?;
     let indent: Option<minijinja::Value> = kwargs.get("indent")?;
     let indent = match indent {
         None => None,
@@ -436,6 +574,29 @@ mod tests {
         let huge = "{{ 'x' * 20000000 }}";
         let e = render_err(huge);
         assert!(e.contains("passes 16777216 bytes"), "{e}");
+        // A sequence repeated 6e12 times is refused, not walked (fuzzing finding 6);
+        // so are sequences of many within reach, and deep nesting.
+        for long in [
+            "{{ 6333333333336 * [2] }}",
+            "{{ [[2] * 1000000] * 1000000 }}",
+            "{{ {'a': [[2] * 1000000] * 3} }}",
+            "{% set ns = namespace(x=[]) %}{% for i in range(1000) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x }}",
+            "{{ ([2] * 6333333333336) | list }}",
+            "{{ ([2] * 6333333333336) | string }}",
+            "{{ ([2] * 6333333333336) | tojson }}",
+        ] {
+            let e = render_err(long);
+            assert!(e.contains("too long to print"), "{long}: {e}");
+        }
+        // A single instruction that walks 10^12 empty repeats spends no fuel: the
+        // render's deadline ends it, and the template is not run again.
+        let spin = "{% for x in [] * 1000000000000 %}{% endfor %}";
+        let start = std::time::Instant::now();
+        let e = render_err(spin);
+        assert!(e.contains("ran past 5s"), "{e}");
+        assert!(start.elapsed() < TEMPLATE_TIME * 2, "{:?}", start.elapsed());
+        let e = render_err(spin);
+        assert!(e.contains("not rendered again"), "{e}");
         // An ordinary render is untouched by the bounds.
         let fine = "{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}";
         let t = ChatTemplate {
@@ -448,6 +609,11 @@ mod tests {
             t.render(&[Message::new("user", "hi")], false).unwrap(),
             "user: hi"
         );
+        let short = ChatTemplate {
+            template: "{{ [1, 'a'] * 2 }} {{ ([1] * 3) | list | length }}".into(),
+            ..t
+        };
+        assert_eq!(short.render(&[], false).unwrap(), "[1, \"a\", 1, \"a\"] 3");
     }
 
     /// Outputs of Python's `json.dumps(x, ensure_ascii=False, ...)`.
