@@ -116,6 +116,16 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Runs `ids` and picks the greedy next token: on the device where it can
+/// (`Session::prefill_argmax`), as `llama generate` does.
+fn pick(session: &mut llama_runtime::Session, ids: &[u32]) -> Result<u32> {
+    Ok(if session.picks_on_device() {
+        session.prefill_argmax(ids)?
+    } else {
+        llama_runtime::argmax(&session.prefill_last(ids)?)
+    })
+}
+
 /// Prefill of `prompt` and `-n` decode steps on top of the depth, `-r` times.
 fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u32]) -> Result<()> {
     let n_prompt = prompt.len();
@@ -124,12 +134,11 @@ fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u
     for rep in 0..=args.repetitions {
         session.truncate(args.depth)?;
         let start = Instant::now();
-        let logits = session.prefill_last(prompt)?;
-        let mut next = llama_runtime::argmax(&logits);
+        let mut next = pick(session, prompt)?;
         let first = start.elapsed();
         let start = Instant::now();
         for _ in 0..args.n_gen {
-            next = llama_runtime::argmax(&session.decode(next)?);
+            next = pick(session, &[next])?;
         }
         let gen = start.elapsed();
         if rep > 0 {
@@ -148,6 +157,16 @@ fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u
         stats(&mut decode)
     };
     let rss = peak_rss_bytes();
+    // On GPUs, the kernels one decode token launches (after the warm-up above).
+    let launches = if session.picks_on_device() && args.n_gen > 0 {
+        session.truncate(args.depth)?;
+        let next = pick(session, prompt)?;
+        let (picked, launches) = llama_graph::gpu::count_launches(|| pick(session, &[next]));
+        picked?;
+        Some(launches)
+    } else {
+        None
+    };
     // Where the time goes: one more prefill and decode run with every op timed.
     let profile = if args.profile {
         session.truncate(args.depth)?;
@@ -183,6 +202,8 @@ fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u
                 "decode_tok_s": d.0, "decode_tok_s_min": d.1, "decode_tok_s_max": d.2,
                 "ttft_ms": t.0,
                 "peak_rss_bytes": rss,
+                "launches_per_token": launches.as_ref().map(|l| l.total()),
+                "launches_by_kernel": launches.as_ref().map(|l| &l.by_kernel),
                 "profile": profile.as_ref().map(|phases| {
                     phases
                         .iter()
@@ -215,6 +236,20 @@ fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u
             t.0,
             rss.map_or("unknown".into(), |b| human_bytes(b as usize))
         );
+        if let Some(l) = &launches {
+            let mut top: Vec<_> = l.by_kernel.iter().collect();
+            top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let top: Vec<String> = top
+                .iter()
+                .take(6)
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect();
+            println!(
+                "kernel launches per decode token: {} ({})",
+                l.total(),
+                top.join(", ")
+            );
+        }
         for (name, p, total, tokens) in profile.iter().flatten() {
             if *tokens > 0 {
                 print_profile(name, p, *total, *tokens);

@@ -75,6 +75,30 @@ impl Value {
             .map_err(|e| GraphError::Input(format!("reading tensor data: {e:?}")))
     }
 
+    /// The argmax of a `[rows, n]` value's last row (the first on ties), and the row's
+    /// sum (not finite when any value is not): computed where the value lives, so a
+    /// device hands back two numbers instead of the row.
+    pub fn last_row_argmax(self) -> Result<(u32, f32)> {
+        let Value::F2(t) = self else {
+            return Err(GraphError::Input(
+                "argmax of a value that is not a matrix".into(),
+            ));
+        };
+        let [rows, n] = t.dims();
+        if rows == 0 || n == 0 {
+            return Err(GraphError::Input("argmax of an empty matrix".into()));
+        }
+        let last = t.narrow(0, rows - 1, 1);
+        // The index as f32 is exact below 2^24, far above any vocabulary.
+        let id = last.clone().argmax(1).float();
+        let sum = last.sum().reshape([1, 1]);
+        let both = Value::F2(Tensor::cat(vec![id, sum], 1)).into_f32_vec()?;
+        match both[..] {
+            [id, sum] => Ok((id as u32, sum)),
+            _ => Err(GraphError::Input("argmax read back the wrong shape".into())),
+        }
+    }
+
     /// Copies an integer value to the host.
     pub fn to_i64_vec(&self) -> Result<Vec<i64>> {
         let Value::I1(t) = self else {

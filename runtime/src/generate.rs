@@ -218,21 +218,10 @@ impl Decoder {
         &mut self,
         logits: &[f32],
         history: &[u32],
-        mut on_token: impl FnMut(u32) -> bool,
+        on_token: impl FnMut(u32) -> bool,
     ) -> Option<u32> {
-        if self.finish.is_some() {
+        if !self.goes_on() {
             return None;
-        }
-        if self.ids.len() >= self.opts.max_tokens {
-            return self.end(FinishReason::Length);
-        }
-        let cancelled = self
-            .opts
-            .cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed));
-        if cancelled {
-            return self.end(FinishReason::Cancelled);
         }
         let masked = match self.constraint.as_mut().map(|c| c.mask(logits)) {
             Some(Err(e)) => return self.fail(e),
@@ -242,6 +231,58 @@ impl Decoder {
         let next = self
             .sampler
             .sample(masked.as_deref().unwrap_or(logits), history);
+        self.accept(next, on_token)
+    }
+
+    /// Whether the next token is the argmax of the logits and nothing else reads them:
+    /// greedy, with no bias, penalty, grammar or log-probabilities. A device can then
+    /// pick it and hand back the id alone ([`Session::prefill_argmax`]).
+    ///
+    /// [`Session::prefill_argmax`]: crate::Session::prefill_argmax
+    pub fn picks_argmax(&self) -> bool {
+        let s = &self.opts.sampler;
+        s.temperature == 0.0
+            && s.logit_bias.is_empty()
+            && s.repeat_penalty == 1.0
+            && s.presence_penalty == 0.0
+            && s.frequency_penalty == 0.0
+            && self.constraint.is_none()
+            && self.opts.logprobs.is_none()
+    }
+
+    /// Like [`Decoder::next`], for a token already picked as the logits' argmax (only
+    /// when [`Decoder::picks_argmax`]).
+    pub fn next_argmax(&mut self, argmax: u32, on_token: impl FnMut(u32) -> bool) -> Option<u32> {
+        if !self.goes_on() {
+            return None;
+        }
+        self.accept(argmax, on_token)
+    }
+
+    /// Ends the sequence at its length limit or a cancellation; whether it goes on.
+    fn goes_on(&mut self) -> bool {
+        if self.finish.is_some() {
+            return false;
+        }
+        if self.ids.len() >= self.opts.max_tokens {
+            self.end(FinishReason::Length);
+            return false;
+        }
+        let cancelled = self
+            .opts
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(Ordering::Relaxed));
+        if cancelled {
+            self.end(FinishReason::Cancelled);
+            return false;
+        }
+        true
+    }
+
+    /// Takes `next` as the sequence's next token: stops at an end token, the grammar's
+    /// end, the caller's word or the length limit.
+    fn accept(&mut self, next: u32, mut on_token: impl FnMut(u32) -> bool) -> Option<u32> {
         self.first.get_or_insert_with(Instant::now);
         if self.opts.eos.contains(&next) {
             return self.end(FinishReason::Eos);
@@ -357,20 +398,41 @@ pub fn generate_ids(
 ) -> Result<Generation> {
     check_fit(session.position(), session.context(), prompt, opts)?;
     let mut decoder = Decoder::new(prompt.len(), opts)?;
-    let mut logits = session.prefill_last(prompt)?;
-    while let Some(next) = decoder.next(&logits, session.tokens(), &mut on_token) {
+    // Greedy on a GPU: the device picks the token and only its id comes back, not the
+    // vocabulary's logits.
+    let on_device = decoder.picks_argmax() && session.picks_on_device();
+    let step = |session: &mut Session, ids: &[u32]| -> Result<Picked> {
+        Ok(if on_device {
+            Picked::Id(session.prefill_argmax(ids)?)
+        } else {
+            Picked::Logits(session.prefill_last(ids)?)
+        })
+    };
+    let mut picked = step(session, prompt)?;
+    loop {
+        let next = match &picked {
+            Picked::Id(id) => decoder.next_argmax(*id, &mut on_token),
+            Picked::Logits(logits) => decoder.next(logits, session.tokens(), &mut on_token),
+        };
+        let Some(next) = next else { break };
         if session.position() + 1 > session.context() {
             if let Some(keep) = opts.context_shift {
                 session.shift_context(keep)?;
                 decoder.shifted();
             }
         }
-        logits = session.decode(next)?;
+        picked = step(session, &[next])?;
     }
     if let Some(e) = decoder.take_error() {
         return Err(e);
     }
     Ok(decoder.finish())
+}
+
+/// What a step hands back: the last position's logits, or the token the device picked.
+enum Picked {
+    Logits(Vec<f32>),
+    Id(u32),
 }
 
 /// Greedy generation of up to `max_tokens`, stopping at any of `eos`.

@@ -102,6 +102,10 @@ impl Session {
     }
 
     /// Rows of keys (and of values) allocated per layer.
+    pub fn cache_device_bytes(&self) -> usize {
+        self.cache.device_bytes()
+    }
+
     pub fn cache_rows_per_layer(&self) -> Vec<usize> {
         self.cache.rows_per_layer()
     }
@@ -138,6 +142,31 @@ impl Session {
         let out = self.step(ids, &Taps::None, Rows::Last)?;
         let logits = self.logits(out)?;
         Ok(logits.last().to_vec())
+    }
+
+    /// Runs `ids` like [`Session::prefill_last`] and returns the argmax of the last
+    /// position's logits (the first on ties), computed on the device: what greedy
+    /// decoding on a GPU reads back instead of the vocabulary's logits. Logits that are
+    /// not finite are an error, as they are for [`Session::prefill`].
+    pub fn prefill_argmax(&mut self, ids: &[u32]) -> Result<u32> {
+        let out = self.step(ids, &Taps::None, Rows::Last)?;
+        let value =
+            out.outputs.into_iter().next().ok_or_else(|| {
+                llama_graph::GraphError::Input("the graph produced no output".into())
+            })?;
+        let (id, sum) = value.last_row_argmax()?;
+        if !sum.is_finite() {
+            return Err(RuntimeError::NonFiniteLogits {
+                position: self.tokens.len().saturating_sub(1),
+            });
+        }
+        Ok(id)
+    }
+
+    /// Whether greedy decoding picks tokens on the device ([`Session::prefill_argmax`]):
+    /// on GPU devices, where reading the logits back costs a transfer per token.
+    pub fn picks_on_device(&self) -> bool {
+        self.program.capabilities().device_blocks
     }
 
     /// Runs one token and returns the logits for the next.

@@ -118,3 +118,33 @@ fn check_tensors_names_the_tensor_that_is_not_finite() {
     one_line(generate(dir.path(), "abcd", &["--check-tensors"]), &want);
     generate(&real_model_path(), "Hi", &["--check-tensors"]).expect("SmolLM2 is sound");
 }
+
+/// Greedy decoding on a GPU picks the token on the device and reads back its id and
+/// the row's sum: the same tokens as the argmax of the logits read back, and a row
+/// that is not finite is the same error.
+#[test]
+fn tokens_picked_on_the_device_are_the_argmax_and_nan_is_still_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = poisoned(dir.path());
+    let device = wgpu();
+    let model = llama::models::Model::load(dir.path(), &device).unwrap();
+    let g = model.build_graph().unwrap();
+    let program = Program::new(g, device).unwrap();
+    let mut on_device = llama::runtime::Session::new(program.clone(), 64).unwrap();
+    let mut read_back = llama::runtime::Session::new(program, 64).unwrap();
+    assert!(on_device.picks_on_device());
+    let (mut a, mut b) = (
+        on_device.prefill_argmax(&[5, 9, 11]).unwrap(),
+        llama::runtime::argmax(&read_back.prefill_last(&[5, 9, 11]).unwrap()),
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        assert_eq!(a, b);
+        seen.insert(a);
+        a = on_device.prefill_argmax(&[a]).unwrap();
+        b = llama::runtime::argmax(&read_back.prefill_last(&[b]).unwrap());
+    }
+    assert!(seen.len() > 1, "a constant argmax tests little: {seen:?}");
+    let err = on_device.prefill_argmax(&[bad]).unwrap_err();
+    assert!(matches!(err, RuntimeError::NonFiniteLogits { .. }), "{err}");
+}

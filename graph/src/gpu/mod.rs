@@ -9,10 +9,13 @@ use llama_kernels::quant::QMatrix;
 
 use crate::error::{GraphError, Result};
 
+pub use launches::{count_launches, Launches};
+
 #[cfg(feature = "wgpu")]
 mod attention;
 #[cfg(feature = "wgpu")]
 mod kernels;
+mod launches;
 #[cfg(feature = "wgpu")]
 mod ops;
 
