@@ -141,8 +141,7 @@ impl ChatTemplate {
             self.template.hash(&mut h);
             h.finish()
         };
-        let ran_away = || RAN_AWAY.lock().map_or(false, |set| set.contains(&key));
-        if ran_away() {
+        if RAN_AWAY.lock().is_ok_and(|set| set.contains(&key)) {
             return Err(failed(format!(
                 "the template ran past {TEMPLATE_TIME:?} before and is not rendered again"
             )));
