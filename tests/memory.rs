@@ -220,6 +220,30 @@ fn block_weights_stay_in_blocks_on_wgpu() {
         after.bytes_in_use
     );
 
+    // Kernels per decode token: each op between the matmuls fused (RMSNorm, RoPE and
+    // the cache writes one kernel each, the activation and residual adds one each),
+    // each matmul one launch. Per layer: 4 matmuls, 2 norms, 2 rotations, 2 cache
+    // writes, attention, SiLU·up and 2 residual adds make 14; 16 leaves room for a
+    // copy. Fusion falling apart (single-op kernels for each add and multiply) shows
+    // here as two or three times that.
+    s.reset();
+    let prompt = &common::smollm2::greedy().prompts[0].input_ids;
+    let next = s.prefill_argmax(prompt).expect("prefill");
+    let (picked, launches) = llama::graph::gpu::count_launches(|| s.prefill_argmax(&[next]));
+    picked.expect("decode");
+    let layers = gpu.model().config.num_hidden_layers;
+    eprintln!("kernel launches per decode token: {launches:?}");
+    assert_eq!(
+        launches.matching("BlockGemv"),
+        4 * layers + 1,
+        "one launch per block matmul (QKV, O, gate-up, down; the head): {launches:?}"
+    );
+    assert!(
+        launches.total() <= 16 * layers + 8,
+        "{} launches for one decode token of {layers} layers: {launches:?}",
+        launches.total()
+    );
+
     let cpu = load(Backend::Flex, Precision::F32);
     let mut c = cpu.session().expect("session");
     const TOKENS: usize = 8;

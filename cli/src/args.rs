@@ -32,9 +32,9 @@ pub struct ModelArgs {
     /// fidelity work). The ndarray reference uses f32.
     #[arg(long, value_enum, default_value = "native")]
     pub precision: PrecisionArg,
-    /// How CPU backends keep the KV cache: `f16` halves its memory and what decode
-    /// attention reads (default), `f32` keeps keys and values exactly (the default with
-    /// --precision f32). GPU backends and the ndarray reference keep f32.
+    /// How the KV cache is kept: `f16` halves its memory and what decode attention
+    /// reads (default), `f32` keeps keys and values exactly (the default with
+    /// --precision f32). GPUs without f16 and the ndarray reference keep f32.
     #[arg(long, value_enum)]
     pub cache_type: Option<CacheTypeArg>,
     /// Check every weight for NaN and infinity while loading, and refuse the model

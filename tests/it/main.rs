@@ -16,6 +16,7 @@ mod fuzz_replay;
 mod generation;
 mod gguf_format;
 mod gpu_blocks;
+mod gpu_fused;
 mod model_variants;
 mod non_finite;
 mod passes_on_models;

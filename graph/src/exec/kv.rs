@@ -504,9 +504,6 @@ impl KvCache {
             }));
         }
         let (rows, window) = (l.rows, l.window);
-        // Stored (and read back by attention, this step's rows included) in the cache's
-        // element type, as host layers are.
-        let new = new.cast(l.dtype);
         let slot = &mut l.kv[kind as usize];
         let mut cache = slot.take().ok_or_else(|| {
             GraphError::Input(format!(
@@ -515,14 +512,17 @@ impl KvCache {
         })?;
         let width = cache.dims()[1];
         let Some(w) = window else {
-            // The cache tensor is uniquely owned here, so burn writes it in place.
-            let cache = cache.slice_assign([past..past + seq, 0..width], new);
+            // Stored (and read back by attention, this step's rows included) in the
+            // cache's element type, as host layers are. The cache tensor is uniquely
+            // owned here, so it is written in place.
+            let cache = crate::gpu::write_rows(cache, new, past);
             let all = cache.clone().narrow(0, 0, past + seq);
             *slot = Some(cache);
             return Ok(Value::F2(all));
         };
         // Sliding window: the last min(past, w - 1) positions from the ring, then the new
         // rows; then the newest min(seq, rows) rows go into the ring.
+        let new = new.cast(l.dtype);
         let keep = past.min(w - 1);
         let mut parts = ring_ranges(past - keep, keep, rows)
             .into_iter()

@@ -73,7 +73,9 @@ pub fn eval(
             };
             let [rows, d] = x.dims();
             let g = w.dims()[0];
-            if g == d {
+            if let Some(out) = crate::gpu::rms_norm(&x, &w, eps.get(), device) {
+                Value::F2(out)
+            } else if g == d {
                 let inv = inv_rms(x.clone(), eps.get());
                 Value::F2(x.mul(inv).mul(w.unsqueeze_dim(0)))
             } else {
@@ -200,8 +202,18 @@ pub fn eval(
             let x = f2(node, next()?)?;
             let cos = f2(node, next()?)?;
             let sin = f2(node, next()?)?;
+            if let [p] = &step.parts[..] {
+                // One sequence: the kernel reads the tables at its positions.
+                let tables = (&cos, &sin);
+                if let Some(out) = crate::gpu::rope(&x, tables, *head_dim, p.past, device) {
+                    return Ok(Value::F2(out));
+                }
+            }
             let (cos, sin) = step_angles(cos, sin, step, node)?;
-            Value::F2(rope(x, cos, sin, *head_dim))
+            match crate::gpu::rope(&x, (&cos, &sin), *head_dim, 0, device) {
+                Some(out) => Value::F2(out),
+                None => Value::F2(rope(x, cos, sin, *head_dim)),
+            }
         }
         Op::PositionEmbedding => {
             let step = step.ok_or_else(|| bad(node, "position_embedding needs a step"))?;

@@ -4,7 +4,7 @@
 //! six to eight times as much as f32.
 use std::sync::Arc;
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use llama_kernels::quant::QMatrix;
 
 use crate::error::{GraphError, Result};
@@ -13,6 +13,8 @@ pub use launches::{count_launches, Launches};
 
 #[cfg(feature = "wgpu")]
 mod attention;
+#[cfg(feature = "wgpu")]
+mod fused;
 #[cfg(feature = "wgpu")]
 mod kernels;
 mod launches;
@@ -173,6 +175,76 @@ pub fn fused_attention(
         let _ = (k, v, scale, past);
         None
     }
+}
+
+/// RMSNorm of `x: [rows, d]` in groups of `w`'s length by one kernel on GPU devices:
+/// `None` elsewhere, or where the groups do not divide the rows.
+pub fn rms_norm(x: &Tensor<2>, w: &Tensor<1>, eps: f32, device: &Device) -> Option<Tensor<2>> {
+    let [_, d] = x.dims();
+    let g = w.dims()[0];
+    if g == 0 || !d.is_multiple_of(g) || !DeviceBlocks::supported(device) {
+        return None;
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        Some(ops::rms_norm(x.clone(), w.clone(), eps))
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        let _ = eps;
+        None
+    }
+}
+
+/// Rotate-half RoPE of `x: [seq, heads·head_dim]` by one kernel on GPU devices, row
+/// `r` turned by row `first + r` of `cos`, `sin: [positions, head_dim / 2]`: `None`
+/// elsewhere, or where the shapes do not fit.
+pub fn rope(
+    x: &Tensor<2>,
+    (cos, sin): (&Tensor<2>, &Tensor<2>),
+    head_dim: usize,
+    first: usize,
+    device: &Device,
+) -> Option<Tensor<2>> {
+    let [seq, width] = x.dims();
+    let [positions, half] = cos.dims();
+    let fits = half > 0
+        && head_dim == 2 * half
+        && width.is_multiple_of(head_dim)
+        && sin.dims() == [positions, half]
+        && first + seq <= positions
+        && DeviceBlocks::supported(device);
+    if !fits {
+        return None;
+    }
+    #[cfg(feature = "wgpu")]
+    {
+        Some(ops::rope(x.clone(), cos.clone(), sin.clone(), first))
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        None
+    }
+}
+
+/// `cache` with rows `at..at + rows` replaced by `new: [rows, width]` (f32), stored
+/// in the cache's element type (rounded, with f16) and written in place where the
+/// cache is not shared: by one kernel on GPU devices, elsewhere by burn's cast and
+/// slice assignment. The rows must lie within the cache.
+pub fn write_rows(cache: Tensor<2>, new: Tensor<2>, at: usize) -> Tensor<2> {
+    let [_, width] = cache.dims();
+    let n = new.dims()[0];
+    let fits = new.dims()[1] == width
+        && matches!(cache.dtype(), DType::F16 | DType::F32)
+        && new.dtype() == DType::F32
+        && DeviceBlocks::supported(&cache.device());
+    #[cfg(feature = "wgpu")]
+    if fits {
+        return ops::write_rows(cache, new, at);
+    }
+    let _ = fits;
+    let dtype = cache.dtype();
+    cache.slice_assign([at..at + n, 0..width], new.cast(dtype))
 }
 
 /// The device copy: runs of rows of one block type, each in one buffer of `u32` words

@@ -1,19 +1,30 @@
-//! The block matmul as a burn backend extension: recorded by burn-fusion as one custom
-//! op (its input resolved, its output lazy like any other tensor), run by our kernels
-//! on the cubecl backend.
+//! The block matmul and the fused attention as a burn backend extension, run by our
+//! kernels on the cubecl backend.
+//!
+//! Under burn-fusion they are not recorded as custom ops: fusion's stream search gives
+//! a custom op no fuser, and a segment holding one between elementwise ops (norm →
+//! matmul → SiLU → matmul → residual) falls back to running every op of the segment
+//! unfused -- the norms, activations and residuals of a decode step then took ~450
+//! single-op kernels. Instead each call drains the stream up to its input (what is
+//! queued is fused as usual), runs our kernel, and hands the output back as a new lazy
+//! tensor: the ops on either side fuse among themselves.
 use std::sync::Arc;
 
 use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::fusion::custom::{OperationIr, OperationOutput, StreamId};
+use burn::backend::fusion::{Client, Fusion, FusionBackend, NoOp};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{backend_extension, Backend, Dispatch};
 use burn::tensor::{DType, Shape, Tensor};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
+use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
+use burn_ir::{BackendIr, InitOperationIr};
 use cubecl::prelude::*;
 
-use super::{attention, kernels, Chunks};
+use super::{attention, fused, kernels, Chunks};
 
 /// Steps of at most this many rows multiply with [`kernels::block_gemv`]; longer ones
 /// widen the weights a part at a time and run burn's tiled matmul.
@@ -29,21 +40,36 @@ const PART_ROWS: usize = 4096;
 /// Cubes per grid row: within every API's limit of 65,535 per dimension.
 const GRID_X: u32 = 32_768;
 
-#[backend_extension(Cube, Fusion)]
+#[backend_extension(Cube)]
 pub trait BlockOps: Backend {
     /// `x · Wᵀ` for `x: [m, k]` and the block matrix `W: [n, k]`.
-    #[fusion(dtype = x, shape = out_shape(x, blocks))]
     fn block_matmul(x: FloatTensor<Self>, blocks: Arc<Chunks>) -> FloatTensor<Self>;
 
     /// Causal attention of `q: [seq, heads·hd]` over `k`, `v: [rows, kv_heads·hd]`
     /// (f32 or f16, both the same).
-    #[fusion(dtype = q, shape = q)]
     fn fused_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         params: AttentionParams,
     ) -> FloatTensor<Self>;
+
+    /// RMSNorm of `x: [rows, d]` in groups of `w`'s length (which divides `d`).
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self>;
+
+    /// Rotate-half RoPE of `x: [seq, heads·head_dim]`, row `r` by row `first + r` of
+    /// `cos`, `sin: [positions, head_dim / 2]`.
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        first: usize,
+    ) -> FloatTensor<Self>;
+
+    /// `cache` with rows `at..` replaced by `new: [rows, width]` (f32, stored in the
+    /// cache's element type), written in place where `cache` is not shared.
+    fn write_rows(cache: FloatTensor<Self>, new: FloatTensor<Self>, at: usize)
+        -> FloatTensor<Self>;
 }
 
 /// The shape of one attention call: heads, scale, sliding window (0: none), and the
@@ -62,10 +88,6 @@ pub struct AttentionParams {
 /// f32) take 8 KiB of shared memory, within every API's 16 KiB.
 pub fn attention_units(head_dim: usize) -> usize {
     (2048 / head_dim.max(1)).clamp(1, 32)
-}
-
-fn out_shape(x: &Shape, blocks: &Arc<Chunks>) -> Shape {
-    Shape::new([x[0], blocks.rows])
 }
 
 /// A grid of `cubes` cubes within the per-dimension limit.
@@ -185,6 +207,179 @@ impl BlockOps for CubeBackend {
         );
         out
     }
+
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        launch_rms_norm(x, w, eps)
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        first: usize,
+    ) -> FloatTensor<Self> {
+        launch_rope(x, cos, sin, first)
+    }
+
+    fn write_rows(
+        cache: FloatTensor<Self>,
+        new: FloatTensor<Self>,
+        at: usize,
+    ) -> FloatTensor<Self> {
+        launch_write_rows(cache, new, at)
+    }
+}
+
+/// Units per cube of the norm (a power of two: the tree sum halves it).
+const NORM_UNITS: u32 = 256;
+/// Units per cube of the one-unit-per-element kernels.
+const ELEMENT_UNITS: u32 = 256;
+
+fn empty_f32(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
+}
+
+fn launch_rms_norm(x: CubeTensor, w: CubeTensor, eps: f32) -> CubeTensor {
+    let (x, w) = (into_contiguous(x), into_contiguous(w));
+    let g = w.meta.shape().num_elements();
+    let groups = x.meta.shape().num_elements() / g.max(1);
+    let out = empty_f32(&x, x.meta.shape().clone());
+    let units = (g.next_power_of_two() as u32).clamp(32, NORM_UNITS);
+    fused::rms_norm::launch(
+        &x.client.clone(),
+        grid(groups),
+        CubeDim::new_1d(units),
+        x.into_tensor_arg(),
+        w.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        groups as u32,
+        g as u32,
+        eps,
+        units as usize,
+    );
+    out
+}
+
+fn launch_rope(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, first: usize) -> CubeTensor {
+    let (x, cos, sin) = (
+        into_contiguous(x),
+        into_contiguous(cos),
+        into_contiguous(sin),
+    );
+    let half = cos.meta.shape()[1];
+    let [seq, width] = [x.meta.shape()[0], x.meta.shape()[1]];
+    let heads = width / (2 * half).max(1);
+    let total = seq * heads * half;
+    let out = empty_f32(&x, x.meta.shape().clone());
+    fused::rope::launch(
+        &x.client.clone(),
+        grid(total.div_ceil(ELEMENT_UNITS as usize)),
+        CubeDim::new_1d(ELEMENT_UNITS),
+        x.into_tensor_arg(),
+        cos.into_tensor_arg(),
+        sin.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        total as u32,
+        heads as u32,
+        half as u32,
+        first as u32,
+    );
+    out
+}
+
+fn launch_write_rows(cache: CubeTensor, new: CubeTensor, at: usize) -> CubeTensor {
+    let new = into_contiguous(new);
+    let cache = into_contiguous(cache);
+    // Shared (a clone still alive elsewhere): written to a copy, as slice_assign would.
+    let cache = if cache.can_mut() { cache } else { cache.copy() };
+    let width = cache.meta.shape()[1];
+    let total = new.meta.shape().num_elements();
+    let ty = dtype_to_storage_type(cache.dtype);
+    fused::write_rows::launch(
+        &cache.client.clone(),
+        grid(total.div_ceil(ELEMENT_UNITS as usize)),
+        CubeDim::new_1d(ELEMENT_UNITS),
+        new.into_tensor_arg(),
+        cache.clone().into_tensor_arg(),
+        total as u32,
+        (at * width) as u32,
+        ty,
+    );
+    cache
+}
+
+impl BlockOps for Fusion<CubeBackend> {
+    fn block_matmul(x: FloatTensor<Self>, blocks: Arc<Chunks>) -> FloatTensor<Self> {
+        let client = x.client.clone();
+        let x = client.resolve_tensor_float::<CubeBackend>(x);
+        lazy(&client, <CubeBackend as BlockOps>::block_matmul(x, blocks))
+    }
+
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        params: AttentionParams,
+    ) -> FloatTensor<Self> {
+        let client = q.client.clone();
+        let q = client.resolve_tensor_float::<CubeBackend>(q);
+        let k = client.resolve_tensor_float::<CubeBackend>(k);
+        let v = client.resolve_tensor_float::<CubeBackend>(v);
+        lazy(
+            &client,
+            <CubeBackend as BlockOps>::fused_attention(q, k, v, params),
+        )
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
+        let client = x.client.clone();
+        let x = client.resolve_tensor_float::<CubeBackend>(x);
+        let w = client.resolve_tensor_float::<CubeBackend>(w);
+        lazy(&client, launch_rms_norm(x, w, eps))
+    }
+
+    fn rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        first: usize,
+    ) -> FloatTensor<Self> {
+        let client = x.client.clone();
+        let x = client.resolve_tensor_float::<CubeBackend>(x);
+        let cos = client.resolve_tensor_float::<CubeBackend>(cos);
+        let sin = client.resolve_tensor_float::<CubeBackend>(sin);
+        lazy(&client, launch_rope(x, cos, sin, first))
+    }
+
+    fn write_rows(
+        cache: FloatTensor<Self>,
+        new: FloatTensor<Self>,
+        at: usize,
+    ) -> FloatTensor<Self> {
+        let client = cache.client.clone();
+        let new = client.resolve_tensor_float::<CubeBackend>(new);
+        let cache = client.resolve_tensor_float::<CubeBackend>(cache);
+        lazy(&client, launch_write_rows(cache, new, at))
+    }
+}
+
+/// `out` (computed, or queued on the device) as a tensor of the fusion stream, the way
+/// burn-fusion takes in data: an init op that registers its handle.
+fn lazy(
+    client: &Client<<CubeBackend as FusionBackend>::FusionRuntime>,
+    out: FloatTensor<CubeBackend>,
+) -> FloatTensor<Fusion<CubeBackend>> {
+    let shape = out.meta.shape().clone();
+    let dtype = out.dtype;
+    let handle = <CubeBackend as BackendIr>::float_tensor_handle(out);
+    let init = InitOperationIr::create(shape, dtype, || client.register_tensor_handle(handle));
+    client
+        .register(
+            StreamId::current(),
+            OperationIr::Init(init),
+            NoOp::<CubeBackend>::new(),
+        )
+        .output()
 }
 
 /// Fused attention on the device that holds `q`.
@@ -202,5 +397,33 @@ pub fn matmul(x: Tensor<2>, blocks: &Arc<Chunks>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as BlockOps>::block_matmul(
         x.into_dispatch(),
         blocks.clone(),
+    ))
+}
+
+/// RMSNorm of `x` in groups of `w`'s length, on the device that holds `x`.
+pub fn rms_norm(x: Tensor<2>, w: Tensor<1>, eps: f32) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as BlockOps>::rms_norm(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        eps,
+    ))
+}
+
+/// RoPE of `x`, row `r` by row `first + r` of the angle tables.
+pub fn rope(x: Tensor<2>, cos: Tensor<2>, sin: Tensor<2>, first: usize) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as BlockOps>::rope(
+        x.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+        first,
+    ))
+}
+
+/// `cache` with rows `at..` replaced by `new`.
+pub fn write_rows(cache: Tensor<2>, new: Tensor<2>, at: usize) -> Tensor<2> {
+    Tensor::from_dispatch(<Dispatch as BlockOps>::write_rows(
+        cache.into_dispatch(),
+        new.into_dispatch(),
+        at,
     ))
 }
