@@ -160,7 +160,7 @@ impl ChatTemplate {
         // render ends in an error here; its thread cannot be stopped and spins on, so
         // the template is refused from then on rather than left to start another.
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("chat-template".into())
             .stack_size(8 << 20)
             .spawn(move || {
@@ -168,7 +168,13 @@ impl ChatTemplate {
             })
             .map_err(|e| failed(format!("cannot start the render: {e}")))?;
         match rx.recv_timeout(TEMPLATE_TIME) {
-            Ok(rendered) => rendered.map_err(failed),
+            Ok(rendered) => {
+                // The thread has sent its result and is ending: wait for it, so that
+                // what it holds (minijinja's thread-local buffers) is freed before
+                // the render returns rather than at some later moment.
+                let _ = thread.join();
+                rendered.map_err(failed)
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 if let Ok(mut set) = RAN_AWAY.lock() {
                     set.insert(key);
@@ -176,6 +182,7 @@ impl ChatTemplate {
                 Err(failed(format!("the template ran past {TEMPLATE_TIME:?}")))
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = thread.join();
                 Err(failed("the template engine stopped".into()))
             }
         }
@@ -270,8 +277,9 @@ impl Render {
 }
 
 /// Template instructions a render may run: a conversation of thousands of messages
-/// with tools takes well under a million; a template that loops for ever stops here.
-const TEMPLATE_FUEL: u64 = 20_000_000;
+/// with tools takes well under a million (tested); a template that loops for ever
+/// stops here, in a fraction of a second.
+const TEMPLATE_FUEL: u64 = 2_000_000;
 /// Nested macro calls and includes.
 const TEMPLATE_DEPTH: usize = 64;
 /// Bytes a rendered prompt may have: far past any context window.

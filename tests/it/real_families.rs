@@ -46,6 +46,34 @@ fn qwen_chat_template_renders_tools_as_transformers_does() {
     assert_eq!(n, 2);
 }
 
+/// A long conversation with tools (3,000 messages: the fixture's question, tool call
+/// and tool result over and over) renders within the template's fuel: the cap that ends a template looping
+/// for ever is far past what a real template spends.
+#[test]
+fn a_long_conversation_with_tools_renders_within_the_fuel() {
+    let path = fixture_of("qwen2.5", "chat_tools.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let fixture: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let template = ChatTemplate {
+        source: "qwen2.5".into(),
+        template: fixture["chat_template"].as_str().unwrap().into(),
+        bos_token: String::new(),
+        eos_token: "<|im_end|>".into(),
+    };
+    let case = &fixture["cases"][1];
+    let turns = case["messages"].as_array().unwrap();
+    let messages: Vec<_> = turns.iter().cycle().take(3000).cloned().collect();
+    let n = messages.len();
+    let got = template
+        .render_with(&messages, Some(&case["tools"]), true)
+        .unwrap_or_else(|e| panic!("{n} messages: {e}"));
+    assert!(
+        got.matches("<|im_start|>").count() >= n / 2,
+        "{n} messages rendered as {} turns",
+        got.matches("<|im_start|>").count()
+    );
+}
+
 /// llama.cpp's outputs on one file: perplexity, greedy continuations, tokenization.
 #[derive(serde::Deserialize)]
 struct LlamaCpp {
