@@ -3,8 +3,8 @@
 # wgpu` on each cached model (GGUF block weights on the device): prefill, decode, decode
 # at depth 2048, and 8 sequences decoding in parallel. Prints tok/s and, for decode,
 # the fraction of the card's memory-bandwidth roofline: the bytes one decode step must
-# read (the weights' tensor bytes, plus the f32 KV cache at that depth) times tok/s,
-# over the card's bandwidth.
+# read (the weights' tensor bytes, plus the f16 KV cache at that depth) times tok/s,
+# over the card's bandwidth, and the kernels one decode token launches.
 #
 #   usage: scripts/device-bench.sh [--bin PATH] [--bandwidth GBPS] [--quick] [--device I]
 #                                  [MODEL.gguf...]
@@ -77,8 +77,8 @@ else
     p=512; n=128; r=3; depths=(0 2048)
 fi
 echo
-echo "| model | test | tok/s | GB/s read | of roofline |"
-echo "|---|---|---:|---:|---:|"
+echo "| model | test | tok/s | GB/s read | of roofline | launches/token |"
+echo "|---|---|---:|---:|---:|---:|"
 for m in "${models[@]}"; do
     info="$("$bin" inspect --model "$m")"
     name="$(basename "$m")"
@@ -94,7 +94,7 @@ t = sys.stdin.read()
 layers = int(re.search(r"layers: (\d+)", t).group(1))
 kv = int(re.search(r"\(kv (\d+)\)", t).group(1))
 hd = int(re.search(r"head_dim: (\d+)", t).group(1))
-print(2 * layers * kv * hd * 4)')"
+print(2 * layers * kv * hd * 2)')"
     for d in "${depths[@]}"; do
         out="$("$bin" bench --backend wgpu "${device[@]}" -m "$m" -p "$p" -n "$n" -r "$r" -d "$d" --json)"
         python3 - "$out" "$name" "$d" "$tensor_bytes" "$kv_row" "${bandwidth:-0}" <<'PY'
@@ -103,14 +103,15 @@ out, name, depth, tensor_bytes, kv_row, bw = sys.argv[1:]
 r = json.loads(out)
 depth, tensor_bytes, kv_row, bw = int(depth), int(tensor_bytes), int(kv_row), float(bw)
 at = f" @ d{depth}" if depth else ""
-print(f"| {name} | pp{r['n_prompt']}{at} | {r['prefill_tok_s']:.1f} | - | - |")
+print(f"| {name} | pp{r['n_prompt']}{at} | {r['prefill_tok_s']:.1f} | - | - | - |")
 # Each decode step reads every weight and the cache up to its position (the middle
 # of the decoded tokens, on average).
 per_token = tensor_bytes + kv_row * (depth + r["n_prompt"] + r["n_gen"] // 2)
 tps = r["decode_tok_s"]
 gbs = tps * per_token / 1e9
 frac = f"{gbs / bw:.1%}" if bw else "-"
-print(f"| {name} | tg{r['n_gen']}{at} | {tps:.1f} | {gbs:.1f} | {frac} |")
+launches = r.get("launches_per_token") or "-"
+print(f"| {name} | tg{r['n_gen']}{at} | {tps:.1f} | {gbs:.1f} | {frac} | {launches} |")
 PY
     done
     out="$("$bin" bench --backend wgpu "${device[@]}" -m "$m" -p "$p" -n "$n" -r 1 --parallel 8 --json)"
@@ -118,7 +119,7 @@ PY
 import json, sys
 r = json.loads(sys.argv[1])
 name, n = sys.argv[2], r["parallel"]
-print(f"| {name} | {n} sequences, pp{r['n_prompt']} | {r['prefill_tok_s']:.1f} | - | - |")
-print(f"| {name} | {n} sequences, tg{r['n_gen']} | {r['decode_tok_s']:.1f} | - | - |")
+print(f"| {name} | {n} sequences, pp{r['n_prompt']} | {r['prefill_tok_s']:.1f} | - | - | - |")
+print(f"| {name} | {n} sequences, tg{r['n_gen']} | {r['decode_tok_s']:.1f} | - | - | - |")
 PY
 done
