@@ -146,7 +146,9 @@ impl ChatTemplate {
                 "the template ran past {TEMPLATE_TIME:?} before and is not rendered again"
             )));
         }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let job = Render {
+            stop: stop.clone(),
             template: self.template.clone(),
             messages: minijinja::Value::from_serialize(messages),
             tools: tools.map(minijinja::Value::from_serialize),
@@ -157,8 +159,11 @@ impl ChatTemplate {
         // On a thread of its own, with a deadline: fuel bounds the template's
         // instructions, but some single instructions of minijinja's walk a lazy
         // sequence for ever without spending any (a `for` over `[] * 10**12`). Such a
-        // render ends in an error here; its thread cannot be stopped and spins on, so
-        // the template is refused from then on rather than left to start another.
+        // render ends in an error here, and the template is refused from then on. At
+        // the deadline the render is told to stop (its next write or printed value
+        // fails) and given a moment to; a spin inside one instruction cannot be
+        // stopped and is left to run on, which is why the template is not given
+        // another thread.
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("chat-template".into())
@@ -179,6 +184,10 @@ impl ChatTemplate {
                 if let Ok(mut set) = RAN_AWAY.lock() {
                     set.insert(key);
                 }
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                if rx.recv_timeout(TEMPLATE_GRACE).is_ok() {
+                    let _ = thread.join();
+                }
                 Err(failed(format!("the template ran past {TEMPLATE_TIME:?}")))
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
@@ -195,9 +204,13 @@ static RAN_AWAY: std::sync::Mutex<std::collections::BTreeSet<u64>> =
 
 /// Time a render may take: a chat template renders in milliseconds.
 const TEMPLATE_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+/// Time a render told to stop at its deadline is waited for.
+const TEMPLATE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Everything one render needs, owned, for its thread.
 struct Render {
+    /// Set at the deadline: the render's next write or printed value fails.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     template: String,
     messages: minijinja::Value,
     tools: Option<minijinja::Value>,
@@ -232,7 +245,14 @@ impl Render {
         // `[x] * n` is a lazy sequence of n items however large n is, and walking one
         // costs no fuel: printing or listing it would run for hours. Such values are
         // refused before they are walked.
-        env.set_formatter(|out, state, value| {
+        let stop = self.stop.clone();
+        env.set_formatter(move |out, state, value| {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    "stopped at the render's deadline",
+                ));
+            }
             walkable(value)?;
             minijinja::escape_formatter(out, state, value)
         });
@@ -252,7 +272,11 @@ impl Render {
         );
         env.add_template("chat", &self.template).map_err(err)?;
         let template = env.get_template("chat").map_err(err)?;
-        let mut out = CappedOutput::default();
+        let mut out = CappedOutput {
+            bytes: Vec::new(),
+            overflowed: false,
+            stop: self.stop.clone(),
+        };
         let ctx = minijinja::context! {
             messages => self.messages,
             tools => self.tools,
@@ -266,6 +290,9 @@ impl Render {
             template.render_captured_to(ctx, &mut out)
         }))
         .map_err(|_| "the template engine failed on this template's arithmetic".to_string())?;
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("stopped at the render's deadline".into());
+        }
         if out.overflowed {
             return Err(format!(
                 "the rendered prompt passes {TEMPLATE_OUTPUT} bytes"
@@ -341,15 +368,19 @@ fn fits(value: &minijinja::Value, budget: &mut usize, depth: usize) -> bool {
     true
 }
 
-/// The render's output, refused past [`TEMPLATE_OUTPUT`] bytes.
-#[derive(Default)]
+/// The render's output, refused past [`TEMPLATE_OUTPUT`] bytes or once the render is
+/// told to stop.
 struct CappedOutput {
     bytes: Vec<u8>,
     overflowed: bool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::io::Write for CappedOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other("stopped at the render's deadline"));
+        }
         if self.bytes.len() + buf.len() > TEMPLATE_OUTPUT {
             self.overflowed = true;
             return Err(std::io::Error::other("output cap"));
@@ -562,6 +593,31 @@ mod tests {
         t.render(&[Message::new("user", "hi")], true)
             .expect_err(template)
             .to_string()
+    }
+
+    /// A render told to stop (what its deadline does) ends at its next write or printed
+    /// value, however much work the template has left.
+    #[test]
+    fn a_render_told_to_stop_ends_at_its_next_write() {
+        let long = "{% set s = 'x' * 1000000 %}\
+                    {% for i in range(10000) %}{% for j in range(10000) %}\
+                    {% set t = s ~ s %}.{% endfor %}{% endfor %}";
+        for template in [long, "{{ 1 }}"] {
+            let job = Render {
+                stop: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+                template: template.into(),
+                messages: minijinja::Value::from_serialize(Vec::<Message>::new()),
+                tools: None,
+                add_generation_prompt: false,
+                bos_token: String::new(),
+                eos_token: String::new(),
+            };
+            let e = job.run().expect_err(template);
+            assert!(
+                e.contains("stopped at the render's deadline"),
+                "{template}: {e}"
+            );
+        }
     }
 
     /// Hostile templates end with an error: loops that run for ever, recursion without
