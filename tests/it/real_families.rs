@@ -305,7 +305,8 @@ fn inspect_names_what_gemma3_changes_from_llama() {
 
 /// Qwen2.5 0.5B Q4_K_M on wgpu (lavapipe here) with its blocks on the device: the GPU
 /// kernels multiply f32 activations by the exactly widened weights, so perplexity is
-/// transformers' exact value (the f32 path's) to rounding.
+/// transformers' exact value (the f32 path's) to rounding; greedy tokens are the CPU
+/// native path's up to near-ties.
 #[test]
 fn qwen25_on_wgpu_with_device_blocks_matches_transformers() {
     let p = llamacpp("qwen2.5").perplexity;
@@ -315,14 +316,14 @@ fn qwen25_on_wgpu_with_device_blocks_matches_transformers() {
         context: llama::runtime::Context::Positions(p.n_ctx),
         ..Default::default()
     };
-    let engine =
+    let gpu =
         llama::runtime::Engine::load(&qwen25_path(), &options).unwrap_or_else(|e| panic!("{e}"));
     assert!(
-        engine.passes().contains(&"upload-blocks"),
+        gpu.passes().contains(&"upload-blocks"),
         "{:?}",
-        engine.passes()
+        gpu.passes()
     );
-    let mut session = engine.session().unwrap();
+    let mut session = gpu.session().unwrap();
     let got = llama::runtime::perplexity(&mut session, &p.ids, p.n_ctx, None, |_, _| {}).unwrap();
     assert_eq!(got.windows, p.n_chunks);
     let rel = (got.perplexity - exact.ppl_f32).abs() / exact.ppl_f32;
@@ -332,4 +333,32 @@ fn qwen25_on_wgpu_with_device_blocks_matches_transformers() {
         got.perplexity,
         exact.ppl_f32
     );
+
+    // Greedy tokens (picked on the device) equal the CPU's native block path's up to
+    // a near-tie: where they first differ, the CPU's top two are within 0.3 (its
+    // activations are rounded to 8 bits, the GPU's are not).
+    let cpu = engine(&qwen25_path(), p.n_ctx);
+    let mut c = cpu.session().unwrap();
+    const TOKENS: usize = 8;
+    for prompt in llamacpp("qwen2.5").greedy.prompts.iter().take(2) {
+        session.reset();
+        c.reset();
+        let ids = &prompt.prompt_ids;
+        let got = llama::runtime::generate_greedy(&mut session, ids, TOKENS, &[], |_| {}).unwrap();
+        let want = llama::runtime::generate_greedy(&mut c, ids, TOKENS, &[], |_| {}).unwrap();
+        if let Some(i) = (0..TOKENS).find(|&i| got.ids[i] != want.ids[i]) {
+            c.reset();
+            let mut prefix = ids.clone();
+            prefix.extend_from_slice(&want.ids[..i]);
+            let row = c.prefill(&prefix).unwrap().last().to_vec();
+            assert!(
+                margin(&row) <= 0.3,
+                "{:?}: token {i}: {} on wgpu, {} on the CPU (margin {})",
+                prompt.prompt,
+                got.ids[i],
+                want.ids[i],
+                margin(&row)
+            );
+        }
+    }
 }
