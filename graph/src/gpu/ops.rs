@@ -310,9 +310,7 @@ fn launch_write_rows(cache: CubeTensor, new: CubeTensor, at: usize) -> CubeTenso
 
 impl BlockOps for Fusion<CubeBackend> {
     fn block_matmul(x: FloatTensor<Self>, blocks: Arc<Chunks>) -> FloatTensor<Self> {
-        let client = x.client.clone();
-        let x = client.resolve_tensor_float::<CubeBackend>(x);
-        lazy(&client, <CubeBackend as BlockOps>::block_matmul(x, blocks))
+        outside_fusion([x], |[x]| CubeBackend::block_matmul(x, blocks))
     }
 
     fn fused_attention(
@@ -321,21 +319,13 @@ impl BlockOps for Fusion<CubeBackend> {
         v: FloatTensor<Self>,
         params: AttentionParams,
     ) -> FloatTensor<Self> {
-        let client = q.client.clone();
-        let q = client.resolve_tensor_float::<CubeBackend>(q);
-        let k = client.resolve_tensor_float::<CubeBackend>(k);
-        let v = client.resolve_tensor_float::<CubeBackend>(v);
-        lazy(
-            &client,
-            <CubeBackend as BlockOps>::fused_attention(q, k, v, params),
-        )
+        outside_fusion([q, k, v], |[q, k, v]| {
+            CubeBackend::fused_attention(q, k, v, params)
+        })
     }
 
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
-        let client = x.client.clone();
-        let x = client.resolve_tensor_float::<CubeBackend>(x);
-        let w = client.resolve_tensor_float::<CubeBackend>(w);
-        lazy(&client, launch_rms_norm(x, w, eps))
+        outside_fusion([x, w], |[x, w]| CubeBackend::rms_norm(x, w, eps))
     }
 
     fn rope(
@@ -344,11 +334,9 @@ impl BlockOps for Fusion<CubeBackend> {
         sin: FloatTensor<Self>,
         first: usize,
     ) -> FloatTensor<Self> {
-        let client = x.client.clone();
-        let x = client.resolve_tensor_float::<CubeBackend>(x);
-        let cos = client.resolve_tensor_float::<CubeBackend>(cos);
-        let sin = client.resolve_tensor_float::<CubeBackend>(sin);
-        lazy(&client, launch_rope(x, cos, sin, first))
+        outside_fusion([x, cos, sin], |[x, cos, sin]| {
+            CubeBackend::rope(x, cos, sin, first)
+        })
     }
 
     fn write_rows(
@@ -356,11 +344,21 @@ impl BlockOps for Fusion<CubeBackend> {
         new: FloatTensor<Self>,
         at: usize,
     ) -> FloatTensor<Self> {
-        let client = cache.client.clone();
-        let new = client.resolve_tensor_float::<CubeBackend>(new);
-        let cache = client.resolve_tensor_float::<CubeBackend>(cache);
-        lazy(&client, launch_write_rows(cache, new, at))
+        outside_fusion([new, cache], |[new, cache]| {
+            CubeBackend::write_rows(cache, new, at)
+        })
     }
+}
+
+/// Runs `f` on the cubecl tensors behind `inputs` (the stream drained up to them) and
+/// hands its output back to the stream as a new lazy tensor.
+fn outside_fusion<const N: usize>(
+    inputs: [FloatTensor<Fusion<CubeBackend>>; N],
+    f: impl FnOnce([CubeTensor; N]) -> CubeTensor,
+) -> FloatTensor<Fusion<CubeBackend>> {
+    let client = inputs[0].client.clone();
+    let resolved = inputs.map(|t| client.resolve_tensor_float::<CubeBackend>(t));
+    lazy(&client, f(resolved))
 }
 
 /// `out` (computed, or queued on the device) as a tensor of the fusion stream, the way
