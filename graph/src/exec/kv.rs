@@ -512,6 +512,13 @@ impl KvCache {
         })?;
         let width = cache.dims()[1];
         let Some(w) = window else {
+            if past + seq > rows {
+                *slot = Some(cache);
+                return Err(GraphError::Input(format!(
+                    "KV cache layer {layer} holds {rows} positions, not {}",
+                    past + seq
+                )));
+            }
             // Stored (and read back by attention, this step's rows included) in the
             // cache's element type, as host layers are. The cache tensor is uniquely
             // owned here, so it is written in place.

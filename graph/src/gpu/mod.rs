@@ -232,9 +232,10 @@ pub fn rope(
 /// cache is not shared: by one kernel on GPU devices, elsewhere by burn's cast and
 /// slice assignment. The rows must lie within the cache.
 pub fn write_rows(cache: Tensor<2>, new: Tensor<2>, at: usize) -> Tensor<2> {
-    let [_, width] = cache.dims();
+    let [rows, width] = cache.dims();
     let n = new.dims()[0];
     let fits = new.dims()[1] == width
+        && at + n <= rows
         && matches!(cache.dtype(), DType::F16 | DType::F32)
         && new.dtype() == DType::F32
         && DeviceBlocks::supported(&cache.device());
