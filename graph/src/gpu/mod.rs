@@ -177,12 +177,13 @@ pub fn fused_attention(
     }
 }
 
-/// RMSNorm of `x: [rows, d]` in groups of `w`'s length by one kernel on GPU devices:
-/// `None` elsewhere, or where the groups do not divide the rows.
+/// RMSNorm of `x: [rows, d]` in groups of `w`'s length by one kernel on GPU devices
+/// (f32 tensors): `None` elsewhere, or where the groups do not divide the rows.
 pub fn rms_norm(x: &Tensor<2>, w: &Tensor<1>, eps: f32, device: &Device) -> Option<Tensor<2>> {
     let [_, d] = x.dims();
     let g = w.dims()[0];
-    if g == 0 || !d.is_multiple_of(g) || !DeviceBlocks::supported(device) {
+    let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    if g == 0 || !d.is_multiple_of(g) || !f32s || !DeviceBlocks::supported(device) {
         return None;
     }
     #[cfg(feature = "wgpu")]
@@ -213,6 +214,7 @@ pub fn rope(
         && width.is_multiple_of(head_dim)
         && sin.dims() == [positions, half]
         && first + seq <= positions
+        && [x, cos, sin].iter().all(|t| t.dtype() == DType::F32)
         && DeviceBlocks::supported(device);
     if !fits {
         return None;

@@ -1,5 +1,6 @@
-//! The block matmul and the fused attention as a burn backend extension, run by our
-//! kernels on the cubecl backend.
+//! Our GPU ops as a burn backend extension: the block matmul, the fused attention, and
+//! the one-kernel RMSNorm, RoPE and KV cache write, run by our kernels on the cubecl
+//! backend.
 //!
 //! Under burn-fusion they are not recorded as custom ops: fusion's stream search gives
 //! a custom op no fuser, and a segment holding one between elementwise ops (norm →
