@@ -154,28 +154,43 @@ fn signed(q: u32) -> f32 {
     f32::cast_from(i32::cast_from(q) - i32::cast_from(q & 0x80u32) * 2)
 }
 
-/// The dot product of weights `32g .. 32g + 32` of the row whose blocks start at byte
-/// `row` with `x[xo + 32g ..]`: each block's (or sub-block's) scale and minimum decoded
-/// once, sums of quantized values times activations, then scaled.
+/// The dot products of weights `32g .. 32g + 32` of the row whose blocks start at byte
+/// `row` with each of the `rows` rows of `x` (`k` features each), added to `acc[r]`:
+/// each block's (or sub-block's) scale and minimum decoded once, each weight decoded
+/// once for all the rows, sums of quantized values times activations, then scaled.
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn group_dot(
     w: &[u32],
     row: usize,
     g: u32,
     x: &Tensor<f32>,
-    xo: usize,
+    k: usize,
+    acc: &mut Array<f32>,
     #[comptime] ty: u32,
-) -> f32 {
-    let xg = xo + (g * 32) as usize;
-    let mut out = 0.0f32;
+    #[comptime] rows: usize,
+) {
+    let xg = (g * 32) as usize;
     if comptime![ty == Q8_0] {
         let b = row + (g * 34) as usize;
-        let mut s = 0.0f32;
+        let mut s = Array::<f32>::new(rows);
+        #[unroll]
+        for r in 0..rows {
+            s[r] = 0.0f32;
+        }
         #[unroll]
         for l in 0..32usize {
-            s += signed(byte_at(w, b + 2 + l)) * x[xg + l];
+            let q = signed(byte_at(w, b + 2 + l));
+            #[unroll]
+            for r in 0..rows {
+                s[r] += q * x[r * k + xg + l];
+            }
         }
-        out = half_at(w, b) * s;
+        let d = half_at(w, b);
+        #[unroll]
+        for r in 0..rows {
+            acc[r] += d * s[r];
+        }
     } else if comptime![ty == Q4_0 || ty == Q4_1 || ty == Q5_0 || ty == Q5_1] {
         // 32 weights: d (and m), for Q5 a u32 of fifth bits, 16 bytes of nibble pairs.
         let five = comptime![ty == Q5_0 || ty == Q5_1];
@@ -195,8 +210,13 @@ fn group_dot(
                 | (byte_at(w, at + 2) << 16u32)
                 | (byte_at(w, at + 3) << 24u32);
         }
-        let mut sq = 0.0f32;
-        let mut sx = 0.0f32;
+        let mut sq = Array::<f32>::new(rows);
+        let mut sx = Array::<f32>::new(rows);
+        #[unroll]
+        for r in 0..rows {
+            sq[r] = 0.0f32;
+            sx[r] = 0.0f32;
+        }
         #[unroll]
         for l in 0..16usize {
             let q = byte_at(w, qs + l);
@@ -206,17 +226,26 @@ fn group_dot(
                 lo |= ((qh >> l as u32) & 1u32) << 4u32;
                 hi |= ((qh >> (l as u32 + 16u32)) & 1u32) << 4u32;
             }
-            let x0 = x[xg + l];
-            let x1 = x[xg + l + 16];
-            sq += f32::cast_from(lo) * x0 + f32::cast_from(hi) * x1;
-            sx += x0 + x1;
+            let lo = f32::cast_from(lo);
+            let hi = f32::cast_from(hi);
+            #[unroll]
+            for r in 0..rows {
+                let x0 = x[r * k + xg + l];
+                let x1 = x[r * k + xg + l + 16];
+                sq[r] += lo * x0 + hi * x1;
+                sx[r] += x0 + x1;
+            }
         }
-        if comptime![ty == Q4_0] {
-            out = half_at(w, b) * (sq - 8.0f32 * sx);
-        } else if comptime![ty == Q5_0] {
-            out = half_at(w, b) * (sq - 16.0f32 * sx);
-        } else {
-            out = half_at(w, b) * sq + half_at(w, b + 2) * sx;
+        let d = half_at(w, b);
+        #[unroll]
+        for r in 0..rows {
+            if comptime![ty == Q4_0] {
+                acc[r] += d * (sq[r] - 8.0f32 * sx[r]);
+            } else if comptime![ty == Q5_0] {
+                acc[r] += d * (sq[r] - 16.0f32 * sx[r]);
+            } else {
+                acc[r] += d * sq[r] + half_at(w, b + 2) * sx[r];
+            }
         }
     } else if comptime![ty == Q4_K || ty == Q5_K] {
         let size = comptime![if ty == Q4_K { 144usize } else { 176usize }];
@@ -225,21 +254,33 @@ fn group_dot(
         let qs =
             b + comptime![if ty == Q4_K { 16usize } else { 48usize }] + ((j / 2) * 32) as usize;
         let shift = (j % 2) * 4;
-        let mut sq = 0.0f32;
-        let mut sx = 0.0f32;
+        let mut sq = Array::<f32>::new(rows);
+        let mut sx = Array::<f32>::new(rows);
+        #[unroll]
+        for r in 0..rows {
+            sq[r] = 0.0f32;
+            sx[r] = 0.0f32;
+        }
         #[unroll]
         for l in 0..32usize {
             let mut q = (byte_at(w, qs + l) >> shift) & 0xFu32;
             if comptime![ty == Q5_K] {
                 q |= ((byte_at(w, b + 16 + l) >> j) & 1u32) << 4u32;
             }
-            let xv = x[xg + l];
-            sq += f32::cast_from(q) * xv;
-            sx += xv;
+            let qf = f32::cast_from(q);
+            #[unroll]
+            for r in 0..rows {
+                let xv = x[r * k + xg + l];
+                sq[r] += qf * xv;
+                sx[r] += xv;
+            }
         }
         let d = half_at(w, b) * f32::cast_from(k_scale(w, b + 4, j));
         let m = half_at(w, b + 2) * f32::cast_from(k_min(w, b + 4, j));
-        out = d * sq - m * sx;
+        #[unroll]
+        for r in 0..rows {
+            acc[r] += d * sq[r] - m * sx[r];
+        }
     } else if comptime![ty == Q6_K] {
         let b = row + ((g / 8) as usize) * 210;
         let j = g % 8;
@@ -249,29 +290,45 @@ fn group_dot(
         let qh = b + 128 + (half * 32) as usize;
         let low_shift = (quarter / 2) * 4;
         let high_shift = quarter * 2;
-        let mut s0 = 0.0f32;
-        let mut s1 = 0.0f32;
+        let mut s0 = Array::<f32>::new(rows);
+        let mut s1 = Array::<f32>::new(rows);
+        #[unroll]
+        for r in 0..rows {
+            s0[r] = 0.0f32;
+            s1[r] = 0.0f32;
+        }
         #[unroll]
         for l in 0..16usize {
             let q0 = ((byte_at(w, ql + l) >> low_shift) & 0xFu32)
                 | (((byte_at(w, qh + l) >> high_shift) & 3u32) << 4u32);
             let q1 = ((byte_at(w, ql + l + 16) >> low_shift) & 0xFu32)
                 | (((byte_at(w, qh + l + 16) >> high_shift) & 3u32) << 4u32);
-            s0 += (f32::cast_from(q0) - 32.0f32) * x[xg + l];
-            s1 += (f32::cast_from(q1) - 32.0f32) * x[xg + l + 16];
+            let v0 = f32::cast_from(q0) - 32.0f32;
+            let v1 = f32::cast_from(q1) - 32.0f32;
+            #[unroll]
+            for r in 0..rows {
+                s0[r] += v0 * x[r * k + xg + l];
+                s1[r] += v1 * x[r * k + xg + l + 16];
+            }
         }
         let sc = b + 192 + (half * 8 + quarter * 2) as usize;
-        out = half_at(w, b + 208) * (signed(byte_at(w, sc)) * s0 + signed(byte_at(w, sc + 1)) * s1);
+        let d = half_at(w, b + 208);
+        let c0 = signed(byte_at(w, sc));
+        let c1 = signed(byte_at(w, sc + 1));
+        #[unroll]
+        for r in 0..rows {
+            acc[r] += d * (c0 * s0[r] + c1 * s1[r]);
+        }
     }
-    out
 }
 
-/// `out[r, col0 + c] = sum_e x[r, e] * W[c, e]` for each of the `m` rows of `x`. A cube
-/// takes `CUBE_DIM_Y` weight rows of this chunk (`cols` rows, `row_words` words each),
-/// `CUBE_DIM_X` units to a row striding over its groups of 32 weights ([`group_dot`]:
-/// scales decoded once a group), then a tree sum in shared memory. For the few rows
-/// of a decode step, where the weights' bytes are the cost: each is read from memory
-/// once per step.
+/// `out[r, col0 + c] = sum_e x[r, e] * W[c, e]` for each of the `rows` rows of `x` (a
+/// kernel per row count). A cube takes `CUBE_DIM_Y` weight rows of this chunk (`cols`
+/// rows, `row_words` words each), `CUBE_DIM_X` units to a row striding over its groups
+/// of 32 weights ([`group_dot`]: scales decoded once a group, each weight once for all
+/// the rows), then a tree sum in shared memory per row. For the few rows of a decode
+/// step (or of several sequences' decode steps), where the weights' bytes are the
+/// cost: each is read from memory once per step.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 pub fn block_gemv(
@@ -279,13 +336,13 @@ pub fn block_gemv(
     x: &Tensor<f32>,
     out: &mut Tensor<f32>,
     k: u32,
-    m: u32,
     row_words: u32,
     col0: u32,
     n_out: u32,
     cols: u32,
     #[comptime] ty: u32,
     #[comptime] units: usize,
+    #[comptime] rows: usize,
 ) {
     let c = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_Y + UNIT_POS_Y;
     // Rows past the chunk still take part in every barrier.
@@ -294,18 +351,22 @@ pub fn block_gemv(
     let unit = UNIT_POS_X;
     let slot = (UNIT_POS_Y * CUBE_DIM_X) as usize;
     let groups = k / 32;
-    let mut sums = Shared::<[f32]>::new_slice(units);
-    for r in 0..m {
-        let mut acc = 0.0f32;
-        if active {
-            let mut g = unit;
-            let xo = (r as usize) * (k as usize);
-            while g < groups {
-                acc += group_dot(w, row, g, x, xo, ty);
-                g += CUBE_DIM_X;
-            }
+    let mut acc = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        acc[r] = 0.0f32;
+    }
+    if active {
+        let mut g = unit;
+        while g < groups {
+            group_dot(w, row, g, x, k as usize, &mut acc, ty, rows);
+            g += CUBE_DIM_X;
         }
-        sums[slot + unit as usize] = acc;
+    }
+    let mut sums = Shared::<[f32]>::new_slice(units);
+    #[unroll]
+    for r in 0..rows {
+        sums[slot + unit as usize] = acc[r];
         sync_cube();
         let mut half = CUBE_DIM_X / 2;
         while half > 0 {
@@ -316,7 +377,7 @@ pub fn block_gemv(
             half /= 2;
         }
         if unit == 0 && active {
-            out[(r as usize) * (n_out as usize) + (col0 + c) as usize] = sums[slot];
+            out[r * (n_out as usize) + (col0 + c) as usize] = sums[slot];
         }
         sync_cube();
     }

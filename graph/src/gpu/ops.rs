@@ -112,6 +112,11 @@ impl BlockOps for CubeBackend {
                 Shape::new([m, n]),
                 DType::F32,
             );
+            if m == 0 {
+                return out;
+            }
+            // One kernel per row count (at most GEMV_ROWS of them): each weight is
+            // decoded once for all the rows.
             for ch in &blocks.chunks {
                 let w = ch.buffer_arg();
                 kernels::block_gemv::launch(
@@ -122,13 +127,13 @@ impl BlockOps for CubeBackend {
                     x.clone().into_tensor_arg(),
                     out.clone().into_tensor_arg(),
                     k as u32,
-                    m as u32,
                     ch.row_words as u32,
                     ch.first_row as u32,
                     n as u32,
                     ch.rows as u32,
                     ch.ty,
                     (GEMV_UNITS * GEMV_ROWS_PER_CUBE) as usize,
+                    m,
                 );
             }
             return out;
