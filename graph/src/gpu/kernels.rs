@@ -148,6 +148,17 @@ pub fn weight(w: &[u32], row: usize, e: u32, #[comptime] ty: u32) -> f32 {
     v
 }
 
+/// `n` zeros: one sum per row of a step.
+#[cube]
+fn zeros(#[comptime] n: usize) -> Array<f32> {
+    let mut a = Array::<f32>::new(n);
+    #[unroll]
+    for i in 0..n {
+        a[i] = 0.0f32;
+    }
+    a
+}
+
 /// Signed value of byte `q` (two's complement).
 #[cube]
 fn signed(q: u32) -> f32 {
@@ -173,11 +184,7 @@ fn group_dot(
     let xg = (g * 32) as usize;
     if comptime![ty == Q8_0] {
         let b = row + (g * 34) as usize;
-        let mut s = Array::<f32>::new(rows);
-        #[unroll]
-        for r in 0..rows {
-            s[r] = 0.0f32;
-        }
+        let mut s = zeros(rows);
         #[unroll]
         for l in 0..32usize {
             let q = signed(byte_at(w, b + 2 + l));
@@ -210,13 +217,8 @@ fn group_dot(
                 | (byte_at(w, at + 2) << 16u32)
                 | (byte_at(w, at + 3) << 24u32);
         }
-        let mut sq = Array::<f32>::new(rows);
-        let mut sx = Array::<f32>::new(rows);
-        #[unroll]
-        for r in 0..rows {
-            sq[r] = 0.0f32;
-            sx[r] = 0.0f32;
-        }
+        let mut sq = zeros(rows);
+        let mut sx = zeros(rows);
         #[unroll]
         for l in 0..16usize {
             let q = byte_at(w, qs + l);
@@ -254,13 +256,8 @@ fn group_dot(
         let qs =
             b + comptime![if ty == Q4_K { 16usize } else { 48usize }] + ((j / 2) * 32) as usize;
         let shift = (j % 2) * 4;
-        let mut sq = Array::<f32>::new(rows);
-        let mut sx = Array::<f32>::new(rows);
-        #[unroll]
-        for r in 0..rows {
-            sq[r] = 0.0f32;
-            sx[r] = 0.0f32;
-        }
+        let mut sq = zeros(rows);
+        let mut sx = zeros(rows);
         #[unroll]
         for l in 0..32usize {
             let mut q = (byte_at(w, qs + l) >> shift) & 0xFu32;
@@ -290,13 +287,8 @@ fn group_dot(
         let qh = b + 128 + (half * 32) as usize;
         let low_shift = (quarter / 2) * 4;
         let high_shift = quarter * 2;
-        let mut s0 = Array::<f32>::new(rows);
-        let mut s1 = Array::<f32>::new(rows);
-        #[unroll]
-        for r in 0..rows {
-            s0[r] = 0.0f32;
-            s1[r] = 0.0f32;
-        }
+        let mut s0 = zeros(rows);
+        let mut s1 = zeros(rows);
         #[unroll]
         for l in 0..16usize {
             let q0 = ((byte_at(w, ql + l) >> low_shift) & 0xFu32)
@@ -351,11 +343,7 @@ pub fn block_gemv(
     let unit = UNIT_POS_X;
     let slot = (UNIT_POS_Y * CUBE_DIM_X) as usize;
     let groups = k / 32;
-    let mut acc = Array::<f32>::new(rows);
-    #[unroll]
-    for r in 0..rows {
-        acc[r] = 0.0f32;
-    }
+    let mut acc = zeros(rows);
     if active {
         let mut g = unit;
         while g < groups {
