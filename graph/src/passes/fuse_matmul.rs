@@ -11,6 +11,9 @@ use crate::ir::{NodeId, Op};
 /// once and keeps the matmul kernel busier, which matters most in decode (one row).
 ///
 /// The slices keep the original node names, so taps and dumps still find `blk.N.attn_q`.
+/// Where each output had its own bias added (Qwen2's Q/K/V), the biases are
+/// concatenated and added once before the slices, which then take the bias adds'
+/// names (`blk.N.attn_q.biased`).
 /// The weight concatenation is left as a `concat` node for [`super::ConstantFold`].
 pub struct FuseSiblingMatMuls;
 
@@ -58,18 +61,31 @@ impl Pass for FuseSiblingMatMuls {
                 .iter()
                 .map(|w| graph.node(*w).shape.fixed_dim(0).unwrap_or(0))
                 .collect();
+            let biases = biases_of(graph, &members, &widths);
             let w = graph.add(&format!("{name}.weight"), Op::Concat { axis: 0 }, &weights)?;
-            let y = graph.add(&name, Op::MatMul, &[x, w])?;
+            let mut y = graph.add(&name, Op::MatMul, &[x, w])?;
+            if let Some(biases) = &biases {
+                // Every output had its own bias added (Qwen2's Q/K/V): one add of the
+                // concatenated biases instead, before the slices.
+                let params: Vec<NodeId> = biases.iter().map(|(_, b)| *b).collect();
+                let b = graph.add(&format!("{name}.bias"), Op::Concat { axis: 0 }, &params)?;
+                y = graph.add(&format!("{name}.biased"), Op::Add, &[y, b])?;
+            }
             let axis = graph.node(y).shape.rank() - 1;
             let mut start = 0;
-            for (m, len) in members.iter().zip(widths) {
-                let original = graph.node(*m).name.clone();
-                // The original matmul hands its name and its readers to the slice.
-                graph.rename(*m, &format!("{original}.unfused"))?;
+            for (i, (m, len)) in members.iter().zip(widths).enumerate() {
+                // The original matmul (or its bias add) hands its name and its readers
+                // to the slice.
+                let out = biases.as_ref().map_or(*m, |b| b[i].0);
+                let original = graph.node(out).name.clone();
+                graph.rename(out, &format!("{original}.unfused"))?;
                 let slice = graph.add(&original, Op::Slice { axis, start, len }, &[y])?;
-                graph.replace_uses(*m, slice);
+                graph.replace_uses(out, slice);
                 start += len;
-                unused.push(*m);
+                unused.push(out);
+                if out != *m {
+                    unused.push(*m);
+                }
             }
             fused += 1;
         }
@@ -81,6 +97,31 @@ impl Pass for FuseSiblingMatMuls {
         graph.retain(&keep);
         Ok(fused)
     }
+}
+
+/// For each member, its bias add and the bias, where every member's only reader adds a
+/// stored rank-1 bias of its width (`add(matmul, bias)`); `None` otherwise.
+fn biases_of(graph: &Graph, members: &[NodeId], widths: &[usize]) -> Option<Vec<(NodeId, NodeId)>> {
+    let users = graph.users();
+    members
+        .iter()
+        .zip(widths)
+        .map(|(m, &width)| {
+            let [add] = users[m.0][..] else {
+                return None;
+            };
+            let node = graph.node(add);
+            let bias = *node.inputs.get(1)?;
+            let b = graph.node(bias);
+            let fits = node.op == Op::Add
+                && node.inputs[0] == *m
+                && matches!(b.op, Op::Param(_))
+                && b.shape.rank() == 1
+                && b.shape.fixed_dim(0) == Some(width)
+                && !graph.outputs().contains(m);
+            fits.then_some((add, bias))
+        })
+        .collect()
 }
 
 /// `blk.0.attn_q`, `blk.0.attn_k`, `blk.0.attn_v` -> `blk.0.attn_qkv`;
