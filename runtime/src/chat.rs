@@ -204,6 +204,8 @@ static RAN_AWAY: std::sync::Mutex<std::collections::BTreeSet<u64>> =
 
 /// Time a render may take: a chat template renders in milliseconds.
 const TEMPLATE_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+/// What a render told to stop at its deadline ends with.
+const STOPPED: &str = "stopped at the render's deadline";
 /// Time a render told to stop at its deadline is waited for.
 const TEMPLATE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -250,7 +252,7 @@ impl Render {
             if stop.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(minijinja::Error::new(
                     minijinja::ErrorKind::InvalidOperation,
-                    "stopped at the render's deadline",
+                    STOPPED,
                 ));
             }
             walkable(value)?;
@@ -291,7 +293,7 @@ impl Render {
         }))
         .map_err(|_| "the template engine failed on this template's arithmetic".to_string())?;
         if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err("stopped at the render's deadline".into());
+            return Err(STOPPED.into());
         }
         if out.overflowed {
             return Err(format!(
@@ -379,7 +381,7 @@ struct CappedOutput {
 impl std::io::Write for CappedOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(std::io::Error::other("stopped at the render's deadline"));
+            return Err(std::io::Error::other(STOPPED));
         }
         if self.bytes.len() + buf.len() > TEMPLATE_OUTPUT {
             self.overflowed = true;

@@ -4,6 +4,8 @@
 //! of the halves) and a KV cache write (a cast, then a slice assignment).
 use cubecl::prelude::*;
 
+use super::kernels::{cube_index, unit_index};
+
 /// RMSNorm of each group of `g` features: `out = x · w / sqrt(mean(x²) + eps)`, one
 /// cube per group (of `groups`), its `units` units striding over the features and
 /// summing their squares in a tree. The same operations in the same order as the burn
@@ -18,7 +20,7 @@ pub fn rms_norm(
     eps: f32,
     #[comptime] units: usize,
 ) {
-    let group = CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X;
+    let group = cube_index();
     // Every unit of a cube has the same group: the whole cube leaves, or none of it.
     if group >= groups {
         terminate!();
@@ -67,7 +69,7 @@ pub fn rope(
     half: u32,
     first: u32,
 ) {
-    let pos = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    let pos = unit_index();
     if pos >= total {
         terminate!();
     }
@@ -95,7 +97,7 @@ pub fn write_rows<K: Float>(
     offset: u32,
     #[define(K)] _k: ElemType,
 ) {
-    let pos = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X;
+    let pos = unit_index();
     if pos >= total {
         terminate!();
     }

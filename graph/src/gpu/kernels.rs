@@ -26,6 +26,19 @@ pub const Q4_K: u32 = 5;
 pub const Q5_K: u32 = 6;
 pub const Q6_K: u32 = 7;
 
+/// The cube's index in the launches' grids (rows of cubes, within each dimension's
+/// limit).
+#[cube]
+pub fn cube_index() -> u32 {
+    CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X
+}
+
+/// The unit's index across the grid, for kernels of one unit per element.
+#[cube]
+pub fn unit_index() -> u32 {
+    cube_index() * CUBE_DIM_X + UNIT_POS_X
+}
+
 /// Byte `i` of the buffer.
 #[cube]
 fn byte_at(w: &[u32], i: usize) -> u32 {
@@ -336,7 +349,7 @@ pub fn block_gemv(
     #[comptime] units: usize,
     #[comptime] rows: usize,
 ) {
-    let c = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_Y + UNIT_POS_Y;
+    let c = cube_index() * CUBE_DIM_Y + UNIT_POS_Y;
     // Rows past the chunk still take part in every barrier.
     let active = c < cols;
     let row = (c as usize) * (row_words as usize) * 4;
@@ -383,8 +396,7 @@ pub fn block_dequantize(
     rows: u32,
     #[comptime] ty: u32,
 ) {
-    let cube = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
-    let pos = cube * (CUBE_DIM_X as usize) + UNIT_POS_X as usize;
+    let pos = unit_index() as usize;
     let total = (rows as usize) * (k as usize);
     if pos >= total {
         terminate!();

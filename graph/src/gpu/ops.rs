@@ -38,6 +38,10 @@ const GEMV_ROWS_PER_CUBE: u32 = 8;
 const DEQUANT_UNITS: u32 = 256;
 /// Weight rows widened at a time for a long step (4096 rows of 896 weights: 14 MiB).
 const PART_ROWS: usize = 4096;
+/// Units per cube of the norm (a power of two: the tree sum halves it).
+const NORM_UNITS: u32 = 256;
+/// Units per cube of the one-unit-per-element kernels.
+const ELEMENT_UNITS: u32 = 256;
 /// Cubes per grid row: within every API's limit of 65,535 per dimension.
 const GRID_X: u32 = 32_768;
 
@@ -89,6 +93,11 @@ pub struct AttentionParams {
 /// f32) take 8 KiB of shared memory, within every API's 16 KiB.
 pub fn attention_units(head_dim: usize) -> usize {
     (2048 / head_dim.max(1)).clamp(1, 32)
+}
+
+/// An f32 tensor of `shape` on `like`'s device.
+fn empty_f32(like: &CubeTensor, shape: Shape) -> CubeTensor {
+    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
 }
 
 /// A grid of `cubes` cubes within the per-dimension limit.
@@ -215,7 +224,24 @@ impl BlockOps for CubeBackend {
     }
 
     fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f32) -> FloatTensor<Self> {
-        launch_rms_norm(x, w, eps)
+        let (x, w) = (into_contiguous(x), into_contiguous(w));
+        let g = w.meta.shape().num_elements();
+        let groups = x.meta.shape().num_elements() / g.max(1);
+        let out = empty_f32(&x, x.meta.shape().clone());
+        let units = (g.next_power_of_two() as u32).clamp(32, NORM_UNITS);
+        fused::rms_norm::launch(
+            &x.client.clone(),
+            grid(groups),
+            CubeDim::new_1d(units),
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            groups as u32,
+            g as u32,
+            eps,
+            units as usize,
+        );
+        out
     }
 
     fn rope(
@@ -224,7 +250,30 @@ impl BlockOps for CubeBackend {
         sin: FloatTensor<Self>,
         first: usize,
     ) -> FloatTensor<Self> {
-        launch_rope(x, cos, sin, first)
+        let (x, cos, sin) = (
+            into_contiguous(x),
+            into_contiguous(cos),
+            into_contiguous(sin),
+        );
+        let half = cos.meta.shape()[1];
+        let [seq, width] = [x.meta.shape()[0], x.meta.shape()[1]];
+        let heads = width / (2 * half).max(1);
+        let total = seq * heads * half;
+        let out = empty_f32(&x, x.meta.shape().clone());
+        fused::rope::launch(
+            &x.client.clone(),
+            grid(total.div_ceil(ELEMENT_UNITS as usize)),
+            CubeDim::new_1d(ELEMENT_UNITS),
+            x.into_tensor_arg(),
+            cos.into_tensor_arg(),
+            sin.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            total as u32,
+            heads as u32,
+            half as u32,
+            first as u32,
+        );
+        out
     }
 
     fn write_rows(
@@ -232,86 +281,25 @@ impl BlockOps for CubeBackend {
         new: FloatTensor<Self>,
         at: usize,
     ) -> FloatTensor<Self> {
-        launch_write_rows(cache, new, at)
+        let new = into_contiguous(new);
+        let cache = into_contiguous(cache);
+        // Shared (a clone still alive elsewhere): written to a copy, as slice_assign would.
+        let cache = if cache.can_mut() { cache } else { cache.copy() };
+        let width = cache.meta.shape()[1];
+        let total = new.meta.shape().num_elements();
+        let ty = dtype_to_storage_type(cache.dtype);
+        fused::write_rows::launch(
+            &cache.client.clone(),
+            grid(total.div_ceil(ELEMENT_UNITS as usize)),
+            CubeDim::new_1d(ELEMENT_UNITS),
+            new.into_tensor_arg(),
+            cache.clone().into_tensor_arg(),
+            total as u32,
+            (at * width) as u32,
+            ty,
+        );
+        cache
     }
-}
-
-/// Units per cube of the norm (a power of two: the tree sum halves it).
-const NORM_UNITS: u32 = 256;
-/// Units per cube of the one-unit-per-element kernels.
-const ELEMENT_UNITS: u32 = 256;
-
-fn empty_f32(like: &CubeTensor, shape: Shape) -> CubeTensor {
-    empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), shape, DType::F32)
-}
-
-fn launch_rms_norm(x: CubeTensor, w: CubeTensor, eps: f32) -> CubeTensor {
-    let (x, w) = (into_contiguous(x), into_contiguous(w));
-    let g = w.meta.shape().num_elements();
-    let groups = x.meta.shape().num_elements() / g.max(1);
-    let out = empty_f32(&x, x.meta.shape().clone());
-    let units = (g.next_power_of_two() as u32).clamp(32, NORM_UNITS);
-    fused::rms_norm::launch(
-        &x.client.clone(),
-        grid(groups),
-        CubeDim::new_1d(units),
-        x.into_tensor_arg(),
-        w.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        groups as u32,
-        g as u32,
-        eps,
-        units as usize,
-    );
-    out
-}
-
-fn launch_rope(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, first: usize) -> CubeTensor {
-    let (x, cos, sin) = (
-        into_contiguous(x),
-        into_contiguous(cos),
-        into_contiguous(sin),
-    );
-    let half = cos.meta.shape()[1];
-    let [seq, width] = [x.meta.shape()[0], x.meta.shape()[1]];
-    let heads = width / (2 * half).max(1);
-    let total = seq * heads * half;
-    let out = empty_f32(&x, x.meta.shape().clone());
-    fused::rope::launch(
-        &x.client.clone(),
-        grid(total.div_ceil(ELEMENT_UNITS as usize)),
-        CubeDim::new_1d(ELEMENT_UNITS),
-        x.into_tensor_arg(),
-        cos.into_tensor_arg(),
-        sin.into_tensor_arg(),
-        out.clone().into_tensor_arg(),
-        total as u32,
-        heads as u32,
-        half as u32,
-        first as u32,
-    );
-    out
-}
-
-fn launch_write_rows(cache: CubeTensor, new: CubeTensor, at: usize) -> CubeTensor {
-    let new = into_contiguous(new);
-    let cache = into_contiguous(cache);
-    // Shared (a clone still alive elsewhere): written to a copy, as slice_assign would.
-    let cache = if cache.can_mut() { cache } else { cache.copy() };
-    let width = cache.meta.shape()[1];
-    let total = new.meta.shape().num_elements();
-    let ty = dtype_to_storage_type(cache.dtype);
-    fused::write_rows::launch(
-        &cache.client.clone(),
-        grid(total.div_ceil(ELEMENT_UNITS as usize)),
-        CubeDim::new_1d(ELEMENT_UNITS),
-        new.into_tensor_arg(),
-        cache.clone().into_tensor_arg(),
-        total as u32,
-        (at * width) as u32,
-        ty,
-    );
-    cache
 }
 
 impl BlockOps for Fusion<CubeBackend> {

@@ -34,6 +34,9 @@ impl Pass for FuseSiblingMatMuls {
                 groups.entry(node.inputs[0]).or_default().push(NodeId(i));
             }
         }
+        // Readers of the members: a group's rewiring leaves other groups' readers as
+        // they were.
+        let users = graph.users();
         let mut fused = 0;
         let mut unused = Vec::new();
         for (x, members) in groups {
@@ -61,7 +64,7 @@ impl Pass for FuseSiblingMatMuls {
                 .iter()
                 .map(|w| graph.node(*w).shape.fixed_dim(0).unwrap_or(0))
                 .collect();
-            let biases = biases_of(graph, &members, &widths);
+            let biases = biases_of(graph, &users, &members, &widths);
             let w = graph.add(&format!("{name}.weight"), Op::Concat { axis: 0 }, &weights)?;
             let mut y = graph.add(&name, Op::MatMul, &[x, w])?;
             if let Some(biases) = &biases {
@@ -101,8 +104,12 @@ impl Pass for FuseSiblingMatMuls {
 
 /// For each member, its bias add and the bias, where every member's only reader adds a
 /// stored rank-1 bias of its width (`add(matmul, bias)`); `None` otherwise.
-fn biases_of(graph: &Graph, members: &[NodeId], widths: &[usize]) -> Option<Vec<(NodeId, NodeId)>> {
-    let users = graph.users();
+fn biases_of(
+    graph: &Graph,
+    users: &[Vec<NodeId>],
+    members: &[NodeId],
+    widths: &[usize],
+) -> Option<Vec<(NodeId, NodeId)>> {
     members
         .iter()
         .zip(widths)
