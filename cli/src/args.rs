@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use llama_runtime::{
-    random_seed, Backend, Context, Grammar, KvType, Passes, Precision, SamplerConfig,
-    SessionOptions,
+    random_seed, Backend, Context, Engine, Grammar, KvType, Passes, Precision, SamplerConfig,
+    SessionOptions, Speculation,
 };
 
 #[derive(Args)]
@@ -249,6 +249,53 @@ pub struct RunArgs {
     pub keep: usize,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub speculation: SpeculationArgs,
+}
+
+/// Speculative decoding: draft tokens verified several at a step. The output is the
+/// same as without (token for token under greedy; the same distribution, and with a
+/// fixed seed the same tokens, under sampling).
+#[derive(Args, Clone, Default)]
+#[command(next_help_heading = "Speculative decoding")]
+pub struct SpeculationArgs {
+    /// Prompt-lookup decoding: draft the tokens that followed the last earlier match of
+    /// the context's last few tokens (for edits, quotes, repeated keys). The draft
+    /// length adapts, and drafting pauses while drafts are not accepted.
+    #[arg(long)]
+    pub lookup: bool,
+    /// A small model with the same tokenizer that drafts tokens for this one (loaded
+    /// with the same backend and flags).
+    #[arg(long, value_name = "FILE")]
+    pub draft_model: Option<PathBuf>,
+    /// The most tokens drafted for one step.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub draft_max: u32,
+}
+
+impl SpeculationArgs {
+    /// The speculation these flags ask for (`None`: none).
+    pub fn speculation(&self) -> Option<Speculation> {
+        (self.lookup || self.draft_model.is_some()).then(|| Speculation {
+            draft_max: self.draft_max as usize,
+            ..Speculation::default()
+        })
+    }
+
+    /// The draft model, loaded like the model (`model`'s flags, its own default
+    /// context: past it, it drafts nothing) and checked against it.
+    pub fn load_draft(&self, model: &ModelArgs, engine: &Engine) -> anyhow::Result<Option<Engine>> {
+        let Some(path) = &self.draft_model else {
+            return Ok(None);
+        };
+        let options = model.options(Context::Default);
+        let draft = Engine::load(path, &options)
+            .with_context(|| format!("--draft-model {}", path.display()))?;
+        engine
+            .check_draft(&draft)
+            .with_context(|| format!("--draft-model {}", path.display()))?;
+        Ok(Some(draft))
+    }
 }
 
 /// A grammar the output must stay inside (at most one of these).

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use llama_runtime::Context;
 
-use crate::args::ModelArgs;
+use crate::args::{ModelArgs, SpeculationArgs};
 use crate::info::human_bytes;
 use crate::load;
 
@@ -49,6 +49,12 @@ pub struct BenchArgs {
     /// has its first token, with the prefix cache and without it.
     #[arg(long, default_value_t = 0, requires = "parallel")]
     shared_prefix: usize,
+    /// With --lookup or --draft-model: the prompt (a text file) whose greedy
+    /// continuation of -n tokens is generated plainly and speculatively, each -r times.
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    speculation: SpeculationArgs,
 }
 
 /// The peak resident set of this process, from /proc (Linux).
@@ -79,6 +85,12 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
     }
     if batched && args.depth > 0 {
         bail!("-d is for single-sequence runs, not --parallel");
+    }
+    if let Some(spec) = args.speculation.speculation() {
+        return run_speculative(&args, spec);
+    }
+    if args.prompt_file.is_some() {
+        bail!("--prompt-file is for --lookup or --draft-model runs");
     }
     let longest = args.n_prompt.iter().copied().max().unwrap_or(1);
     let context = Context::Positions(args.depth + args.shared_prefix + longest + args.n_gen);
@@ -112,6 +124,116 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
     }
     for &n_prompt in &args.n_prompt {
         bench_one(&args, &mut session, &ids(n_prompt, 0))?;
+    }
+    Ok(())
+}
+
+/// `--lookup` / `--draft-model`: greedy decode of a real prompt, plain and
+/// speculative, side by side; the effective decode speed counts every generated token
+/// over the decode time, and the two outputs must be the same tokens.
+fn run_speculative(args: &BenchArgs, spec: llama_runtime::Speculation) -> Result<()> {
+    use llama_runtime::{generate_ids_drafted, Drafter, GenerateOptions, Generation, ModelDrafter};
+    let Some(path) = &args.prompt_file else {
+        bail!("--lookup and --draft-model are measured on a real prompt: give --prompt-file FILE");
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--prompt-file {}: {e}", path.display()))?;
+    let engine = load(&args.model, Context::Default, |requested, max| {
+        format!("a context of {requested} exceeds the model's {max} positions")
+    })?;
+    let tokenizer = engine.tokenizer()?;
+    let prompt = tokenizer.encode(&text)?;
+    if prompt.len() + args.n_gen > engine.context() {
+        bail!(
+            "the prompt's {} tokens plus -n {} exceed the context of {}",
+            prompt.len(),
+            args.n_gen,
+            engine.context()
+        );
+    }
+    let draft = args.speculation.load_draft(&args.model, &engine)?;
+    let mut draft_session = draft.as_ref().map(|d| d.session()).transpose()?;
+    let plain_opts = GenerateOptions {
+        max_tokens: args.n_gen,
+        eos: Vec::new(),
+        ..GenerateOptions::default()
+    };
+    let spec_opts = GenerateOptions {
+        speculation: Some(spec),
+        ..plain_opts.clone()
+    };
+    let mut session = engine.session()?;
+    let mut run =
+        |opts: &GenerateOptions, session: &mut llama_runtime::Session| -> Result<Generation> {
+            session.reset();
+            let mut drafter = draft_session.as_mut().map(ModelDrafter::new);
+            Ok(generate_ids_drafted(
+                session,
+                drafter.as_mut().map(|d| d as &mut dyn Drafter),
+                &prompt,
+                opts,
+                |_| true,
+            )?)
+        };
+    let (mut plain, mut fast) = (Vec::new(), Vec::new());
+    let (mut drafted, mut accepted, mut same) = (0, 0, true);
+    // One untimed warm-up run of each.
+    for rep in 0..=args.repetitions {
+        let a = run(&plain_opts, &mut session)?;
+        let b = run(&spec_opts, &mut session)?;
+        same &= a.ids == b.ids;
+        if rep > 0 {
+            plain.push(a.decode_tok_s());
+            fast.push(b.decode_tok_s());
+            drafted += b.drafted;
+            accepted += b.accepted;
+        }
+    }
+    let (p, f) = (stats(&mut plain), stats(&mut fast));
+    let acceptance = accepted as f64 / drafted.max(1) as f64;
+    let mode = if args.speculation.draft_model.is_some() {
+        "draft-model"
+    } else {
+        "lookup"
+    };
+    let backend = format!("{:?}", args.model.backend).to_lowercase();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": args.model.model.display().to_string(),
+                "backend": backend,
+                "speculation": mode,
+                "draft_model": args.speculation.draft_model.as_ref().map(|p| p.display().to_string()),
+                "draft_max": spec.draft_max,
+                "n_prompt": prompt.len(),
+                "n_gen": args.n_gen,
+                "repetitions": args.repetitions,
+                "plain_decode_tok_s": p.0,
+                "decode_tok_s": f.0, "decode_tok_s_min": f.1, "decode_tok_s_max": f.2,
+                "speedup": f.0 / p.0.max(1e-9),
+                "drafted": drafted,
+                "accepted": accepted,
+                "acceptance": acceptance,
+                "same_output": same,
+            })
+        );
+    } else {
+        let name = file_name(&args.model.model);
+        println!("| model | backend | test | plain tok/s | {mode} tok/s | speedup | accepted |");
+        println!("|---|---|---|---|---|---|---|");
+        println!(
+            "| {name} | {backend} | tg{} after {} prompt tokens | {:.1} | {:.1} | {:.2}x | {accepted}/{drafted} ({:.0}%) |",
+            args.n_gen,
+            prompt.len(),
+            p.0,
+            f.0,
+            f.0 / p.0.max(1e-9),
+            100.0 * acceptance
+        );
+    }
+    if !same {
+        bail!("speculative decoding changed the greedy output");
     }
     Ok(())
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use llama_runtime::{
-    generate, BatchOptions, Engine, Event, GenerateOptions, Generation, Message, SamplerConfig,
-    Scheduler,
+    generate_drafted, BatchOptions, Drafter, Engine, Event, GenerateOptions, Generation, Message,
+    ModelDrafter, SamplerConfig, Scheduler,
 };
 
 use crate::args::{GrammarArgs, ModelArgs, RunArgs, SAMPLING_HELP};
@@ -62,6 +62,7 @@ fn options(engine: &Engine, run: &RunArgs, defaults: SamplerConfig) -> GenerateO
         cancel: None,
         logprobs: None,
         constraint: None,
+        speculation: run.speculation.speculation(),
     }
 }
 
@@ -79,8 +80,18 @@ fn stats_line(g: &Generation, seed: u64, sampled: bool) -> String {
     } else {
         String::new()
     };
+    let drafts = if g.drafted > 0 {
+        format!(
+            " | drafts {}/{} accepted ({:.0}%)",
+            g.accepted,
+            g.drafted,
+            100.0 * g.accepted as f64 / g.drafted as f64
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "prompt {} tokens | ttft {:.0} ms | prefill {:.1} tok/s | generated {} tokens, decode {:.1} tok/s{grammar} | stop: {:?}{seed}",
+        "prompt {} tokens | ttft {:.0} ms | prefill {:.1} tok/s | generated {} tokens, decode {:.1} tok/s{grammar}{drafts} | stop: {:?}{seed}",
         g.prompt_tokens,
         g.ttft.as_secs_f64() * 1e3,
         g.prefill_tok_s(),
@@ -101,6 +112,8 @@ fn timings(g: &Generation) -> serde_json::Value {
         "step_ms_per_token": g.decode_time.as_secs_f64() * 1e3 / g.decode_steps.max(1) as f64,
         "mask_ms_per_token": g.mask_time.as_secs_f64() * 1e3 / g.mask_steps.max(1) as f64,
         "mask_steps": g.mask_steps,
+        "drafted": g.drafted,
+        "accepted": g.accepted,
     })
 }
 
@@ -123,19 +136,29 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
     } else {
         tokenizer.encode(&args.prompt)?
     };
+    let draft = args.run.speculation.load_draft(&args.model, &engine)?;
     if args.samples > 1 {
-        return run_samples(&engine, &tokenizer, &prompt, &opts, &args);
+        return run_samples(&engine, draft.as_ref(), &tokenizer, &prompt, &opts, &args);
     }
     let mut session = engine.session()?;
+    let mut draft_session = draft.as_ref().map(Engine::session).transpose()?;
+    let mut drafter = draft_session.as_mut().map(ModelDrafter::new);
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let json = args.json;
-    let g = generate(&mut session, &tokenizer, &prompt, &opts, |piece| {
-        if !json {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }
-    })?;
+    let g = generate_drafted(
+        &mut session,
+        drafter.as_mut().map(|d| d as &mut dyn Drafter),
+        &tokenizer,
+        &prompt,
+        &opts,
+        |piece| {
+            if !json {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+        },
+    )?;
     if json {
         let object = serde_json::json!({
             "text": g.text,
@@ -161,6 +184,7 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
 /// seed; the prompt is prefilled once and the others copy it.
 fn run_samples(
     engine: &Engine,
+    draft: Option<&Engine>,
     tokenizer: &llama_runtime::Tokenizer,
     prompt: &[u32],
     opts: &GenerateOptions,
@@ -175,6 +199,9 @@ fn run_samples(
         ..BatchOptions::default()
     };
     let mut scheduler = Scheduler::new(engine, batch)?.with_tokenizer(tokenizer);
+    if let Some(d) = draft {
+        scheduler = scheduler.with_draft(d.program(), d.context());
+    }
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         let mut o = opts.clone();
@@ -248,6 +275,9 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
     let template = engine.chat_template()?;
     // A conversation samples as llama.cpp's does: greedy decoding makes small models loop.
     let mut opts = options(&engine, &args.run, SamplerConfig::chat());
+    let draft = args.run.speculation.load_draft(&args.model, &engine)?;
+    let mut draft_session = draft.as_ref().map(Engine::session).transpose()?;
+    let mut drafter = draft_session.as_mut().map(ModelDrafter::new);
     let mut session = engine.session()?;
     let interactive = std::io::stdin().is_terminal();
     let cancel = Arc::new(AtomicBool::new(false));
@@ -284,10 +314,17 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         let new = session.sync_prefix(&ids)?;
         cancel.store(false, Ordering::Relaxed);
         let mut out = std::io::stdout().lock();
-        let g = generate(&mut session, &tokenizer, &new, &opts, |piece| {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        })?;
+        let g = generate_drafted(
+            &mut session,
+            drafter.as_mut().map(|d| d as &mut dyn Drafter),
+            &tokenizer,
+            &new,
+            &opts,
+            |piece| {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            },
+        )?;
         writeln!(out)?;
         out.flush()?;
         eprintln!(

@@ -6,7 +6,7 @@ use clap::Args;
 use llama_runtime::Engine;
 use llama_serve::ServerConfig;
 
-use crate::args::ModelArgs;
+use crate::args::{ModelArgs, SpeculationArgs};
 use crate::ctx_size;
 
 #[derive(Args)]
@@ -53,6 +53,8 @@ pub struct ServeArgs {
     /// model's sentence-transformers config, else `mean`).
     #[arg(long, value_parser = crate::embed::pooling)]
     pooling: Option<llama_runtime::Pooling>,
+    #[command(flatten)]
+    speculation: SpeculationArgs,
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
@@ -73,6 +75,12 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         max_connections: args.max_connections as usize,
         webui: !args.no_webui,
         pooling: args.pooling,
+        speculation: args.speculation.speculation(),
+        draft_model: args
+            .speculation
+            .draft_model
+            .clone()
+            .map(|p| (p, args.model.options(ctx_size(args.ctx_size)))),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

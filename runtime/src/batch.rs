@@ -34,6 +34,8 @@ use crate::generate::{
     log_softmax, top_logprobs, Decoder, FinishReason, GenerateOptions, Generation, TextOutput,
     TokenLogprob,
 };
+use crate::session::argmax;
+use crate::speculate::{lookup, verify, Adaptive, Drafter};
 use crate::tokenizer::Tokenizer;
 
 mod prefix;
@@ -119,8 +121,11 @@ pub struct BatchStats {
     pub prompt_tokens_run: u64,
     /// Prompt tokens copied from the prefix cache instead.
     pub prompt_tokens_reused: u64,
-    /// Decode tokens run.
+    /// Decode tokens run (draft tokens being verified included).
     pub decode_tokens_run: u64,
+    /// Draft tokens verified, and those accepted.
+    pub drafted: u64,
+    pub accepted: u64,
     /// The most sequences one step carried.
     pub widest_step: usize,
 }
@@ -146,8 +151,14 @@ struct Slot<'t> {
     reserve: usize,
     /// The prefix entry whose pages it shares.
     pinned: Option<u64>,
-    /// Tokens this step runs for it.
+    /// Tokens this step runs for it (the draft included).
     planned: usize,
+    /// Speculation, when its options ask for it: the draft length it adapts, this
+    /// step's draft (run after the last token), and with a draft model, that model's
+    /// cache of the context and the tokens in it.
+    spec: Option<Adaptive>,
+    draft: Vec<u32>,
+    draft_cache: Option<(KvCache, Vec<u32>)>,
 }
 
 impl Slot<'_> {
@@ -159,6 +170,13 @@ impl Slot<'_> {
 /// Runs many sequences through one program, a batched step at a time.
 pub struct Scheduler<'t> {
     program: &'t Program,
+    /// A draft model's program and the positions it holds, for sequences that
+    /// speculate.
+    draft: Option<(&'t Program, usize)>,
+    /// How sequences whose options do not say speculate.
+    speculation: Option<crate::speculate::Speculation>,
+    /// Drafts from elsewhere (instead of a lookup or the draft model).
+    drafter: Option<Box<dyn Drafter + 't>>,
     tokenizer: Option<&'t Tokenizer>,
     vocab: usize,
     context: usize,
@@ -206,6 +224,9 @@ impl<'t> Scheduler<'t> {
         }
         Ok(Scheduler {
             program,
+            draft: None,
+            speculation: None,
+            drafter: None,
             tokenizer: None,
             vocab,
             context,
@@ -229,6 +250,28 @@ impl<'t> Scheduler<'t> {
         self
     }
 
+    /// Sequences that speculate draft with this model (a smaller one with the same
+    /// vocabulary, compiled for the same device) instead of looking drafts up in their
+    /// context. Its caches are not charged to the KV budget.
+    pub fn with_draft(mut self, draft: &'t Program, context: usize) -> Self {
+        self.draft = Some((draft, context));
+        self
+    }
+
+    /// Speculating sequences take their drafts from `drafter` (called with each
+    /// sequence's context in turn): a source of drafts of the caller's own.
+    pub fn with_drafter(mut self, drafter: Box<dyn Drafter + 't>) -> Self {
+        self.drafter = Some(drafter);
+        self
+    }
+
+    /// Sequences submitted without speculation options speculate with these (a
+    /// server's `--lookup`).
+    pub fn with_speculation(mut self, spec: Option<crate::speculate::Speculation>) -> Self {
+        self.speculation = spec;
+        self
+    }
+
     pub fn options(&self) -> &BatchOptions {
         &self.opts
     }
@@ -238,7 +281,10 @@ impl<'t> Scheduler<'t> {
     /// settings, a context shift, a request longer than the context, or one that
     /// needs more positions than the whole KV budget is refused. Otherwise it starts
     /// at once if there is room, or waits for it.
-    pub fn submit(&mut self, prompt: Vec<u32>, opts: GenerateOptions) -> Result<SeqId> {
+    pub fn submit(&mut self, prompt: Vec<u32>, mut opts: GenerateOptions) -> Result<SeqId> {
+        if opts.speculation.is_none() {
+            opts.speculation = self.speculation;
+        }
         if prompt.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
         }
@@ -249,6 +295,9 @@ impl<'t> Scheduler<'t> {
             });
         }
         opts.sampler.validate().map_err(RuntimeError::Sampling)?;
+        if let Some(spec) = &opts.speculation {
+            spec.validate().map_err(RuntimeError::Options)?;
+        }
         if opts.context_shift.is_some() {
             return Err(RuntimeError::Options(
                 "context shift is not available to batched sequences: a request must fit its reservation".into(),
@@ -356,8 +405,10 @@ impl<'t> Scheduler<'t> {
         if self.active.is_empty() {
             return std::mem::take(&mut self.events);
         }
+        self.draft_all();
         self.plan();
-        let mut rows = self.run_planned().into_iter();
+        let rows_kind = self.rows_kind();
+        let mut rows = self.run_planned(rows_kind).into_iter();
         self.stats.steps += 1;
         let mut done = Vec::new();
         let mut ran = 0;
@@ -423,44 +474,83 @@ impl<'t> Scheduler<'t> {
                     }
                 }
             }
+            // The rows the step computed for it: its last row, or with a draft the
+            // rows after its last token and after each draft token.
+            let draft = std::mem::take(&mut s.draft);
+            let n_rows = logits.len() / self.vocab;
+            let first = n_rows - 1 - draft.len();
+            // The context the first row follows (the draft is taken back out of it;
+            // each choice is put back as it is made).
+            let at = s.cache.len() - draft.len();
+            s.tokens.truncate(at);
             let events = &mut self.events;
             let id = s.id;
             let text = &mut s.text;
+            let tokens = &mut s.tokens;
+            let decoder = &mut s.decoder;
+            let vocab = self.vocab;
             let mut failure = None;
-            let lsm = s.decoder.options().logprobs.map(|k| {
-                let lsm = log_softmax(&logits);
-                let top = top_logprobs(&lsm, k);
-                (lsm, top)
-            });
-            let next = s.decoder.next(&logits, &s.tokens, |tok| {
-                let (piece, hit) = match text.as_mut().map(|t| t.push(tok)) {
-                    None => (String::new(), false),
-                    Some(Ok(x)) => x,
-                    Some(Err(e)) => {
-                        failure = Some(e);
-                        return false;
+            let (accepted, next) = verify(
+                &draft,
+                |i| &logits[(first + i) * vocab..(first + i + 1) * vocab],
+                |row, _| {
+                    let lsm = decoder.options().logprobs.map(|k| {
+                        let lsm = log_softmax(row);
+                        let top = top_logprobs(&lsm, k);
+                        (lsm, top)
+                    });
+                    let next = decoder.next(row, tokens, |tok| {
+                        let (piece, hit) = match text.as_mut().map(|t| t.push(tok)) {
+                            None => (String::new(), false),
+                            Some(Ok(x)) => x,
+                            Some(Err(e)) => {
+                                failure = Some(e);
+                                return false;
+                            }
+                        };
+                        let logprob = lsm.as_ref().map(|(lsm, top)| TokenLogprob {
+                            logprob: lsm.get(tok as usize).copied().unwrap_or(f32::NEG_INFINITY),
+                            top: top.clone(),
+                        });
+                        events.push(Event::Token {
+                            seq: id,
+                            id: tok,
+                            text: piece,
+                            logprob,
+                        });
+                        !hit
+                    });
+                    if let Some(t) = next {
+                        tokens.push(t);
                     }
-                };
-                let logprob = lsm.as_ref().map(|(lsm, top)| TokenLogprob {
-                    logprob: lsm.get(tok as usize).copied().unwrap_or(f32::NEG_INFINITY),
-                    top: top.clone(),
-                });
-                events.push(Event::Token {
-                    seq: id,
-                    id: tok,
-                    text: piece,
-                    logprob,
-                });
-                !hit
-            });
+                    next
+                },
+            );
+            if !draft.is_empty() {
+                s.decoder.drafted(draft.len(), accepted);
+                if let Some(a) = s.spec.as_mut() {
+                    a.record(draft.len(), accepted);
+                }
+                self.stats.drafted += draft.len() as u64;
+                self.stats.accepted += accepted as u64;
+                // Positions of rejected draft tokens are forgotten; the draft's room
+                // was checked to allow it.
+                if let Err(error) = s.cache.truncate(at + accepted) {
+                    self.events.push(Event::Failed {
+                        seq: id,
+                        error: error.into(),
+                    });
+                    done.push(i);
+                    continue;
+                }
+            }
             if let Some(error) = failure {
                 self.events.push(Event::Failed { seq: id, error });
                 done.push(i);
                 continue;
             }
-            match next {
-                Some(tok) => s.tokens.push(tok),
-                None => done.push(i),
+            if next.is_none() {
+                done.push(i);
             }
         }
         self.stats.widest_step = self.stats.widest_step.max(ran);
@@ -613,6 +703,9 @@ impl<'t> Scheduler<'t> {
             reserve,
             pinned,
             planned: 0,
+            spec: w.opts.speculation.map(|sp| Adaptive::new(sp.draft_max)),
+            draft: Vec::new(),
+            draft_cache: None,
         })
     }
 
@@ -622,8 +715,11 @@ impl<'t> Scheduler<'t> {
     fn plan(&mut self) {
         let mut room = self.opts.step_tokens;
         for s in self.active.iter_mut().filter(|s| !s.prefilling()) {
-            s.planned = 1;
-            room = room.saturating_sub(1);
+            // The token just chosen, then its draft (taken back out of the context
+            // once the step has verified it).
+            s.planned = 1 + s.draft.len();
+            s.tokens.extend_from_slice(&s.draft);
+            room = room.saturating_sub(s.planned);
         }
         let mut any = self.active.iter().any(|s| s.planned > 0);
         for s in self.active.iter_mut().filter(|s| s.prefilling()) {
@@ -639,11 +735,71 @@ impl<'t> Scheduler<'t> {
         }
     }
 
+    /// Drafts for the sequences that speculate and are decoding: how many tokens each
+    /// wants (its adaptive length, what its cache can take back, what is left of its
+    /// token limit), looked up in its context or proposed by the draft model.
+    fn draft_all(&mut self) {
+        let mut wanted = Vec::new();
+        for (i, s) in self.active.iter_mut().enumerate() {
+            s.draft.clear();
+            if s.prefilling() || s.decoder.is_done() {
+                continue;
+            }
+            let (Some(a), Some(spec)) = (s.spec.as_mut(), s.decoder.options().speculation) else {
+                continue;
+            };
+            let left = s
+                .decoder
+                .options()
+                .max_tokens
+                .saturating_sub(s.decoder.ids().len() + 1);
+            let want = a.want().min(s.cache.draft_room(spec.draft_max)).min(left);
+            if want == 0 {
+                continue;
+            }
+            if let Some(d) = self.drafter.as_mut() {
+                // A drafter that fails only costs its draft.
+                let mut draft = d.draft(&s.tokens, want).unwrap_or_default();
+                draft.truncate(want);
+                if let Some(p) = draft.iter().position(|&t| t as usize >= self.vocab) {
+                    draft.truncate(p);
+                }
+                s.draft = draft;
+            } else if self.draft.is_none() {
+                s.draft = lookup(&s.tokens, spec.ngram_min, spec.ngram_max, want);
+            } else {
+                wanted.push((i, want));
+            }
+        }
+        if let Some((program, context)) = self.draft {
+            if !wanted.is_empty() {
+                draft_with_model(program, context, &mut self.active, &wanted);
+                // A draft model's vocabulary may run past ours: such a token is
+                // never a guess of ours.
+                for &(i, _) in &wanted {
+                    let d = &mut self.active[i].draft;
+                    if let Some(p) = d.iter().position(|&t| t as usize >= self.vocab) {
+                        d.truncate(p);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rows the step's output head computes: each sequence's last, or its last
+    /// few where a draft is verified.
+    fn rows_kind(&self) -> Rows {
+        match self.active.iter().map(|s| s.draft.len()).max() {
+            Some(k) if k > 0 => Rows::LastN(k + 1),
+            _ => Rows::Last,
+        }
+    }
+
     /// Runs the planned tokens as one step; each planned sequence gets the logits of
-    /// its last row, or the error that stopped it. If the batched step fails, each
-    /// sequence runs alone so the error stays with the one it belongs to (a failed
-    /// step leaves every cache as it was).
-    fn run_planned(&mut self) -> Vec<Result<Vec<f32>>> {
+    /// its output rows (`rows`), or the error that stopped it. If the batched step
+    /// fails, each sequence runs alone so the error stays with the one it belongs to
+    /// (a failed step leaves every cache as it was).
+    fn run_planned(&mut self, rows: Rows) -> Vec<Result<Vec<f32>>> {
         let program = self.program;
         let vocab = self.vocab;
         let run = |slots: &mut [&mut Slot<'t>]| -> Result<Vec<Vec<f32>>> {
@@ -658,19 +814,29 @@ impl<'t> Scheduler<'t> {
                     }
                 })
                 .collect();
-            let out = program.run_batch(&mut seqs, &Taps::None, Rows::Last)?;
+            let out = program.run_batch(&mut seqs, &Taps::None, rows)?;
             let value = out.outputs.into_iter().next().ok_or_else(|| {
                 llama_graph::GraphError::Input("the graph produced no output".into())
             })?;
             let data = value.to_f32_vec()?;
-            if data.len() != vocab * slots.len() {
+            let counts: Vec<usize> = slots.iter().map(|s| rows.of(s.planned)).collect();
+            let total: usize = counts.iter().sum();
+            if data.len() != vocab * total {
                 return Err(RuntimeError::Options(format!(
                     "a step of {} sequences produced {} logits",
                     slots.len(),
                     data.len()
                 )));
             }
-            Ok(data.chunks(vocab).map(<[f32]>::to_vec).collect())
+            let mut at = 0;
+            Ok(counts
+                .iter()
+                .map(|&n| {
+                    let part = data[at * vocab..(at + n) * vocab].to_vec();
+                    at += n;
+                    part
+                })
+                .collect())
         };
         let mut planned: Vec<&mut Slot<'t>> =
             self.active.iter_mut().filter(|s| s.planned > 0).collect();
@@ -686,6 +852,117 @@ impl<'t> Scheduler<'t> {
                     })
                 })
                 .collect(),
+        }
+    }
+}
+
+/// Proposes drafts with a draft model for the slots in `wanted` (`(index, length)`):
+/// each slot's draft cache first catches up with its context (what it holds that still
+/// agrees is kept), then all of them run one token a round, batched, each taking the
+/// draft model's argmax. A draft model that fails only costs the drafts: the slots
+/// decode without them this step, and drop the draft cache.
+fn draft_with_model(
+    program: &Program,
+    context: usize,
+    active: &mut [Slot<'_>],
+    wanted: &[(usize, usize)],
+) {
+    let vocab = match crate::session::logits_width(program) {
+        Ok(v) => v,
+        Err(_) => return,
+    };
+    // Catch up: keep the longest prefix of the draft cache that agrees with the
+    // context, leaving at least the last token to run.
+    let mut inputs: Vec<(usize, Vec<u32>)> = Vec::new();
+    for &(i, _) in wanted {
+        let s = &mut active[i];
+        // Past the draft model's context it has no guesses.
+        let capacity = s.cache.capacity().min(context);
+        if s.tokens.len() + wanted.iter().find(|w| w.0 == i).map_or(0, |w| w.1) > capacity {
+            continue;
+        }
+        if s.draft_cache.is_none() {
+            match program.new_cache(capacity) {
+                Ok(c) => s.draft_cache = Some((c, Vec::new())),
+                Err(_) => continue,
+            }
+        }
+        let Some((cache, held)) = s.draft_cache.as_mut() else {
+            continue;
+        };
+        let common = common_prefix(held, &s.tokens).min(s.tokens.len() - 1);
+        if cache.truncate(common).is_err() && cache.truncate(0).is_err() {
+            s.draft_cache = None;
+            continue;
+        }
+        held.truncate(cache.len());
+        inputs.push((i, s.tokens[cache.len()..].to_vec()));
+    }
+    let longest = wanted.iter().map(|&(_, n)| n).max().unwrap_or(0);
+    for round in 0..longest {
+        let mut order = Vec::new();
+        let mut seqs = Vec::new();
+        for (i, ids) in &inputs {
+            let want = wanted.iter().find(|w| w.0 == *i).map_or(0, |w| w.1);
+            if round >= want || ids.is_empty() {
+                continue;
+            }
+            order.push(*i);
+            seqs.push(ids.clone());
+        }
+        if order.is_empty() {
+            break;
+        }
+        // Run the round: every participating slot's tokens at once.
+        let result = {
+            let mut caches: Vec<&mut KvCache> = Vec::new();
+            let mut picked: Vec<&mut Slot<'_>> = active
+                .iter_mut()
+                .enumerate()
+                .filter(|(j, _)| order.contains(j))
+                .map(|(_, s)| s)
+                .collect();
+            for s in picked.iter_mut() {
+                if let Some((c, _)) = s.draft_cache.as_mut() {
+                    caches.push(c);
+                }
+            }
+            if caches.len() != seqs.len() {
+                break;
+            }
+            let mut batch: Vec<Sequence<'_>> = caches
+                .into_iter()
+                .zip(&seqs)
+                .map(|(cache, tokens)| Sequence { tokens, cache })
+                .collect();
+            program
+                .run_batch(&mut batch, &Taps::None, Rows::Last)
+                .and_then(|out| match out.outputs.into_iter().next() {
+                    Some(v) => v.to_f32_vec(),
+                    None => Err(llama_graph::GraphError::Input("no draft logits".into())),
+                })
+        };
+        let Ok(data) = result else {
+            // The draft model failed: no drafts this step, fresh caches next time.
+            for &(i, _) in wanted {
+                active[i].draft.clear();
+                active[i].draft_cache = None;
+            }
+            return;
+        };
+        if data.len() != vocab * order.len() {
+            return;
+        }
+        for (k, &i) in order.iter().enumerate() {
+            let id = argmax(&data[k * vocab..(k + 1) * vocab]);
+            let s = &mut active[i];
+            if let Some((_, held)) = s.draft_cache.as_mut() {
+                held.extend_from_slice(&seqs[k]);
+            }
+            s.draft.push(id);
+            if let Some(entry) = inputs.iter_mut().find(|(j, _)| *j == i) {
+                entry.1 = vec![id];
+            }
         }
     }
 }

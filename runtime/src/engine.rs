@@ -282,6 +282,19 @@ impl Engine {
     }
 
     /// The model's tokenizer (its tokenizer.json, or the GGUF's vocabulary).
+    /// Checks that `draft` can propose tokens for this model: a generating model
+    /// whose tokenizer maps every id to the same token as ours.
+    pub fn check_draft(&self, draft: &Engine) -> Result<()> {
+        draft.check_generates()?;
+        let (ours, theirs) = (self.tokenizer()?, draft.tokenizer()?);
+        if let Some(why) = ours.differs_from(&theirs) {
+            return Err(RuntimeError::Options(format!(
+                "the draft model's tokenizer differs from the model's: {why}"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         Tokenizer::for_model(&self.model)
     }

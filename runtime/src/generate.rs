@@ -10,6 +10,7 @@ use crate::constrain::{Active, Constraint};
 use crate::error::{Result, RuntimeError};
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::session::Session;
+use crate::speculate::{verify, Adaptive, DraftStats, Drafter, Lookup, Speculation};
 use crate::tokenizer::{TextStream, Tokenizer};
 
 /// Why generation stopped.
@@ -46,6 +47,9 @@ pub struct GenerateOptions {
     pub logprobs: Option<usize>,
     /// A grammar the output must stay inside (each sequence runs its own matcher).
     pub constraint: Option<Constraint>,
+    /// Speculative decoding: draft tokens (from the context, or the runner's draft
+    /// model) verified several at a step. The output is what it would be without.
+    pub speculation: Option<Speculation>,
 }
 
 /// A chosen token's log-probability, and the most likely tokens at its position.
@@ -90,6 +94,7 @@ impl Default for GenerateOptions {
             cancel: None,
             logprobs: None,
             constraint: None,
+            speculation: None,
         }
     }
 }
@@ -119,6 +124,9 @@ pub struct Generation {
     #[serde(serialize_with = "as_ms")]
     pub mask_time: Duration,
     pub mask_steps: usize,
+    /// Draft tokens verified, and those accepted (zero without speculation).
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 fn as_ms<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
@@ -184,6 +192,7 @@ pub struct Decoder {
     decode_steps: usize,
     context_shifts: usize,
     cached_tokens: usize,
+    drafts: DraftStats,
 }
 
 impl Decoder {
@@ -203,6 +212,7 @@ impl Decoder {
             decode_steps: 0,
             context_shifts: 0,
             cached_tokens: 0,
+            drafts: DraftStats::default(),
         })
     }
 
@@ -344,6 +354,15 @@ impl Decoder {
         self.finish.get_or_insert(reason);
     }
 
+    /// Counts the draft tokens of a verification step, and those accepted.
+    pub fn drafted(&mut self, drafted: usize, accepted: usize) {
+        self.drafts.add(DraftStats {
+            drafted,
+            accepted,
+            steps: usize::from(drafted > 0),
+        });
+    }
+
     /// Counts a context shift.
     pub fn shifted(&mut self) {
         self.context_shifts += 1;
@@ -374,6 +393,8 @@ impl Decoder {
             context_shifts: self.context_shifts,
             mask_time,
             mask_steps,
+            drafted: self.drafts.drafted,
+            accepted: self.drafts.accepted,
         }
     }
 }
@@ -394,10 +415,31 @@ pub fn generate_ids(
     session: &mut Session,
     prompt: &[u32],
     opts: &GenerateOptions,
+    on_token: impl FnMut(u32) -> bool,
+) -> Result<Generation> {
+    generate_ids_drafted(session, None, prompt, opts, on_token)
+}
+
+/// Like [`generate_ids`]; with `opts.speculation`, drafts come from `draft` (a draft
+/// model's [`ModelDrafter`](crate::speculate::ModelDrafter), say) when given, from
+/// the context ([`Lookup`]) otherwise.
+pub fn generate_ids_drafted(
+    session: &mut Session,
+    draft: Option<&mut dyn Drafter>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Generation> {
     check_fit(session.position(), session.context(), prompt, opts)?;
     let mut decoder = Decoder::new(prompt.len(), opts)?;
+    if let Some(spec) = opts.speculation {
+        spec.validate().map_err(RuntimeError::Options)?;
+        speculative(session, draft, prompt, opts, spec, &mut decoder, on_token)?;
+        if let Some(e) = decoder.take_error() {
+            return Err(e);
+        }
+        return Ok(decoder.finish());
+    }
     // Greedy on a GPU: the device picks the token and only its id comes back, not the
     // vocabulary's logits.
     let on_device = decoder.picks_argmax() && session.picks_on_device();
@@ -427,6 +469,87 @@ pub fn generate_ids(
         return Err(e);
     }
     Ok(decoder.finish())
+}
+
+/// The generation loop with drafts: each step runs the token just chosen and a draft
+/// of the tokens after it, and the decoder chooses from the step's rows in turn until
+/// a choice differs from the draft; the cache is then rewound to what was accepted.
+fn speculative(
+    session: &mut Session,
+    drafter: Option<&mut dyn Drafter>,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    spec: Speculation,
+    decoder: &mut Decoder,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<()> {
+    let mut adaptive = Adaptive::new(spec.draft_max);
+    let mut lookup = Lookup::from(spec);
+    let drafter: &mut dyn Drafter = match drafter {
+        Some(d) => d,
+        None => &mut lookup,
+    };
+    let mut context = Vec::new();
+    let last = session.prefill_last(prompt)?;
+    let mut rows = crate::Logits {
+        rows: 1,
+        vocab: last.len(),
+        data: last,
+    };
+    let mut draft: Vec<u32> = Vec::new();
+    loop {
+        // The context the rows follow: everything up to the first row's position.
+        let at = session.position() - draft.len();
+        let (accepted, next) = verify(
+            &draft,
+            |i| rows.row(i),
+            |logits, i| decoder.next(logits, &session.tokens()[..at + i], &mut on_token),
+        );
+        decoder.drafted(draft.len(), accepted);
+        adaptive.record(draft.len(), accepted);
+        session.truncate(at + accepted)?;
+        let Some(next) = next else { break };
+        if session.position() + 1 > session.context() {
+            if let Some(keep) = opts.context_shift {
+                session.shift_context(keep)?;
+                decoder.shifted();
+            }
+        }
+        // A step yields at most the draft and one more: no longer than what is left.
+        let left = opts.max_tokens.saturating_sub(decoder.ids().len() + 1);
+        let want = adaptive
+            .want()
+            .min(session.draft_room(spec.draft_max))
+            .min(left);
+        draft = if want == 0 {
+            Vec::new()
+        } else {
+            context.clear();
+            context.extend_from_slice(session.tokens());
+            context.push(next);
+            let mut d = drafter.draft(&context, want)?;
+            d.truncate(want);
+            // A guess outside the vocabulary is no guess.
+            if let Some(p) = d.iter().position(|&t| t as usize >= rows.vocab) {
+                d.truncate(p);
+            }
+            d
+        };
+        let mut ids = Vec::with_capacity(1 + draft.len());
+        ids.push(next);
+        ids.extend_from_slice(&draft);
+        rows = if draft.is_empty() {
+            let last = session.prefill_last(&ids)?;
+            crate::Logits {
+                rows: 1,
+                vocab: last.len(),
+                data: last,
+            }
+        } else {
+            session.prefill(&ids)?
+        };
+    }
+    Ok(())
 }
 
 /// What a step hands back: the last position's logits, or the token the device picked.
@@ -569,22 +692,36 @@ pub fn generate(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     opts: &GenerateOptions,
+    on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    generate_drafted(session, None, tokenizer, prompt, opts, on_text)
+}
+
+/// Like [`generate`], with a draft model's session for `opts.speculation` (see
+/// [`generate_ids_drafted`]).
+pub fn generate_drafted(
+    session: &mut Session,
+    draft: Option<&mut dyn Drafter>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation> {
     let mut out = TextOutput::new(tokenizer, &opts.stop);
     let mut failure = None;
-    let mut generation = generate_ids(session, prompt, opts, |id| match out.push(id) {
-        Ok((shown, hit)) => {
-            if !shown.is_empty() {
-                on_text(&shown);
+    let mut generation =
+        generate_ids_drafted(session, draft, prompt, opts, |id| match out.push(id) {
+            Ok((shown, hit)) => {
+                if !shown.is_empty() {
+                    on_text(&shown);
+                }
+                !hit
             }
-            !hit
-        }
-        Err(e) => {
-            failure = Some(e);
-            false
-        }
-    })?;
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        })?;
     if let Some(e) = failure {
         return Err(e);
     }

@@ -12,6 +12,7 @@ pub mod perplexity;
 pub mod sampler;
 pub mod service;
 pub mod session;
+pub mod speculate;
 pub mod tokenizer;
 pub mod tools;
 
@@ -23,14 +24,16 @@ pub use embed::{cosine, Embedder, Pooling};
 pub use engine::{Context, Engine, Passes, Policy, Precision, SessionOptions, DEFAULT_CONTEXT};
 pub use error::{Result, RuntimeError};
 pub use generate::{
-    check_fit, generate, generate_greedy, generate_ids, log_softmax, top_logprobs, Decoder,
-    FinishReason, GenerateOptions, Generation, StopFilter, TextOutput, TokenLogprob,
+    check_fit, generate, generate_drafted, generate_greedy, generate_ids, generate_ids_drafted,
+    log_softmax, top_logprobs, Decoder, FinishReason, GenerateOptions, Generation, StopFilter,
+    TextOutput, TokenLogprob,
 };
 pub use llama_graph::{Capabilities, KvCache, KvType};
 pub use perplexity::{perplexity, Perplexity};
 pub use sampler::{random_seed, Sampler, SamplerConfig};
 pub use service::{Service, ServiceLoad, ServiceOptions, Sink, Stream, Ticket};
 pub use session::{argmax, Logits, Session, SessionState};
+pub use speculate::{DraftStats, Drafter, Lookup, ModelDrafter, Speculation};
 pub use tokenizer::Tokenizer;
 pub use tools::{
     Function, Parsed, ToolCall, ToolChoice, ToolDelta, ToolFormat, ToolParser, ToolSpec,

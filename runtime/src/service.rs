@@ -13,6 +13,7 @@ use crate::batch::{BatchOptions, Event, Scheduler, SeqId, SeqState};
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::generate::GenerateOptions;
+use crate::speculate::Speculation;
 
 /// Limits of a [`Service`].
 #[derive(Debug, Clone)]
@@ -21,6 +22,11 @@ pub struct ServiceOptions {
     /// Requests that may wait for admission; past it, `submit` answers
     /// [`RuntimeError::Busy`].
     pub max_queue: usize,
+    /// How requests that do not say speculate (`None`: they do not).
+    pub speculation: Option<Speculation>,
+    /// A draft model for speculating sequences (same vocabulary, same device);
+    /// without one they look drafts up in their context.
+    pub draft: Option<Arc<Engine>>,
 }
 
 impl Default for ServiceOptions {
@@ -28,6 +34,8 @@ impl Default for ServiceOptions {
         ServiceOptions {
             batch: BatchOptions::default(),
             max_queue: 256,
+            speculation: None,
+            draft: None,
         }
     }
 }
@@ -142,6 +150,11 @@ impl Service {
         let thread_shared = shared.clone();
         let batch = opts.batch.clone();
         let max_queue = opts.max_queue;
+        let speculation = opts.speculation;
+        let draft = opts.draft.clone();
+        if let Some(d) = &draft {
+            engine.check_draft(d)?;
+        }
         let thread = std::thread::Builder::new()
             .name("llama-engine".into())
             .spawn(move || {
@@ -153,7 +166,13 @@ impl Service {
                     }
                 };
                 let scheduler = match Scheduler::new(&engine, batch) {
-                    Ok(s) => s.with_tokenizer(&tokenizer),
+                    Ok(s) => {
+                        let s = s.with_tokenizer(&tokenizer).with_speculation(speculation);
+                        match &draft {
+                            Some(d) => s.with_draft(d.program(), d.context()),
+                            None => s,
+                        }
+                    }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
                         return;

@@ -115,6 +115,12 @@ impl Session {
         &self.tokens
     }
 
+    /// How many draft tokens (up to `max`) a step may run after the next token and
+    /// then take back: the room left in the context, and what the cache can rewind.
+    pub fn draft_room(&self, max: usize) -> usize {
+        self.cache.draft_room(max)
+    }
+
     /// Forgets positions from `len` on.
     pub fn truncate(&mut self, len: usize) -> Result<()> {
         self.cache.truncate(len)?;

@@ -166,6 +166,22 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Why `other` does not map ids to tokens as this one does (`None`: it does): the
+    /// vocabulary sizes, or the first id whose token differs.
+    pub fn differs_from(&self, other: &Tokenizer) -> Option<String> {
+        let (a, b) = (
+            self.inner.get_vocab_size(true),
+            other.inner.get_vocab_size(true),
+        );
+        if a != b {
+            return Some(format!("{a} tokens against {b}"));
+        }
+        (0..a as u32).find_map(|id| {
+            let (x, y) = (self.token(id), other.token(id));
+            (x != y).then(|| format!("token {id} is {x:?} against {y:?}"))
+        })
+    }
+
     /// A decoder that yields text as ids arrive, never half a character.
     pub fn stream(&self) -> TextStream<'_> {
         TextStream {

@@ -117,6 +117,9 @@ impl Running {
                     generation.cached_tokens,
                     generation.ids.len(),
                 );
+                self.state
+                    .metrics
+                    .drafts(generation.drafted, generation.accepted);
                 Update::Done(generation)
             }
             Event::Failed { error, .. } => {

@@ -17,6 +17,8 @@ pub struct Metrics {
     prompt_tokens: Counter,
     cached_tokens: Counter,
     generated_tokens: Counter,
+    drafted_tokens: Counter,
+    accepted_tokens: Counter,
     ttft: Histogram,
     itl: Histogram,
     queue: Gauge,
@@ -57,6 +59,16 @@ impl Metrics {
             Some(Unit::Count),
             "tokens generated",
         );
+        describe(
+            "llama_draft_tokens_total",
+            Some(Unit::Count),
+            "speculative draft tokens verified",
+        );
+        describe(
+            "llama_draft_tokens_accepted_total",
+            Some(Unit::Count),
+            "speculative draft tokens accepted",
+        );
         recorder.describe_histogram(
             "llama_time_to_first_token_seconds".into(),
             Some(Unit::Seconds),
@@ -89,6 +101,8 @@ impl Metrics {
             prompt_tokens: counter("llama_prompt_tokens_total"),
             cached_tokens: counter("llama_prompt_tokens_cached_total"),
             generated_tokens: counter("llama_generated_tokens_total"),
+            drafted_tokens: counter("llama_draft_tokens_total"),
+            accepted_tokens: counter("llama_draft_tokens_accepted_total"),
             ttft: histogram("llama_time_to_first_token_seconds"),
             itl: histogram("llama_inter_token_latency_seconds"),
             queue: gauge("llama_queue_depth"),
@@ -113,6 +127,12 @@ impl Metrics {
         self.prompt_tokens.increment(prompt as u64);
         self.cached_tokens.increment(cached as u64);
         self.generated_tokens.increment(generated as u64);
+    }
+
+    /// Speculative draft tokens of a finished request: verified, and accepted.
+    pub fn drafts(&self, drafted: usize, accepted: usize) {
+        self.drafted_tokens.increment(drafted as u64);
+        self.accepted_tokens.increment(accepted as u64);
     }
 
     pub fn first_token(&self, after: Duration) {

@@ -120,6 +120,7 @@ fn base_options(
         cancel: None,
         logprobs,
         constraint: None,
+        speculation: None,
     })
 }
 

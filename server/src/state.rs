@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use llama_runtime::{
-    BatchOptions, ChatTemplate, Embedder, Engine, Grammars, Pooling, Result as RtResult,
-    RuntimeError, Service, ServiceOptions, Tokenizer,
+    BatchOptions, ChatTemplate, Context, Embedder, Engine, Grammars, Pooling, Result as RtResult,
+    RuntimeError, Service, ServiceOptions, SessionOptions, Speculation, Tokenizer,
 };
 
 use crate::error::ApiError;
@@ -38,6 +38,10 @@ pub struct ServerConfig {
     pub webui: bool,
     /// How `/v1/embeddings` pools token rows (default: the model's own, else mean).
     pub pooling: Option<Pooling>,
+    /// Speculative decoding for every request (`--lookup`, `--draft-model`).
+    pub speculation: Option<Speculation>,
+    /// The draft model, loaded beside the model with these options.
+    pub draft_model: Option<(std::path::PathBuf, SessionOptions)>,
 }
 
 impl Default for ServerConfig {
@@ -53,6 +57,8 @@ impl Default for ServerConfig {
             max_connections: 1024,
             webui: true,
             pooling: None,
+            speculation: None,
+            draft_model: None,
         }
     }
 }
@@ -97,7 +103,20 @@ impl Loaded {
                 ..BatchOptions::default()
             },
             max_queue: config.max_queue,
+            speculation: config.speculation,
+            draft: None,
         };
+        let mut opts = opts;
+        if let Some((path, options)) = &config.draft_model {
+            let options = SessionOptions {
+                context: Context::Default,
+                ..options.clone()
+            };
+            let draft = Engine::load(path, &options).map_err(|e| {
+                RuntimeError::Options(format!("draft model {}: {e}", path.display()))
+            })?;
+            opts.draft = Some(Arc::new(draft));
+        }
         let engine = Arc::new(engine);
         let service = if engine.is_encoder() {
             None

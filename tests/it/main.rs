@@ -26,6 +26,7 @@ mod real_model;
 mod safetensors_loading;
 mod serve_cli;
 mod service;
+mod speculative;
 mod structured;
 mod tiny_models;
 mod tokenizer;

@@ -92,6 +92,7 @@ fn a_full_queue_answers_busy_and_the_others_complete() {
             ..BatchOptions::default()
         },
         max_queue: 1,
+        ..ServiceOptions::default()
     };
     let service = Service::start(engine(), options).expect("start");
     let a = service.submit(ids(4, 1), greedy(40)).expect("runs");

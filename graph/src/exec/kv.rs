@@ -349,19 +349,43 @@ impl KvCache {
         if len >= self.len {
             return Ok(());
         }
-        for l in &self.layers {
-            if let Some(w) = l.window {
-                let wrapped = self.len > l.rows;
-                if wrapped && len > 0 && len + l.rows < self.len + w - 1 {
-                    return Err(GraphError::Input(format!(
-                        "cannot rewind a sliding-window cache from {} to {len} positions (it keeps the last {})",
-                        self.len, l.rows
-                    )));
-                }
-            }
+        if !self.can_rewind(self.len, len) {
+            return Err(GraphError::Input(format!(
+                "cannot rewind a sliding-window cache from {} to {len} positions (it keeps the last {})",
+                self.len,
+                self.layers
+                    .iter()
+                    .filter(|l| l.window.is_some())
+                    .map(|l| l.rows)
+                    .min()
+                    .unwrap_or(0)
+            )));
         }
         self.len = len;
         Ok(())
+    }
+
+    /// Whether a cache holding `from` positions could be rewound to `len`: a ring
+    /// that has wrapped overwrote the rows of positions it no longer keeps, and a
+    /// position's window must still be whole after the rewind.
+    fn can_rewind(&self, from: usize, len: usize) -> bool {
+        len >= from
+            || len == 0
+            || self.layers.iter().all(|l| match l.window {
+                Some(w) => from <= l.rows || len + l.rows >= from + w - 1,
+                None => true,
+            })
+    }
+
+    /// The most positions (up to `max`) past the next one that a step may write and
+    /// then take back to just after the next one: how long a speculative draft can be
+    /// here (the room left, and what a sliding-window ring can rewind).
+    pub fn draft_room(&self, max: usize) -> usize {
+        let room = self.capacity.saturating_sub(self.len + 1).min(max);
+        (0..=room)
+            .rev()
+            .find(|&k| self.can_rewind(self.len + 1 + k, self.len + 1))
+            .unwrap_or(0)
     }
 
     /// The cached rows on the host: positions `0..len` of full layers, the whole ring

@@ -83,6 +83,22 @@ pub enum Rows {
     All,
     /// The last position only (generation): the output head runs on one row.
     Last,
+    /// The last `n` positions of each sequence (all of a shorter one): what verifying
+    /// a speculative draft needs, the logits after the sequence's last token and after
+    /// each drafted token, while a prompt chunk in the same step runs the head on
+    /// `n` rows instead of its whole length.
+    LastN(usize),
+}
+
+impl Rows {
+    /// The output rows of a sequence of `seq` tokens.
+    pub fn of(self, seq: usize) -> usize {
+        match self {
+            Rows::All => seq,
+            Rows::Last => seq.min(1),
+            Rows::LastN(n) => seq.min(n.max(1)),
+        }
+    }
 }
 
 /// Ops whose output row `i` depends only on row `i` of their first input, when their
@@ -306,7 +322,8 @@ impl Program {
     /// every row-wise op together (each weight is read once for the whole step);
     /// RoPE takes each row's own position, and each sequence appends to its own cache
     /// and attends over its own keys. The outputs hold the sequences' rows in order:
-    /// every row with [`Rows::All`], each sequence's last row with [`Rows::Last`].
+    /// every row with [`Rows::All`], each sequence's last row with [`Rows::Last`], its
+    /// last rows with [`Rows::LastN`] ([`Rows::of`] says how many).
     ///
     /// Validated before anything runs; if the step fails, no cache has advanced.
     pub fn run_batch(
@@ -366,8 +383,16 @@ impl Program {
     ) -> Result<RunOutput> {
         let tokens = ids.len();
         let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [tokens]), &self.device);
-        // The rows the output head needs with `Rows::Last`: each sequence's last.
-        let last_rows: Vec<usize> = step.parts.iter().map(|p| p.offset + p.seq - 1).collect();
+        // The rows the output head needs unless it needs all: each sequence's last
+        // (or last few).
+        let last_rows: Vec<usize> = step
+            .parts
+            .iter()
+            .flat_map(|p| {
+                let n = rows.of(p.seq);
+                p.offset + p.seq - n..p.offset + p.seq
+            })
+            .collect();
         let mut timer = self
             .profile
             .lock()
@@ -401,7 +426,7 @@ impl Program {
                             v.expect("inputs precede users and live until their last use")
                         })
                         .collect();
-                    if rows == Rows::Last
+                    if rows != Rows::All
                         && Some(i) == self.row_wise_from
                         && tokens > last_rows.len()
                     {
