@@ -189,35 +189,62 @@ impl Drafter for ModelDrafter<'_> {
 }
 
 /// A sequence's draft length, adapted to how its drafts fare.
+///
+/// Each draft token is accepted with some probability `α` given that the ones before
+/// it were (estimated from recent drafts: tokens accepted over tokens accepted plus
+/// misses), so the `i`-th token of a draft pays off with probability `α^i`, while
+/// every drafted row costs a share [`ROW_COST`] of a one-row step. The draft is as long
+/// as its last token still pays (`α^k >= ROW_COST`); where not even one does, drafting
+/// pauses for a while (a pause that doubles each time it ends in the same verdict)
+/// and then tries again with a single token.
 #[derive(Debug, Clone)]
 pub struct Adaptive {
     max: usize,
-    /// The length of the next draft.
-    k: usize,
-    /// A running mean of the fraction of each draft accepted.
-    rate: f32,
+    /// Recent accepted tokens and misses (first rejected tokens), decayed.
+    accepted: f32,
+    misses: f32,
     /// Steps left without drafting, and the next such pause.
     pause: usize,
     backoff: usize,
     pub stats: DraftStats,
 }
 
-/// Below this mean acceptance, drafts cost more rows than they save.
-const MIN_RATE: f32 = 0.25;
+/// What one more row of a step costs, as a share of a one-row decode step: small
+/// while decode reads weights once for several rows, more where the step is bound by
+/// compute. Kept on the careful side: a draft token must be likelier than this to be
+/// accepted to be drafted at all.
+pub const ROW_COST: f32 = 0.35;
+const DECAY: f32 = 0.8;
 const FIRST_BACKOFF: usize = 4;
 const MAX_BACKOFF: usize = 256;
 
 impl Adaptive {
     pub fn new(max: usize) -> Self {
-        let max = max.clamp(1, MAX_DRAFT);
         Adaptive {
-            max,
-            k: max,
-            rate: 0.5,
+            max: max.clamp(1, MAX_DRAFT),
+            // A hopeful start: the first drafts are long, and their fate decides.
+            accepted: 4.0,
+            misses: 0.5,
             pause: 0,
             backoff: FIRST_BACKOFF,
             stats: DraftStats::default(),
         }
+    }
+
+    /// The estimated chance that a draft token is accepted after its predecessors.
+    pub fn acceptance(&self) -> f32 {
+        self.accepted / (self.accepted + self.misses).max(1e-6)
+    }
+
+    /// The longest draft whose last token still pays at acceptance `alpha`.
+    fn length_for(&self, alpha: f32) -> usize {
+        if alpha >= 0.999 {
+            return self.max;
+        }
+        if alpha <= ROW_COST {
+            return 0;
+        }
+        ((ROW_COST.ln() / alpha.ln()).floor() as usize).min(self.max)
     }
 
     /// The draft length to ask for this step (0: do not draft now). A step without
@@ -225,9 +252,10 @@ impl Adaptive {
     pub fn want(&mut self) -> usize {
         if self.pause > 0 {
             self.pause -= 1;
-            return 0;
+            // The last step of a pause probes with one token.
+            return if self.pause == 0 { 1 } else { 0 };
         }
-        self.k
+        self.length_for(self.acceptance()).max(1)
     }
 
     /// What became of a draft of `drafted` tokens: `accepted` of them were taken.
@@ -238,20 +266,13 @@ impl Adaptive {
         self.stats.drafted += drafted;
         self.stats.accepted += accepted;
         self.stats.steps += 1;
-        let frac = accepted as f32 / drafted as f32;
-        self.rate = 0.7 * self.rate + 0.3 * frac;
-        self.k = if accepted == drafted {
-            (self.k + 2).min(self.max)
-        } else {
-            (accepted + 1).clamp(1, self.max)
-        };
-        if self.rate < MIN_RATE {
+        self.accepted = DECAY * self.accepted + accepted as f32;
+        self.misses = DECAY * self.misses + f32::from(u8::from(accepted < drafted));
+        if self.length_for(self.acceptance()) == 0 {
             // Not paying: stop for a while, longer each time it happens again.
             self.pause = self.backoff;
             self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-            self.rate = 0.5;
-            self.k = self.k.max(2).min(self.max);
-        } else if frac >= 0.5 {
+        } else if accepted > 0 {
             self.backoff = FIRST_BACKOFF;
         }
     }
@@ -309,14 +330,22 @@ mod tests {
     }
 
     #[test]
-    fn drafting_pauses_when_it_stops_paying_and_resumes() {
+    fn draft_length_follows_acceptance_and_pauses_when_it_does_not_pay() {
         let mut a = Adaptive::new(8);
+        // Drafts accepted whole: the longest draft.
+        for _ in 0..10 {
+            let k = a.want();
+            a.record(k, k);
+        }
         assert_eq!(a.want(), 8);
-        a.record(8, 8);
-        assert_eq!(a.want(), 8);
-        a.record(8, 3);
-        assert_eq!(a.want(), 4);
-        // Misses bring the mean under the threshold: a pause of FIRST_BACKOFF steps.
+        // Half of each draft accepted: short drafts (alpha near 0.5: 1 token).
+        for _ in 0..20 {
+            let k = a.want();
+            a.record(k, k / 2);
+        }
+        let k = a.want();
+        assert!((1..=2).contains(&k), "{k}");
+        // Nothing accepted: a pause of FIRST_BACKOFF steps, the last one a probe.
         let mut misses = 0;
         while a.pause == 0 {
             let k = a.want();
@@ -324,10 +353,13 @@ mod tests {
             misses += 1;
             assert!(misses < 10, "never paused");
         }
-        for _ in 0..FIRST_BACKOFF {
+        for _ in 0..FIRST_BACKOFF - 1 {
             assert_eq!(a.want(), 0);
         }
-        assert!(a.want() > 0);
-        assert_eq!(a.stats.accepted, 11);
+        assert_eq!(a.want(), 1);
+        // The probe fails: the next pause is twice as long.
+        a.record(1, 0);
+        assert_eq!(a.pause, 2 * FIRST_BACKOFF);
+        assert!(a.stats.accepted <= a.stats.drafted);
     }
 }
