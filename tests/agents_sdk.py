@@ -8,6 +8,7 @@ import sys
 
 from agents import (
     Agent,
+    AgentHooks,
     ModelSettings,
     Runner,
     function_tool,
@@ -36,12 +37,23 @@ def get_price(item: str) -> str:
     return "4817 EUR"
 
 
+class AnswerAfterTools(AgentHooks):
+    """Once the tool has run, the next turn answers: a 0.5B model left free to call
+    again calls the tool on its own result. Agent authors steer small models this
+    way; the SDK's hooks are the place for it."""
+
+    async def on_tool_end(self, context, agent, tool, result):
+        agent.model_settings.tool_choice = "none"
+
+
 agent = Agent(
     name="shop",
-    instructions="You answer questions about prices in the shop. Always use the get_price tool.",
+    instructions="You answer questions about prices in the shop. Use the get_price tool.",
     model=model,
     tools=[get_price],
-    model_settings=ModelSettings(temperature=0, max_tokens=96),
+    model_settings=ModelSettings(temperature=0, max_tokens=96, tool_choice="required"),
+    reset_tool_choice=False,
+    hooks=AnswerAfterTools(),
 )
 result = Runner.run_sync(agent, "What is the price of a widget?", max_turns=4)
 print("final output:", result.final_output)

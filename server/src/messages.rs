@@ -515,7 +515,8 @@ pub async fn messages(
     let Request { plan, stops } = plan(&state, &value)?;
     let stream = plan.stream;
     let turn = Turn::start(state.clone(), plan, arrived, "messages").await?;
-    let id = state.id("msg");
+    // Anthropic's ids: `msg_` and characters.
+    let id = state.id("msg").replacen('-', "_", 1);
     let model = state.config.alias.clone();
     if stream {
         let s = Streaming {
