@@ -383,3 +383,27 @@ fn a_state_dir_that_cannot_be_made_is_one_line_and_exit_1() {
         "{err}"
     );
 }
+
+/// Past `--responses-max-count`, the oldest stored responses go first.
+#[test]
+fn stored_responses_past_the_count_expire_oldest_first() {
+    let state = tempfile::tempdir().expect("tempdir");
+    let dir = state.path().to_str().expect("a UTF-8 path");
+    let served = Served::start(&["--state-dir", dir, "--responses-max-count", "2"]);
+    let base = served.base.clone();
+    runtime().block_on(async move {
+        let url = format!("{base}/v1/responses");
+        let key = Some(("authorization", "Bearer k"));
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let body = json!({"input": format!("Count to {i}."), "max_output_tokens": 1});
+            let (s, r) = send(reqwest::Method::POST, url.clone(), key, Some(&body)).await;
+            assert_eq!(s, 200, "{r}");
+            ids.push(r["id"].as_str().expect("an id").to_string());
+        }
+        for (id, kept) in ids.iter().zip([false, true, true]) {
+            let (s, r) = send(reqwest::Method::GET, format!("{url}/{id}"), key, None).await;
+            assert_eq!(s == 200, kept, "{id}: {s} {r}");
+        }
+    });
+}
