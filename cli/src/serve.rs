@@ -1,10 +1,11 @@
 //! `llama serve`: the OpenAI-compatible server.
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
 use llama_runtime::Engine;
-use llama_serve::ServerConfig;
+use llama_serve::{Retention, ServerConfig};
 
 use crate::args::{ModelArgs, SpeculationArgs};
 use crate::ctx_size;
@@ -55,6 +56,27 @@ pub struct ServeArgs {
     pooling: Option<llama_runtime::Pooling>,
     #[command(flatten)]
     speculation: SpeculationArgs,
+    /// Where the server keeps its state (stored responses of /v1/responses, in a
+    /// SQLite file) across restarts (default: ~/.cache/llama-rs/state, or under
+    /// $LLAMA_RS_CACHE).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Days a stored response is kept.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    responses_max_age_days: u64,
+    /// Stored responses kept at most; the oldest go first.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    responses_max_count: u64,
+}
+
+/// The default state directory: `state` in the cache directory.
+fn default_state_dir() -> PathBuf {
+    let cache = match (std::env::var_os("LLAMA_RS_CACHE"), std::env::var_os("HOME")) {
+        (Some(c), _) if !c.is_empty() => PathBuf::from(c),
+        (_, Some(h)) if !h.is_empty() => PathBuf::from(h).join(".cache/llama-rs"),
+        _ => std::env::temp_dir().join("llama-rs"),
+    };
+    cache.join("state")
 }
 
 pub fn run_serve(args: ServeArgs) -> Result<()> {
@@ -81,6 +103,11 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             .draft_model
             .clone()
             .map(|p| (p, args.model.options(ctx_size(args.ctx_size)))),
+        state_dir: Some(args.state_dir.clone().unwrap_or_else(default_state_dir)),
+        retention: Retention {
+            max_age: Duration::from_secs(args.responses_max_age_days.saturating_mul(24 * 3600)),
+            max_count: args.responses_max_count as usize,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -96,6 +96,59 @@ impl ApiError {
     }
 }
 
+/// An [`ApiError`] in Anthropic's shape (`/v1/messages`):
+/// `{"type": "error", "error": {"type", "message"}}`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(transparent)]
+pub struct AnthropicError(pub ApiError);
+
+impl From<ApiError> for AnthropicError {
+    fn from(e: ApiError) -> Self {
+        AnthropicError(e)
+    }
+}
+
+impl AnthropicError {
+    fn kind(&self) -> &'static str {
+        match self.0.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+            s if s.is_server_error() => "api_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// The JSON body, also sent as an `error` event when a stream fails mid-way.
+    /// Anthropic's errors have no `param`: the field is named in the message.
+    pub fn body(&self) -> serde_json::Value {
+        let message = match &self.0.param {
+            Some(p) if !self.0.message.contains(p.as_str()) => format!("{p}: {}", self.0.message),
+            _ => self.0.message.clone(),
+        };
+        json!({
+            "type": "error",
+            "error": { "type": self.kind(), "message": message },
+        })
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let retry = self.0.status == StatusCode::SERVICE_UNAVAILABLE;
+        let mut response = (self.0.status, axum::Json(self.body())).into_response();
+        if retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let retry = self.status == StatusCode::SERVICE_UNAVAILABLE;

@@ -10,11 +10,16 @@ mod conn;
 mod embeddings;
 mod error;
 mod jobs;
+mod messages;
 mod meta;
 mod metrics;
 mod request;
+mod responses;
 mod routes;
 mod state;
+mod store;
+mod tokens;
+mod turn;
 mod webui;
 
 use std::future::{Future, IntoFuture};
@@ -32,8 +37,9 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::CorsLayer;
 
-pub use error::{ApiError, ServeError};
+pub use error::{AnthropicError, ApiError, ServeError};
 pub use state::{AppState, Loaded, ServerConfig};
+pub use store::{Retention, StoreError};
 
 /// The routes over `state`.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -48,6 +54,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/embeddings", post(embeddings::embeddings))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
+        .route("/v1/messages", post(messages::messages))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
         .route("/v1/models", get(meta::models))
         .route("/v1/models/{id}", get(meta::model))
         .route("/health", get(meta::health))
@@ -65,7 +80,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// With an API key, every route but `/health` and the chat page's files (which hold
-/// no data; the page asks for the key) wants `Authorization: Bearer KEY`.
+/// no data; the page asks for the key) wants `Authorization: Bearer KEY` or
+/// Anthropic's `x-api-key: KEY`. Anthropic's routes answer in Anthropic's shape.
 async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let Some(key) = state.config.api_key.as_deref() else {
         return next.run(req).await;
@@ -74,24 +90,30 @@ async fn authorize(State(state): State<Arc<AppState>>, req: Request, next: Next)
     if open || req.method() == axum::http::Method::OPTIONS {
         return next.run(req).await;
     }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match given {
-        Some(g) if same(g.as_bytes(), key.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid")
-            .with_code("invalid_api_key")
-            .into_response(),
+    let error = match presented_key(req.headers()) {
+        Some(g) if same(g.as_bytes(), key.as_bytes()) => return next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "the API key is not valid"),
         None => ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "an API key is needed: send `Authorization: Bearer KEY`",
-        )
-        .with_code("invalid_api_key")
-        .into_response(),
+            "an API key is needed: send `Authorization: Bearer KEY` or `x-api-key: KEY`",
+        ),
     }
+    .with_code("invalid_api_key");
+    if req.uri().path().starts_with("/v1/messages") {
+        return AnthropicError(error).into_response();
+    }
+    error.into_response()
+}
+
+/// The key a request presents: `Authorization: Bearer KEY`, else `x-api-key: KEY`.
+pub(crate) fn presented_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    bearer
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
 }
 
 /// Compares in time that does not depend on where the inputs differ.
@@ -129,6 +151,9 @@ where
 {
     let listener = conn::LimitedListener::new(listener, config.max_connections, config.timeout);
     let state = Arc::new(AppState::new(config));
+    if let Some(why) = state.store_error() {
+        return Err(ServeError::Internal(why.to_string()));
+    }
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move {

@@ -64,7 +64,7 @@ pub struct StreamOptions {
 }
 
 /// The fields both generating routes share.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct Common {
     #[serde(default)]
     pub stream: bool,

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use llama_runtime::{
     Constraint, FinishReason, GenerateOptions, Generation, Grammar, Parsed, TokenLogprob,
-    ToolDelta, ToolFormat, ToolParser,
+    ToolDelta, ToolFormat, ToolParser, ToolSpec,
 };
 use serde_json::{json, Value};
 
@@ -54,20 +54,20 @@ enum Kind {
 }
 
 /// One request, read and checked, ready to run.
-struct Plan {
+pub(crate) struct Plan {
     kind: Kind,
-    jobs: Vec<Job>,
+    pub jobs: Vec<Job>,
     /// Choices per prompt.
     n: usize,
-    stream: bool,
+    pub stream: bool,
     include_usage: bool,
     logprobs: Option<usize>,
     /// Prompt text echoed before each completion choice (`echo`).
     echo: Vec<String>,
     /// Prompt tokens, counted once per prompt.
-    prompt_tokens: usize,
+    pub prompt_tokens: usize,
     /// How tool calls are read out of the answers, when the request has tools.
-    tools: Option<ToolFormat>,
+    pub tools: Option<ToolFormat>,
 }
 
 /// Generation options of one choice, from the shared fields, with `max_tokens`
@@ -124,26 +124,42 @@ fn base_options(
     })
 }
 
-/// The constraint `response_format` asks for, compiled for the model: a schema with a
-/// keyword that cannot be enforced is refused (400) with the keyword named.
-fn response_format(model: &Loaded, value: &Value) -> Result<Option<Constraint>, ApiError> {
-    let Some(grammar) = request::response_format(value)? else {
-        return Ok(None);
-    };
+/// The constraint a request's output format asks for, compiled for the model: a
+/// schema with a keyword that cannot be enforced is refused (400) with the keyword
+/// named. `param` is the field that holds the format (`response_format`,
+/// `text.format`), `schema_param` the field of its schema.
+pub(crate) fn format_constraint(
+    model: &Loaded,
+    grammar: Grammar,
+    param: &str,
+    schema_param: &str,
+) -> Result<Constraint, ApiError> {
     let grammars = model.grammars().map_err(|why| {
         ApiError::field(
-            "response_format",
+            param,
             format!("structured output is not available for this model: {why}"),
         )
     })?;
     let param = match grammar {
-        Grammar::JsonSchema(_) => "response_format.json_schema.schema",
-        _ => "response_format",
+        Grammar::JsonSchema(_) => schema_param,
+        _ => param,
     };
     grammars
         .compile(&grammar)
-        .map(Some)
         .map_err(|e| ApiError::field(param, format!("{param}: {e}")))
+}
+
+fn response_format(model: &Loaded, value: &Value) -> Result<Option<Constraint>, ApiError> {
+    match request::response_format(value)? {
+        None => Ok(None),
+        Some(g) => format_constraint(
+            model,
+            g,
+            "response_format",
+            "response_format.json_schema.schema",
+        )
+        .map(Some),
+    }
 }
 
 /// The constraint of a request with tools: calls limited to the functions and their
@@ -164,36 +180,68 @@ fn tool_constraint(
         .map_err(|e| ApiError::from_runtime(e, "tools"))
 }
 
-fn plan_chat(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
-    request::refuse_unsupported(value, true)?;
-    let mut common: Common = request::parse(value)?;
-    common.check_stream_options()?;
-    let fields: ChatFields = request::parse(value)?;
-    let messages = fields.messages()?;
-    let logprobs = fields.logprobs()?;
-    let spec = request::tool_spec(value)?;
+/// A conversation as every chat dialect reads it (chat completions, Responses,
+/// Anthropic Messages): messages in OpenAI's chat shape, the functions and how they
+/// may be called, the output format, and the options of generation.
+pub(crate) struct Conversation {
+    pub messages: Vec<Value>,
+    pub tools: Option<ToolSpec>,
+    /// The compiled output format, and the field that asked for it.
+    pub format: Option<(Constraint, &'static str)>,
+    /// Text the answer continues (an assistant message at the end of the messages).
+    pub prefill: String,
+    /// The field that holds the messages, named in errors.
+    pub param: &'static str,
+}
+
+/// The prompt of a conversation, as the model's chat template renders it with the
+/// functions described, and how the model calls them.
+pub(crate) fn prompt_ids(
+    model: &Loaded,
+    conv: &Conversation,
+) -> Result<(Vec<u32>, ToolFormat), ApiError> {
+    let param = conv.param;
     let template = model.template.as_ref().map_err(|why| {
         ApiError::field(
-            "messages",
+            param,
             format!("{why}: chat completions need one; use /v1/completions"),
         )
     })?;
     let format = ToolFormat::detect(template, &model.tokenizer);
-    let text = format
-        .prompt(template, &messages, spec.as_ref())
-        .map_err(|e| ApiError::from_runtime(e, "messages"))?;
+    let mut text = format
+        .prompt(template, &conv.messages, conv.tools.as_ref())
+        .map_err(|e| ApiError::from_runtime(e, param))?;
+    text.push_str(&conv.prefill);
     let prompt = model
         .tokenizer
         .encode_plain(&text)
-        .map_err(|e| ApiError::from_runtime(e, "messages"))?;
-    let n = common.n()?;
-    let mut base = base_options(model, &mut common, logprobs)?;
-    base.constraint = response_format(model, value)?;
+        .map_err(|e| ApiError::from_runtime(e, param))?;
+    Ok((prompt, format))
+}
+
+/// The one planner of the chat dialects: a conversation and its options become
+/// prompt ids, generation options and a constraint, per choice.
+pub(crate) fn plan_conversation(
+    model: &Loaded,
+    conv: Conversation,
+    common: &mut Common,
+    n: usize,
+    logprobs: Option<usize>,
+) -> Result<Plan, ApiError> {
+    let param = conv.param;
+    let (prompt, format) = prompt_ids(model, &conv)?;
+    let spec = conv.tools;
+    let mut base = base_options(model, common, logprobs)?;
+    let (constraint, format_param) = match conv.format {
+        Some((c, p)) => (Some(c), p),
+        None => (None, ""),
+    };
+    base.constraint = constraint;
     if let Some(spec) = spec.as_ref().filter(|s| s.active()) {
         if base.constraint.is_some() {
             return Err(ApiError::field(
-                "response_format",
-                "response_format and tools cannot both constrain one answer; use tool_choice none or drop one",
+                format_param,
+                format!("{format_param} and tools cannot both constrain one answer; use tool_choice none or drop one"),
             ));
         }
         base.constraint = tool_constraint(model, format, spec)?;
@@ -202,7 +250,7 @@ fn plan_chat(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
         base.constraint = tool_constraint(model, format, spec)?;
     }
     let jobs = (0..n)
-        .map(|i| job(model, &common, prompt.clone(), &base, i, "messages"))
+        .map(|i| job(model, common, prompt.clone(), &base, i, param))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Plan {
         kind: Kind::Chat,
@@ -215,6 +263,26 @@ fn plan_chat(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
         prompt_tokens: prompt.len(),
         tools: spec.filter(|s| s.active()).map(|_| format),
     })
+}
+
+fn plan_chat(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
+    request::refuse_unsupported(value, true)?;
+    let mut common: Common = request::parse(value)?;
+    common.check_stream_options()?;
+    let fields: ChatFields = request::parse(value)?;
+    let messages = fields.messages()?;
+    let logprobs = fields.logprobs()?;
+    let tools = request::tool_spec(value)?;
+    let n = common.n()?;
+    let format = response_format(model, value)?.map(|c| (c, "response_format"));
+    let conv = Conversation {
+        messages,
+        tools,
+        format,
+        prefill: String::new(),
+        param: "messages",
+    };
+    plan_conversation(model, conv, &mut common, n, logprobs)
 }
 
 fn plan_completion(model: &Loaded, value: &Value) -> Result<Plan, ApiError> {
@@ -307,10 +375,10 @@ pub async fn completions(
 }
 
 /// Counts a request in flight for as long as it lives.
-struct InFlight(Arc<AppState>);
+pub(crate) struct InFlight(Arc<AppState>);
 
 impl InFlight {
-    fn new(state: &Arc<AppState>) -> Self {
+    pub(crate) fn new(state: &Arc<AppState>) -> Self {
         state.metrics.in_flight(1.0);
         InFlight(state.clone())
     }
@@ -567,7 +635,7 @@ fn tool_message(parsed: Parsed) -> Value {
     m
 }
 
-fn fingerprint() -> String {
+pub(crate) fn fingerprint() -> String {
     format!("llama.rs-{}", env!("CARGO_PKG_VERSION"))
 }
 

@@ -1,5 +1,6 @@
 //! What every handler shares: the configuration, the loaded model and its service,
 //! and the metrics.
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use llama_runtime::{
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::store::{Retention, Store};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -42,6 +44,11 @@ pub struct ServerConfig {
     pub speculation: Option<Speculation>,
     /// The draft model, loaded beside the model with these options.
     pub draft_model: Option<(std::path::PathBuf, SessionOptions)>,
+    /// Where stored responses (`/v1/responses`) live across restarts; in memory
+    /// without one.
+    pub state_dir: Option<PathBuf>,
+    /// How long and how many stored responses are kept.
+    pub retention: Retention,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +66,8 @@ impl Default for ServerConfig {
             pooling: None,
             speculation: None,
             draft_model: None,
+            state_dir: None,
+            retention: Retention::default(),
         }
     }
 }
@@ -159,11 +168,17 @@ pub struct AppState {
     next_id: AtomicU64,
     /// Seconds since the epoch when the server started, for `created` fields.
     pub started: u64,
+    /// Stored responses, or why the state directory could not be opened.
+    store: Result<Arc<Store>, String>,
 }
 
 impl AppState {
     pub fn new(config: ServerConfig) -> Self {
+        let store = Store::open(config.state_dir.as_deref(), config.retention)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         AppState {
+            store,
             config,
             loaded: OnceLock::new(),
             metrics: Metrics::new(),
@@ -234,6 +249,16 @@ impl AppState {
         })
         .await
         .map_err(|e| internal(e.to_string()))?
+    }
+
+    /// The store of responses; 500 when its file could not be opened.
+    pub fn store(&self) -> Result<Arc<Store>, ApiError> {
+        self.store.clone().map_err(internal)
+    }
+
+    /// Why the store could not be opened, if it could not.
+    pub fn store_error(&self) -> Option<&str> {
+        self.store.as_ref().err().map(String::as_str)
     }
 
     pub fn stop_accepting(&self) {

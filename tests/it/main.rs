@@ -25,6 +25,7 @@ mod real_families;
 mod real_model;
 mod safetensors_loading;
 mod serve_cli;
+mod serve_dialects;
 mod service;
 mod speculative;
 mod structured;

@@ -12,17 +12,17 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 /// A `llama serve` process on a port of its own choosing.
-struct Served {
+pub(crate) struct Served {
     child: Child,
-    base: String,
+    pub(crate) base: String,
 }
 
 impl Served {
-    fn start(extra: &[&str]) -> Served {
+    pub(crate) fn start(extra: &[&str]) -> Served {
         Served::start_with(&real_model_path(), extra)
     }
 
-    fn start_with(model: &std::path::Path, extra: &[&str]) -> Served {
+    pub(crate) fn start_with(model: &std::path::Path, extra: &[&str]) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
             .arg("serve")
             .arg("--model")
@@ -124,7 +124,7 @@ fn http_status(base: &str, path: &str) -> Option<u16> {
     std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -293,7 +293,7 @@ fn the_official_python_client_calls_tools() {
 }
 
 /// Runs one of the Python test scripts; it must end with `all ok`.
-fn run_script(python: &std::path::Path, script: &str, args: &[&str]) {
+pub(crate) fn run_script(python: &std::path::Path, script: &str, args: &[&str]) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(script);
     let out = Command::new(python)
         .arg(script)

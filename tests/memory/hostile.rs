@@ -70,7 +70,16 @@ fn post(path: &str, body: &[u8]) -> Vec<u8> {
     http("POST", path, "", body)
 }
 
-const ROUTES: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+const ROUTES: [&str; 8] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/tokenize",
+    "/detokenize",
+];
 
 fn base_chat() -> Value {
     json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
@@ -130,9 +139,74 @@ fn wrong_values() -> Vec<(&'static str, Value)> {
     ]
 }
 
+/// Fields of Responses and Anthropic Messages requests, over a valid request of each,
+/// with values they refuse (400, or 404 for a stored response that is not there).
+fn wrong_dialect_values() -> Vec<(&'static str, &'static str, Value)> {
+    let r = "/v1/responses";
+    let m = "/v1/messages";
+    vec![
+        (r, "input", json!(5)),
+        (r, "input", json!([{"type": "reasoning", "summary": []}])),
+        (
+            r,
+            "input",
+            json!([{"type": "function_call_output", "call_id": "c", "output": "x"}]),
+        ),
+        (
+            r,
+            "input",
+            json!([{"role": "user", "content": [{"type": "input_image"}]}]),
+        ),
+        (r, "tools", json!([{"type": "web_search"}])),
+        (r, "reasoning", json!({"effort": "low"})),
+        (r, "previous_response_id", json!("resp_nothing")),
+        (r, "text", json!({"format": {"type": "xml"}})),
+        (r, "max_output_tokens", json!(-1)),
+        (r, "temperature", json!("hot")),
+        (r, "store", json!("yes")),
+        (m, "max_tokens", Value::Null),
+        (m, "max_tokens", json!(0)),
+        (m, "messages", json!("x")),
+        (
+            m,
+            "messages",
+            json!([{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "x"}]}]),
+        ),
+        (
+            m,
+            "messages",
+            json!([{"role": "user", "content": [{"type": "image", "source": {}}]}]),
+        ),
+        (
+            m,
+            "tools",
+            json!([{"type": "bash_20250124", "name": "bash"}]),
+        ),
+        (m, "tool_choice", json!({"type": "tool", "name": "x"})),
+        (m, "stop_sequences", json!("x")),
+        (m, "top_k", json!("x")),
+        (
+            m,
+            "thinking",
+            json!({"type": "enabled", "budget_tokens": 1024}),
+        ),
+        (m, "system", json!(5)),
+    ]
+}
+
+fn base_dialect(route: &str) -> Value {
+    match route {
+        "/v1/responses" => json!({"model": "smollm2", "input": "Hi", "max_output_tokens": 1}),
+        _ => {
+            json!({"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+        }
+    }
+}
+
 /// The ten thousand cases, cycling through the kinds.
 fn hostile_cases(rng: &mut Lcg) -> Vec<Case> {
     let wrong = wrong_values();
+    let wrong_dialect = wrong_dialect_values();
     let valid = serde_json::to_vec(&base_chat()).expect("json");
     let mut cases = Vec::with_capacity(HOSTILE);
     while cases.len() < HOSTILE {
@@ -155,6 +229,19 @@ fn hostile_cases(rng: &mut Lcg) -> Vec<Case> {
                     what: format!("a chat request cut at byte {cut}"),
                     request: post(ROUTES[0], &valid[..cut]),
                     expect: &[400],
+                    openai_body: true,
+                }
+            }
+            // A field of Responses or Anthropic Messages of the wrong type, or a value
+            // they refuse.
+            3 if rng.below(2) == 0 => {
+                let (route, field, v) = &wrong_dialect[rng.below(wrong_dialect.len())];
+                let mut body = base_dialect(route);
+                body[*field] = v.clone();
+                Case {
+                    what: format!("{route} {field}: {}", truncate(&v.to_string())),
+                    request: post(route, body.to_string().as_bytes()),
+                    expect: &[400, 404],
                     openai_body: true,
                 }
             }
@@ -217,28 +304,47 @@ fn hostile_cases(rng: &mut Lcg) -> Vec<Case> {
                 }
             }
             // Past the context: 2,000+ words in a body under the limit.
+            // The token routes take it: they do not generate.
             7 => {
                 let words = "lorem ipsum dolor sit amet ".repeat(600 + rng.below(400));
-                let body = match route {
-                    "/v1/chat/completions" => {
-                        json!({"messages": [{"role": "user", "content": words}]})
-                    }
-                    "/v1/completions" => json!({"prompt": words, "max_tokens": 1}),
-                    _ => json!({"input": words}),
+                let (body, expect, openai_body): (Value, &'static [u16], bool) = match route {
+                    "/v1/chat/completions" => (
+                        json!({"messages": [{"role": "user", "content": words}]}),
+                        &[400],
+                        true,
+                    ),
+                    "/v1/completions" => (json!({"prompt": words, "max_tokens": 1}), &[400], true),
+                    "/v1/messages" => (
+                        json!({"messages": [{"role": "user", "content": words}], "max_tokens": 1}),
+                        &[400],
+                        true,
+                    ),
+                    "/v1/messages/count_tokens" => (
+                        json!({"messages": [{"role": "user", "content": words}]}),
+                        &[200],
+                        false,
+                    ),
+                    "/tokenize" => (json!({"content": words}), &[200], false),
+                    "/detokenize" => (json!({"tokens": vec![1; 3000]}), &[200], false),
+                    _ => (json!({"input": words}), &[400], true),
                 };
                 Case {
                     what: format!("a prompt past the context to {route}"),
                     request: post(route, body.to_string().as_bytes()),
-                    expect: &[400],
-                    openai_body: true,
+                    expect,
+                    openai_body,
                 }
             }
             // Unknown routes, wrong methods.
             8 => {
-                let (method, path, expect): (&str, &str, &'static [u16]) = match rng.below(4) {
+                let (method, path, expect): (&str, &str, &'static [u16]) = match rng.below(8) {
                     0 => ("GET", "/v1/chat/completions", &[405]),
                     1 => ("DELETE", "/v1/models", &[405]),
                     2 => ("POST", "/v1/nothing/../../etc/passwd", &[404]),
+                    3 => ("GET", "/v1/messages", &[405]),
+                    4 => ("PUT", "/v1/responses/resp_1", &[405]),
+                    5 => ("GET", "/v1/responses/resp_nothing", &[404]),
+                    6 => ("DELETE", "/v1/responses/%00%ff", &[404]),
                     // An id that is not UTF-8 names no model.
                     _ => ("GET", "/v1/models/%00%ff", &[404]),
                 };
