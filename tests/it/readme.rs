@@ -11,17 +11,18 @@
 //!   line's flags are among `cargo <subcommand> --help`'s and its features among
 //!   Cargo.toml's.
 //!
-//! Substitutions keep it to seconds: the model of `fetch-model.sh` and the embedding
-//! model of `fetch-minilm.sh` become the tiny Llama of tests/fixtures (a copy with a
-//! chat template and a longer context); the agent's Qwen2.5 0.5B is the real one, as
-//! in tests/it/agent.rs (a random model cannot be asked to use a tool); port 8080
-//! becomes a free one.
+//! Substitutions keep it to seconds: every model the fetch scripts name becomes the
+//! tiny Llama of tests/fixtures (a copy with a chat template and a longer context), so
+//! the commands parse and run end to end; what they answer on real models is tested
+//! beside them (tests/it/agent.rs runs the README's agent task on Qwen2.5 0.5B, for
+//! one). Port 8080 becomes a free one.
 use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{fixture, qwen25_path};
+use crate::common::fixture;
 
 /// A fenced code block of the README: its info string, first line (1-based) and body.
 struct Block {
@@ -213,7 +214,6 @@ fn check_ci(block: &Block) {
             let path = repo().join(script);
             let meta = std::fs::metadata(&path)
                 .unwrap_or_else(|e| panic!("README.md:{}: {script}: {e}", block.line));
-            use std::os::unix::fs::PermissionsExt;
             assert!(
                 meta.permissions().mode() & 0o111 != 0,
                 "README.md:{}: {script} is not executable",
@@ -228,7 +228,8 @@ fn check_ci(block: &Block) {
         } else if words[0] == "cargo" {
             let sub = words.get(1).expect("a cargo subcommand");
             let help = Command::new(&cargo)
-                .args([sub, &"--help"])
+                .arg(sub)
+                .arg("--help")
                 .output()
                 .expect("cargo runs");
             let help = String::from_utf8_lossy(&help.stdout);
@@ -271,8 +272,8 @@ fn every_block_of_the_readme_runs() {
     let tiny = tiny.display().to_string();
     let models = [
         ("fetch-model.sh", tiny.clone()),
-        ("fetch-minilm.sh", tiny),
-        ("fetch-qwen2.5.sh", qwen25_path().display().to_string()),
+        ("fetch-minilm.sh", tiny.clone()),
+        ("fetch-qwen2.5.sh", tiny),
     ];
     let port = free_port();
     let mut prelude = String::new();
@@ -281,6 +282,7 @@ fn every_block_of_the_readme_runs() {
     assert!(all.len() >= 8, "README.md has {} code blocks", all.len());
     for block in &all {
         let text = substitute(&block.body, &models, port);
+        let began = Instant::now();
         match mode(block) {
             "ci" => check_ci(block),
             "run" => {
@@ -342,6 +344,12 @@ fn every_block_of_the_readme_runs() {
             }
             other => panic!("README.md:{}: unknown test mode {other:?}", block.line),
         }
+        eprintln!(
+            "README.md:{}: {} in {:.1} s",
+            block.line,
+            mode(block),
+            began.elapsed().as_secs_f64()
+        );
     }
     assert!(
         server.is_none(),
