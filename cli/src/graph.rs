@@ -22,7 +22,7 @@ pub struct GraphArgs {
     #[arg(long, requires = "prompt")]
     taps: bool,
     /// Run the reference's input ids and compare every node's output, in graph order,
-    /// with the reference's node of the same name (`scripts/make_compare_ref.py` writes
+    /// with the reference's node of the same name (`scripts/fixtures/make_compare_ref.py` writes
     /// one from transformers); report the first that departs beyond --tolerance. Exits
     /// with status 1 when one does. Use `--passes none --precision f32` for the names
     /// and values of the model as declared.

@@ -397,8 +397,8 @@ pub fn answer(
 /// (each one token) is its choice; a choice constrained to the sources, so it is
 /// always one of them. Small models seldom cite by themselves even when told to
 /// (SmolLM2-135M in 1 answer of 40 on the committed corpus), yet they pick the right
-/// source when asked this way (the README has the rates). `None` when the context has
-/// no room left or no number is a single token.
+/// source when asked this way (docs/rag-and-agents.md has the rates). `None` when the
+/// context has no room left or no number is a single token.
 pub fn choose_source(
     session: &mut llama_runtime::Session,
     tokenizer: &llama_runtime::Tokenizer,

@@ -1,6 +1,6 @@
 //! The first-divergence finder: run a prompt with every node tapped and compare each
 //! output, in graph order, with a reference's value of the node of the same name (made
-//! by `scripts/make_compare_ref.py` from transformers). The first node whose output
+//! by `scripts/fixtures/make_compare_ref.py` from transformers). The first node whose output
 //! departs beyond a tolerance is where a bring-up goes wrong: everything before it
 //! agrees.
 use std::path::Path;

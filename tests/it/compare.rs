@@ -1,5 +1,5 @@
 //! The first-divergence finder, `llama graph --compare`: the tiny Gemma 3 against
-//! transformers' activations (`compare.json`, by `scripts/make_compare_ref.py`), as
+//! transformers' activations (`compare.json`, by `scripts/fixtures/make_compare_ref.py`), as
 //! it is and with a fault planted in one weight, which must be named.
 
 use std::path::Path;

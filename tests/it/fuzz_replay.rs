@@ -1,5 +1,5 @@
 //! The fuzzing regression corpus, replayed on stable Rust without the fuzzer: every
-//! file of `tests/fixtures/fuzz/<target>/` (the seeds `scripts/make_fuzz_seeds.py`
+//! file of `tests/fixtures/fuzz/<target>/` (the seeds `scripts/fixtures/make_fuzz_seeds.py`
 //! writes, and every input a campaign found a crash or a hang with) goes through the
 //! same entry point its fuzz target calls. An input that panics, or takes longer than
 //! the fuzzer's own timeout, fails the test with its file's name; so does a seed that
@@ -38,7 +38,7 @@ fn replay(target: &str) {
     files.sort();
     assert!(
         files.iter().any(|f| is_seed(f)),
-        "{}: no seeds (python3 scripts/make_fuzz_seeds.py writes them)",
+        "{}: no seeds (python3 scripts/fixtures/make_fuzz_seeds.py writes them)",
         dir.display()
     );
     let mut failures = Vec::new();

@@ -1,6 +1,6 @@
 //! Families beyond SmolLM2 on their real weights: Gemma 3 270M and Qwen2.5-Coder 0.5B
 //! (Q4_K_M GGUF files), against llama.cpp on the same files (`llamacpp.json`, written
-//! by `scripts/make_llamacpp_refs.py`) and transformers (`chat_tools.json`).
+//! by `scripts/fixtures/make_llamacpp_refs.py`) and transformers (`chat_tools.json`).
 
 use std::path::PathBuf;
 
@@ -149,7 +149,7 @@ fn engine_with(
 
 /// transformers' perplexity of the same ids in the same windows, from the GGUF's
 /// weights dequantized to f32 (`transformers_ppl.json`, by
-/// `scripts/make_transformers_ppl.py`): the exact value.
+/// `scripts/fixtures/make_transformers_ppl.py`): the exact value.
 #[derive(serde::Deserialize)]
 struct TransformersPpl {
     ppl_f32: f64,

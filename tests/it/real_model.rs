@@ -1,5 +1,5 @@
 //! SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to f32) against HF transformers in f32
-//! on the same weights. Needs the model: scripts/fetch-model.sh.
+//! on the same weights. Needs the model: scripts/fetch/fetch-model.sh.
 
 use crate::common::smollm2;
 use crate::common::*;

@@ -249,7 +249,7 @@ fn sigterm_lets_requests_in_flight_finish_then_exits_0() {
     );
 }
 
-/// The venv that scripts/setup-python-client.sh makes, with the `openai` package.
+/// The venv that scripts/setup/setup-python-client.sh makes, with the `openai` package.
 pub(crate) fn python() -> PathBuf {
     if let Ok(p) = std::env::var("LLAMA_RS_PYTHON") {
         return PathBuf::from(p);
@@ -261,7 +261,7 @@ pub(crate) fn python() -> PathBuf {
         .is_ok_and(|s| s.success());
     assert!(
         has_openai,
-        "no Python with the openai and jsonschema packages at {}: run scripts/setup-python-client.sh",
+        "no Python with the openai and jsonschema packages at {}: run scripts/setup/setup-python-client.sh",
         python.display()
     );
     python
@@ -467,7 +467,7 @@ fn a_model_that_cannot_load_or_a_taken_port_is_one_line_and_exit_1() {
 }
 
 /// The chat page in headless Chromium (Debian's chromium and chromium-driver, driven
-/// by Selenium from the venv of scripts/setup-python-client.sh): the key is asked for,
+/// by Selenium from the venv of scripts/setup/setup-python-client.sh): the key is asked for,
 /// the streamed answer equals the server's greedy answer, stop ends generation on the
 /// server, the conversation survives a reload, and HTML in an answer stays text. The
 /// screenshot is left in the target folder.
@@ -486,7 +486,7 @@ fn the_chat_page_works_in_a_real_browser() {
         .is_ok_and(|s| s.success());
     assert!(
         has_selenium,
-        "no selenium in {}: run scripts/setup-python-client.sh",
+        "no selenium in {}: run scripts/setup/setup-python-client.sh",
         python.display()
     );
     let served = Served::start(&["--api-key", "sesame", "--parallel", "2"]);

@@ -19,7 +19,7 @@ fn python_with_sdks() -> PathBuf {
         .is_ok_and(|s| s.success());
     assert!(
         has,
-        "no anthropic or openai-agents package in {}: run scripts/setup-python-client.sh",
+        "no anthropic or openai-agents package in {}: run scripts/setup/setup-python-client.sh",
         python.display()
     );
     python

@@ -150,7 +150,7 @@ fn smollm2_samples_always_match_their_schemas() {
 }
 
 /// Qwen2.5 0.5B costs about four times SmolLM2 per token: CI samples fewer answers of
-/// it (`LLAMA_STRUCTURED_QWEN_SAMPLES`, default 32); `scripts/structured-campaign.sh`
+/// it (`LLAMA_STRUCTURED_QWEN_SAMPLES`, default 32); `scripts/bench/structured-campaign.sh`
 /// runs the full 200.
 #[test]
 fn qwen25_samples_always_match_their_schemas() {

@@ -2,7 +2,7 @@
 //! `postgres` on a free loopback port, stopped and removed when dropped.
 //!
 //! The binaries (PostgreSQL 16 with pgvector) come from `LLAMA_RS_PG_BIN`, or
-//! else from the venv that `scripts/setup-postgres.sh` installs. PostgreSQL
+//! else from the venv that `scripts/setup/setup-postgres.sh` installs. PostgreSQL
 //! refuses to run as root: under root the server runs as `nobody`, from a
 //! world-readable copy of the binaries when the originals are not readable by
 //! that user (the venv usually lies under `/root`).
@@ -68,7 +68,7 @@ fn install() -> &'static Install {
 }
 
 fn find_bin() -> PathBuf {
-    let setup = "run scripts/setup-postgres.sh (it installs PostgreSQL 16 with pgvector), \
+    let setup = "run scripts/setup/setup-postgres.sh (it installs PostgreSQL 16 with pgvector), \
                  or set LLAMA_RS_PG_BIN to a folder holding initdb, pg_ctl and postgres";
     if let Some(dir) = std::env::var_os("LLAMA_RS_PG_BIN").filter(|d| !d.is_empty()) {
         let dir = PathBuf::from(dir);

@@ -127,7 +127,7 @@ pub fn status_kib(field: &str) -> Option<u64> {
 }
 
 /// The real model's GGUF: `$LLAMA_RS_MODEL`, else the cache that
-/// `scripts/fetch-model.sh` fills. Missing, it fails the test and says how to fetch it.
+/// `scripts/fetch/fetch-model.sh` fills. Missing, it fails the test and says how to fetch it.
 pub fn real_model_path() -> PathBuf {
     if let Ok(p) = std::env::var("LLAMA_RS_MODEL") {
         return PathBuf::from(p);
@@ -135,7 +135,7 @@ pub fn real_model_path() -> PathBuf {
     let path = cache_dir().join("models/smollm2-135m-instruct-q4_1.gguf");
     assert!(
         path.exists(),
-        "the real model is missing at {}: run scripts/fetch-model.sh",
+        "the real model is missing at {}: run scripts/fetch/fetch-model.sh",
         path.display()
     );
     path
@@ -232,7 +232,7 @@ pub fn greedy(max_tokens: usize) -> llama::runtime::GenerateOptions {
 }
 
 /// all-MiniLM-L6-v2's directory: `$LLAMA_RS_MINILM`, else the cache that
-/// `scripts/fetch-minilm.sh` fills. Missing, it fails the test and says how to fetch it.
+/// `scripts/fetch/fetch-minilm.sh` fills. Missing, it fails the test and says how to fetch it.
 pub fn minilm_path() -> PathBuf {
     if let Ok(p) = std::env::var("LLAMA_RS_MINILM") {
         return PathBuf::from(p);
@@ -240,7 +240,7 @@ pub fn minilm_path() -> PathBuf {
     let path = cache_dir().join("models/all-minilm-l6-v2");
     assert!(
         path.join("model.safetensors").exists(),
-        "all-MiniLM-L6-v2 is missing at {}: run scripts/fetch-minilm.sh",
+        "all-MiniLM-L6-v2 is missing at {}: run scripts/fetch/fetch-minilm.sh",
         path.display()
     );
     path
@@ -258,16 +258,16 @@ fn cached_model(file: &str, script: &str) -> PathBuf {
     path
 }
 
-/// Gemma 3 270M, Q4_K_M GGUF (`scripts/fetch-gemma3.sh`).
+/// Gemma 3 270M, Q4_K_M GGUF (`scripts/fetch/fetch-gemma3.sh`).
 pub fn gemma3_path() -> PathBuf {
-    cached_model("gemma-3-270m-q4_k_m.gguf", "scripts/fetch-gemma3.sh")
+    cached_model("gemma-3-270m-q4_k_m.gguf", "scripts/fetch/fetch-gemma3.sh")
 }
 
-/// Qwen2.5-Coder 0.5B Instruct, Q4_K_M GGUF (`scripts/fetch-qwen2.5.sh`).
+/// Qwen2.5-Coder 0.5B Instruct, Q4_K_M GGUF (`scripts/fetch/fetch-qwen2.5.sh`).
 pub fn qwen25_path() -> PathBuf {
     cached_model(
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        "scripts/fetch-qwen2.5.sh",
+        "scripts/fetch/fetch-qwen2.5.sh",
     )
 }
 

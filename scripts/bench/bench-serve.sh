@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Serving speed: `llama serve` against llama.cpp's `llama-server` (built by
-# scripts/build-llamacpp.sh from the same vendored sources, continuous batching on), on the
+# scripts/bench/build-llamacpp.sh from the same vendored sources, continuous batching on), on the
 # same GGUF, one right after the other. At each concurrency C (default 1,4,8,16) both
 # servers run with --parallel C / -np C; C clients each send R streaming chat requests
 # (max_tokens N, temperature 0, ignore_eos so both generate exactly N tokens).
 # Prints time to first token (p50, p99), per-stream decode tok/s (median) and
 # aggregate generated tok/s, and the ratio of aggregates.
-#   usage: scripts/bench-serve.sh [MODEL.gguf] [CONCURRENCY=1,4,8,16] [N=64] [R=4] [THREADS=2]
+#   usage: scripts/bench/bench-serve.sh [MODEL.gguf] [CONCURRENCY=1,4,8,16] [N=64] [R=4] [THREADS=2]
 set -euo pipefail
-cd "$(dirname "$0")/.."
-model="${1:-$(./scripts/fetch-model.sh)}"
+cd "$(dirname "$0")/../.."
+model="${1:-$(./scripts/fetch/fetch-model.sh)}"
 levels="${2:-1,4,8,16}"; n="${3:-64}"; r="${4:-4}"; threads="${5:-2}"
-server="$(./scripts/build-llamacpp.sh llama-server)/llama-server"
+server="$(./scripts/bench/build-llamacpp.sh llama-server)/llama-server"
 cargo build --release --quiet --bin llama
 python3 - "$server" "$model" "$levels" "$n" "$r" "$threads" <<'PY'
 import http.client, json, statistics, subprocess, sys, threading, time, socket

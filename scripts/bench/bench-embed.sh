@@ -4,10 +4,10 @@
 # the other. Needs a release build (cargo build --release --bin llama) and a Python
 # with torch and sentence-transformers (PYTHON, default: the oracle venv).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 llama=${LLAMA:-target/release/llama}
 python=${PYTHON:-${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}/oracle-venv/bin/python}
-model="$(./scripts/fetch-minilm.sh)"
+model="$(./scripts/fetch/fetch-minilm.sh)"
 texts="$(mktemp)"
 trap 'rm -f "$texts"' EXIT
 # One sentence per line, from every document of the corpus.
@@ -30,7 +30,7 @@ for t in 1 2; do
             | awk '/embedded/ {print $(NF-1)}')
         best=$(python3 -c "print(max($best, $rate))")
     done
-    st=$("$python" scripts/bench_embed_st.py "$model" "$texts" "$t" 2>/dev/null | awk '/sentences_per_second/ {print $2}')
+    st=$("$python" scripts/bench/bench_embed_st.py "$model" "$texts" "$t" 2>/dev/null | awk '/sentences_per_second/ {print $2}')
     ratio=$(python3 -c "print(f'{$best / $st:.2f}x')")
     echo "| $t | $best | $st | $ratio |"
 done

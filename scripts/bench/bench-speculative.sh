@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Speculative decoding beside llama.cpp's, one run, same machine, same files and
-# prompts: for each prompt of scripts/prompts/ (a code edit, a RAG answer over its
+# prompts: for each prompt of scripts/bench/prompts/ (a code edit, a RAG answer over its
 # sources, a JSON extraction, free prose), greedy decode of N tokens
 #   - ours: `llama bench --lookup` and `llama bench --draft-model` (plain and
 #     speculative decode tok/s of the same binary, acceptance);
 #   - theirs: `llama-lookup` and `llama-speculative-simple` (decode tok/s,
 #     acceptance), and `llama-bench` at the prompt's depth for their plain decode.
 # The draft model is the target requantized to Q4_0 by `llama-quantize` (cached).
-#   usage: scripts/bench-speculative.sh [TARGET.gguf] [N] [R] [THREADS]
+#   usage: scripts/bench/bench-speculative.sh [TARGET.gguf] [N] [R] [THREADS]
 #   LLAMA_BIN   our binary (default: target/release/llama, built if missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-model="${1:-$(./scripts/fetch-qwen2.5.sh)}"
+model="${1:-$(./scripts/fetch/fetch-qwen2.5.sh)}"
 n="${2:-128}"; r="${3:-3}"; threads="${4:-2}"
-bin="$(./scripts/build-llamacpp.sh llama-bench llama-lookup llama-speculative-simple llama-quantize)"
+bin="$(./scripts/bench/build-llamacpp.sh llama-bench llama-lookup llama-speculative-simple llama-quantize)"
 ours="${LLAMA_BIN:-target/release/llama}"
 if [ -z "${LLAMA_BIN:-}" ]; then
     cargo build --release --quiet
@@ -27,7 +27,7 @@ python3 - "$ours" "$bin" "$model" "$draft" "$n" "$r" "$threads" <<'PY'
 import json, re, subprocess, sys, pathlib
 
 ours, bin, model, draft, n, r, t = sys.argv[1:]
-prompts = sorted(pathlib.Path("scripts/prompts").glob("*.txt"))
+prompts = sorted(pathlib.Path("scripts/bench/prompts").glob("*.txt"))
 
 def run(cmd):
     p = subprocess.run(cmd, capture_output=True, text=True)

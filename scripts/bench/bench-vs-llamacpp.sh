@@ -3,21 +3,21 @@
 # the same protocol: a prompt of P tokens, then N decode steps, R repetitions; at 1 and
 # 2 threads; the two systems one right after the other. Prints both, the ratios, and
 # each one's peak RSS.
-#   usage: scripts/bench-vs-llamacpp.sh [--parallel 1,2,4,8,16 | --depth D | --suite]
+#   usage: scripts/bench/bench-vs-llamacpp.sh [--parallel 1,2,4,8,16 | --depth D | --suite]
 #                                       [MODEL.gguf] [P] [N] [R]
 # With --depth D, both measure on top of D tokens already in the cache (llama-bench's
 # `-d`). With --suite, the table of the CPU-speed goal in one run: SmolLM2 Q4_1 and
-# its Q4_K_M, Q5_K_M, Q6_K and Q8_0 requantizations (scripts/quantize-smollm2.sh),
+# its Q4_K_M, Q5_K_M, Q6_K and Q8_0 requantizations (scripts/bench/quantize-smollm2.sh),
 # Qwen2.5 0.5B Q4_K_M and Gemma 3 270M Q4_K_M where cached, at P/N (64/128); then
 # SmolLM2 Q4_1 with a 2048-token prompt and at depth 2048.
 # With --parallel, many sequences at once instead: `llama bench --parallel` beside
 # llama.cpp's `llama-batched-bench -npp P -ntg N -npl LIST`: aggregate prefill and
 # decode tok/s per parallel count, the ratios, and each one's scaling (aggregate decode
 # over its own single-sequence decode).
-# The llama.cpp tools are built once by scripts/build-llamacpp.sh.
+# The llama.cpp tools are built once by scripts/bench/build-llamacpp.sh.
 # llama-bench reports means over the repetitions, `llama bench` medians.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 parallel=""
 depth=0
 suite=""
@@ -26,9 +26,9 @@ case "${1:-}" in
     --depth) depth="$2"; shift 2 ;;
     --suite) suite=1; shift ;;
 esac
-model="${1:-$(./scripts/fetch-model.sh)}"
+model="${1:-$(./scripts/fetch/fetch-model.sh)}"
 p="${2:-64}"; n="${3:-128}"; r="${4:-5}"
-bin="$(./scripts/build-llamacpp.sh llama-bench llama-batched-bench llama-quantize)"
+bin="$(./scripts/bench/build-llamacpp.sh llama-bench llama-batched-bench llama-quantize)"
 bench="$bin/llama-bench"
 batched="$bin/llama-batched-bench"
 cargo build --release --quiet
@@ -71,8 +71,8 @@ fi
 cases=()
 if [ -n "$suite" ]; then
     cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}/models"
-    q41="$(./scripts/fetch-model.sh)"
-    for f in "$q41" $(./scripts/quantize-smollm2.sh) \
+    q41="$(./scripts/fetch/fetch-model.sh)"
+    for f in "$q41" $(./scripts/bench/quantize-smollm2.sh) \
         "$cache/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf" "$cache/gemma-3-270m-q4_k_m.gguf"; do
         [ -f "$f" ] && cases+=("$f $p $n 0")
     done

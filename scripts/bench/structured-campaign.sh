@@ -4,7 +4,7 @@
 # validated by Python's jsonschema; CI runs all 200 on SmolLM2 and 32 on Qwen2.5.
 # Then one report per model with the mask's cost beside the decode step's.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}"
 LLAMA_STRUCTURED_SAMPLES=200 LLAMA_STRUCTURED_QWEN_SAMPLES=200 \
     cargo test --workspace -j2 --test it -- structured::smollm2 structured::qwen25 --test-threads 1

@@ -6,7 +6,7 @@
 # read (the weights' tensor bytes, plus the f16 KV cache at that depth) times tok/s,
 # over the card's bandwidth, and the kernels one decode token launches.
 #
-#   usage: scripts/device-bench.sh [--bin PATH] [--bandwidth GBPS] [--quick] [--device I]
+#   usage: scripts/bench/device-bench.sh [--bin PATH] [--bandwidth GBPS] [--quick] [--device I]
 #                                  [MODEL.gguf...]
 #
 # --bin PATH        the llama binary (default target/release/llama, built if missing)
@@ -14,9 +14,9 @@
 #                   adapter's name; unknown cards print no roofline fraction)
 # --quick           p64/n32, one repetition, no depth run: a smoke of the whole script
 # --device I        the adapter's index in `llama devices` (default: the best)
-# Models default to every .gguf in ~/.cache/llama-rs/models (scripts/fetch-*.sh).
+# Models default to every .gguf in ~/.cache/llama-rs/models (scripts/fetch/fetch-*.sh).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 bin=target/release/llama
 bandwidth=""
 quick=""
@@ -40,7 +40,7 @@ if [ ${#models[@]} -eq 0 ]; then
     cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}/models"
     for m in "$cache"/*.gguf; do [ -f "$m" ] && models+=("$m"); done
 fi
-[ ${#models[@]} -gt 0 ] || { echo "error: no models: run scripts/fetch-model.sh" >&2; exit 1; }
+[ ${#models[@]} -gt 0 ] || { echo "error: no models: run scripts/fetch/fetch-model.sh" >&2; exit 1; }
 
 echo "## adapters"
 if ! "$bin" devices; then

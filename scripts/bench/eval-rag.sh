@@ -4,12 +4,12 @@
 # through `llama rag query --json` with the chat model MODEL, and reports how often
 # the right document was retrieved among the sources and how often the answer cites
 # it (and the answer contains the expected short answer).
-#   scripts/eval-rag.sh [MODEL]   (default: SmolLM2-135M-Instruct, fetched if needed)
+#   scripts/bench/eval-rag.sh [MODEL]   (default: SmolLM2-135M-Instruct, fetched if needed)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 llama=${LLAMA:-target/release/llama}
-model="${1:-$(./scripts/fetch-model.sh)}"
-minilm="$(./scripts/fetch-minilm.sh)"
+model="${1:-$(./scripts/fetch/fetch-model.sh)}"
+minilm="$(./scripts/fetch/fetch-minilm.sh)"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "$llama" rag ingest --store "$work/docs.db" --embed-model "$minilm" tests/fixtures/rag/corpus >&2

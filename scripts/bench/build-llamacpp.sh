@@ -3,7 +3,7 @@
 # package (native CPU flags, as `pip install llama-cpp-python` builds them) into
 # ~/.cache/llama-rs/llamacpp/build, once per tool, and prints the folder of the
 # binaries. The anchors of our benchmarks: a few minutes on two cores.
-#   usage: scripts/build-llamacpp.sh TARGET...   (llama-bench, llama-server, ...)
+#   usage: scripts/bench/build-llamacpp.sh TARGET...   (llama-bench, llama-server, ...)
 #   LLAMA_CPP_JOBS  parallel build jobs (default: nproc)
 set -euo pipefail
 cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}/llamacpp"

@@ -2,13 +2,13 @@
 # `llama agent` on 20 arithmetic word problems through the calculator tool: prints each
 # task, the answer, the calls made, and the success rate (the answer holds the exact
 # result, thousands separators ignored). MODEL defaults to Qwen2.5-Coder 0.5B Q4_K_M
-# (scripts/fetch-qwen2.5.sh); LLAMA defaults to the debug binary.
+# (scripts/fetch/fetch-qwen2.5.sh); LLAMA defaults to the debug binary.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 cache="${LLAMA_RS_CACHE:-$HOME/.cache/llama-rs}"
 model="${MODEL:-$cache/models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf}"
 llama="${LLAMA:-./target/debug/llama}"
-[ -f "$model" ] || { echo "error: no model at $model: run scripts/fetch-qwen2.5.sh" >&2; exit 1; }
+[ -f "$model" ] || { echo "error: no model at $model: run scripts/fetch/fetch-qwen2.5.sh" >&2; exit 1; }
 tasks=(
     "What is 1234 * 5678?|7006652"
     "What is 98765 + 43210?|141975"

@@ -1,4 +1,4 @@
-"""Embedding throughput of sentence-transformers on CPU, for scripts/bench-embed.sh.
+"""Embedding throughput of sentence-transformers on CPU, for scripts/bench/bench-embed.sh.
 
     python bench_embed_st.py MODEL_DIR TEXTS_FILE THREADS
 
