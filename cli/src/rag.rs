@@ -2,10 +2,13 @@
 //! cited sources.
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use llama_rag::pipeline::{self, AnswerOptions, ChunkOptions, SearchMode};
+use llama_rag::pipeline::{
+    self, AnswerOptions, AnswerStyle, ChunkOptions, IngestProgress, SearchMode,
+};
 use llama_runtime::{Embedder, Engine, SessionOptions};
 
 use crate::args::ModelArgs;
@@ -117,12 +120,22 @@ struct QueryArgs {
     /// Do not ask the model which source it used when its answer cites none.
     #[arg(long)]
     no_cite: bool,
+    /// `short`: a sentence, then citations of sources that exist (enforced by a
+    /// grammar); `quote`: the same, then the best-matching sentence of the cited
+    /// source, quoted; `free`: the model's text as it comes. Where the model gives
+    /// no text, a quote of the cited source stands in.
+    #[arg(long, default_value = "short", value_parser = answer_style)]
+    answer_style: AnswerStyle,
     /// Context size of the chat model (default: the model's, at most 4096).
     #[arg(long, short = 'c')]
     ctx_size: Option<usize>,
     /// Print JSON for scripts: the answer, the sources, the cited numbers.
     #[arg(long)]
     json: bool,
+}
+
+fn answer_style(s: &str) -> Result<AnswerStyle, String> {
+    s.parse().map_err(|e: llama_rag::RagError| e.to_string())
 }
 
 fn mode(s: &str) -> Result<SearchMode, String> {
@@ -146,15 +159,22 @@ fn ingest(a: IngestArgs) -> Result<()> {
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} chunks")
+            indicatif::ProgressStyle::with_template("embedding {bar:30} {pos}/{len} chunks, {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar
     });
-    let progress = |done: usize, total: usize| {
+    let started = Instant::now();
+    let progress = |at: IngestProgress| {
         if let Some(bar) = &bar {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
+            bar.set_length(at.chunks_total as u64);
+            bar.set_position(at.chunks_done as u64);
+            bar.set_message(format!(
+                "{}/{} files written, {}",
+                at.files_done,
+                at.files_total,
+                rates(at.files_done, at.chunks_done, started.elapsed())
+            ));
         }
     };
     let chunking = ChunkOptions {
@@ -169,16 +189,29 @@ fn ingest(a: IngestArgs) -> Result<()> {
         chunking,
         &progress,
     )?;
+    let elapsed = started.elapsed();
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     let chunks: usize = report.written.iter().map(|(_, n)| n).sum();
     println!(
-        "ingested {} files ({chunks} chunks); {} unchanged",
+        "ingested {} files ({chunks} chunks); {} unchanged; {:.1} s, {}",
         report.written.len(),
-        report.unchanged.len()
+        report.unchanged.len(),
+        elapsed.as_secs_f64(),
+        rates(report.written.len(), chunks, elapsed)
     );
     Ok(())
+}
+
+/// Files and chunks per second over `elapsed`.
+fn rates(files: usize, chunks: usize, elapsed: Duration) -> String {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    format!(
+        "{:.2} files/s, {:.1} chunks/s",
+        files as f64 / secs,
+        chunks as f64 / secs
+    )
 }
 
 fn search(a: SearchArgs) -> Result<()> {
@@ -222,6 +255,7 @@ fn query(a: QueryArgs) -> Result<()> {
         source_budget: a.source_budget,
         max_tokens: a.max_tokens,
         cite: !a.no_cite,
+        style: a.answer_style,
         ..AnswerOptions::default()
     };
     let answer = pipeline::answer(store.as_ref(), &embedder, &engine, &a.question, &opts)?;

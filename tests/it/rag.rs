@@ -62,7 +62,7 @@ fn check_recall(spec: &str) {
             &info,
             &files,
             ChunkOptions::default(),
-            &|_, _| {},
+            &|_| {},
         )
         .unwrap()
     };
@@ -141,7 +141,14 @@ fn llama_rag_ingests_searches_and_answers_with_sources() {
     let out = run_ok(&[&["rag", "ingest"][..], &base, &[docs_s]].concat());
     assert!(out.starts_with("ingested 2 files"), "{out}");
     let out = run_ok(&[&["rag", "ingest"][..], &base, &[docs_s]].concat());
-    assert_eq!(out.trim(), "ingested 0 files (0 chunks); 2 unchanged");
+    assert!(
+        out.starts_with("ingested 0 files (0 chunks); 2 unchanged; "),
+        "{out}"
+    );
+    assert!(
+        out.contains(" files/s, ") && out.contains(" chunks/s"),
+        "{out}"
+    );
     // A changed file is written again, alone.
     let changed = docs.join("02-marrowick-public-library.md");
     let mut text = std::fs::read_to_string(&changed).unwrap();
@@ -315,4 +322,233 @@ fn bad_input_is_one_line_and_leaves_the_store_as_it_was() {
         &[&["rag", "search"][..], &base, &["x", "--mode", "fuzzy"]].concat(),
         "unknown search mode `fuzzy`",
     );
+}
+
+/// The counts of `llama rag ingest`'s summary line: (written, chunks, unchanged).
+fn ingest_counts(out: &str) -> (usize, usize, usize) {
+    let line = out.lines().next().unwrap_or_default();
+    let numbers: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(3)
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    assert!(
+        line.starts_with("ingested ") && numbers.len() == 3,
+        "not an ingest summary: {out}"
+    );
+    (numbers[0], numbers[1], numbers[2])
+}
+
+/// The 42 corpus files twice over (in `a/` and `b/`), with small chunks: an ingest of
+/// some seconds, many chunks per file.
+fn big_corpus(dir: &Path) -> PathBuf {
+    let docs = dir.join("docs");
+    for copy in ["a", "b"] {
+        let to = docs.join(copy);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(corpus()).unwrap() {
+            let from = entry.unwrap().path();
+            std::fs::copy(&from, to.join(from.file_name().unwrap())).unwrap();
+        }
+    }
+    docs
+}
+
+/// Starts `llama rag ingest` of `docs` into `spec`, SIGKILLs it once the store holds
+/// a few documents, ingests again, and checks the rerun against an uninterrupted
+/// ingest of the same files into `reference`: the files written before the kill are
+/// reported unchanged, and the two stores end with the same documents, hashes, chunk
+/// counts and chunks.
+fn killed_ingest_resumes(spec: &str, reference: &str, docs: &Path) {
+    let minilm = minilm_path();
+    let args = |store: &str| -> Vec<String> {
+        [
+            "rag",
+            "ingest",
+            "--store",
+            store,
+            "--embed-model",
+            minilm.to_str().unwrap(),
+            "--chunk-tokens",
+            "32",
+            "--overlap",
+            "8",
+            docs.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let total = pipeline::collect_files(&[docs.to_path_buf()])
+        .unwrap()
+        .len();
+    // The store's model is recorded first, so that the watching handle and the ingest
+    // never both create the schema.
+    let mut watch = llama::rag::open(spec).unwrap();
+    watch
+        .ensure_info(&llama::rag::StoreInfo {
+            model: "all-minilm-l6-v2".into(),
+            dim: 384,
+        })
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llama"))
+        .args(args(spec))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the binary runs");
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!(
+                "the ingest ended ({status}) before the store held 3 of {total} files: \
+                 the corpus is too small to kill it half-way on this machine"
+            );
+        }
+        if watch.documents().unwrap().len() >= 3 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // `Child::kill` is SIGKILL on Unix: no chance to clean up.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let kept = watch.documents().unwrap();
+    assert!(
+        kept.len() >= 3 && kept.len() < total,
+        "{} of {total} files kept",
+        kept.len()
+    );
+    drop(watch);
+
+    let (written, _, unchanged) = ingest_counts(&run_ok(
+        &args(spec).iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    assert_eq!(unchanged, kept.len(), "the files written before the kill");
+    assert_eq!(written, total - kept.len());
+    let (written, chunks, unchanged) = ingest_counts(&run_ok(
+        &args(reference)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    ));
+    assert_eq!((written, unchanged), (total, 0));
+
+    let resumed = llama::rag::open(spec).unwrap();
+    let whole = llama::rag::open(reference).unwrap();
+    let docs_resumed = resumed.documents().unwrap();
+    assert_eq!(docs_resumed, whole.documents().unwrap());
+    assert_eq!(docs_resumed.len(), total);
+    assert_eq!(docs_resumed.iter().map(|d| d.chunks).sum::<usize>(), chunks);
+    // Chunk by chunk: the same texts at the same places, found alike.
+    for q in questions() {
+        let a = resumed.keyword_search(&q.question, 8).unwrap();
+        let b = whole.keyword_search(&q.question, 8).unwrap();
+        assert_eq!(a, b, "{}", q.question);
+        assert!(!a.is_empty());
+    }
+}
+
+#[test]
+fn a_killed_ingest_on_sqlite_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = big_corpus(dir.path());
+    let spec = dir.path().join("killed.db");
+    let reference = dir.path().join("whole.db");
+    killed_ingest_resumes(spec.to_str().unwrap(), reference.to_str().unwrap(), &docs);
+}
+
+#[test]
+fn a_killed_ingest_on_postgres_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = big_corpus(dir.path());
+    let server = pg::PgServer::start();
+    let reference = server.create_database("whole");
+    killed_ingest_resumes(&server.url, &reference, &docs);
+}
+
+/// Each answer style on SmolLM2-135M: a short answer has text before its first
+/// citation and cites only sources that exist; a quote is a sentence of the cited
+/// source word for word, the one that answers the question; a free answer says
+/// something (the model's words or a quote).
+#[test]
+fn answer_styles_say_something_and_cite_what_exists() {
+    use pipeline::{says_something, AnswerOptions, AnswerStyle};
+    let dir = tempfile::tempdir().unwrap();
+    let docs = dir.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    for name in [
+        "01-marrowick-waste-collection.md",
+        "02-marrowick-public-library.md",
+    ] {
+        std::fs::copy(corpus().join(name), docs.join(name)).unwrap();
+    }
+    let fact = "The reading room closes at noon on the first Monday of each month.";
+    let library = docs.join("02-marrowick-public-library.md");
+    let mut text = std::fs::read_to_string(&library).unwrap();
+    text.push_str(&format!("\n{fact}\n"));
+    std::fs::write(&library, text).unwrap();
+
+    let minilm = Engine::load(&minilm_path(), &SessionOptions::default()).unwrap();
+    let embedder = Embedder::new(&minilm, None).unwrap();
+    let info = pipeline::store_info(&minilm_path(), &embedder);
+    let db = dir.path().join("docs.db");
+    let mut store = llama::rag::open(db.to_str().unwrap()).unwrap();
+    let files = pipeline::collect_files(&[docs]).unwrap();
+    pipeline::ingest(
+        store.as_mut(),
+        &embedder,
+        &info,
+        &files,
+        ChunkOptions::default(),
+        &|_| {},
+    )
+    .unwrap();
+    let chat = Engine::load(&real_model_path(), &SessionOptions::default()).unwrap();
+    let q = "When does the reading room close on the first Monday?";
+    for style in [AnswerStyle::Short, AnswerStyle::Quote, AnswerStyle::Free] {
+        let opts = AnswerOptions {
+            k: 3,
+            max_tokens: 64,
+            style,
+            ..AnswerOptions::default()
+        };
+        let a = pipeline::answer(store.as_ref(), &embedder, &chat, q, &opts).unwrap();
+        let n = a.sources.len();
+        assert!(says_something(&a.answer), "{style:?}: {:?}", a.answer);
+        assert!(!a.cited.is_empty(), "{style:?}: {:?}", a.answer);
+        for c in &a.cited {
+            assert!((1..=n).contains(c), "{style:?}: cited [{c}] of {n}");
+            assert!(
+                a.answer.contains(&format!("[{c}]")),
+                "{style:?}: {:?}",
+                a.answer
+            );
+        }
+        // Every bracket in the answer is a citation of a source that exists.
+        for part in a.answer.split('[').skip(1) {
+            let number = part.split(']').next().unwrap();
+            let k: usize = number
+                .parse()
+                .unwrap_or_else(|_| panic!("{style:?}: [{number}] in {:?}", a.answer));
+            assert!((1..=n).contains(&k), "{style:?}: {:?}", a.answer);
+        }
+        if style == AnswerStyle::Short {
+            let before = a.answer.split('[').next().unwrap().trim();
+            assert!(before.chars().count() >= 9, "{:?}", a.answer);
+        }
+        if style == AnswerStyle::Quote {
+            let quote = a.quote.as_ref().expect("a quote");
+            assert!(a.cited.contains(&quote.n));
+            let source = &a.sources[quote.n - 1];
+            assert!(source.text.contains(&quote.text), "{quote:?}");
+            // From the source that holds the answer, the sentence that holds it.
+            if source.text.contains(fact) {
+                assert_eq!(quote.text, fact);
+            }
+            assert!(a
+                .answer
+                .ends_with(&format!("Quoted from [{}]: \"{}\"", quote.n, quote.text)));
+        }
+    }
 }

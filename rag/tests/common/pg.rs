@@ -249,6 +249,7 @@ pub struct PgServer {
     dir: tempfile::TempDir,
     data: PathBuf,
     started: bool,
+    port: u16,
     /// `postgres://` URL of an empty database on the server.
     pub url: String,
 }
@@ -270,6 +271,7 @@ impl PgServer {
             data,
             dir,
             started: false,
+            port: 0,
             url: String::new(),
         };
         let out = install
@@ -322,21 +324,20 @@ impl PgServer {
             );
             server.stop();
         }
-        let out = Command::new(install.bin.join("createdb"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "postgres",
-                "rag",
-            ])
+        server.port = port;
+        server.url = server.create_database("rag");
+        server
+    }
+
+    /// Creates another empty database on the server; its `postgres://` URL.
+    pub fn create_database(&self, name: &str) -> String {
+        let port = self.port.to_string();
+        let out = Command::new(install().bin.join("createdb"))
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", name])
             .output()
             .expect("run createdb");
         assert!(out.status.success(), "createdb failed: {}", text(&out));
-        server.url = format!("postgres://postgres@127.0.0.1:{port}/rag");
-        server
+        format!("postgres://postgres@127.0.0.1:{port}/{name}")
     }
 
     fn stop(&mut self) {
