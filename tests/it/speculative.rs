@@ -470,7 +470,8 @@ fn generate_json(model: &std::path::Path, prompt: &str, extra: &[&str]) -> serde
 fn lookup_and_draft_model_keep_real_greedy_ids() {
     let model = real_model_path();
     let prompt = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench/prompts/code-edit.txt"),
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts/bench/prompts/code-edit.txt"),
     )
     .expect("the code-edit prompt");
     let plain = generate_json(&model, &prompt, &[]);
