@@ -226,23 +226,7 @@ fn tool_spec(body: &Value) -> Result<Option<ToolSpec>, ApiError> {
             (choice, parallel)
         }
     };
-    if functions.is_empty() {
-        if matches!(choice, ToolChoice::Required | ToolChoice::Function(_)) {
-            return Err(ApiError::field(
-                "tool_choice",
-                "tool_choice asks for a tool but there are no tools",
-            ));
-        }
-        return Ok(None);
-    }
-    let spec = ToolSpec {
-        functions,
-        choice,
-        parallel,
-    };
-    spec.check()
-        .map_err(|e| ApiError::from_runtime(e, "tools"))?;
-    Ok(Some(spec))
+    crate::request::checked_tools(functions, choice, parallel, "a tool")
 }
 
 /// Anthropic's tool ids beside ours: `toolu_` where we write `call_`.

@@ -428,21 +428,35 @@ pub fn tool_spec(body: &Value) -> Result<Option<ToolSpec>, ApiError> {
             }
         },
     };
-    let parallel = match body.get("parallel_tool_calls") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            return Err(ApiError::field(
-                "parallel_tool_calls",
-                "parallel_tool_calls must be true or false",
-            ))
-        }
-    };
+    let parallel = parallel_tool_calls(body)?;
+    checked_tools(functions, choice, parallel, "a call")
+}
+
+/// `parallel_tool_calls`: true unless it says false.
+pub fn parallel_tool_calls(body: &Value) -> Result<bool, ApiError> {
+    match body.get("parallel_tool_calls") {
+        None | Some(Value::Null) => Ok(true),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::field(
+            "parallel_tool_calls",
+            "parallel_tool_calls must be true or false",
+        )),
+    }
+}
+
+/// The tools of a request, once each dialect has read its functions and choice: none
+/// without functions (an error when the choice asks for `call`), else the checked spec.
+pub fn checked_tools(
+    functions: Vec<Function>,
+    choice: ToolChoice,
+    parallel: bool,
+    call: &str,
+) -> Result<Option<ToolSpec>, ApiError> {
     if functions.is_empty() {
         if matches!(choice, ToolChoice::Required | ToolChoice::Function(_)) {
             return Err(ApiError::field(
                 "tool_choice",
-                "tool_choice asks for a call but there are no tools",
+                format!("tool_choice asks for {call} but there are no tools"),
             ));
         }
         return Ok(None);

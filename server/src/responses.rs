@@ -183,33 +183,8 @@ fn tool_spec(body: &Value) -> Result<Option<ToolSpec>, ApiError> {
             }
         },
     };
-    let parallel = match body.get("parallel_tool_calls") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            return Err(ApiError::field(
-                "parallel_tool_calls",
-                "parallel_tool_calls must be true or false",
-            ))
-        }
-    };
-    if functions.is_empty() {
-        if matches!(choice, ToolChoice::Required | ToolChoice::Function(_)) {
-            return Err(ApiError::field(
-                "tool_choice",
-                "tool_choice asks for a call but there are no tools",
-            ));
-        }
-        return Ok(None);
-    }
-    let spec = ToolSpec {
-        functions,
-        choice,
-        parallel,
-    };
-    spec.check()
-        .map_err(|e| ApiError::from_runtime(e, "tools"))?;
-    Ok(Some(spec))
+    let parallel = crate::request::parallel_tool_calls(body)?;
+    crate::request::checked_tools(functions, choice, parallel, "a call")
 }
 
 /// `text.format`: the grammar it asks for (`None` for plain text).
