@@ -279,6 +279,8 @@ fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u
         stats(&mut decode)
     };
     let rss = peak_rss_bytes();
+    // The cache as the last run left it (the depth, the prompt and the decoded tokens).
+    let (cache_type, kv_bytes) = (session.cache_type(), session.cache_bytes());
     // On GPUs, the kernels one decode token launches (after the warm-up above).
     let launches = if session.picks_on_device() && args.n_gen > 0 {
         session.truncate(args.depth)?;
@@ -324,6 +326,10 @@ fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u
                 "decode_tok_s": d.0, "decode_tok_s_min": d.1, "decode_tok_s_max": d.2,
                 "ttft_ms": t.0,
                 "peak_rss_bytes": rss,
+                // llama-bench's names for the cache types.
+                "type_k": cache_type.name(),
+                "type_v": cache_type.name(),
+                "kv_bytes": kv_bytes,
                 "launches_per_token": launches.as_ref().map(|l| l.total()),
                 "launches_by_kernel": launches.as_ref().map(|l| &l.by_kernel),
                 "profile": profile.as_ref().map(|phases| {
@@ -354,9 +360,10 @@ fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u
             );
         }
         println!(
-            "time to first token {:.1} ms (median); peak RSS {}",
+            "time to first token {:.1} ms (median); peak RSS {}; KV cache {cache_type} {}",
             t.0,
-            rss.map_or("unknown".into(), |b| human_bytes(b as usize))
+            rss.map_or("unknown".into(), |b| human_bytes(b as usize)),
+            human_bytes(kv_bytes)
         );
         if let Some(l) = &launches {
             let mut top: Vec<_> = l.by_kernel.iter().collect();

@@ -99,6 +99,9 @@ fn load(
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
+    if let Some(note) = engine.as_ref().ok().and_then(|e| e.cache_note()) {
+        eprintln!("{note}");
+    }
     match engine {
         Err(RuntimeError::ContextSize { requested, max }) => {
             anyhow::bail!("{}", too_long(requested, max))

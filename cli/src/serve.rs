@@ -127,6 +127,9 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     let parallel = args.parallel;
     let load = move || {
         let engine = Engine::load(&path, &options)?;
+        if let Some(note) = engine.cache_note() {
+            eprintln!("{note}");
+        }
         eprintln!(
             "model loaded: {} ({} positions per sequence, {} at once); serving",
             path.display(),

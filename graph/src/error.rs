@@ -21,6 +21,9 @@ pub enum GraphError {
     MissingParam(String),
     #[error("input: {0}")]
     Input(String),
+    /// A KV cache type this model or device cannot hold (`--cache-type`).
+    #[error("--cache-type {ty}: {message}")]
+    CacheType { ty: &'static str, message: String },
     #[error("context full: {past} cached + {seq} new tokens exceed the context of {max}")]
     ContextFull { past: usize, seq: usize, max: usize },
 }

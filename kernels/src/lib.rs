@@ -27,7 +27,10 @@ mod norm;
 pub mod quant;
 mod rope;
 
-pub use attention::{attention, AttentionShape, KvRows, Page, Pages, KEY_BLOCK};
+pub use attention::{
+    attention, quantize_blocks, AttentionShape, BlockQ4_0, BlockQ8_0, KvBlock, KvRows, Page, Pages,
+    KEY_BLOCK, KV_BLOCK,
+};
 pub use elementwise::{gelu, gelu_tanh, silu, swiglu};
 pub use features::{features, Features};
 pub use norm::rms_norm;

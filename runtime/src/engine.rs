@@ -9,7 +9,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use burn::tensor::Device;
-use llama_graph::{Capabilities, KvType, PassContext, Pipeline, Program};
+use llama_graph::{Capabilities, KvType, Op, PassContext, Pipeline, Program};
 use llama_models::{LoadOptions, Model};
 
 use crate::device::Backend;
@@ -104,7 +104,7 @@ pub const DEFAULT_CONTEXT: usize = 4096;
 /// |---|---|---|---|
 /// | GGUF block weights | kept in blocks unless `Precision::F32` | kept in blocks on the device unless `Precision::F32` or a pass list without upload-blocks | widened to f32 |
 /// | default passes | fuse-matmul, constant-fold, dead-nodes, fuse-swiglu, quantize-weights (`Precision::Q8_0` only), pack-blocks | fuse-matmul, constant-fold, dead-nodes, upload-blocks | fuse-matmul, constant-fold, dead-nodes |
-/// | KV cache | host rows, f16 (f32 with `Precision::F32`) | device tensors, f16 where the device computes in f16 (f32 with `Precision::F32`) | device tensors, f32 |
+/// | KV cache | host rows, f16 (f32 with `Precision::F32`; q8_0/q4_0 blocks when asked, sliding-window layers then f32) | device tensors, f16 where the device computes in f16 (f32 with `Precision::F32`) | device tensors, f32 |
 pub struct Policy {
     /// Whether GGUF block matrices stay as stored.
     pub keep_blocks: bool,
@@ -153,6 +153,7 @@ pub struct Engine {
     program: Program,
     context: usize,
     cache_type: KvType,
+    cache_note: Option<String>,
     passes: Vec<&'static str>,
 }
 
@@ -178,6 +179,12 @@ impl Engine {
             .ok();
         let device = options.backend.device(options.device)?;
         let capabilities = Capabilities::of(&device);
+        if let Some(ty) = options.cache_type.filter(|t| t.is_blocks() && !capabilities.host_kv) {
+            return Err(RuntimeError::Options(format!(
+                "--cache-type {ty} is read by the host attention of the flex backend only; use f16 or f32 on {}",
+                options.backend.name()
+            )));
+        }
         let policy = Policy::decide(capabilities, options);
         let load = LoadOptions {
             keep_blocks: policy.keep_blocks,
@@ -193,8 +200,33 @@ impl Engine {
                 device: device.clone(),
             },
         )?;
+        // Layers with a sliding window keep their ring of device tensors (f32 on CPU
+        // devices) whatever the cache type; the others take it.
+        let mut windowed = std::collections::BTreeSet::new();
+        let mut layers = std::collections::BTreeSet::new();
+        for node in graph.nodes() {
+            if let Op::KvAppend { layer, window, .. } = node.op {
+                layers.insert(layer);
+                if window.is_some() {
+                    windowed.insert(layer);
+                }
+            }
+        }
         let program = Program::new(graph, device.clone())?;
+        let cache_note = (policy.cache_type.is_blocks() && !windowed.is_empty()).then(|| {
+            format!(
+                "KV cache {}: {} of {} layers have a sliding window and keep f32 keys and values (bounded by the window)",
+                policy.cache_type,
+                windowed.len(),
+                layers.len()
+            )
+        });
+        if policy.cache_type.is_blocks() {
+            // Refuses now, naming the flag, a model whose heads are not whole blocks.
+            program.new_cache_of(1, policy.cache_type)?;
+        }
         Ok(Engine {
+            cache_note,
             model,
             device,
             capabilities,
@@ -230,6 +262,12 @@ impl Engine {
     /// How sessions' host KV caches store keys and values.
     pub fn cache_type(&self) -> KvType {
         self.cache_type
+    }
+
+    /// A line for the log when some layers cannot take the cache type asked for
+    /// (sliding-window layers keep f32 under a block cache type).
+    pub fn cache_note(&self) -> Option<&str> {
+        self.cache_note.as_deref()
     }
 
     /// The passes that ran, in order.

@@ -101,7 +101,21 @@ impl Session {
         self.cache.pages()
     }
 
-    /// Rows of keys (and of values) allocated per layer.
+    /// How the KV cache's host layers store keys and values.
+    pub fn cache_type(&self) -> KvType {
+        self.cache.cache_type()
+    }
+
+    /// Bytes the KV cache holds: its host pages (each counted once, shared or not)
+    /// and its device tensors.
+    pub fn cache_bytes(&self) -> usize {
+        let mut pages = self.cache.page_sizes();
+        pages.sort_unstable();
+        pages.dedup_by_key(|p| p.0);
+        pages.iter().map(|p| p.1).sum::<usize>() + self.cache.device_bytes()
+    }
+
+    /// Bytes of the cache's device tensors (layers not kept in host pages).
     pub fn cache_device_bytes(&self) -> usize {
         self.cache.device_bytes()
     }

@@ -3,7 +3,9 @@
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use std::sync::Arc;
 
-use llama_kernels::{KvRows, Page, Pages, KEY_BLOCK};
+use llama_kernels::{
+    quantize_blocks, BlockQ4_0, BlockQ8_0, KvRows, Page, Pages, KEY_BLOCK, KV_BLOCK,
+};
 
 use crate::capabilities::Capabilities;
 use crate::error::{GraphError, Result};
@@ -40,6 +42,46 @@ pub enum KvType {
     /// Rounded to f16 (11 significant bits): half the memory, and half the bytes that
     /// decode attention reads per step.
     F16,
+    /// Blocks of 32 values as 8-bit integers with an f16 scale (GGML's Q8_0): 34 bytes
+    /// per 32 values, 53% of f16. Host layers only.
+    Q8_0,
+    /// Blocks of 32 values as 4-bit integers with an f16 scale (GGML's Q4_0): 18 bytes
+    /// per 32 values, 28% of f16. Host layers only.
+    Q4_0,
+}
+
+impl KvType {
+    /// The name the `--cache-type` flag and llama.cpp's `-ctk` give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+        }
+    }
+
+    /// Whether keys and values are stored in quantized blocks (host layers only).
+    pub fn is_blocks(self) -> bool {
+        matches!(self, KvType::Q8_0 | KvType::Q4_0)
+    }
+
+    /// Bytes that `values` keys or values take stored this way (a whole number of
+    /// blocks for the block types).
+    pub fn bytes_for(self, values: usize) -> usize {
+        match self {
+            KvType::F32 => values * 4,
+            KvType::F16 => values * 2,
+            KvType::Q8_0 => values / KV_BLOCK * std::mem::size_of::<BlockQ8_0>(),
+            KvType::Q4_0 => values / KV_BLOCK * std::mem::size_of::<BlockQ4_0>(),
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// One host layer's keys or values in pages of [`KEY_BLOCK`] positions. Pages are
@@ -119,11 +161,15 @@ impl<T: Clone> PagedRows<T> {
     }
 }
 
-/// One host layer's keys and values.
+/// One host layer's keys and values: f32 or f16 values, or blocks of [`KV_BLOCK`]
+/// values (each row, `width` values, a whole number of blocks; offsets and lengths
+/// here count values, the pages count blocks).
 #[derive(Debug, Clone)]
 enum HostKv {
     F32([PagedRows<f32>; 2]),
     F16([PagedRows<half::f16>; 2]),
+    Q8_0([PagedRows<BlockQ8_0>; 2]),
+    Q4_0([PagedRows<BlockQ4_0>; 2]),
 }
 
 impl HostKv {
@@ -131,6 +177,8 @@ impl HostKv {
         match ty {
             KvType::F32 => HostKv::F32([PagedRows::new(), PagedRows::new()]),
             KvType::F16 => HostKv::F16([PagedRows::new(), PagedRows::new()]),
+            KvType::Q8_0 => HostKv::Q8_0([PagedRows::new(), PagedRows::new()]),
+            KvType::Q4_0 => HostKv::Q4_0([PagedRows::new(), PagedRows::new()]),
         }
     }
 
@@ -139,10 +187,14 @@ impl HostKv {
         Some(match self {
             HostKv::F32(x) => KvRows::PagedF32(x[kind].rows(n)?),
             HostKv::F16(x) => KvRows::PagedF16(x[kind].rows(n)?),
+            HostKv::Q8_0(x) => KvRows::PagedQ8_0(x[kind].rows(n / KV_BLOCK)?),
+            HostKv::Q4_0(x) => KvRows::PagedQ4_0(x[kind].rows(n / KV_BLOCK)?),
         })
     }
 
     /// Replaces everything from value `from` on with `new`; rows are `width` wide.
+    /// Block caches quantize each row's blocks here, once: a position's stored keys
+    /// and values depend only on the values computed for it.
     fn write(&mut self, kind: usize, from: usize, new: &[f32], width: usize) {
         let page = KEY_BLOCK * width;
         match self {
@@ -150,18 +202,35 @@ impl HostKv {
             HostKv::F16(x) => {
                 x[kind].write(from, new.iter().map(|&v| half::f16::from_f32(v)), page)
             }
+            HostKv::Q8_0(x) => x[kind].write(
+                from / KV_BLOCK,
+                quantize_blocks::<BlockQ8_0>(new),
+                page / KV_BLOCK,
+            ),
+            HostKv::Q4_0(x) => x[kind].write(
+                from / KV_BLOCK,
+                quantize_blocks::<BlockQ4_0>(new),
+                page / KV_BLOCK,
+            ),
         }
     }
 
     /// Keys and values hold the first `n` values of `src`'s, sharing its pages.
     fn share(&mut self, src: &HostKv, n: usize, width: usize) -> Result<()> {
         let page = KEY_BLOCK * width;
+        let (bn, bpage) = (n / KV_BLOCK, page / KV_BLOCK);
         match (self, src) {
             (HostKv::F32(a), HostKv::F32(b)) => {
                 a.iter_mut().zip(b).for_each(|(a, b)| a.share(b, n, page))
             }
             (HostKv::F16(a), HostKv::F16(b)) => {
                 a.iter_mut().zip(b).for_each(|(a, b)| a.share(b, n, page))
+            }
+            (HostKv::Q8_0(a), HostKv::Q8_0(b)) => {
+                a.iter_mut().zip(b).for_each(|(a, b)| a.share(b, bn, bpage))
+            }
+            (HostKv::Q4_0(a), HostKv::Q4_0(b)) => {
+                a.iter_mut().zip(b).for_each(|(a, b)| a.share(b, bn, bpage))
             }
             _ => {
                 return Err(GraphError::Input(
@@ -183,6 +252,8 @@ impl HostKv {
         match self {
             HostKv::F32(x) => of(x, out),
             HostKv::F16(x) => of(x, out),
+            HostKv::Q8_0(x) => of(x, out),
+            HostKv::Q4_0(x) => of(x, out),
         }
     }
 
@@ -190,6 +261,8 @@ impl HostKv {
         match self {
             HostKv::F32(x) => x.iter().map(PagedRows::own_pages).sum(),
             HostKv::F16(x) => x.iter().map(PagedRows::own_pages).sum(),
+            HostKv::Q8_0(x) => x.iter().map(PagedRows::own_pages).sum(),
+            HostKv::Q4_0(x) => x.iter().map(PagedRows::own_pages).sum(),
         }
     }
 
@@ -197,6 +270,8 @@ impl HostKv {
         match self {
             HostKv::F32(x) => x.iter().map(|x| x.pages.len()).sum(),
             HostKv::F16(x) => x.iter().map(|x| x.pages.len()).sum(),
+            HostKv::Q8_0(x) => x.iter().map(|x| x.pages.len()).sum(),
+            HostKv::Q4_0(x) => x.iter().map(|x| x.pages.len()).sum(),
         }
     }
 }
@@ -212,6 +287,7 @@ pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
     capacity: usize,
+    ty: KvType,
 }
 
 impl KvCache {
@@ -223,6 +299,12 @@ impl KvCache {
     /// The same with keys and values stored as `ty`: host layers (layers without a
     /// window, on devices whose [`Capabilities`] keep the cache in host memory), and
     /// device layers on GPU devices (block kernels) that support f16.
+    ///
+    /// The block types ([`KvType::Q8_0`], [`KvType::Q4_0`]) are for host layers: a
+    /// device without a host cache refuses them, and so does a model whose heads are
+    /// not whole blocks of 32. Sliding-window layers (device tensors, a ring of the
+    /// last `window` positions) keep f32 on CPU devices: their memory is bounded by the
+    /// window, not the context.
     pub fn for_graph_of(
         graph: &Graph,
         capacity: usize,
@@ -244,6 +326,9 @@ impl KvCache {
         }
         let caps = Capabilities::of(device);
         let host_kv = caps.host_kv;
+        if ty.is_blocks() {
+            check_blocks(graph, ty, host_kv, &specs)?;
+        }
         let dtype = if ty == KvType::F16 && caps.device_blocks && device.supports_dtype(DType::F16)
         {
             DType::F16
@@ -280,6 +365,7 @@ impl KvCache {
             layers,
             len: 0,
             capacity,
+            ty,
         })
     }
 
@@ -295,6 +381,11 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// How host layers store keys and values.
+    pub fn cache_type(&self) -> KvType {
+        self.ty
     }
 
     /// Positions the cache can hold.
@@ -683,6 +774,44 @@ pub struct LayerSnapshot {
     pub width: usize,
     pub keys: Vec<f32>,
     pub values: Vec<f32>,
+}
+
+/// Refuses a block cache type where the graph's layers cannot hold it: a device
+/// without host layers, or rows or heads that are not whole blocks.
+fn check_blocks(
+    graph: &Graph,
+    ty: KvType,
+    host_kv: bool,
+    specs: &[Option<(usize, Option<usize>)>],
+) -> Result<()> {
+    let refuse = |message: String| GraphError::CacheType {
+        ty: ty.name(),
+        message,
+    };
+    if !host_kv {
+        return Err(refuse(
+            "blocks are read by the host attention only; this device keeps its KV cache as tensors (use f16 or f32)".into(),
+        ));
+    }
+    for node in graph.nodes() {
+        if let Op::Attention { head_dim, .. } = node.op {
+            if !head_dim.is_multiple_of(KV_BLOCK) {
+                return Err(refuse(format!(
+                    "heads of {head_dim} values are not whole blocks of {KV_BLOCK}"
+                )));
+            }
+        }
+    }
+    if let Some((width, _)) = specs
+        .iter()
+        .flatten()
+        .find(|(width, _)| !width.is_multiple_of(KV_BLOCK))
+    {
+        return Err(refuse(format!(
+            "rows of {width} keys are not whole blocks of {KV_BLOCK}"
+        )));
+    }
+    Ok(())
 }
 
 /// The row ranges of positions `first..first + n` in a ring of `rows` rows.

@@ -7,8 +7,195 @@ use std::arch::x86_64::*;
 
 use half::f16;
 
-use super::{key_blocks, normalize, Geometry, Row, Source, KEY_BLOCK};
+use super::{key_blocks, normalize, BlockQ4_0, BlockQ8_0, Geometry, Row, Source, KEY_BLOCK};
+use super::{KvBlock, KV_BLOCK};
 use crate::quant::kernels::avx2::hsum;
+
+/// What a tile reads keys and values as: f32 or f16 elements, or blocks of a
+/// quantized cache. A row of keys or values is a run of `Self` from a pointer.
+pub(super) trait Kv: Copy + Sync {
+    /// The first element of the values from value `col` on of the row at `row`.
+    ///
+    /// # Safety
+    /// `col` is inside the row (for blocks, a multiple of [`KV_BLOCK`]).
+    unsafe fn at(row: *const Self, col: usize) -> *const Self;
+
+    /// [`scores`] for these elements.
+    ///
+    /// # Safety
+    /// As [`tile`]'s: the CPU has AVX2, FMA and F16C, and every key of `a..e` is
+    /// readable through `key` for the `hd` values of a head.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scores<const R: usize>(
+        q: [*const f32; R],
+        hd: usize,
+        scale: f32,
+        ae: (usize, usize),
+        base: usize,
+        key: &impl Fn(usize) -> *const Self,
+        p: [&mut [f32; KEY_BLOCK]; R],
+    ) -> [f32; R];
+
+    /// [`weighted`] for these elements.
+    ///
+    /// # Safety
+    /// As [`Kv::scores`], for values and outputs of `hd` values.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn weighted<const R: usize>(
+        hd: usize,
+        ae: (usize, usize),
+        base: usize,
+        value: &impl Fn(usize) -> *const Self,
+        p: [&[f32; KEY_BLOCK]; R],
+        alpha: [f32; R],
+        o: [*mut f32; R],
+    );
+}
+
+/// [`Kv`] for f32 and f16 elements: [`scores`] and [`weighted`].
+macro_rules! kv_elements {
+    ($t:ty) => {
+        impl Kv for $t {
+            #[inline(always)]
+            unsafe fn at(row: *const Self, col: usize) -> *const Self {
+                row.add(col)
+            }
+
+            #[inline(always)]
+            unsafe fn scores<const R: usize>(
+                q: [*const f32; R],
+                hd: usize,
+                scale: f32,
+                ae: (usize, usize),
+                base: usize,
+                key: &impl Fn(usize) -> *const Self,
+                p: [&mut [f32; KEY_BLOCK]; R],
+            ) -> [f32; R] {
+                scores::<Self, R>(q, hd, scale, ae, base, key, p)
+            }
+
+            #[inline(always)]
+            unsafe fn weighted<const R: usize>(
+                hd: usize,
+                ae: (usize, usize),
+                base: usize,
+                value: &impl Fn(usize) -> *const Self,
+                p: [&[f32; KEY_BLOCK]; R],
+                alpha: [f32; R],
+                o: [*mut f32; R],
+            ) {
+                // Eight registers of sums in all: four per row for two rows.
+                if R == 2 {
+                    weighted::<Self, R, 4>(hd, ae, base, value, p, alpha, o)
+                } else {
+                    weighted::<Self, R, 8>(hd, ae, base, value, p, alpha, o)
+                }
+            }
+        }
+    };
+}
+
+kv_elements!(f32);
+kv_elements!(f16);
+
+/// A block of a quantized cache, as four registers of its 32 values before scaling,
+/// and its scale.
+pub(super) trait Block: KvBlock {
+    /// # Safety
+    /// A whole block is readable at `p`; the CPU has AVX2 and F16C.
+    unsafe fn load32(p: *const Self) -> ([__m256; 4], f32);
+}
+
+/// An f16 scale as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale_f32(d: f16) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(d.to_bits() as i32)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load32_q8_0(p: *const BlockQ8_0) -> ([__m256; 4], f32) {
+    let qs = (*p).qs.as_ptr();
+    let mut x = [_mm256_setzero_ps(); 4];
+    for (i, x) in x.iter_mut().enumerate() {
+        let q = _mm_loadl_epi64(qs.add(8 * i).cast());
+        *x = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+    }
+    (x, scale_f32((*p).d))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load32_q4_0(p: *const BlockQ4_0) -> ([__m256; 4], f32) {
+    let bytes = _mm_loadu_si128((*p).qs.as_ptr().cast());
+    let (nibble, eight) = (_mm_set1_epi8(15), _mm_set1_epi8(8));
+    // Values 0..16 in the low nibbles, 16..32 in the high ones; each less 8.
+    let lo = _mm_sub_epi8(_mm_and_si128(bytes, nibble), eight);
+    let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), eight);
+    let x = [
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)),
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))),
+    ];
+    (x, scale_f32((*p).d))
+}
+
+impl Block for BlockQ8_0 {
+    #[inline(always)]
+    unsafe fn load32(p: *const Self) -> ([__m256; 4], f32) {
+        load32_q8_0(p)
+    }
+}
+
+impl Block for BlockQ4_0 {
+    #[inline(always)]
+    unsafe fn load32(p: *const Self) -> ([__m256; 4], f32) {
+        load32_q4_0(p)
+    }
+}
+
+/// [`Kv`] for blocks: [`scores_blocks`] and [`weighted_blocks`].
+macro_rules! kv_blocks {
+    ($t:ty) => {
+        impl Kv for $t {
+            #[inline(always)]
+            unsafe fn at(row: *const Self, col: usize) -> *const Self {
+                row.add(col / KV_BLOCK)
+            }
+
+            #[inline(always)]
+            unsafe fn scores<const R: usize>(
+                q: [*const f32; R],
+                hd: usize,
+                scale: f32,
+                ae: (usize, usize),
+                base: usize,
+                key: &impl Fn(usize) -> *const Self,
+                p: [&mut [f32; KEY_BLOCK]; R],
+            ) -> [f32; R] {
+                scores_blocks::<Self, R>(q, hd, scale, ae, base, key, p)
+            }
+
+            #[inline(always)]
+            unsafe fn weighted<const R: usize>(
+                hd: usize,
+                ae: (usize, usize),
+                base: usize,
+                value: &impl Fn(usize) -> *const Self,
+                p: [&[f32; KEY_BLOCK]; R],
+                alpha: [f32; R],
+                o: [*mut f32; R],
+            ) {
+                weighted_blocks::<Self, R>(hd, ae, base, value, p, alpha, o)
+            }
+        }
+    };
+}
+
+kv_blocks!(BlockQ8_0);
+kv_blocks!(BlockQ4_0);
 
 /// A key or value element: eight of them into a register, one into an f32.
 pub(super) trait Elem: Copy + Sync {
@@ -115,7 +302,7 @@ unsafe fn hsum4(v: [__m256; 4]) -> __m128 {
 /// values for every position of every row's `lo..hi`; `q` holds the rows' queries and
 /// `out` is `rows.len() * g.hd` long.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile<T: Elem, S: Source<T>>(
+pub(super) unsafe fn tile<T: Kv, S: Source<T>>(
     q: &[f32],
     k: &S,
     v: &S,
@@ -146,15 +333,15 @@ pub(super) unsafe fn tile<T: Elem, S: Source<T>>(
             let (a, e) = (row.lo.max(base), row.hi.min(base + KEY_BLOCK));
             if a < e {
                 // SAFETY (of both): positions `a..e` are inside the row's keys.
-                let key = |pos: usize| k.row(pos).add(col);
-                let value = |pos: usize| v.row(pos).add(col);
+                let key = |pos: usize| T::at(k.row(pos), col);
+                let value = |pos: usize| T::at(v.row(pos), col);
                 let query = |x: &Row| q.as_ptr().add(x.i * g.qw + x.h * hd);
                 let [p0, p1] = &mut p;
                 let maxes = if n == 2 {
                     let q = [query(&row), query(&rows[r + 1])];
-                    scores::<T, 2>(q, hd, g.scale, (a, e), base, &key, [p0, p1])
+                    T::scores::<2>(q, hd, g.scale, (a, e), base, &key, [p0, p1])
                 } else {
-                    let [m] = scores::<T, 1>([query(&row)], hd, g.scale, (a, e), base, &key, [p0]);
+                    let [m] = T::scores::<1>([query(&row)], hd, g.scale, (a, e), base, &key, [p0]);
                     [m, f32::NEG_INFINITY]
                 };
                 let mut alpha = [1f32; 2];
@@ -167,9 +354,9 @@ pub(super) unsafe fn tile<T: Elem, S: Source<T>>(
                 let o = out.as_mut_ptr().add(r * hd);
                 let [p0, p1] = &p;
                 if n == 2 {
-                    weighted::<T, 2, 4>(hd, (a, e), base, &value, [p0, p1], alpha, [o, o.add(hd)]);
+                    T::weighted::<2>(hd, (a, e), base, &value, [p0, p1], alpha, [o, o.add(hd)]);
                 } else {
-                    weighted::<T, 1, 8>(hd, (a, e), base, &value, [p0], [alpha[0]], [o]);
+                    T::weighted::<1>(hd, (a, e), base, &value, [p0], [alpha[0]], [o]);
                 }
             }
             r += n;
@@ -327,6 +514,91 @@ unsafe fn weighted<T: Elem, const R: usize, const W: usize>(
                 .sum();
             *o[r].add(c) = (*o[r].add(c)).mul_add(alpha[r], acc);
             c += 1;
+        }
+    }
+}
+
+/// [`scores`] over blocks: per key and block, the block's 32 values (as loaded, before
+/// scaling) against the query's in one chain of FMAs, then times the block's scale
+/// into the key's sum. Queries stay f32 (no rounding of the query, unlike a Q8_0 x
+/// Q8_0 dot product). A row's scores are the same bits for any `R`.
+///
+/// Heads are whole blocks (`hd` a multiple of [`KV_BLOCK`]; `attention` checks).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_blocks<B: Block, const R: usize>(
+    q: [*const f32; R],
+    hd: usize,
+    scale: f32,
+    (a, e): (usize, usize),
+    base: usize,
+    key: &impl Fn(usize) -> *const B,
+    p: [&mut [f32; KEY_BLOCK]; R],
+) -> [f32; R] {
+    let mut at = base + (a - base) / 4 * 4;
+    while at < e {
+        let keys = [0, 1, 2, 3].map(|u| {
+            let pos = at + u;
+            key(if (a..e).contains(&pos) { pos } else { a })
+        });
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        for blk in 0..hd / KV_BLOCK {
+            for (u, kp) in keys.iter().enumerate() {
+                let (x, d) = B::load32(kp.add(blk));
+                let d = _mm256_set1_ps(d);
+                for r in 0..R {
+                    let qp = q[r].add(blk * KV_BLOCK);
+                    let mut dot = _mm256_mul_ps(_mm256_loadu_ps(qp), x[0]);
+                    for (i, x) in x.iter().enumerate().skip(1) {
+                        dot = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(8 * i)), *x, dot);
+                    }
+                    acc[r][u] = _mm256_fmadd_ps(dot, d, acc[r][u]);
+                }
+            }
+        }
+        for (r, acc) in acc.into_iter().enumerate() {
+            let x = _mm_mul_ps(hsum4(acc), _mm_set1_ps(scale));
+            _mm_storeu_ps(p[r].as_mut_ptr().add(at - base), x);
+        }
+        at += 4;
+    }
+    p.map(|p| {
+        p[a - base..e - base]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+    })
+}
+
+/// [`weighted`] over blocks: per block of the head, each key's 32 values (as loaded)
+/// times its weight and the block's scale, summed over the keys in registers, then
+/// added to the rescaled output. A row's output is the same bits for any `R`.
+#[inline(always)]
+unsafe fn weighted_blocks<B: Block, const R: usize>(
+    hd: usize,
+    (a, e): (usize, usize),
+    base: usize,
+    value: &impl Fn(usize) -> *const B,
+    p: [&[f32; KEY_BLOCK]; R],
+    alpha: [f32; R],
+    o: [*mut f32; R],
+) {
+    for blk in 0..hd / KV_BLOCK {
+        let mut acc = [[_mm256_setzero_ps(); 4]; R];
+        for pos in a..e {
+            let (x, d) = B::load32(value(pos).add(blk));
+            for (acc, p) in acc.iter_mut().zip(p) {
+                let w = _mm256_set1_ps(p[pos - base] * d);
+                for (acc, x) in acc.iter_mut().zip(x) {
+                    *acc = _mm256_fmadd_ps(w, x, *acc);
+                }
+            }
+        }
+        for r in 0..R {
+            let al = _mm256_set1_ps(alpha[r]);
+            for (i, acc) in acc[r].iter().enumerate() {
+                let at = o[r].add(blk * KV_BLOCK + 8 * i);
+                _mm256_storeu_ps(at, _mm256_fmadd_ps(_mm256_loadu_ps(at), al, *acc));
+            }
         }
     }
 }

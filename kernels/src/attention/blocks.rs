@@ -1,0 +1,246 @@
+//! Keys and values of a KV cache in blocks: each row (one position's keys or values,
+//! `n_kv_heads * head_dim` wide) quantized in blocks of [`KV_BLOCK`] values with an
+//! f16 scale, GGML's Q8_0 and Q4_0 layouts (the `-ctk q8_0` / `-ctk q4_0` caches of
+//! llama.cpp). A row is quantized once, when its position is written, and never again,
+//! so what attention reads for a position does not depend on how the prompt was split.
+//!
+//! Quantizing a block's dequantized values gives the same block back (the scale is
+//! rounded to f16 before the values are divided by it), so a cache copied out as f32
+//! and written back holds the same bits; this holds for every block whose scale is a
+//! normal f16 (a largest value of at least 127 * 2^-14, about 0.008, for Q8_0), while
+//! a block of smaller values may come back a subnormal step of its scale apart.
+use half::f16;
+
+/// Values per block.
+pub const KV_BLOCK: usize = 32;
+
+/// 32 values as `d * q`, `q` in -127..=127 (GGML's Q8_0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    pub d: f16,
+    pub qs: [i8; KV_BLOCK],
+}
+
+/// 32 values as `d * (q - 8)`, `q` in 0..=15, two to a byte: value `j` in the low
+/// nibble of byte `j`, value `j + 16` in its high nibble (GGML's Q4_0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ4_0 {
+    pub d: f16,
+    pub qs: [u8; KV_BLOCK / 2],
+}
+
+/// A block type of a quantized KV cache.
+pub trait KvBlock: Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// The block of 32 values (`x.len()` is [`KV_BLOCK`]).
+    fn quantize(x: &[f32]) -> Self;
+    /// The block's 32 values, appended to `out`.
+    fn dequantize(&self, out: &mut Vec<f32>);
+}
+
+/// The scale as stored, and the factor values are multiplied by to quantize them
+/// (0 for an all-zero block).
+fn scale(d: f32) -> (f16, f32) {
+    let d = f16::from_f32(d);
+    let inv = if d.to_f32() == 0.0 {
+        0.0
+    } else {
+        1.0 / d.to_f32()
+    };
+    (d, inv)
+}
+
+impl KvBlock for BlockQ8_0 {
+    fn quantize(x: &[f32]) -> Self {
+        debug_assert_eq!(x.len(), KV_BLOCK);
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let (d, inv) = scale(amax / 127.0);
+        let mut qs = [0i8; KV_BLOCK];
+        for (q, v) in qs.iter_mut().zip(x) {
+            *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+        }
+        BlockQ8_0 { d, qs }
+    }
+
+    fn dequantize(&self, out: &mut Vec<f32>) {
+        let d = self.d.to_f32();
+        out.extend(self.qs.iter().map(|&q| q as f32 * d));
+    }
+}
+
+impl KvBlock for BlockQ4_0 {
+    fn quantize(x: &[f32]) -> Self {
+        debug_assert_eq!(x.len(), KV_BLOCK);
+        // The value of largest magnitude, with its sign, maps to -8: the one level the
+        // other side lacks goes to the value that needs it.
+        let max = x
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let (d, inv) = scale(max / -8.0);
+        let q = |v: f32| ((v * inv + 8.5).floor().clamp(0.0, 15.0)) as u8;
+        let mut qs = [0u8; KV_BLOCK / 2];
+        for (j, b) in qs.iter_mut().enumerate() {
+            *b = q(x[j]) | (q(x[j + KV_BLOCK / 2]) << 4);
+        }
+        BlockQ4_0 { d, qs }
+    }
+
+    fn dequantize(&self, out: &mut Vec<f32>) {
+        let d = self.d.to_f32();
+        out.extend(self.qs.iter().map(|&b| ((b & 15) as f32 - 8.0) * d));
+        out.extend(self.qs.iter().map(|&b| ((b >> 4) as f32 - 8.0) * d));
+    }
+}
+
+/// `x` (a whole number of blocks) quantized block by block.
+pub fn quantize_blocks<B: KvBlock>(x: &[f32]) -> impl ExactSizeIterator<Item = B> + '_ {
+    x.chunks_exact(KV_BLOCK).map(B::quantize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A xorshift stream of values in [-1, 1).
+    fn stream(mut x: u64) -> impl FnMut() -> f32 {
+        move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+    }
+
+    /// Blocks of several shapes: uniform at many scales, one outlier, all zeros,
+    /// a constant, and values of one sign.
+    fn blocks() -> Vec<Vec<f32>> {
+        let mut rand = stream(0x5851F42D4C957F2D);
+        let mut out = Vec::new();
+        for scale in [1e-4f32, 0.01, 1.0, 37.0, 3000.0] {
+            for _ in 0..40 {
+                out.push((0..32).map(|_| scale * rand()).collect());
+            }
+            let mut spike: Vec<f32> = (0..32).map(|_| 0.01 * scale * rand()).collect();
+            spike[7] = -scale;
+            out.push(spike);
+            out.push(vec![scale; 32]);
+            out.push((0..32).map(|_| scale * rand().abs()).collect());
+        }
+        out.push(vec![0.0; 32]);
+        out
+    }
+
+    fn round_trip<B: KvBlock>(x: &[f32]) -> (B, Vec<f32>) {
+        let b = B::quantize(x);
+        let mut out = Vec::new();
+        b.dequantize(&mut out);
+        (b, out)
+    }
+
+    /// Each value comes back within half a step of the block's scale (the rounding),
+    /// plus what rounding the scale to f16 moves the largest value by (2^-11 of it
+    /// for a normal f16; up to half a subnormal step, 2^-25, for scales under 2^-14).
+    #[test]
+    fn q8_0_values_come_back_within_half_a_step() {
+        for x in blocks() {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (b, y) = round_trip::<BlockQ8_0>(&x);
+            let d = b.d.to_f32();
+            let rounding = (d - amax / 127.0).abs();
+            assert!(rounding <= (d / 2048.0).max(2f32.powi(-25)), "scale {d} for {amax}");
+            let bound = 0.5 * d + 127.0 * rounding + amax * 1e-6;
+            for (i, (a, b)) in x.iter().zip(&y).enumerate() {
+                assert!((a - b).abs() <= bound, "[{i}] {a} -> {b}, step {d}");
+            }
+        }
+    }
+
+    /// Within half a step (and the scale's rounding, as for Q8_0), except values on
+    /// the other side of the largest beyond 7.5 steps (15 is the top level, 7 steps
+    /// up): within one step there.
+    #[test]
+    fn q4_0_values_come_back_within_a_step() {
+        for x in blocks() {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (b, y) = round_trip::<BlockQ4_0>(&x);
+            let d = b.d.to_f32().abs();
+            let rounding = (d - amax / 8.0).abs();
+            assert!(rounding <= (d / 2048.0).max(2f32.powi(-25)), "scale {d} for {amax}");
+            let half = 0.5 * d + 8.0 * rounding + amax * 1e-6;
+            for (i, (a, b)) in x.iter().zip(&y).enumerate() {
+                let bound = if a.abs() <= 7.4 * d { half } else { half + 0.5 * d };
+                assert!((a - b).abs() <= bound, "[{i}] {a} -> {b}, step {d}");
+            }
+        }
+    }
+
+    /// Blocks whose scale is a normal f16 (for Q8_0, a largest value of at least
+    /// 127 * 2^-14, about 0.0078).
+    fn normal_blocks(levels: f32) -> impl Iterator<Item = Vec<f32>> {
+        blocks().into_iter().filter(move |x| {
+            x.iter().fold(0f32, |m, v| m.max(v.abs())) >= levels * 2f32.powi(-14)
+        })
+    }
+
+    /// The largest value keeps its sign and lands on the block's extreme level.
+    #[test]
+    fn the_largest_value_is_kept_at_the_extreme_level() {
+        for x in normal_blocks(127.0) {
+            let (i, _) = x
+                .iter()
+                .enumerate()
+                .fold((0, 0f32), |(j, m), (i, &v)| if v.abs() > m { (i, v.abs()) } else { (j, m) });
+            let q8 = BlockQ8_0::quantize(&x);
+            assert_eq!(q8.qs[i].unsigned_abs(), 127, "{x:?}");
+            assert_eq!(q8.qs[i] > 0, x[i] > 0.0);
+            let q4 = BlockQ4_0::quantize(&x);
+            let nibble = if i < 16 { q4.qs[i] & 15 } else { q4.qs[i - 16] >> 4 };
+            assert_eq!(nibble, 0, "{x:?}");
+        }
+    }
+
+    /// Dequantized values quantize to the same block (when the scale is a normal
+    /// f16): a cache written back from its f32 copy holds the same bits.
+    #[test]
+    fn quantizing_dequantized_values_gives_the_same_block() {
+        for x in normal_blocks(127.0) {
+            let (b8, y8) = round_trip::<BlockQ8_0>(&x);
+            assert_eq!(BlockQ8_0::quantize(&y8), b8);
+        }
+        for x in normal_blocks(8.0) {
+            let (b4, y4) = round_trip::<BlockQ4_0>(&x);
+            assert_eq!(BlockQ4_0::quantize(&y4), b4);
+        }
+    }
+
+    /// The layouts are GGML's: a Q8_0 block is 34 bytes, a Q4_0 block 18.
+    #[test]
+    fn blocks_have_ggml_sizes() {
+        assert_eq!(std::mem::size_of::<BlockQ8_0>(), 34);
+        assert_eq!(std::mem::size_of::<BlockQ4_0>(), 18);
+    }
+
+    /// Our blocks dequantize as the weight loader's GGML dequantizer reads the same
+    /// bytes (an independent reading of the format).
+    #[test]
+    fn blocks_dequantize_as_ggml_does() {
+        use crate::quant::format::{dequantize, GgmlType};
+        for x in blocks() {
+            let b8 = BlockQ8_0::quantize(&x);
+            let mut bytes = b8.d.to_le_bytes().to_vec();
+            bytes.extend(b8.qs.iter().map(|&q| q as u8));
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            dequantize(GgmlType::Q8_0, &bytes, &mut want);
+            b8.dequantize(&mut got);
+            assert_eq!(got, want);
+            let b4 = BlockQ4_0::quantize(&x);
+            let mut bytes = b4.d.to_le_bytes().to_vec();
+            bytes.extend(b4.qs);
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            dequantize(GgmlType::Q4_0, &bytes, &mut want);
+            b4.dequantize(&mut got);
+            assert_eq!(got, want);
+        }
+    }
+}
