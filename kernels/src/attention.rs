@@ -30,7 +30,9 @@ use crate::norm::dot;
 mod avx2;
 mod blocks;
 
-pub use blocks::{quantize_blocks, BlockQ4_0, BlockQ8_0, KvBlock, KV_BLOCK};
+pub use blocks::{
+    quantize_blocks, rotate_heads, rotation_len, BlockQ4_0, BlockQ8_0, KvBlock, KV_BLOCK,
+};
 
 /// Keys per block of the online softmax; blocks start at multiples of it (positions).
 pub const KEY_BLOCK: usize = 64;
@@ -70,7 +72,9 @@ pub struct Pages<'a, T> {
 /// the size; in one run of memory (the oldest row first), or in pages. A quantized
 /// cache's rows are in pages of blocks ([`BlockQ8_0`], [`BlockQ4_0`]: each row a whole
 /// number of blocks, `len` counting blocks), dequantized block by block as attention
-/// reads them.
+/// reads them. Block rows hold keys and values rotated by [`rotate_heads`] (what
+/// [`KvRows::to_f32`] gives back for them, rotated); attention rotates the query and
+/// its output to match.
 #[derive(Debug, Clone, Copy)]
 pub enum KvRows<'a> {
     F32(&'a [f32]),
@@ -375,6 +379,20 @@ fn normalize(out: &mut [f32], sum: &[f32], hd: usize) {
 /// each block's dot product with the query times the block's scale; values added
 /// block by block with the weight times the scale).
 pub fn attention(q: &[f32], k: KvRows, v: KvRows, s: &AttentionShape) -> Vec<f32> {
+    if let KvRows::PagedQ8_0(_) | KvRows::PagedQ4_0(_) = k {
+        // Rotated keys and values: the query rotated alike leaves every score as it
+        // is; the output, a sum of rotated values, is rotated back.
+        let mut q = q.to_vec();
+        rotate_heads(&mut q, s.head_dim);
+        let mut out = unrotated(&q, k, v, s);
+        rotate_heads(&mut out, s.head_dim);
+        return out;
+    }
+    unrotated(q, k, v, s)
+}
+
+/// [`attention`] over the keys and values as given.
+fn unrotated(q: &[f32], k: KvRows, v: KvRows, s: &AttentionShape) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if features().avx2_fma_f16c {
         let width = s.n_kv_heads * s.head_dim;
@@ -812,8 +830,14 @@ mod tests {
     /// Rows of `width` values quantized into pages of [`KEY_BLOCK`] positions (a last
     /// page holding a stale row past the length, as a rewound cache leaves it), and
     /// the values they dequantize to.
-    fn block_pages<B: KvBlock>(x: &[f32], width: usize) -> (Vec<Page<B>>, Vec<f32>) {
-        let mut pages: Vec<Page<B>> = x
+    fn block_pages<B: KvBlock>(
+        x: &[f32],
+        width: usize,
+        head_dim: usize,
+    ) -> (Vec<Page<B>>, Vec<f32>) {
+        let mut rotated = x.to_vec();
+        rotate_heads(&mut rotated, head_dim);
+        let mut pages: Vec<Page<B>> = rotated
             .chunks(KEY_BLOCK * width)
             .map(|c| Page::new(quantize_blocks(c).collect()))
             .collect();
@@ -829,6 +853,13 @@ mod tests {
         (pages, deq)
     }
 
+    /// The values rows of blocks hold, rotated back.
+    fn held_values(stored: &[f32], head_dim: usize) -> Vec<f32> {
+        let mut x = stored.to_vec();
+        rotate_heads(&mut x, head_dim);
+        x
+    }
+
     /// Attention over `B` blocks (read in place, as `rows` makes them) against the f32
     /// kernel over the values the blocks dequantize to and against the f64 definition
     /// on them; and the distance the quantization itself moved the output, which must
@@ -841,15 +872,19 @@ mod tests {
         bound: f32,
     ) {
         let width = s.n_kv_heads * s.head_dim;
-        let (kp, kr) = block_pages::<B>(k, width);
-        let (vp, vr) = block_pages::<B>(v, width);
+        let (kp, stored_k) = block_pages::<B>(k, width, s.head_dim);
+        let (vp, stored_v) = block_pages::<B>(v, width, s.head_dim);
         let len = k.len() / KV_BLOCK;
         let (kb, vb) = (
             rows(Pages { pages: &kp, len }),
             rows(Pages { pages: &vp, len }),
         );
         assert_eq!(kb.len(), k.len());
-        assert_eq!(kb.to_f32().as_ref(), kr.as_slice(), "{what}: to_f32");
+        assert_eq!(kb.to_f32().as_ref(), stored_k.as_slice(), "{what}: to_f32");
+        let (kr, vr) = (
+            held_values(&stored_k, s.head_dim),
+            held_values(&stored_v, s.head_dim),
+        );
         let got = attention(q, kb, vb, s);
         let f32_kernel = attention(q, KvRows::F32(&kr), KvRows::F32(&vr), s);
         let want = reference(q, &kr, &vr, s);
@@ -901,10 +936,13 @@ mod tests {
             let (q, k, v) = inputs(&mut rand, &s, seq, 3.0);
             let k: Vec<f32> = k.iter().map(|x| 2.0 * x).collect();
             let v: Vec<f32> = v.iter().map(|x| 2.0 * x).collect();
-            // Outputs are averages of values of magnitude up to 2: Q8_0 moves them by
-            // at most a few hundredths, Q4_0 by a few tenths.
-            check_blocks::<BlockQ8_0>("q8_0", |p| KvRows::PagedQ8_0(p), (&q, &k, &v), &s, 0.05);
-            check_blocks::<BlockQ4_0>("q4_0", |p| KvRows::PagedQ4_0(p), (&q, &k, &v), &s, 0.5);
+            // Outputs are averages of values of magnitude up to 2. Rounded in a rotated
+            // basis, a value's error is a mix of the rounding of a run of 64 values
+            // (RMS step / sqrt(12), steps of 1/127 or 1/8 of a block's largest, about
+            // 3): the sanity bounds are a tenth of the values' range for Q8_0 and half
+            // of it for Q4_0 (first rows see a single key, so its value unaveraged).
+            check_blocks::<BlockQ8_0>("q8_0", |p| KvRows::PagedQ8_0(p), (&q, &k, &v), &s, 0.1);
+            check_blocks::<BlockQ4_0>("q4_0", |p| KvRows::PagedQ4_0(p), (&q, &k, &v), &s, 1.0);
         }
     }
 
@@ -925,8 +963,8 @@ mod tests {
         let seq = 200;
         let (q, k, v) = inputs(&mut rand, &whole, seq, 3.0);
         let (qw, kw) = (6 * 64, 2 * 64);
-        let (kp, _) = block_pages::<BlockQ8_0>(&k, kw);
-        let (vp, _) = block_pages::<BlockQ8_0>(&v, kw);
+        let (kp, _) = block_pages::<BlockQ8_0>(&k, kw, 64);
+        let (vp, _) = block_pages::<BlockQ8_0>(&v, kw, 64);
         fn rows(pages: &[Page<BlockQ8_0>], n: usize) -> KvRows<'_> {
             KvRows::PagedQ8_0(Pages {
                 pages,

@@ -28,8 +28,8 @@ pub mod quant;
 mod rope;
 
 pub use attention::{
-    attention, quantize_blocks, AttentionShape, BlockQ4_0, BlockQ8_0, KvBlock, KvRows, Page, Pages,
-    KEY_BLOCK, KV_BLOCK,
+    attention, quantize_blocks, rotate_heads, rotation_len, AttentionShape, BlockQ4_0, BlockQ8_0,
+    KvBlock, KvRows, Page, Pages, KEY_BLOCK, KV_BLOCK,
 };
 pub use elementwise::{gelu, gelu_tanh, silu, swiglu};
 pub use features::{features, Features};

@@ -3,8 +3,11 @@
 # the same protocol: a prompt of P tokens, then N decode steps, R repetitions; at 1 and
 # 2 threads; the two systems one right after the other. Prints both, the ratios, and
 # each one's peak RSS.
-#   usage: scripts/bench/bench-vs-llamacpp.sh [--parallel 1,2,4,8,16 | --depth D | --suite]
-#                                       [MODEL.gguf] [P] [N] [R]
+#   usage: scripts/bench/bench-vs-llamacpp.sh [--cache-type T] [--parallel 1,2,4,8,16 |
+#                                       --depth D | --suite] [MODEL.gguf] [P] [N] [R]
+# With --cache-type T (f16, q8_0, q4_0), `llama bench --cache-type T` beside llama-bench
+# `-ctk T -ctv T -fa 1` (llama.cpp needs flash attention for a quantized V cache), each
+# printed with the cache type it ran; e.g. `--cache-type q8_0 --depth 4096`.
 # With --depth D, both measure on top of D tokens already in the cache (llama-bench's
 # `-d`). With --suite, the table of the CPU-speed goal in one run: SmolLM2 Q4_1 and
 # its Q4_K_M, Q5_K_M, Q6_K and Q8_0 requantizations (scripts/bench/quantize-smollm2.sh),
@@ -21,6 +24,10 @@ cd "$(dirname "$0")/../.."
 parallel=""
 depth=0
 suite=""
+cache_type=""
+if [ "${1:-}" = "--cache-type" ]; then
+    cache_type="$2"; shift 2
+fi
 case "${1:-}" in
     --parallel) parallel="$2"; shift 2 ;;
     --depth) depth="$2"; shift 2 ;;
@@ -80,11 +87,16 @@ if [ -n "$suite" ]; then
 else
     cases+=("$model $p $n $depth")
 fi
-python3 - "$bench" "$r" "${cases[@]}" <<'PY'
+python3 - "$bench" "$r" "$cache_type" "${cases[@]}" <<'PY'
 import json, os, subprocess, sys
 
-bench, r = sys.argv[1:3]
-cases = [c.split() for c in sys.argv[3:]]
+bench, r, cache_type = sys.argv[1:4]
+cases = [c.split() for c in sys.argv[4:]]
+ours_cache = ["--cache-type", cache_type] if cache_type else []
+theirs_cache = ["-ctk", cache_type, "-ctv", cache_type, "-fa", "1"] if cache_type else []
+if cache_type:
+    print(f"KV cache {cache_type}: llama bench --cache-type {cache_type}; "
+          f"llama-bench -ctk {cache_type} -ctv {cache_type} -fa 1")
 
 def peak_rss(cmd):
     # A fresh child per measurement: RUSAGE_CHILDREN is the largest child so far, so
@@ -103,11 +115,11 @@ for model, p, n, d in cases:
     name = os.path.basename(model)[:40]
     for t in ["1", "2"]:
         ours_cmd = ["./target/release/llama", "bench", "--model", model, "-p", p, "-n", n,
-                    "-d", d, "-r", r, "--threads", t, "--json"]
+                    "-d", d, "-r", r, "--threads", t, "--json", *ours_cache]
         ours = json.loads(subprocess.run(ours_cmd, check=True, capture_output=True,
                                          text=True).stdout)
         theirs_cmd = [bench, "-m", model, "-p", p, "-n", n, "-d", d, "-r", r, "-t", t,
-                      "-o", "json"]
+                      "-o", "json", *theirs_cache]
         rows = json.loads(subprocess.run(theirs_cmd, check=True, capture_output=True,
                                          text=True).stdout)
         pp = next(x for x in rows if x["n_gen"] == 0)

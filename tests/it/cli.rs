@@ -12,7 +12,7 @@ fn text(b: &[u8]) -> String {
 }
 
 /// Exit code not 0, one line on stderr naming `needle`, no panic.
-fn assert_one_line_error(out: &Output, needle: &str) {
+pub(crate) fn assert_one_line_error(out: &Output, needle: &str) {
     let err = text(&out.stderr);
     assert!(
         !out.status.success(),
@@ -473,7 +473,7 @@ fn precision_flags_pick_the_weight_storage() {
     assert_one_line_error(&out, "int4");
 }
 
-fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+pub(crate) fn json_lines(out: &Output) -> Vec<serde_json::Value> {
     assert!(out.status.success(), "{}", text(&out.stderr));
     text(&out.stdout)
         .lines()

@@ -18,6 +18,7 @@ mod generation;
 mod gguf_format;
 mod gpu_blocks;
 mod gpu_fused;
+mod kv_quant;
 mod model_variants;
 mod non_finite;
 mod passes_on_models;

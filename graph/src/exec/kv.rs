@@ -4,7 +4,8 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use std::sync::Arc;
 
 use llama_kernels::{
-    quantize_blocks, BlockQ4_0, BlockQ8_0, KvRows, Page, Pages, KEY_BLOCK, KV_BLOCK,
+    quantize_blocks, rotate_heads, BlockQ4_0, BlockQ8_0, KvRows, Page, Pages, KEY_BLOCK,
+    KV_BLOCK,
 };
 
 use crate::capabilities::Capabilities;
@@ -27,6 +28,8 @@ struct LayerCache {
     /// attention reads them in place rather than copying the whole cache every step.
     host: Option<HostKv>,
     width: usize,
+    /// Values per head (rows of block caches are rotated head by head).
+    head_dim: usize,
     /// With a sliding window, `rows` is a ring: position `p` lives in row `p % rows`.
     window: Option<usize>,
     rows: usize,
@@ -192,11 +195,17 @@ impl HostKv {
         })
     }
 
-    /// Replaces everything from value `from` on with `new`; rows are `width` wide.
-    /// Block caches quantize each row's blocks here, once: a position's stored keys
-    /// and values depend only on the values computed for it.
-    fn write(&mut self, kind: usize, from: usize, new: &[f32], width: usize) {
+    /// Replaces everything from value `from` on with `new`; rows are `width` wide,
+    /// of heads of `head_dim`. Block caches rotate ([`rotate_heads`]) and quantize
+    /// each row here, once: a position's stored keys and values depend only on the
+    /// values computed for it.
+    fn write(&mut self, kind: usize, from: usize, new: &[f32], width: usize, head_dim: usize) {
         let page = KEY_BLOCK * width;
+        let rotated = |new: &[f32]| {
+            let mut x = new.to_vec();
+            rotate_heads(&mut x, head_dim);
+            x
+        };
         match self {
             HostKv::F32(x) => x[kind].write(from, new.iter().copied(), page),
             HostKv::F16(x) => {
@@ -204,15 +213,25 @@ impl HostKv {
             }
             HostKv::Q8_0(x) => x[kind].write(
                 from / KV_BLOCK,
-                quantize_blocks::<BlockQ8_0>(new),
+                quantize_blocks::<BlockQ8_0>(&rotated(new)),
                 page / KV_BLOCK,
             ),
             HostKv::Q4_0(x) => x[kind].write(
                 from / KV_BLOCK,
-                quantize_blocks::<BlockQ4_0>(new),
+                quantize_blocks::<BlockQ4_0>(&rotated(new)),
                 page / KV_BLOCK,
             ),
         }
+    }
+
+    /// Keys (0) or values (1), the first `n` values as f32: for blocks, dequantized
+    /// and rotated back (the keys and values as computed, up to the quantization).
+    fn values(&self, kind: usize, n: usize, head_dim: usize) -> Option<Vec<f32>> {
+        let mut x = self.rows(kind, n)?.to_f32().into_owned();
+        if matches!(self, HostKv::Q8_0(_) | HostKv::Q4_0(_)) {
+            rotate_heads(&mut x, head_dim);
+        }
+        Some(x)
     }
 
     /// Keys and values hold the first `n` values of `src`'s, sharing its pages.
@@ -326,9 +345,11 @@ impl KvCache {
         }
         let caps = Capabilities::of(device);
         let host_kv = caps.host_kv;
-        if ty.is_blocks() {
-            check_blocks(graph, ty, host_kv, &specs)?;
-        }
+        let head_dim = if ty.is_blocks() {
+            check_blocks(graph, ty, host_kv, &specs)?
+        } else {
+            0
+        };
         let dtype = if ty == KvType::F16 && caps.device_blocks && device.supports_dtype(DType::F16)
         {
             DType::F16
@@ -346,6 +367,7 @@ impl KvCache {
                         host: Some(HostKv::new(ty)),
                         dtype: DType::F32,
                         width,
+                        head_dim,
                         window,
                         rows,
                     };
@@ -356,6 +378,7 @@ impl KvCache {
                     host: None,
                     dtype,
                     width,
+                    head_dim,
                     window,
                     rows,
                 }
@@ -480,7 +503,8 @@ impl KvCache {
     }
 
     /// The cached rows on the host: positions `0..len` of full layers, the whole ring
-    /// of sliding-window layers.
+    /// of sliding-window layers. Block layers give their keys and values dequantized
+    /// and rotated back, so a snapshot is the same kind of data for every cache type.
     pub fn snapshot(&self) -> Result<KvSnapshot> {
         let layers = self
             .layers
@@ -490,8 +514,7 @@ impl KvCache {
                 if let Some(host) = &l.host {
                     let n = self.len * l.width;
                     let read = |kind| {
-                        host.rows(kind, n)
-                            .map(|r| r.to_f32().into_owned())
+                        host.values(kind, n, l.head_dim)
                             .ok_or_else(|| {
                                 GraphError::Input(format!("KV cache layer {i} is short"))
                             })
@@ -531,7 +554,9 @@ impl KvCache {
         })
     }
 
-    /// Writes a snapshot back; it must have this cache's layout.
+    /// Writes a snapshot back; it must have this cache's layout. A block cache
+    /// quantizes the snapshot's values again: the same blocks, but for a rare value
+    /// that the rotations' rounding tips over a rounding edge.
     pub fn restore(&mut self, snap: &KvSnapshot) -> Result<()> {
         if snap.layers.len() != self.layers.len() || snap.len > self.capacity {
             return Err(GraphError::Input(format!(
@@ -561,8 +586,8 @@ impl KvCache {
         }
         for (l, s) in self.layers.iter_mut().zip(&snap.layers) {
             if let Some(host) = &mut l.host {
-                host.write(0, 0, &s.keys, l.width);
-                host.write(1, 0, &s.values, l.width);
+                host.write(0, 0, &s.keys, l.width, l.head_dim);
+                host.write(1, 0, &s.values, l.width, l.head_dim);
                 continue;
             }
             for (slot, data) in l.kv.iter_mut().zip([&s.keys, &s.values]) {
@@ -605,7 +630,7 @@ impl KvCache {
         if let Some(host) = &mut l.host {
             // Rows past `past` belong to a step that failed; this step replaces them.
             let new = Value::F2(new).into_f32_vec()?;
-            host.write(kind as usize, past * l.width, &new, l.width);
+            host.write(kind as usize, past * l.width, &new, l.width, l.head_dim);
             // Attention reads every position as stored, a step's own ones included
             // (rounded, with an f16 cache): a position's keys and values are the same
             // whether this step computed them, an earlier chunk of the prompt did, or
@@ -726,7 +751,26 @@ impl KvCache {
         Ok(())
     }
 
-    /// The first `rows.rows` keys or values of a host layer, row-major.
+    /// The same rows as f32 values: for a block cache, dequantized and rotated back
+    /// (what the layer's keys or values were, up to the quantization).
+    pub fn host_values(&self, rows: &CachedRows) -> Result<Vec<f32>> {
+        self.layers
+            .get(rows.layer)
+            .and_then(|l| {
+                l.host
+                    .as_ref()?
+                    .values(rows.kind as usize, rows.rows * rows.width, l.head_dim)
+            })
+            .ok_or_else(|| {
+                GraphError::Input(format!(
+                    "KV cache layer {} holds no host rows {}",
+                    rows.layer, rows.rows
+                ))
+            })
+    }
+
+    /// The first `rows.rows` keys or values of a host layer, row-major (rows of a
+    /// block cache as stored: rotated, see [`llama_kernels::rotate_heads`]).
     pub fn host_rows(&self, rows: &CachedRows) -> Result<KvRows<'_>> {
         self.layers
             .get(rows.layer)
@@ -783,7 +827,7 @@ fn check_blocks(
     ty: KvType,
     host_kv: bool,
     specs: &[Option<(usize, Option<usize>)>],
-) -> Result<()> {
+) -> Result<usize> {
     let refuse = |message: String| GraphError::CacheType {
         ty: ty.name(),
         message,
@@ -793,13 +837,21 @@ fn check_blocks(
             "blocks are read by the host attention only; this device keeps its KV cache as tensors (use f16 or f32)".into(),
         ));
     }
-    for node in graph.nodes() {
-        if let Op::Attention { head_dim, .. } = node.op {
-            if !head_dim.is_multiple_of(KV_BLOCK) {
-                return Err(refuse(format!(
-                    "heads of {head_dim} values are not whole blocks of {KV_BLOCK}"
-                )));
-            }
+    let mut dims = graph.nodes().iter().filter_map(|n| match n.op {
+        Op::Attention { head_dim, .. } => Some(head_dim),
+        _ => None,
+    });
+    let first = dims.next().unwrap_or(KV_BLOCK);
+    for head_dim in std::iter::once(first).chain(dims) {
+        if !head_dim.is_multiple_of(KV_BLOCK) {
+            return Err(refuse(format!(
+                "heads of {head_dim} values are not whole blocks of {KV_BLOCK}"
+            )));
+        }
+        if head_dim != first {
+            return Err(refuse(format!(
+                "layers with heads of {first} and {head_dim} values"
+            )));
         }
     }
     if let Some((width, _)) = specs
@@ -811,7 +863,7 @@ fn check_blocks(
             "rows of {width} keys are not whole blocks of {KV_BLOCK}"
         )));
     }
-    Ok(())
+    Ok(first)
 }
 
 /// The row ranges of positions `first..first + n` in a ring of `rows` rows.

@@ -254,7 +254,7 @@ impl Program {
     fn materialize(&self, value: Value, step: &Step<'_>) -> Result<Value> {
         let copy = |r: &CachedRows, cache: &KvCache| -> Result<Value> {
             Ok(tensor2(
-                cache.host_rows(r)?.to_f32().into_owned(),
+                cache.host_values(r)?,
                 [r.rows, r.width],
                 &self.device,
             ))

@@ -4,11 +4,22 @@
 //! llama.cpp). A row is quantized once, when its position is written, and never again,
 //! so what attention reads for a position does not depend on how the prompt was split.
 //!
+//! Rows are rotated before they are quantized ([`rotate_heads`]: a Walsh-Hadamard
+//! transform over each 64 values of a head, orthonormal, so its own inverse), as
+//! llama.cpp does for quantized caches since 2026: the transform spreads a few large
+//! channels (Qwen2's key biases reach hundreds) over the whole block, so they no
+//! longer set a scale that rounds every other value of the block away. Dot products
+//! are unchanged by a rotation, so attention rotates the query the same way, and
+//! its output (a sum of rotated values) back.
+//!
 //! Quantizing a block's dequantized values gives the same block back (the scale is
-//! rounded to f16 before the values are divided by it), so a cache copied out as f32
-//! and written back holds the same bits; this holds for every block whose scale is a
-//! normal f16 (a largest value of at least 127 * 2^-14, about 0.008, for Q8_0), while
-//! a block of smaller values may come back a subnormal step of its scale apart.
+//! rounded to f16 before the values are divided by it) for every block whose scale is
+//! a normal f16 (a largest value of at least 127 * 2^-14, about 0.008, for Q8_0); a
+//! block of smaller values may come back a subnormal step of its scale apart. A cache
+//! copied out as f32 is rotated back first, and rotated again when written back: the
+//! two rotations' rounding (about 1e-7 of a value) can tip a value that sat on a
+//! rounding edge to the next level, so a restored cache is the same up to such rare
+//! one-step differences.
 use half::f16;
 
 /// Values per block.
@@ -90,6 +101,39 @@ impl KvBlock for BlockQ4_0 {
         let d = self.d.to_f32();
         out.extend(self.qs.iter().map(|&b| ((b & 15) as f32 - 8.0) * d));
         out.extend(self.qs.iter().map(|&b| ((b >> 4) as f32 - 8.0) * d));
+    }
+}
+
+/// Values per rotation of a head of `head_dim` values (a multiple of [`KV_BLOCK`]):
+/// 64 where heads are whole runs of 64, else 32.
+pub fn rotation_len(head_dim: usize) -> usize {
+    if head_dim.is_multiple_of(64) {
+        64
+    } else {
+        KV_BLOCK
+    }
+}
+
+/// Rotates each run of [`rotation_len`]`(head_dim)` values of `x` (rows of whole
+/// heads) by the orthonormal Walsh-Hadamard transform `H / sqrt(n)`, in place. The
+/// transform is symmetric and orthogonal, so applying it twice gives `x` back (up to
+/// rounding), and `(H q) . (H k) = q . k`.
+pub fn rotate_heads(x: &mut [f32], head_dim: usize) {
+    let n = rotation_len(head_dim);
+    let norm = 1.0 / (n as f32).sqrt();
+    for run in x.chunks_exact_mut(n) {
+        let mut h = 1;
+        while h < n {
+            for i in (0..n).step_by(2 * h) {
+                for j in i..i + h {
+                    let (a, b) = (run[j], run[j + h]);
+                    run[j] = a + b;
+                    run[j + h] = a - b;
+                }
+            }
+            h *= 2;
+        }
+        run.iter_mut().for_each(|v| *v *= norm);
     }
 }
 
@@ -211,6 +255,43 @@ mod tests {
         for x in normal_blocks(8.0) {
             let (b4, y4) = round_trip::<BlockQ4_0>(&x);
             assert_eq!(BlockQ4_0::quantize(&y4), b4);
+        }
+    }
+
+    /// The rotation is the Hadamard matrix's: orthonormal (dot products and norms
+    /// kept), its own inverse, and the same as multiplying by the matrix built from
+    /// its definition (entry (i, j) is (-1)^popcount(i & j) / sqrt(n)).
+    #[test]
+    fn the_rotation_is_the_orthonormal_hadamard_transform() {
+        let mut rand = stream(0x2F3A9C1B5D7E8F01);
+        for head_dim in [32, 64, 96, 128, 256] {
+            let n = rotation_len(head_dim);
+            assert!(head_dim.is_multiple_of(n));
+            let x: Vec<f32> = (0..2 * head_dim).map(|_| 3.0 * rand()).collect();
+            let y: Vec<f32> = (0..2 * head_dim).map(|_| rand()).collect();
+            let (mut rx, mut ry) = (x.clone(), y.clone());
+            rotate_heads(&mut rx, head_dim);
+            rotate_heads(&mut ry, head_dim);
+            for (c, (run, rot)) in x.chunks(n).zip(rx.chunks(n)).enumerate() {
+                for (i, r) in rot.iter().enumerate() {
+                    let want: f64 = run
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &v)| {
+                            let sign = if (i & j).count_ones() % 2 == 0 { 1.0 } else { -1.0 };
+                            sign * v as f64
+                        })
+                        .sum::<f64>()
+                        / (n as f64).sqrt();
+                    assert!((*r as f64 - want).abs() <= 1e-5, "hd {head_dim} run {c} [{i}]");
+                }
+            }
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a * b) as f64).sum::<f64>();
+            assert!((dot(&x, &y) - dot(&rx, &ry)).abs() <= 1e-4, "hd {head_dim}: dot");
+            rotate_heads(&mut rx, head_dim);
+            for (a, b) in x.iter().zip(&rx) {
+                assert!((a - b).abs() <= 1e-5, "hd {head_dim}: twice");
+            }
         }
     }
 
