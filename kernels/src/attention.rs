@@ -899,7 +899,10 @@ mod tests {
             "{what} past {} heads {}/{} hd {} window {:?}",
             s.past, s.n_heads, s.n_kv_heads, s.head_dim, s.window
         );
-        assert!(kernel_err <= 2e-5, "{at}: against the f32 kernel {kernel_err:e}");
+        assert!(
+            kernel_err <= 2e-5,
+            "{at}: against the f32 kernel {kernel_err:e}"
+        );
         assert!(def_err <= 2e-5, "{at}: against the definition {def_err:e}");
         assert!(
             quant_err > 0.0 && quant_err <= bound,
@@ -909,6 +912,8 @@ mod tests {
 
     /// Q8_0 and Q4_0 caches: decode and prompts, grouped heads, windows, head sizes of
     /// one to eight blocks, lengths either side of the page edges.
+    // (Closures, not the variants: a variant's lifetime is not higher-ranked.)
+    #[allow(clippy::redundant_closure)]
     #[test]
     fn attention_over_blocks_matches_the_f32_kernel_on_their_values() {
         let mut rand = stream(0xA0761D6478BD642F);

@@ -179,7 +179,10 @@ impl Engine {
             .ok();
         let device = options.backend.device(options.device)?;
         let capabilities = Capabilities::of(&device);
-        if let Some(ty) = options.cache_type.filter(|t| t.is_blocks() && !capabilities.host_kv) {
+        if let Some(ty) = options
+            .cache_type
+            .filter(|t| t.is_blocks() && !capabilities.host_kv)
+        {
             return Err(RuntimeError::Options(format!(
                 "--cache-type {ty} is read by the host attention of the flex backend only; use f16 or f32 on {}",
                 options.backend.name()

@@ -37,7 +37,12 @@ fn passage_perplexity(path: &std::path::Path, ty: KvType) -> f64 {
 /// `q8_bound` of it (relative), Q4_0 within `q4_bound` where one is given. Gemma 3
 /// keeps its sliding-window layers (5 of every 6) in f32, so there only its global
 /// layers are quantized.
-fn perplexity_beside_f16(model: &str, path: &std::path::Path, q8_bound: f64, q4_bound: Option<f64>) {
+fn perplexity_beside_f16(
+    model: &str,
+    path: &std::path::Path,
+    q8_bound: f64,
+    q4_bound: Option<f64>,
+) {
     let f16 = passage_perplexity(path, KvType::F16);
     let q8 = passage_perplexity(path, KvType::Q8_0);
     let q4 = passage_perplexity(path, KvType::Q4_0);
@@ -47,17 +52,26 @@ fn perplexity_beside_f16(model: &str, path: &std::path::Path, q8_bound: f64, q4_
         100.0 * rel(q8),
         100.0 * rel(q4)
     );
-    assert!(f16.is_finite() && f16 > 1.0, "{model}: f16 perplexity {f16}");
+    assert!(
+        f16.is_finite() && f16 > 1.0,
+        "{model}: f16 perplexity {f16}"
+    );
     assert!(
         rel(q8).abs() <= q8_bound,
         "{model}: q8_0 perplexity {q8} vs f16 {f16}"
     );
     if let Some(bound) = q4_bound {
-        assert!(rel(q4).abs() <= bound, "{model}: q4_0 perplexity {q4} vs f16 {f16}");
+        assert!(
+            rel(q4).abs() <= bound,
+            "{model}: q4_0 perplexity {q4} vs f16 {f16}"
+        );
     }
     assert!(q4.is_finite(), "{model}: q4_0 perplexity {q4}");
     // Quantized keys and values are not the f16 ones: the perplexity moved.
-    assert_ne!(q8, f16, "{model}: a q8_0 cache gave f16's perplexity to the bit");
+    assert_ne!(
+        q8, f16,
+        "{model}: a q8_0 cache gave f16's perplexity to the bit"
+    );
 }
 
 /// The issue's bound for Q8_0 (0.5%); Q4_0, 16 levels a block, within 5%.
@@ -113,8 +127,16 @@ fn block_cache_logits_do_not_depend_on_how_the_prompt_was_split() {
         let mut base = engine.session().unwrap();
         base.prefill_last(&prompt[..70]).unwrap();
         let mut fork = base.fork();
-        assert_eq!(fork.prefill_last(&prompt[70..]).unwrap(), want, "{ty}: fork");
-        assert_eq!(base.prefill_last(&prompt[70..]).unwrap(), want, "{ty}: base");
+        assert_eq!(
+            fork.prefill_last(&prompt[70..]).unwrap(),
+            want,
+            "{ty}: fork"
+        );
+        assert_eq!(
+            base.prefill_last(&prompt[70..]).unwrap(),
+            want,
+            "{ty}: base"
+        );
         // And a decode step after each way in agrees too.
         let next = llama::runtime::argmax(&want);
         let (a, b) = (whole.decode(next).unwrap(), fork.decode(next).unwrap());
@@ -156,12 +178,18 @@ fn block_caches_restore_and_count_their_bytes() {
     // the f16 reference's own rounding.
     let rms = |x: &[f32]| (x.iter().map(|v| (v * v) as f64).sum::<f64>() / x.len() as f64).sqrt();
     let root32 = 32f64.sqrt();
-    for (ty, state, bound) in [("q8_0", &q8_state, root32 / 254.0), ("q4_0", &q4_state, root32 / 8.0)] {
+    for (ty, state, bound) in [
+        ("q8_0", &q8_state, root32 / 254.0),
+        ("q4_0", &q4_state, root32 / 8.0),
+    ] {
         let (a, b) = (&state.cache.layers[0], &exact.cache.layers[0]);
         for (what, x, y) in [("keys", &a.keys, &b.keys), ("values", &a.values, &b.values)] {
             let diff: Vec<f32> = x.iter().zip(y.iter()).map(|(x, y)| x - y).collect();
             let rel = rms(&diff) / rms(y);
-            assert!(rel > 0.0 && rel <= bound + 1e-3, "{ty} layer 0 {what}: {rel:.4}");
+            assert!(
+                rel > 0.0 && rel <= bound + 1e-3,
+                "{ty} layer 0 {what}: {rel:.4}"
+            );
         }
     }
     assert!(f16 > 0);
@@ -214,8 +242,20 @@ fn bench_reports_the_cache_type_and_its_bytes() {
     let m = model.to_str().unwrap();
     let run = |ty: &str| {
         let rows = json_lines(&llama(&[
-            "bench", "-m", m, "-p", "8", "-n", "2", "-d", "64", "-r", "1", "--json",
-            "--cache-type", ty,
+            "bench",
+            "-m",
+            m,
+            "-p",
+            "8",
+            "-n",
+            "2",
+            "-d",
+            "64",
+            "-r",
+            "1",
+            "--json",
+            "--cache-type",
+            ty,
         ]));
         assert_eq!(rows.len(), 1, "{rows:?}");
         let row = rows[0].clone();

@@ -4,8 +4,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use std::sync::Arc;
 
 use llama_kernels::{
-    quantize_blocks, rotate_heads, BlockQ4_0, BlockQ8_0, KvRows, Page, Pages, KEY_BLOCK,
-    KV_BLOCK,
+    quantize_blocks, rotate_heads, BlockQ4_0, BlockQ8_0, KvRows, Page, Pages, KEY_BLOCK, KV_BLOCK,
 };
 
 use crate::capabilities::Capabilities;
@@ -514,10 +513,9 @@ impl KvCache {
                 if let Some(host) = &l.host {
                     let n = self.len * l.width;
                     let read = |kind| {
-                        host.values(kind, n, l.head_dim)
-                            .ok_or_else(|| {
-                                GraphError::Input(format!("KV cache layer {i} is short"))
-                            })
+                        host.values(kind, n, l.head_dim).ok_or_else(|| {
+                            GraphError::Input(format!("KV cache layer {i} is short"))
+                        })
                     };
                     return Ok(LayerSnapshot {
                         rows: self.len,

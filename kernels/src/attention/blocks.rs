@@ -192,7 +192,10 @@ mod tests {
             let (b, y) = round_trip::<BlockQ8_0>(&x);
             let d = b.d.to_f32();
             let rounding = (d - amax / 127.0).abs();
-            assert!(rounding <= (d / 2048.0).max(2f32.powi(-25)), "scale {d} for {amax}");
+            assert!(
+                rounding <= (d / 2048.0).max(2f32.powi(-25)),
+                "scale {d} for {amax}"
+            );
             let bound = 0.5 * d + 127.0 * rounding + amax * 1e-6;
             for (i, (a, b)) in x.iter().zip(&y).enumerate() {
                 assert!((a - b).abs() <= bound, "[{i}] {a} -> {b}, step {d}");
@@ -210,10 +213,17 @@ mod tests {
             let (b, y) = round_trip::<BlockQ4_0>(&x);
             let d = b.d.to_f32().abs();
             let rounding = (d - amax / 8.0).abs();
-            assert!(rounding <= (d / 2048.0).max(2f32.powi(-25)), "scale {d} for {amax}");
+            assert!(
+                rounding <= (d / 2048.0).max(2f32.powi(-25)),
+                "scale {d} for {amax}"
+            );
             let half = 0.5 * d + 8.0 * rounding + amax * 1e-6;
             for (i, (a, b)) in x.iter().zip(&y).enumerate() {
-                let bound = if a.abs() <= 7.4 * d { half } else { half + 0.5 * d };
+                let bound = if a.abs() <= 7.4 * d {
+                    half
+                } else {
+                    half + 0.5 * d
+                };
                 assert!((a - b).abs() <= bound, "[{i}] {a} -> {b}, step {d}");
             }
         }
@@ -222,24 +232,31 @@ mod tests {
     /// Blocks whose scale is a normal f16 (for Q8_0, a largest value of at least
     /// 127 * 2^-14, about 0.0078).
     fn normal_blocks(levels: f32) -> impl Iterator<Item = Vec<f32>> {
-        blocks().into_iter().filter(move |x| {
-            x.iter().fold(0f32, |m, v| m.max(v.abs())) >= levels * 2f32.powi(-14)
-        })
+        blocks()
+            .into_iter()
+            .filter(move |x| x.iter().fold(0f32, |m, v| m.max(v.abs())) >= levels * 2f32.powi(-14))
     }
 
     /// The largest value keeps its sign and lands on the block's extreme level.
     #[test]
     fn the_largest_value_is_kept_at_the_extreme_level() {
         for x in normal_blocks(127.0) {
-            let (i, _) = x
-                .iter()
-                .enumerate()
-                .fold((0, 0f32), |(j, m), (i, &v)| if v.abs() > m { (i, v.abs()) } else { (j, m) });
+            let (i, _) = x.iter().enumerate().fold((0, 0f32), |(j, m), (i, &v)| {
+                if v.abs() > m {
+                    (i, v.abs())
+                } else {
+                    (j, m)
+                }
+            });
             let q8 = BlockQ8_0::quantize(&x);
             assert_eq!(q8.qs[i].unsigned_abs(), 127, "{x:?}");
             assert_eq!(q8.qs[i] > 0, x[i] > 0.0);
             let q4 = BlockQ4_0::quantize(&x);
-            let nibble = if i < 16 { q4.qs[i] & 15 } else { q4.qs[i - 16] >> 4 };
+            let nibble = if i < 16 {
+                q4.qs[i] & 15
+            } else {
+                q4.qs[i - 16] >> 4
+            };
             assert_eq!(nibble, 0, "{x:?}");
         }
     }
@@ -278,16 +295,27 @@ mod tests {
                         .iter()
                         .enumerate()
                         .map(|(j, &v)| {
-                            let sign = if (i & j).count_ones() % 2 == 0 { 1.0 } else { -1.0 };
+                            let sign = if (i & j).count_ones() % 2 == 0 {
+                                1.0
+                            } else {
+                                -1.0
+                            };
                             sign * v as f64
                         })
                         .sum::<f64>()
                         / (n as f64).sqrt();
-                    assert!((*r as f64 - want).abs() <= 1e-5, "hd {head_dim} run {c} [{i}]");
+                    assert!(
+                        (*r as f64 - want).abs() <= 1e-5,
+                        "hd {head_dim} run {c} [{i}]"
+                    );
                 }
             }
-            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a * b) as f64).sum::<f64>();
-            assert!((dot(&x, &y) - dot(&rx, &ry)).abs() <= 1e-4, "hd {head_dim}: dot");
+            let dot =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(a, b)| (a * b) as f64).sum::<f64>();
+            assert!(
+                (dot(&x, &y) - dot(&rx, &ry)).abs() <= 1e-4,
+                "hd {head_dim}: dot"
+            );
             rotate_heads(&mut rx, head_dim);
             for (a, b) in x.iter().zip(&rx) {
                 assert!((a - b).abs() <= 1e-5, "hd {head_dim}: twice");
