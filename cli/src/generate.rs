@@ -131,6 +131,9 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
             messages.push(Message::new("system", system));
         }
         messages.push(Message::new("user", &args.prompt));
+        if let Some(note) = engine.chat_template_note() {
+            eprintln!("{note}");
+        }
         // As transformers' apply_chat_template: the template writes the special tokens.
         tokenizer.encode_plain(&engine.chat_template()?.render(&messages, true)?)?
     } else {
@@ -273,6 +276,9 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
     let engine = load(&args.model, ctx_size(args.run.ctx_size), ctx_size_error)?;
     let tokenizer = engine.tokenizer()?;
     let template = engine.chat_template()?;
+    if let Some(note) = engine.chat_template_note() {
+        eprintln!("{note}");
+    }
     // A conversation samples as llama.cpp's does: greedy decoding makes small models loop.
     let mut opts = options(&engine, &args.run, SamplerConfig::chat());
     let draft = args.run.speculation.load_draft(&args.model, &engine)?;

@@ -5,15 +5,35 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use clap::Args;
 use llama_runtime::Engine;
-use llama_serve::{Retention, ServerConfig};
+use llama_serve::{Limits, ModelEntry, Models, Retention, ServerConfig};
 
-use crate::args::{ModelArgs, SpeculationArgs};
+use crate::args::{EngineArgs, SpeculationArgs};
 use crate::ctx_size;
 
 #[derive(Args)]
 pub struct ServeArgs {
+    /// A model to serve: an HF model directory or a .gguf file, optionally named
+    /// (`NAME=PATH`; default: the file's name without extension). Repeat it to serve
+    /// several; each loads on first use.
+    #[arg(long = "model", short = 'm', value_name = "[NAME=]PATH", required_unless_present = "models_dir")]
+    models: Vec<String>,
+    /// A directory of models: every .gguf file (named by its stem) and every HF model
+    /// directory in it (named by the directory). Models load on first use and the
+    /// directory is rescanned as it changes. A `NAME.jinja` file beside a model is
+    /// its chat template.
+    #[arg(long, value_name = "DIR")]
+    models_dir: Option<PathBuf>,
+    /// Models loaded at once; past it, the least recently used idle model is
+    /// unloaded.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_models: Option<u64>,
+    /// Bytes the loaded models may hold together (weights and KV budgets; a number
+    /// with an optional K, M, G or T suffix, powers of 1024); past it, the least
+    /// recently used idle models are unloaded.
+    #[arg(long, value_name = "BYTES", value_parser = byte_size)]
+    memory_budget: Option<u64>,
     #[command(flatten)]
-    model: ModelArgs,
+    engine: EngineArgs,
     /// Address to listen on; loopback unless told otherwise.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -31,7 +51,8 @@ pub struct ServeArgs {
     /// Every route but /health wants `Authorization: Bearer KEY` (or $LLAMA_API_KEY).
     #[arg(long, env = "LLAMA_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// The model's name in the API (default: the file's name without extension).
+    /// The model's name in the API, with one --model (default: the file's name
+    /// without extension).
     #[arg(long)]
     alias: Option<String>,
     /// The largest request body, in bytes.
@@ -79,13 +100,75 @@ fn default_state_dir() -> PathBuf {
     cache.join("state")
 }
 
+/// `--memory-budget`: bytes, with an optional K, M, G or T suffix (powers of 1024).
+fn byte_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("`{s}`: the suffix must be K, M, G or T")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: f64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 4G, 512M, 1000000)"))?;
+    if !n.is_finite() || n <= 0.0 {
+        return Err(format!("`{s}`: a size must be positive"));
+    }
+    Ok((n * (1u64 << shift) as f64) as u64)
+}
+
+/// The models `--model` names: `NAME=PATH` or `PATH` (named by its stem).
+fn entries(args: &ServeArgs) -> Result<Vec<ModelEntry>> {
+    let mut out: Vec<ModelEntry> = Vec::new();
+    for m in &args.models {
+        let (name, path) = match m.split_once('=') {
+            Some((n, p)) if !n.is_empty() && !n.contains(['/', '\\']) => {
+                (Some(n.to_string()), PathBuf::from(p))
+            }
+            _ => (None, PathBuf::from(m)),
+        };
+        let name = match name {
+            Some(n) => n,
+            None if args.models.len() == 1 && args.alias.is_some() => {
+                args.alias.clone().unwrap_or_default()
+            }
+            None => path
+                .file_stem()
+                .or(path.file_name())
+                .map_or("model".into(), |s| s.to_string_lossy().into_owned()),
+        };
+        if out.iter().any(|e| e.name == name) {
+            anyhow::bail!("--model: two models are named `{name}`; name them with NAME=PATH");
+        }
+        out.push(ModelEntry {
+            name,
+            path,
+            chat_template: args.engine.chat_template.clone(),
+        });
+    }
+    Ok(out)
+}
+
 pub fn run_serve(args: ServeArgs) -> Result<()> {
-    let alias = args.alias.clone().unwrap_or_else(|| {
-        let p = &args.model.model;
-        p.file_stem()
-            .or(p.file_name())
-            .map_or("model".into(), |s| s.to_string_lossy().into_owned())
-    });
+    let entries = entries(&args)?;
+    if let Some(dir) = &args.models_dir {
+        if !dir.is_dir() {
+            anyhow::bail!("--models-dir {}: not a directory", dir.display());
+        }
+    }
+    if args.alias.is_some() && (entries.len() != 1 || args.models_dir.is_some()) {
+        anyhow::bail!("--alias names the one --model; with several, use --model NAME=PATH");
+    }
+    let alias = entries.first().map_or("model".into(), |e| e.name.clone());
     let config = ServerConfig {
         alias,
         api_key: args.api_key.clone().filter(|k| !k.is_empty()),
@@ -102,7 +185,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             .speculation
             .draft_model
             .clone()
-            .map(|p| (p, args.model.options(ctx_size(args.ctx_size)))),
+            .map(|p| (p, args.engine.options(ctx_size(args.ctx_size)))),
         state_dir: Some(args.state_dir.clone().unwrap_or_else(default_state_dir)),
         retention: Retention {
             max_age: Duration::from_secs(args.responses_max_age_days.saturating_mul(24 * 3600)),
@@ -118,29 +201,60 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
         .block_on(tokio::net::TcpListener::bind(&addr))
         .with_context(|| format!("cannot listen on {addr}"))?;
     let bound = listener.local_addr().context("reading the bound address")?;
-    eprintln!(
-        "listening on http://{bound} (loading {})",
-        args.model.model.display()
-    );
-    let options = args.model.options(ctx_size(args.ctx_size));
-    let path = args.model.model.clone();
+    let what = match (&args.models_dir, entries.as_slice()) {
+        (None, [one]) => format!("loading {}", one.path.display()),
+        (Some(dir), _) => format!("models from {} load on first use", dir.display()),
+        _ => format!("{} models load on first use", entries.len()),
+    };
+    eprintln!("listening on http://{bound} ({what})");
+    let options = args.engine.options(ctx_size(args.ctx_size));
     let parallel = args.parallel;
-    let load = move || {
-        let engine = Engine::load(&path, &options)?;
+    let load = move |entry: &ModelEntry| -> llama_runtime::Result<Engine> {
+        let mut engine = Engine::load(&entry.path, &options)?;
+        if let Some(choice) = &entry.chat_template {
+            engine.set_chat_template(choice)?;
+        } else if let Some(note) = engine.chat_template_note() {
+            eprintln!("{note}");
+        }
         eprintln!(
             "model loaded: {} ({} positions per sequence, {} at once); serving",
-            path.display(),
+            entry.path.display(),
             engine.context(),
             parallel
         );
         Ok(engine)
     };
-    runtime.block_on(llama_serve::serve(
+    let models = Models {
+        entries,
+        dir: args.models_dir.clone(),
+        limits: Limits {
+            max_models: args.max_models.map(|m| m as usize),
+            memory_budget: args.memory_budget,
+        },
+    };
+    runtime.block_on(llama_serve::serve_models(
         listener,
         config,
-        load,
+        models,
+        std::sync::Arc::new(load),
         llama_serve::shutdown_signal(),
     ))?;
     eprintln!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_size;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(byte_size("1000"), Ok(1000));
+        assert_eq!(byte_size("4K"), Ok(4096));
+        assert_eq!(byte_size("1.5G"), Ok(3 << 29));
+        assert_eq!(byte_size("2t"), Ok(2 << 40));
+        assert!(byte_size("0").is_err());
+        assert!(byte_size("4X").is_err());
+        assert!(byte_size("G").is_err());
+    }
 }

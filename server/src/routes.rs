@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::jobs::{Job, Running, Update};
 use crate::request::{self, ChatFields, Common, CompletionFields, Prompt};
+use crate::models::Lease;
 use crate::state::{AppState, Loaded};
 
 pub(crate) type AppResult = Result<Response, ApiError>;
@@ -358,9 +359,10 @@ pub async fn chat_completions(
 ) -> AppResult {
     let arrived = Instant::now();
     let value = body(bytes, state.config.body_limit)?;
-    state.service()?; // an embedding model says so before any field is read
-    let plan = plan_chat(state.model()?, &value)?;
-    respond(state, plan, arrived).await
+    let model = state.model(&value).await?;
+    model.service()?; // an embedding model says so before any field is read
+    let plan = plan_chat(&model, &value)?;
+    respond(state, model, plan, arrived).await
 }
 
 pub async fn completions(
@@ -369,9 +371,10 @@ pub async fn completions(
 ) -> AppResult {
     let arrived = Instant::now();
     let value = body(bytes, state.config.body_limit)?;
-    state.service()?;
-    let plan = plan_completion(state.model()?, &value)?;
-    respond(state, plan, arrived).await
+    let model = state.model(&value).await?;
+    model.service()?;
+    let plan = plan_completion(&model, &value)?;
+    respond(state, model, plan, arrived).await
 }
 
 /// Counts a request in flight for as long as it lives.
@@ -390,7 +393,7 @@ impl Drop for InFlight {
     }
 }
 
-async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResult {
+async fn respond(state: Arc<AppState>, model: Lease, plan: Plan, arrived: Instant) -> AppResult {
     let guard = InFlight::new(&state);
     let param = match plan.kind {
         Kind::Chat => "messages",
@@ -398,7 +401,7 @@ async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResul
     };
     let jobs = plan.jobs;
     let choices = jobs.len();
-    let running = Running::start(state.clone(), jobs, arrived, param).await?;
+    let running = Running::start(state.clone(), model.clone(), jobs, arrived, param).await?;
     let id = state.id(match plan.kind {
         Kind::Chat => "chatcmpl",
         Kind::Completion => "cmpl",
@@ -406,14 +409,14 @@ async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResul
     let shape = Shape {
         kind: plan.kind,
         id,
-        model: state.config.alias.clone(),
+        model: model.name.clone(),
         created: crate::state::now(),
         n: plan.n,
         echo: plan.echo,
         logprobs: plan.logprobs,
         prompt_tokens: plan.prompt_tokens,
         tools: plan.tools,
-        state: state.clone(),
+        lease: model,
     };
     if plan.stream {
         let stream = SseState {
@@ -453,7 +456,7 @@ struct Shape {
     logprobs: Option<usize>,
     prompt_tokens: usize,
     tools: Option<ToolFormat>,
-    state: Arc<AppState>,
+    lease: Lease,
 }
 
 impl Shape {
@@ -475,10 +478,7 @@ impl Shape {
     }
 
     fn token_text(&self, id: u32) -> String {
-        self.state
-            .loaded()
-            .and_then(|m| m.tokenizer.decode(&[id]).ok())
-            .unwrap_or_default()
+        self.lease.tokenizer.decode(&[id]).unwrap_or_default()
     }
 
     /// Chat's `logprobs.content` entries for some tokens.

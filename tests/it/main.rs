@@ -28,6 +28,7 @@ mod real_model;
 mod safetensors_loading;
 mod serve_cli;
 mod serve_dialects;
+mod serve_models;
 mod service;
 mod speculative;
 mod structured;
