@@ -155,15 +155,17 @@ fn one_server_answers_for_three_models_as_each_alone() {
     let listed: Vec<String> = rt
         .block_on(models(&base))
         .iter()
-        .map(|m| format!("{}={}", m["id"], m["status"]["value"]))
+        .map(|m| {
+            format!(
+                "{}={}",
+                m["id"].as_str().unwrap_or_default(),
+                m["status"]["value"].as_str().unwrap_or_default()
+            )
+        })
         .collect();
     assert_eq!(
         listed,
-        [
-            r#""minilm"=unloaded"#,
-            r#""qwen"=unloaded"#,
-            r#""smollm2"=unloaded"#
-        ],
+        ["minilm=unloaded", "qwen=unloaded", "smollm2=unloaded"],
         "every model is listed, none loaded before its first request"
     );
 
@@ -258,6 +260,7 @@ fn one_server_answers_for_three_models_as_each_alone() {
         .count();
     assert!(loaded <= 2, "{loaded} models loaded past --max-models 2");
     let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("peak RSS {} MiB (budget {} MiB)", peak >> 20, budget >> 20);
     assert!(
         peak <= budget + slack,
         "peak RSS {} MiB past the budget {} MiB plus the slack {} MiB",
