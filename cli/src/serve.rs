@@ -15,7 +15,12 @@ pub struct ServeArgs {
     /// A model to serve: an HF model directory or a .gguf file, optionally named
     /// (`NAME=PATH`; default: the file's name without extension). Repeat it to serve
     /// several; each loads on first use.
-    #[arg(long = "model", short = 'm', value_name = "[NAME=]PATH", required_unless_present = "models_dir")]
+    #[arg(
+        long = "model",
+        short = 'm',
+        value_name = "[NAME=]PATH",
+        required_unless_present = "models_dir"
+    )]
     models: Vec<String>,
     /// A directory of models: every .gguf file (named by its stem) and every HF model
     /// directory in it (named by the directory). Models load on first use and the

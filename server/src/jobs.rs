@@ -132,9 +132,11 @@ impl Running {
                     generation.cached_tokens,
                     generation.ids.len(),
                 );
-                self.state
-                    .metrics
-                    .drafts(&self.model.name, generation.drafted, generation.accepted);
+                self.state.metrics.drafts(
+                    &self.model.name,
+                    generation.drafted,
+                    generation.accepted,
+                );
                 Update::Done(generation)
             }
             Event::Failed { error, .. } => {

@@ -226,7 +226,10 @@ where
     if let Some(why) = state.store_error() {
         return Err(ServeError::Internal(why.to_string()));
     }
-    let single = registry.is_single().then(|| registry.names()).and_then(|n| n.into_iter().next());
+    let single = registry
+        .is_single()
+        .then(|| registry.names())
+        .and_then(|n| n.into_iter().next());
     if let Some(name) = &single {
         registry.preload(name);
     }

@@ -2,8 +2,8 @@
 //! installed process-wide), so several servers in one process count apart.
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
 use llama_runtime::ServiceLoad;
+use metrics::{Counter, Gauge, Histogram, Key, Label, Level, Metadata, Recorder, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 
 const META: Metadata<'static> = Metadata::new("llama_serve", Level::INFO, None);
@@ -88,8 +88,7 @@ impl Metrics {
             None,
             "requests being answered".into(),
         );
-        let in_flight =
-            recorder.register_gauge(&Key::from_name("llama_requests_in_flight"), &META);
+        let in_flight = recorder.register_gauge(&Key::from_name("llama_requests_in_flight"), &META);
         Metrics {
             in_flight,
             recorder,
@@ -101,7 +100,8 @@ impl Metrics {
     }
 
     fn counter(&self, name: &'static str, model: &str) -> Counter {
-        self.recorder.register_counter(&Self::key(name, model), &META)
+        self.recorder
+            .register_counter(&Self::key(name, model), &META)
     }
 
     fn histogram(&self, name: &'static str, model: &str) -> Histogram {

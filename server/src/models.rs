@@ -198,7 +198,8 @@ impl Registry {
         let mut slots = self.slots();
         slots.clear();
         slots.insert(name, slot);
-        self.single.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.single
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether one model serves every request.
@@ -245,6 +246,14 @@ impl Registry {
                         });
                     }
                     Phase::Failed(why) => return Err(failed(&key, &why)),
+                    // A single model loads at start, and until it has loaded the
+                    // server answers 503 (as `/health` does) rather than hold requests.
+                    Phase::Loading(_) if self.is_single() => {
+                        return Err(ApiError::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the model is still loading",
+                        ))
+                    }
                     Phase::Loading(rx) => Some(rx),
                     Phase::Unloaded => {
                         if self.make_room(&mut slots, &key) {
@@ -339,7 +348,9 @@ impl Registry {
             };
             if let Some(s) = slots.get_mut(&victim) {
                 if let Phase::Ready(m) = std::mem::replace(&mut s.phase, Phase::Unloaded) {
-                    crate::log(&format!("unloading the model `{victim}` (least recently used)"));
+                    crate::log(&format!(
+                        "unloading the model `{victim}` (least recently used)"
+                    ));
                     drop_model(m);
                 }
             }
@@ -483,7 +494,10 @@ impl Registry {
         let found = match scan_dir(dir) {
             Ok(found) => found,
             Err(e) => {
-                crate::log(&format!("reading the models directory {}: {e}", dir.display()));
+                crate::log(&format!(
+                    "reading the models directory {}: {e}",
+                    dir.display()
+                ));
                 return;
             }
         };

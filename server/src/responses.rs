@@ -23,10 +23,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::models::Lease;
 use crate::presented_key;
 use crate::request::{self, Common};
 use crate::routes::{body, format_constraint, plan_conversation, AppResult, Conversation, Plan};
-use crate::models::Lease;
 use crate::state::AppState;
 use crate::store::{scope, Store, Stored};
 use crate::turn::{Block, Finished, Step, Turn};

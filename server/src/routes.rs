@@ -19,8 +19,8 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::jobs::{Job, Running, Update};
-use crate::request::{self, ChatFields, Common, CompletionFields, Prompt};
 use crate::models::Lease;
+use crate::request::{self, ChatFields, Common, CompletionFields, Prompt};
 use crate::state::{AppState, Loaded};
 
 pub(crate) type AppResult = Result<Response, ApiError>;

@@ -11,8 +11,8 @@ use llama_runtime::{FinishReason, Generation, ToolCall, ToolDelta, ToolParser};
 
 use crate::error::ApiError;
 use crate::jobs::{Running, Update};
-use crate::routes::{InFlight, Plan};
 use crate::models::Lease;
+use crate::routes::{InFlight, Plan};
 use crate::state::{AppState, Loaded};
 
 /// A step of an answer.

@@ -231,10 +231,16 @@ fn one_server_answers_for_three_models_as_each_alone() {
             .find(|(n, p, _)| n == name && p == prompt)
             .map(|(_, _, t)| t)
             .expect("an answer alone");
-        assert_eq!(text, want, "{name} on {prompt:?} differs from its own server");
+        assert_eq!(
+            text, want,
+            "{name} on {prompt:?} differs from its own server"
+        );
     }
     for v in &vectors {
-        let (a, b) = (v.as_array().expect("data"), want_vectors.as_array().expect("data"));
+        let (a, b) = (
+            v.as_array().expect("data"),
+            want_vectors.as_array().expect("data"),
+        );
         assert_eq!(a.len(), b.len());
         for (x, y) in a.iter().zip(b) {
             let (x, y) = (
@@ -246,13 +252,28 @@ fn one_server_answers_for_three_models_as_each_alone() {
                 .zip(y)
                 .map(|(p, q)| p.as_f64().unwrap_or(0.0) * q.as_f64().unwrap_or(0.0))
                 .sum();
-            assert!(cos > 0.9999, "an embedding differs from MiniLM's own: cos {cos}");
+            assert!(
+                cos > 0.9999,
+                "an embedding differs from MiniLM's own: cos {cos}"
+            );
         }
     }
     assert!(
         !served.logged("unloading the model").is_empty(),
         "three models under --max-models 2 must unload one"
     );
+    let metrics = rt.block_on(async {
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    });
+    for name in ["smollm2", "qwen"] {
+        let line = format!("llama_generated_tokens_total{{model=\"{name}\"}}");
+        assert!(metrics.contains(&line), "no {line} in /metrics");
+    }
     let loaded = rt
         .block_on(models(&base))
         .iter()
@@ -357,7 +378,11 @@ fn a_damaged_model_fails_alone_and_new_files_are_found() {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert_eq!(chat(&base, "later", PROMPTS[1]).await, text, "the same file, the same answer");
+        assert_eq!(
+            chat(&base, "later", PROMPTS[1]).await,
+            text,
+            "the same file, the same answer"
+        );
     });
 }
 
@@ -411,7 +436,8 @@ fn loading_and_unloading_a_hundred_times_leaks_nothing() {
 /// The Gemma 3 prompt format as Google publishes it: a system message opens the first
 /// user turn, the assistant is `model`, and the text ends where the model's turn
 /// begins.
-const GEMMA_TURNS: &str = "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n";
+const GEMMA_TURNS: &str =
+    "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n";
 
 /// Gemma 3 270M's file has no chat template: `llama generate --chat`, `llama chat`
 /// and the server chat through the built-in Gemma template, say so in one line, and
@@ -422,10 +448,21 @@ fn gemma3_chats_through_the_built_in_template() {
     let gemma = gemma3_path();
     let gemma = gemma.to_str().expect("path");
     let plain = llama(&[
-        "generate", "--model", gemma, "--prompt", GEMMA_TURNS, "--max-tokens", "12",
-        "--temperature", "0",
+        "generate",
+        "--model",
+        gemma,
+        "--prompt",
+        GEMMA_TURNS,
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
     ]);
-    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
     let chat_out = llama(&[
         "generate",
         "--model",
@@ -447,11 +484,22 @@ fn gemma3_chats_through_the_built_in_template() {
     let want = String::from_utf8_lossy(&plain.stdout).trim().to_string();
     let got = String::from_utf8_lossy(&chat_out.stdout).trim().to_string();
     assert!(!want.is_empty());
-    assert_eq!(got, want, "--chat does not give the model the published format");
+    assert_eq!(
+        got, want,
+        "--chat does not give the model the published format"
+    );
 
     // The interactive chat takes a line and answers it the same way.
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llama"))
-        .args(["chat", "--model", gemma, "--max-tokens", "12", "--temperature", "0"])
+        .args([
+            "chat",
+            "--model",
+            gemma,
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -494,5 +542,48 @@ fn gemma3_chats_through_the_built_in_template() {
             .unwrap_or_default()
             .to_string()
     });
-    assert_eq!(text.trim(), want, "the server's chat differs from the published format");
+    assert_eq!(
+        text.trim(),
+        want,
+        "the server's chat differs from the published format"
+    );
+}
+
+/// The built-in ChatML template renders a conversation with a system message exactly
+/// as SmolLM2's and Qwen2.5's own templates (ChatML, read from their files) do, and
+/// the built-in Gemma template writes Gemma's published format: the system message
+/// opens the first user turn, the assistant speaks as `model`.
+#[test]
+fn built_in_templates_render_as_the_families_own() {
+    use llama::models::ModelSource;
+    use llama::runtime::{ChatTemplate, Message};
+    let conversation = [
+        Message::new("system", "You are terse."),
+        Message::new("user", "Hi there"),
+        Message::new("assistant", "Hello."),
+        Message::new("user", "Name a river."),
+    ];
+    for path in [smollm2(), qwen25_path()] {
+        let source = ModelSource::open(&path).expect("opens");
+        let own = ChatTemplate::for_source(&source)
+            .expect("reads")
+            .expect("the file has a template");
+        let builtin = ChatTemplate::given("chatml", &source).expect("built in");
+        assert_eq!(
+            builtin.render(&conversation, true).expect("renders"),
+            own.render(&conversation, true).expect("renders"),
+            "{}",
+            path.display()
+        );
+    }
+    let source = ModelSource::open(&gemma3_path()).expect("opens");
+    let gemma = ChatTemplate::given("gemma", &source).expect("built in");
+    assert_eq!(
+        gemma.render(&conversation, true).expect("renders"),
+        "<bos><start_of_turn>user\nYou are terse.\n\nHi there<end_of_turn>\n\
+         <start_of_turn>model\nHello.<end_of_turn>\n\
+         <start_of_turn>user\nName a river.<end_of_turn>\n<start_of_turn>model\n"
+    );
+    assert!(ChatTemplate::given("no-such-template", &source)
+        .is_err_and(|e| e.to_string().contains("not a built-in template")));
 }
