@@ -485,7 +485,11 @@ fn usage(f: &Finished) -> Value {
         "input_tokens": f.prompt_tokens,
         "input_tokens_details": { "cached_tokens": f.cached_tokens },
         "output_tokens": f.output_tokens,
-        "output_tokens_details": { "reasoning_tokens": 0 },
+        "output_tokens_details": {
+            "reasoning_tokens": 0,
+            "accepted_prediction_tokens": f.drafts.accepted,
+            "rejected_prediction_tokens": f.drafts.details()["rejected_prediction_tokens"],
+        },
         "total_tokens": f.prompt_tokens + f.output_tokens,
     })
 }

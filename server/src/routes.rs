@@ -431,6 +431,7 @@ async fn respond(state: Arc<AppState>, model: Lease, plan: Plan, arrived: Instan
             called: vec![false; choices],
             generated: 0,
             cached: 0,
+            drafts: Drafts::default(),
             include_usage: plan.include_usage,
             ended: false,
             _guard: guard,
@@ -443,6 +444,29 @@ async fn respond(state: Arc<AppState>, model: Lease, plan: Plan, arrived: Instan
             .into_response());
     }
     collect(running, shape, choices).await
+}
+
+/// Speculative draft tokens of a request's sequences: verified, and accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Drafts {
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
+impl Drafts {
+    pub(crate) fn add(&mut self, g: &Generation) {
+        self.drafted += g.drafted;
+        self.accepted += g.accepted;
+    }
+
+    /// OpenAI's names for predicted tokens that were and were not kept (its
+    /// Predicted Outputs), which is what drafts are.
+    pub(crate) fn details(self) -> Value {
+        json!({
+            "accepted_prediction_tokens": self.accepted,
+            "rejected_prediction_tokens": self.drafted - self.accepted.min(self.drafted),
+        })
+    }
 }
 
 /// What every response of one request shares.
@@ -468,12 +492,13 @@ impl Shape {
         }
     }
 
-    fn usage(&self, generated: usize, cached: usize) -> Value {
+    fn usage(&self, generated: usize, cached: usize, drafts: Drafts) -> Value {
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": generated,
             "total_tokens": self.prompt_tokens + generated,
             "prompt_tokens_details": { "cached_tokens": cached },
+            "completion_tokens_details": drafts.details(),
         })
     }
 
@@ -555,6 +580,7 @@ async fn collect(mut running: Running, shape: Shape, choices: usize) -> AppResul
     }
     let mut generated = 0;
     let mut cached = 0;
+    let mut drafts = Drafts::default();
     let mut out = Vec::with_capacity(choices);
     for (i, g) in done.into_iter().enumerate() {
         let g = g.ok_or_else(|| {
@@ -564,6 +590,7 @@ async fn collect(mut running: Running, shape: Shape, choices: usize) -> AppResul
             )
         })?;
         generated += g.ids.len();
+        drafts.add(&g);
         if i % shape.n == 0 {
             cached += g.cached_tokens;
         }
@@ -605,7 +632,7 @@ async fn collect(mut running: Running, shape: Shape, choices: usize) -> AppResul
         "model": shape.model,
         "system_fingerprint": fingerprint(),
         "choices": out,
-        "usage": shape.usage(generated, cached),
+        "usage": shape.usage(generated, cached, drafts),
     }))
     .into_response())
 }
@@ -653,6 +680,7 @@ struct SseState {
     called: Vec<bool>,
     generated: usize,
     cached: usize,
+    drafts: Drafts,
     include_usage: bool,
     ended: bool,
     _guard: InFlight,
@@ -775,6 +803,7 @@ impl SseState {
                 }
                 Update::Done(g) => {
                     self.generated += g.ids.len();
+                    self.drafts.add(&g);
                     if i % self.shape.n == 0 {
                         self.cached += g.cached_tokens;
                     }
@@ -810,7 +839,7 @@ impl SseState {
                 "model": self.shape.model,
                 "system_fingerprint": fingerprint(),
                 "choices": [],
-                "usage": self.shape.usage(self.generated, self.cached),
+                "usage": self.shape.usage(self.generated, self.cached, self.drafts),
             });
             self.pending
                 .push_back(SseEvent::default().data(usage.to_string()));

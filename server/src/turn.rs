@@ -41,6 +41,8 @@ pub struct Finished {
     pub called: bool,
     /// The ids generated (to tell which stop string ended it).
     pub ids: Vec<u32>,
+    /// Speculative draft tokens verified and accepted.
+    pub drafts: crate::routes::Drafts,
 }
 
 /// A piece of a whole answer, in order.
@@ -151,6 +153,10 @@ impl Turn {
             cached_tokens: g.cached_tokens,
             output_tokens: g.ids.len(),
             called: self.called,
+            drafts: crate::routes::Drafts {
+                drafted: g.drafted,
+                accepted: g.accepted,
+            },
             ids: g.ids,
         }));
     }
