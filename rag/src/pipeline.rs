@@ -281,8 +281,8 @@ pub enum AnswerStyle {
     /// still says nothing, a quote of the cited source stands in (see [`Quote`]).
     #[default]
     Short,
-    /// The short answer, then the sentence of the cited source that best matches the
-    /// question, quoted.
+    /// The short answer, then the sentence of any source that best matches the
+    /// question, quoted and cited.
     Quote,
     /// The model's text as it comes, without a grammar; a quote when it says nothing.
     Free,
@@ -586,9 +586,16 @@ pub fn answer(
     let mut quote = None;
     let silent = !says_something(&answer);
     if (silent || opts.style == AnswerStyle::Quote) && !sources.is_empty() {
-        // From the cited sources, or the first when none is cited.
-        let from: Vec<&Source> = if cited.is_empty() {
-            sources.iter().take(1).collect()
+        // The quote style looks through every source: a small model often cites
+        // the first source whatever holds the answer, and the quote (which cites its
+        // own source) is the evidence. A silent answer quotes what it cited, or the
+        // first source when it cited none.
+        let from: Vec<&Source> = if opts.style == AnswerStyle::Quote || cited.is_empty() {
+            if opts.style == AnswerStyle::Quote {
+                sources.iter().collect()
+            } else {
+                sources.iter().take(1).collect()
+            }
         } else {
             sources.iter().filter(|s| cited.contains(&s.n)).collect()
         };
