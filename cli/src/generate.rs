@@ -47,6 +47,11 @@ pub struct ChatArgs {
     /// A system message at the start of the conversation.
     #[arg(long)]
     system: Option<String>,
+    /// Keep the conversation, with its KV cache, in FILE: resumed from it at start
+    /// (without running it again) and saved to it on exit. A file that is damaged or
+    /// made by another model or configuration is ignored with a warning.
+    #[arg(long, value_name = "FILE")]
+    session: Option<std::path::PathBuf>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -288,6 +293,21 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         .map(|s| Message::new("system", s))
         .collect();
     let mut messages = start_messages.clone();
+    let key = match &args.session {
+        Some(_) => Some(session_key(&args.model.model, &engine)?),
+        None => None,
+    };
+    if let (Some(path), Some(key)) = (&args.session, &key) {
+        if let Some(resumed) = resume(path, key, &mut session) {
+            eprintln!(
+                "(resumed {} messages, {} cached tokens from {})",
+                resumed.len(),
+                session.tokens().len(),
+                path.display()
+            );
+            messages = resumed;
+        }
+    }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -333,5 +353,70 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         );
         messages.push(Message::new("assistant", &g.text));
     }
+    if let (Some(path), Some(key)) = (&args.session, &key) {
+        let meta: Vec<[&str; 2]> = messages
+            .iter()
+            .map(|m| [m.role.as_str(), m.content.as_str()])
+            .collect();
+        let state = session.state()?;
+        llama_runtime::prompt_cache::save_session(path, key, &state, serde_json::json!(meta))
+            .with_context(|| "saving the session")?;
+        eprintln!(
+            "(saved {} messages, {} tokens to {})",
+            messages.len(),
+            state.tokens.len(),
+            path.display()
+        );
+    }
     Ok(())
+}
+
+/// What a chat session file is keyed by: the model's content and how it runs.
+fn session_key(model: &std::path::Path, engine: &Engine) -> Result<llama_runtime::CacheKey> {
+    let digest = llama_runtime::prompt_cache::model_digest(model, None)
+        .with_context(|| "hashing the model for --session")?;
+    Ok(llama_runtime::CacheKey::new(
+        digest,
+        engine.cache_type(),
+        &format!("{:?}", engine.device()),
+        engine.program(),
+    ))
+}
+
+/// The messages of the conversation saved in `path`, its KV cache restored into
+/// `session`; `None` for a new file, or (after a warning) one that cannot be used.
+fn resume(
+    path: &std::path::Path,
+    key: &llama_runtime::CacheKey,
+    session: &mut llama_runtime::Session,
+) -> Option<Vec<Message>> {
+    if !path.exists() {
+        return None;
+    }
+    let warn = |e: &dyn std::fmt::Display| {
+        eprintln!("warning: session {e}; starting a new conversation");
+    };
+    let (state, meta) = match llama_runtime::prompt_cache::load_session(path, key) {
+        Ok(x) => x,
+        Err(e) => {
+            warn(&e);
+            return None;
+        }
+    };
+    let messages: Option<Vec<[String; 2]>> = serde_json::from_value(meta).ok();
+    let Some(messages) = messages else {
+        warn(&format!("{}: no conversation in it", path.display()));
+        return None;
+    };
+    if let Err(e) = session.restore(&state) {
+        session.reset();
+        warn(&format!("{}: {e}", path.display()));
+        return None;
+    }
+    Some(
+        messages
+            .iter()
+            .map(|[role, content]| Message::new(role, content))
+            .collect(),
+    )
 }

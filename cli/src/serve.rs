@@ -67,6 +67,55 @@ pub struct ServeArgs {
     /// Stored responses kept at most; the oldest go first.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     responses_max_count: u64,
+    #[command(flatten)]
+    prompt_cache: PromptCacheArgs,
+}
+
+/// The prompt cache on disk.
+#[derive(Args)]
+pub struct PromptCacheArgs {
+    /// Keep finished sequences' KV pages in this directory too (across restarts);
+    /// a later prompt that starts with the same tokens loads them instead of running
+    /// them. Entries are keyed by the model file's SHA-256, the cache type, the device
+    /// and the compiled graph.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes the cache directory may hold (suffixes K, M, G, T: powers of 1024); the
+    /// least recently used entries go first.
+    #[arg(long, default_value = "8G", value_parser = bytes, requires = "cache_dir")]
+    pub cache_disk_budget: u64,
+}
+
+impl PromptCacheArgs {
+    /// The disk tier's options for the model at `model`.
+    pub fn options(&self, model: &std::path::Path) -> Option<llama_runtime::DiskOptions> {
+        self.cache_dir.clone().map(|dir| llama_runtime::DiskOptions {
+            dir,
+            budget: self.cache_disk_budget,
+            model: model.to_path_buf(),
+        })
+    }
+}
+
+/// A byte count: digits, then optionally K, M, G or T (powers of 1024, with or
+/// without a trailing `B` or `iB`).
+pub fn bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 500M, 8G)"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{s:?} is not a byte count (e.g. 500M, 8G)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// The default state directory: `state` in the cache directory.
@@ -108,6 +157,7 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             max_age: Duration::from_secs(args.responses_max_age_days.saturating_mul(24 * 3600)),
             max_count: args.responses_max_count as usize,
         },
+        prompt_cache: args.prompt_cache.options(&args.model.model),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -77,7 +77,14 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(load.waiting, load.running),
+        state.metrics.render(
+            load.waiting,
+            load.running,
+            state
+                .loaded()
+                .and_then(|m| m.service.as_ref())
+                .map(|s| s.cache_stats()),
+        ),
     )
         .into_response()
 }

@@ -147,12 +147,89 @@ impl Metrics {
         self.in_flight.increment(delta);
     }
 
-    /// The text exposition, with the engine's load as of now.
-    pub fn render(&self, waiting: usize, running: usize) -> String {
+    /// The text exposition, with the engine's load and its prefix cache's tiers as
+    /// of now.
+    pub fn render(
+        &self,
+        waiting: usize,
+        running: usize,
+        cache: Option<&llama_runtime::CacheStats>,
+    ) -> String {
         self.queue.set(waiting as f64);
         self.busy.set(running as f64);
-        self.recorder.handle().render()
+        let mut out = self.recorder.handle().render();
+        if let Some(c) = cache {
+            out.push_str(&cache_tiers(c));
+        }
+        out
     }
+}
+
+/// The prefix cache's tiers in the exposition format: hits, misses and bytes held,
+/// by tier (`ram`, `disk`), and bytes moved to and from disk.
+fn cache_tiers(c: &llama_runtime::CacheStats) -> String {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in rows {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    family(
+        "llama_prompt_cache_hits_total",
+        "counter",
+        "admitted requests that started from a cached prefix, by tier",
+        &[
+            ("{tier=\"ram\"}", c.ram_hits.load(Relaxed)),
+            ("{tier=\"disk\"}", c.disk_hits.load(Relaxed)),
+        ],
+    );
+    family(
+        "llama_prompt_cache_misses_total",
+        "counter",
+        "admitted requests that a tier had no prefix for (disk: asked after a RAM miss)",
+        &[
+            ("{tier=\"ram\"}", c.ram_misses.load(Relaxed)),
+            ("{tier=\"disk\"}", c.disk_misses.load(Relaxed)),
+        ],
+    );
+    family(
+        "llama_prompt_cache_bytes",
+        "gauge",
+        "bytes each tier holds",
+        &[
+            ("{tier=\"ram\"}", c.ram_bytes.load(Relaxed)),
+            ("{tier=\"disk\"}", c.disk_bytes.load(Relaxed)),
+        ],
+    );
+    family(
+        "llama_prompt_cache_disk_written_bytes_total",
+        "counter",
+        "bytes of entries written to the disk tier",
+        &[("", c.disk_written.load(Relaxed))],
+    );
+    family(
+        "llama_prompt_cache_disk_read_bytes_total",
+        "counter",
+        "bytes of KV rows read back from the disk tier",
+        &[("", c.disk_read.load(Relaxed))],
+    );
+    family(
+        "llama_prompt_cache_disk_skipped_total",
+        "counter",
+        "disk entries skipped as truncated, corrupted or made under another key",
+        &[("", c.disk_skipped.load(Relaxed))],
+    );
+    family(
+        "llama_prompt_cache_disk_enabled",
+        "gauge",
+        "1 while the disk tier is in use, 0 without one or after it failed",
+        &[("", u64::from(c.disk_enabled.load(Relaxed)))],
+    );
+    out
 }
 
 impl Default for Metrics {
