@@ -316,15 +316,14 @@ pub fn write_atomic(path: &Path, parts: &[&[u8]]) -> CacheResult<()> {
     })
 }
 
-/// Writes an entry: `tokens` (one per cached position) and the cache's rows, under
-/// `key`, with `meta` beside. Returns the file's size.
-fn write_entry(
-    path: &Path,
+/// An entry's bytes, in parts: `tokens` (one per cached position) and the cache's
+/// rows, under `key`, with `meta` beside.
+fn encode_entry(
     key: &CacheKey,
     tokens: &[u32],
     snap: &KvSnapshot,
     meta: serde_json::Value,
-) -> CacheResult<u64> {
+) -> Vec<Vec<u8>> {
     let paged = snap.layers.iter().all(|l| l.rows == snap.len);
     // f16 where that loses nothing: a cache stored in f16 reads back exactly.
     let f16 = snap.layers.iter().all(|l| {
@@ -345,13 +344,20 @@ fn write_entry(
         chunks: chunks.iter().map(|c| hex(&Sha256::digest(c))).collect(),
         meta,
     };
-    let json = serde_json::to_vec(&header)
-        .map_err(|e| PromptCacheError::corrupt(path, format!("encoding the header: {e}")))?;
-    let len = (json.len() as u64).to_le_bytes();
-    let sum = Sha256::digest(&json);
-    let mut parts: Vec<&[u8]> = vec![MAGIC, &len, &json, &sum];
-    parts.extend(chunks.iter().map(|c| c.as_slice()));
-    write_atomic(path, &parts)?;
+    // Plain data (numbers and strings) always serializes.
+    let json = serde_json::to_vec(&header).unwrap_or_default();
+    let mut head = MAGIC.to_vec();
+    head.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    let sum = Sha256::digest(&json).to_vec();
+    let mut parts = vec![head, json, sum];
+    parts.extend(chunks);
+    parts
+}
+
+/// Writes the parts of an entry atomically; returns its size.
+fn write_entry(path: &Path, parts: &[Vec<u8>]) -> CacheResult<u64> {
+    let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+    write_atomic(path, &refs)?;
     Ok(parts.iter().map(|p| p.len() as u64).sum())
 }
 
@@ -484,7 +490,8 @@ pub fn save_session(
     state: &SessionState,
     meta: serde_json::Value,
 ) -> CacheResult<()> {
-    write_entry(path, key, &state.tokens, &state.cache, meta).map(|_| ())
+    let parts = encode_entry(key, &state.tokens, &state.cache, meta);
+    write_entry(path, &parts).map(|_| ())
 }
 
 /// Reads a state saved by [`save_session`], checking every checksum and that it was
@@ -897,10 +904,9 @@ impl Tier {
             Ok(s) if s.len == len => s,
             _ => return,
         };
-        // The size before writing, to make room within the budget: f16 or f32 values
-        // plus the header (a generous bound for it).
-        let values: usize = snap.layers.iter().map(|l| 2 * l.keys.len()).sum();
-        let estimate = (values * 4 + len * 12 + 4096) as u64;
+        let parts = encode_entry(&self.key, tokens, &snap, serde_json::Value::Null);
+        drop(snap);
+        let size: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let name = {
             let mut h = Sha256::new();
             h.update(tokens.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<_>>());
@@ -909,11 +915,11 @@ impl Tier {
         let path = self.dir.join(name);
         {
             let mut index = self.lock();
-            if estimate > self.budget || !self.evict(&mut index, estimate, None) {
+            if size > self.budget || !self.evict(&mut index, size, None) {
                 return;
             }
         }
-        match write_entry(&path, &self.key, tokens, &snap, serde_json::Value::Null) {
+        match write_entry(&path, &parts) {
             Ok(bytes) => {
                 self.stats.disk_written.fetch_add(bytes, Ordering::Relaxed);
                 let mut index = self.lock();
