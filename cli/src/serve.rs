@@ -89,11 +89,13 @@ pub struct PromptCacheArgs {
 impl PromptCacheArgs {
     /// The disk tier's options for the model at `model`.
     pub fn options(&self, model: &std::path::Path) -> Option<llama_runtime::DiskOptions> {
-        self.cache_dir.clone().map(|dir| llama_runtime::DiskOptions {
-            dir,
-            budget: self.cache_disk_budget,
-            model: model.to_path_buf(),
-        })
+        self.cache_dir
+            .clone()
+            .map(|dir| llama_runtime::DiskOptions {
+                dir,
+                budget: self.cache_disk_budget,
+                model: model.to_path_buf(),
+            })
     }
 }
 

@@ -290,7 +290,10 @@ impl<'t> Scheduler<'t> {
     }
 
     /// Counts of the prefix cache's tiers, updated as the scheduler steps.
-    pub fn with_cache_stats(mut self, stats: std::sync::Arc<crate::prompt_cache::CacheStats>) -> Self {
+    pub fn with_cache_stats(
+        mut self,
+        stats: std::sync::Arc<crate::prompt_cache::CacheStats>,
+    ) -> Self {
         self.cache_stats = stats;
         self
     }

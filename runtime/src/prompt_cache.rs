@@ -109,7 +109,9 @@ impl CacheKey {
             model,
             cache_type: format!("{cache_type:?}").to_lowercase(),
             device: device.to_string(),
-            graph: hex(&Sha256::digest(llama_graph::dump(program.graph()).as_bytes())),
+            graph: hex(&Sha256::digest(
+                llama_graph::dump(program.graph()).as_bytes(),
+            )),
         }
     }
 
@@ -126,7 +128,10 @@ impl CacheKey {
     /// What differs from `other`, in words (for the warning that skips an entry).
     fn difference(&self, other: &CacheKey) -> String {
         if self.model != other.model {
-            format!("another model ({}…)", &other.model[..other.model.len().min(12)])
+            format!(
+                "another model ({}…)",
+                &other.model[..other.model.len().min(12)]
+            )
         } else if self.cache_type != other.cache_type {
             format!("a {} cache", other.cache_type)
         } else if self.device != other.device {
@@ -184,7 +189,9 @@ pub fn model_digest(path: &Path, memo: Option<&Path>) -> CacheResult<String> {
         }
         let mut file = File::open(f).map_err(|e| PromptCacheError::io(f, e))?;
         loop {
-            let n = file.read(&mut buf).map_err(|e| PromptCacheError::io(f, e))?;
+            let n = file
+                .read(&mut buf)
+                .map_err(|e| PromptCacheError::io(f, e))?;
             if n == 0 {
                 break;
             }
@@ -254,7 +261,10 @@ impl Header {
 fn encode(snap: &KvSnapshot, f16: bool, paged: bool) -> Vec<Vec<u8>> {
     let put = |out: &mut Vec<u8>, xs: &[f32]| {
         if f16 {
-            out.extend(xs.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()));
+            out.extend(
+                xs.iter()
+                    .flat_map(|&x| half::f16::from_f32(x).to_le_bytes()),
+            );
         } else {
             out.extend(xs.iter().flat_map(|x| x.to_le_bytes()));
         }
@@ -373,7 +383,10 @@ fn read_header(path: &Path, file: &mut File) -> CacheResult<(Header, u64)> {
         head[8], head[9], head[10], head[11], head[12], head[13], head[14], head[15],
     ]) as usize;
     if n > MAX_HEADER {
-        return Err(PromptCacheError::corrupt(path, "a header length out of range"));
+        return Err(PromptCacheError::corrupt(
+            path,
+            "a header length out of range",
+        ));
     }
     let mut json = vec![0u8; n + 32];
     file.read_exact(&mut json)
@@ -496,10 +509,7 @@ pub fn save_session(
 
 /// Reads a state saved by [`save_session`], checking every checksum and that it was
 /// made under `key`.
-pub fn load_session(
-    path: &Path,
-    key: &CacheKey,
-) -> CacheResult<(SessionState, serde_json::Value)> {
+pub fn load_session(path: &Path, key: &CacheKey) -> CacheResult<(SessionState, serde_json::Value)> {
     let mut file = File::open(path).map_err(|e| PromptCacheError::io(path, e))?;
     let (h, start) = read_header(path, &mut file)?;
     if &h.key != key {
@@ -644,9 +654,7 @@ impl DiskCache {
                     let meta = fs::metadata(&path).ok();
                     entries.push(DiskEntry {
                         bytes: meta.as_ref().map_or(0, |m| m.len()),
-                        last_used: meta
-                            .and_then(|m| m.modified().ok())
-                            .unwrap_or(UNIX_EPOCH),
+                        last_used: meta.and_then(|m| m.modified().ok()).unwrap_or(UNIX_EPOCH),
                         tokens: h.tokens,
                         path,
                     });
@@ -776,7 +784,10 @@ impl DiskCache {
             let mut file = File::open(&path).map_err(|e| PromptCacheError::io(&path, e))?;
             let (h, start) = read_header(&path, &mut file)?;
             if h.key != self.tier.key || h.tokens != tokens {
-                return Err(PromptCacheError::corrupt(&path, "changed since it was read"));
+                return Err(PromptCacheError::corrupt(
+                    &path,
+                    "changed since it was read",
+                ));
             }
             let snap = read_chunks(&path, &mut file, &h, start, shared.div_ceil(KV_PAGE))?;
             let mut cache = program.new_cache_of(snap.len, cache_type).map_err(|e| {
@@ -909,7 +920,12 @@ impl Tier {
         let size: u64 = parts.iter().map(|p| p.len() as u64).sum();
         let name = {
             let mut h = Sha256::new();
-            h.update(tokens.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<_>>());
+            h.update(
+                tokens
+                    .iter()
+                    .flat_map(|t| t.to_le_bytes())
+                    .collect::<Vec<_>>(),
+            );
             format!("{}-{}.kv", self.prefix, hex(&h.finalize()[..16]))
         };
         let path = self.dir.join(name);
@@ -956,4 +972,3 @@ impl Tier {
         }
     }
 }
-

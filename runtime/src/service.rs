@@ -180,7 +180,10 @@ impl Service {
                             .with_tokenizer(&tokenizer)
                             .with_speculation(speculation)
                             .with_cache_stats(thread_stats.clone());
-                        let s = match disk.as_ref().and_then(|d| open_disk(&engine, d, thread_stats)) {
+                        let s = match disk
+                            .as_ref()
+                            .and_then(|d| open_disk(&engine, d, thread_stats))
+                        {
                             Some(d) => s.with_disk(d),
                             None => s,
                         };

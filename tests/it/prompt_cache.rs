@@ -16,8 +16,7 @@ use futures_util::StreamExt;
 use llama::graph::{KvType, Pipeline, Program};
 use llama::runtime::prompt_cache::{load_session, model_digest, save_session};
 use llama::runtime::{
-    BatchOptions, CacheKey, CacheStats, DiskCache, DiskOptions, Event, PromptCacheError,
-    Scheduler,
+    BatchOptions, CacheKey, CacheStats, DiskCache, DiskOptions, Event, PromptCacheError, Scheduler,
 };
 use serde_json::{json, Value};
 
@@ -101,7 +100,11 @@ fn a_new_scheduler_continues_from_what_an_earlier_one_spilled() {
     let d = disk(dir.path(), 1 << 30, key.clone(), stats.clone()).expect("a writable dir");
     let (first, _) = run(&p, Some(d), stats.clone(), &prompt);
     assert_eq!(first, want);
-    assert_eq!(entries(dir.path()).len(), 1, "one finished sequence, one entry");
+    assert_eq!(
+        entries(dir.path()).len(),
+        1,
+        "one finished sequence, one entry"
+    );
     assert!(count(&stats.disk_written) > 0);
 
     // A fresh scheduler (an empty RAM cache): the whole prompt but its last token
@@ -209,7 +212,10 @@ fn damaged_or_foreign_entries_are_skipped_and_never_used() {
     let (got, reused) = run(&p, Some(d), stats.clone(), &prompt);
     assert_eq!(got, want);
     assert_eq!(reused, 0);
-    assert!(original.exists(), "another model's entry is not ours to delete");
+    assert!(
+        original.exists(),
+        "another model's entry is not ours to delete"
+    );
 }
 
 #[test]
@@ -421,7 +427,12 @@ fn rt() -> tokio::runtime::Runtime {
 
 /// A streamed greedy completion: its text, the time to its first token, and its
 /// usage.
-fn complete(base: &str, prompt: &str, max_tokens: usize, headers: &[(&str, &str)]) -> (String, Duration, Value) {
+fn complete(
+    base: &str,
+    prompt: &str,
+    max_tokens: usize,
+    headers: &[(&str, &str)],
+) -> (String, Duration, Value) {
     rt().block_on(async {
         let mut req = reqwest::Client::new()
             .post(format!("{base}/v1/completions"))
@@ -467,18 +478,41 @@ fn generated(model: &Path, prompt: &str, max_tokens: usize) -> String {
     let max = max_tokens.to_string();
     let model = model.to_str().expect("a UTF-8 path");
     let out = llama(&[
-        "generate", "--model", model, "--prompt", prompt, "--max-tokens", &max, "--json",
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        &max,
+        "--json",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("generate --json");
     v["text"].as_str().expect("text").to_string()
 }
 
 /// About `words` words of varied prose, the same every time.
 fn long_prompt(words: usize) -> String {
-    let subjects = ["The river", "A merchant", "The old clock", "Every lantern", "The council"];
+    let subjects = [
+        "The river",
+        "A merchant",
+        "The old clock",
+        "Every lantern",
+        "The council",
+    ];
     let verbs = ["remembers", "carries", "counts", "hides", "answers"];
-    let objects = ["the salt roads", "a quiet harbor", "forty winters", "the northern bell", "each promise"];
+    let objects = [
+        "the salt roads",
+        "a quiet harbor",
+        "forty winters",
+        "the northern bell",
+        "each promise",
+    ];
     let mut out = String::new();
     let mut n = 0;
     let mut i = 0usize;
@@ -519,11 +553,18 @@ fn a_restarted_server_answers_a_long_prompt_from_its_cache_dir() {
     );
     assert_eq!(cold_usage["prompt_tokens_details"]["cached_tokens"], 0);
     server.stop();
-    assert_eq!(cache_files(dir.path()).len(), 1, "the finished sequence was written");
+    assert_eq!(
+        cache_files(dir.path()).len(),
+        1,
+        "the finished sequence was written"
+    );
 
     let server = Server::start(&model, &args);
     let (warm_text, warm_ttft, warm_usage) = complete(&server.base, &prompt, 16, &[]);
-    assert_eq!(warm_text, cold_text, "the same greedy answer after a restart");
+    assert_eq!(
+        warm_text, cold_text,
+        "the same greedy answer after a restart"
+    );
     let cached = warm_usage["prompt_tokens_details"]["cached_tokens"]
         .as_u64()
         .expect("cached tokens");
@@ -638,7 +679,11 @@ fn an_unwritable_full_or_foreign_cache_dir_leaves_correct_answers_from_ram() {
     assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0);
     assert_eq!(server.logged("made by another model").len(), made);
     drop(server);
-    assert_eq!(cache_files(dir.path()).len(), made, "another model's files stay");
+    assert_eq!(
+        cache_files(dir.path()).len(),
+        made,
+        "another model's files stay"
+    );
 }
 
 /// Runs `llama chat` with `input` on stdin; its stdout and stderr.
@@ -676,7 +721,13 @@ fn chat(model: &Path, session: Option<&Path>, input: &str) -> (String, String) {
 fn prompt_runs(stderr: &str) -> Vec<usize> {
     stderr
         .lines()
-        .filter_map(|l| l.strip_prefix("prompt ")?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.strip_prefix("prompt ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -786,7 +837,10 @@ fn a_conversation_behind_nginx_stays_on_the_replica_that_holds_its_cache() {
             }
             panic!("nginx exited: {status}: {err}");
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "nginx did not come up");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nginx did not come up"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let _proxy = Kill(proxy);
@@ -800,14 +854,18 @@ fn a_conversation_behind_nginx_stays_on_the_replica_that_holds_its_cache() {
                 .expect("text")
         });
         text.lines()
-            .filter(|l| l.starts_with("llama_requests_total{") && l.contains("/v1/chat/completions"))
+            .filter(|l| {
+                l.starts_with("llama_requests_total{") && l.contains("/v1/chat/completions")
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     };
     // Two conversations, ten turns each, each with its own session header.
     for (conversation, session) in ["conversation-7", "conversation-42"].iter().enumerate() {
         let before = (served(&a), served(&b));
-        let mut messages = vec![json!({"role": "system", "content": "You are a helpful assistant. Answer briefly."})];
+        let mut messages = vec![
+            json!({"role": "system", "content": "You are a helpful assistant. Answer briefly."}),
+        ];
         for turn in 0..10 {
             messages.push(json!({"role": "user", "content": format!("Tell me one fact about the number {}.", turn + 1)}));
             let r = rt().block_on(async {
