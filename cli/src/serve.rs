@@ -78,11 +78,17 @@ pub struct PromptCacheArgs {
     /// a later prompt that starts with the same tokens loads them instead of running
     /// them. Entries are keyed by the model file's SHA-256, the cache type, the device
     /// and the compiled graph.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Bytes the cache directory may hold (suffixes K, M, G, T: powers of 1024); the
     /// least recently used entries go first.
-    #[arg(long, default_value = "8G", value_parser = bytes, requires = "cache_dir")]
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value = "8G",
+        value_parser = bytes,
+        requires = "cache_dir"
+    )]
     pub cache_disk_budget: u64,
 }
 

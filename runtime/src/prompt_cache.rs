@@ -24,7 +24,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, Sender, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -38,6 +38,8 @@ use crate::session::SessionState;
 
 const MAGIC: &[u8; 8] = b"LLRSKV01";
 const VERSION: u32 = 1;
+/// Finished sequences waiting to be written, at most.
+const QUEUE: usize = 4;
 /// The largest header read: tokens of a whole context and a hash per page fit.
 const MAX_HEADER: usize = 64 << 20;
 
@@ -588,7 +590,7 @@ struct Tier {
 /// own, so a step never waits for the disk; dropping it finishes the writes queued.
 pub struct DiskCache {
     tier: Arc<Tier>,
-    jobs: Option<Sender<Job>>,
+    jobs: Option<SyncSender<Job>>,
     writer: Option<JoinHandle<()>>,
 }
 
@@ -689,7 +691,9 @@ impl DiskCache {
             tier.evict(&mut index, 0, None);
             tier.count_bytes(&index);
         }
-        let (jobs, inbox) = mpsc::channel::<Job>();
+        // A short queue: a cache waiting to be written holds its pages, which the RAM
+        // budget no longer counts, so while the disk is behind, spills are dropped.
+        let (jobs, inbox) = mpsc::sync_channel::<Job>(QUEUE);
         let writer_tier = tier.clone();
         let writer = std::thread::Builder::new()
             .name("llama-prompt-cache".into())
@@ -720,7 +724,7 @@ impl DiskCache {
             return;
         }
         if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(Job::Write(tokens, cache));
+            let _ = jobs.try_send(Job::Write(tokens, cache));
         }
     }
 
