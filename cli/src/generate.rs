@@ -53,6 +53,8 @@ pub struct ChatArgs {
     #[arg(long, value_name = "FILE")]
     session: Option<std::path::PathBuf>,
     #[command(flatten)]
+    prompt_cache: crate::serve::PromptCacheArgs,
+    #[command(flatten)]
     run: RunArgs,
 }
 
@@ -294,9 +296,19 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         .collect();
     let mut messages = start_messages.clone();
     let key = match &args.session {
-        Some(_) => Some(session_key(&args.model.model, &engine)?),
+        Some(_) => Some(
+            llama_runtime::CacheKey::for_engine(&engine, &args.model.model, None)
+                .with_context(|| "hashing the model for --session")?,
+        ),
         None => None,
     };
+    // The prompt cache on disk, as a server's: each turn's context is written to it,
+    // and a turn whose prompt shares more with an entry than the session holds
+    // (another chat's system prompt and first turns) starts from that entry.
+    let disk = args
+        .prompt_cache
+        .options(&args.model.model)
+        .and_then(|o| llama_runtime::DiskCache::for_engine(&engine, &o, Arc::default()));
     if let (Some(path), Some(key)) = (&args.session, &key) {
         if let Some(resumed) = resume(path, key, &mut session) {
             eprintln!(
@@ -331,6 +343,9 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         }
         messages.push(Message::new("user", text));
         let ids = tokenizer.encode_plain(&template.render(&messages, true)?)?;
+        if let Some(disk) = &disk {
+            load_prefix(disk, &mut session, &ids, engine.cache_type());
+        }
         let new = session.sync_prefix(&ids)?;
         cancel.store(false, Ordering::Relaxed);
         let mut out = std::io::stdout().lock();
@@ -352,7 +367,16 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
             stats_line(&g, opts.sampler.seed, opts.sampler.temperature > 0.0)
         );
         messages.push(Message::new("assistant", &g.text));
+        if let Some(disk) = &disk {
+            let cache = session.kv_cache();
+            let tokens = session.tokens();
+            if cache.len() == tokens.len() {
+                disk.spill(tokens.to_vec(), cache.clone());
+            }
+        }
     }
+    // Dropping the tier finishes its writes.
+    drop(disk);
     if let (Some(path), Some(key)) = (&args.session, &key) {
         let meta: Vec<[&str; 2]> = messages
             .iter()
@@ -371,16 +395,40 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
     Ok(())
 }
 
-/// What a chat session file is keyed by: the model's content and how it runs.
-fn session_key(model: &std::path::Path, engine: &Engine) -> Result<llama_runtime::CacheKey> {
-    let digest = llama_runtime::prompt_cache::model_digest(model, None)
-        .with_context(|| "hashing the model for --session")?;
-    Ok(llama_runtime::CacheKey::new(
-        digest,
-        engine.cache_type(),
-        &format!("{:?}", engine.device()),
-        engine.program(),
-    ))
+/// Puts the pages of the disk entry that shares the most of `ids` into `session`,
+/// when that is more than the session holds already.
+fn load_prefix(
+    disk: &llama_runtime::DiskCache,
+    session: &mut llama_runtime::Session,
+    ids: &[u32],
+    cache_type: llama_runtime::KvType,
+) {
+    let held = session
+        .tokens()
+        .iter()
+        .zip(ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    // Fewer shared tokens than a server's shortest reused prefix are not worth a read.
+    let Some((tokens, cache)) = disk.load(
+        ids,
+        held.max(15),
+        ids.len().saturating_sub(1),
+        session.program(),
+        cache_type,
+    ) else {
+        return;
+    };
+    let state = cache
+        .snapshot()
+        .map(|cache| llama_runtime::SessionState { tokens, cache });
+    if let Err(e) = state
+        .map_err(llama_runtime::RuntimeError::from)
+        .and_then(|s| session.restore(&s))
+    {
+        eprintln!("warning: prompt cache: {e}; running the prompt instead");
+        session.reset();
+    }
 }
 
 /// The messages of the conversation saved in `path`, its KV cache restored into

@@ -117,6 +117,21 @@ impl CacheKey {
         }
     }
 
+    /// The key of `engine`'s values, its model being the file (or directory) at
+    /// `model`; with `memo`, the model's digest is kept there (see [`model_digest`]).
+    pub fn for_engine(
+        engine: &crate::Engine,
+        model: &Path,
+        memo: Option<&Path>,
+    ) -> CacheResult<CacheKey> {
+        Ok(CacheKey::new(
+            model_digest(model, memo)?,
+            engine.cache_type(),
+            &format!("{:?}", engine.device()),
+            engine.program(),
+        ))
+    }
+
     /// A short digest of the whole key, the first part of its entries' file names.
     fn digest(&self) -> String {
         let mut h = Sha256::new();
@@ -607,6 +622,24 @@ fn warn(message: impl std::fmt::Display) {
 }
 
 impl DiskCache {
+    /// Opens the tier in `opts.dir` for `engine`'s values (the model's digest is
+    /// memoized in the directory); `None`, after a warning, when it cannot be used.
+    pub fn for_engine(
+        engine: &crate::Engine,
+        opts: &DiskOptions,
+        stats: Arc<CacheStats>,
+    ) -> Option<DiskCache> {
+        // The memo is only written if the directory takes files; `open` says if not.
+        let _ = fs::create_dir_all(&opts.dir);
+        match CacheKey::for_engine(engine, &opts.model, Some(&opts.dir)) {
+            Ok(key) => DiskCache::open(opts, key, stats),
+            Err(e) => {
+                warn(format!("hashing the model: {e}; serving from RAM only"));
+                None
+            }
+        }
+    }
+
     /// Opens the tier in `opts.dir` for values made under `key`: reads every entry's
     /// header (skipping with a warning each one that is not whole or not ours).
     /// `None`, with a warning, when the directory cannot be written.

@@ -13,7 +13,7 @@ use crate::batch::{BatchOptions, Event, Scheduler, SeqId, SeqState};
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::generate::GenerateOptions;
-use crate::prompt_cache::{model_digest, CacheKey, CacheStats, DiskCache, DiskOptions};
+use crate::prompt_cache::{CacheStats, DiskCache, DiskOptions};
 use crate::speculate::Speculation;
 
 /// Limits of a [`Service`].
@@ -182,7 +182,7 @@ impl Service {
                             .with_cache_stats(thread_stats.clone());
                         let s = match disk
                             .as_ref()
-                            .and_then(|d| open_disk(&engine, d, thread_stats))
+                            .and_then(|d| DiskCache::for_engine(&engine, d, thread_stats))
                         {
                             Some(d) => s.with_disk(d),
                             None => s,
@@ -302,27 +302,6 @@ impl Drop for Service {
             self.stop(Duration::ZERO);
         }
     }
-}
-
-/// Opens the disk tier for `engine`'s values; `None` (after a warning) when it
-/// cannot be used.
-fn open_disk(engine: &Engine, opts: &DiskOptions, stats: Arc<CacheStats>) -> Option<DiskCache> {
-    // The memo is only written if the directory takes files; `open` says if not.
-    let _ = std::fs::create_dir_all(&opts.dir);
-    let digest = match model_digest(&opts.model, Some(&opts.dir)) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("warning: prompt cache: hashing the model: {e}; serving from RAM only");
-            return None;
-        }
-    };
-    let key = CacheKey::new(
-        digest,
-        engine.cache_type(),
-        &format!("{:?}", engine.device()),
-        engine.program(),
-    );
-    DiskCache::open(opts, key, stats)
 }
 
 /// The engine thread: takes commands, steps while there is work, routes events.

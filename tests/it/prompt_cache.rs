@@ -688,6 +688,15 @@ fn an_unwritable_full_or_foreign_cache_dir_leaves_correct_answers_from_ram() {
 
 /// Runs `llama chat` with `input` on stdin; its stdout and stderr.
 fn chat(model: &Path, session: Option<&Path>, input: &str) -> (String, String) {
+    chat_with(model, session, &[], input)
+}
+
+fn chat_with(
+    model: &Path,
+    session: Option<&Path>,
+    extra: &[&str],
+    input: &str,
+) -> (String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_llama"));
     cmd.arg("chat")
         .arg("--model")
@@ -696,6 +705,7 @@ fn chat(model: &Path, session: Option<&Path>, input: &str) -> (String, String) {
     if let Some(s) = session {
         cmd.arg("--session").arg(s);
     }
+    cmd.args(extra);
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -759,6 +769,29 @@ fn a_chat_session_resumes_without_running_the_conversation_again() {
     let (_, err) = chat(&model, Some(&file), two);
     assert!(err.contains("warning: session"), "{err}");
     assert!(!err.contains("resumed"), "{err}");
+}
+
+#[test]
+fn a_chat_with_a_cache_dir_starts_from_an_earlier_chats_prompt() {
+    let model = real_model_path();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8");
+    let system = long_prompt(200);
+    let args = ["--system", system.as_str(), "--cache-dir", d];
+    let (first, err) = chat_with(&model, None, &args, "Name a fruit.\n");
+    let ran = prompt_runs(&err);
+    assert!(
+        ran[0] > 200,
+        "the first chat runs its whole prompt: {ran:?}"
+    );
+    assert_eq!(cache_files(dir.path()).len(), 1, "its turn was written");
+    let (second, err) = chat_with(&model, None, &args, "Name a fruit.\n");
+    assert_eq!(second, first, "the same answer");
+    assert_eq!(
+        prompt_runs(&err),
+        vec![1],
+        "all of the prompt but its last token came from the cache"
+    );
 }
 
 fn nginx() -> PathBuf {
