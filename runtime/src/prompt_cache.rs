@@ -421,7 +421,12 @@ fn read_header(path: &Path, file: &mut File) -> CacheResult<(Header, u64)> {
             && h.chunks.len() == h.len.div_ceil(h.page)
             && h.layers.iter().all(|&[r, _]| r == h.len)
     };
-    if h.version != VERSION
+    // Bounds that keep every size below computed without overflow.
+    let sane = h.len <= 1 << 24
+        && h.layers.len() <= 1 << 12
+        && h.layers.iter().all(|&[r, w]| r <= 1 << 24 && w <= 1 << 20);
+    if !sane
+        || h.version != VERSION
         || h.tokens.len() != h.len
         || !chunks_ok
         || !(h.element == "f16" || h.element == "f32")
@@ -663,8 +668,24 @@ impl DiskCache {
                 return None;
             }
         };
-        let mut paths: Vec<PathBuf> = listing
-            .filter_map(|e| e.ok().map(|e| e.path()))
+        let all: Vec<PathBuf> = listing.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        // Temporary files of writes that a crash interrupted (an hour old: no write
+        // takes that long).
+        for tmp in all
+            .iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "tmp"))
+        {
+            let old = fs::metadata(tmp)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_secs() > 3600);
+            if old {
+                let _ = fs::remove_file(tmp);
+            }
+        }
+        let mut paths: Vec<PathBuf> = all
+            .into_iter()
             .filter(|p| p.extension().is_some_and(|x| x == "kv"))
             .collect();
         paths.sort();
