@@ -1,5 +1,5 @@
 //! `llama serve`: the OpenAI-compatible server.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -35,7 +35,7 @@ pub struct ServeArgs {
     /// Bytes the loaded models may hold together (weights and KV budgets; a number
     /// with an optional K, M, G or T suffix, powers of 1024); past it, the least
     /// recently used idle models are unloaded.
-    #[arg(long, value_name = "BYTES", value_parser = byte_size)]
+    #[arg(long, value_name = "BYTES", value_parser = bytes)]
     memory_budget: Option<u64>,
     #[command(flatten)]
     engine: EngineArgs,
@@ -93,6 +93,63 @@ pub struct ServeArgs {
     /// Stored responses kept at most; the oldest go first.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     responses_max_count: u64,
+    #[command(flatten)]
+    prompt_cache: PromptCacheArgs,
+}
+
+/// The prompt cache on disk.
+#[derive(Args)]
+pub struct PromptCacheArgs {
+    /// Keep finished sequences' KV pages in this directory too (across restarts);
+    /// a later prompt that starts with the same tokens loads them instead of running
+    /// them. Entries are keyed by the model file's SHA-256, the cache type, the device
+    /// and the compiled graph.
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Bytes the cache directory may hold (suffixes K, M, G, T: powers of 1024); the
+    /// least recently used entries go first.
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value = "8G",
+        value_parser = bytes,
+        requires = "cache_dir"
+    )]
+    pub cache_disk_budget: u64,
+}
+
+impl PromptCacheArgs {
+    /// The disk tier's options for the model at `model`.
+    pub fn options(&self, model: &std::path::Path) -> Option<llama_runtime::DiskOptions> {
+        self.cache_dir
+            .clone()
+            .map(|dir| llama_runtime::DiskOptions {
+                dir,
+                budget: self.cache_disk_budget,
+                model: model.to_path_buf(),
+            })
+    }
+}
+
+/// A byte count: digits, then optionally K, M, G or T (powers of 1024, with or
+/// without a trailing `B` or `iB`).
+pub fn bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 500M, 8G)"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("{s:?} is not a byte count (e.g. 500M, 8G)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// The default state directory: `state` in the cache directory.
@@ -103,32 +160,6 @@ fn default_state_dir() -> PathBuf {
         _ => std::env::temp_dir().join("llama-rs"),
     };
     cache.join("state")
-}
-
-/// `--memory-budget`: bytes, with an optional K, M, G or T suffix (powers of 1024).
-fn byte_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("`{s}`: the suffix must be K, M, G or T")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: f64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 4G, 512M, 1000000)"))?;
-    if !n.is_finite() || n <= 0.0 {
-        return Err(format!("`{s}`: a size must be positive"));
-    }
-    Ok((n * (1u64 << shift) as f64) as u64)
 }
 
 /// The models `--model` names: `NAME=PATH` or `PATH` (named by its stem).
@@ -196,6 +227,9 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
             max_age: Duration::from_secs(args.responses_max_age_days.saturating_mul(24 * 3600)),
             max_count: args.responses_max_count as usize,
         },
+        prompt_cache: args
+            .prompt_cache
+            .options(entries.first().map_or(Path::new(""), |e| e.path.as_path())),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -246,20 +280,4 @@ pub fn run_serve(args: ServeArgs) -> Result<()> {
     ))?;
     eprintln!("stopped");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::byte_size;
-
-    #[test]
-    fn sizes_take_binary_suffixes() {
-        assert_eq!(byte_size("1000"), Ok(1000));
-        assert_eq!(byte_size("4K"), Ok(4096));
-        assert_eq!(byte_size("1.5G"), Ok(3 << 29));
-        assert_eq!(byte_size("2t"), Ok(2 << 40));
-        assert!(byte_size("0").is_err());
-        assert!(byte_size("4X").is_err());
-        assert!(byte_size("G").is_err());
-    }
 }

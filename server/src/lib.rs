@@ -211,9 +211,20 @@ where
 {
     let listener = conn::LimitedListener::new(listener, config.max_connections, config.timeout);
     let start_config = config.clone();
+    let many = models.dir.is_some() || models.entries.len() > 1;
     let start = move |entry: &ModelEntry| -> Result<Loaded, String> {
         let engine = load(entry).map_err(|e| e.to_string())?;
-        Loaded::start(&entry.name, engine, &start_config).map_err(|e| e.to_string())
+        // Each model of several keeps its prompt cache in a directory of its own.
+        let mut config = start_config.clone();
+        if let Some(disk) = config.prompt_cache.as_mut() {
+            if !entry.path.as_os_str().is_empty() {
+                disk.model = entry.path.clone();
+            }
+            if many {
+                disk.dir = disk.dir.join(&entry.name);
+            }
+        }
+        Loaded::start(&entry.name, engine, &config).map_err(|e| e.to_string())
     };
     let registry = Registry::new(
         models.entries,

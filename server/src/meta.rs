@@ -130,11 +130,14 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let loads: Vec<(String, llama_runtime::ServiceLoad)> = state
-        .models
-        .loaded()
-        .into_iter()
-        .filter_map(|(name, m)| m.service.as_ref().map(|s| (name, s.load())))
+    let loaded = state.models.loaded();
+    let loads: Vec<_> = loaded
+        .iter()
+        .filter_map(|(name, m)| {
+            m.service
+                .as_ref()
+                .map(|s| (name.clone(), s.load(), s.cache_stats()))
+        })
         .collect();
     (
         [(

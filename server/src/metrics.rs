@@ -155,16 +155,114 @@ impl Metrics {
         self.in_flight.increment(delta);
     }
 
-    /// The text exposition, with each loaded model's engine load as of now.
-    pub fn render(&self, loads: &[(String, ServiceLoad)]) -> String {
-        for (model, load) in loads {
+    /// The text exposition, with each loaded model's engine load and prefix-cache
+    /// tiers as of now.
+    pub fn render(&self, loads: &[(String, ServiceLoad, &llama_runtime::CacheStats)]) -> String {
+        for (model, load, _) in loads {
             self.gauge("llama_queue_depth", model)
                 .set(load.waiting as f64);
             self.gauge("llama_busy_sequences", model)
                 .set(load.running as f64);
         }
-        self.recorder.handle().render()
+        let mut out = self.recorder.handle().render();
+        let caches: Vec<(&str, &llama_runtime::CacheStats)> =
+            loads.iter().map(|(m, _, c)| (m.as_str(), *c)).collect();
+        out.push_str(&cache_tiers(&caches));
+        out
     }
+}
+
+/// The prefix cache's tiers in the exposition format: hits, misses and bytes held,
+/// by tier (`ram`, `disk`), and bytes moved to and from disk.
+/// The prefix cache's tiers of every model, labelled by model (and tier).
+fn cache_tiers(caches: &[(&str, &llama_runtime::CacheStats)]) -> String {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    if caches.is_empty() {
+        return out;
+    }
+    let mut family =
+        |name: &str,
+         kind: &str,
+         help: &str,
+         rows: &dyn Fn(&llama_runtime::CacheStats) -> Vec<(&'static str, u64)>| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (model, c) in caches {
+                // A label value escapes backslashes, quotes and newlines.
+                let model = model
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n");
+                for (tier, value) in rows(c) {
+                    let tier = if tier.is_empty() {
+                        String::new()
+                    } else {
+                        format!(",tier=\"{tier}\"")
+                    };
+                    let _ = writeln!(out, "{name}{{model=\"{model}\"{tier}}} {value}");
+                }
+            }
+        };
+    family(
+        "llama_prompt_cache_hits_total",
+        "counter",
+        "admitted requests that started from a cached prefix, by tier",
+        &|c| {
+            vec![
+                ("ram", c.ram_hits.load(Relaxed)),
+                ("disk", c.disk_hits.load(Relaxed)),
+            ]
+        },
+    );
+    family(
+        "llama_prompt_cache_misses_total",
+        "counter",
+        "admitted requests that a tier had no prefix for (disk: asked after a RAM miss)",
+        &|c| {
+            vec![
+                ("ram", c.ram_misses.load(Relaxed)),
+                ("disk", c.disk_misses.load(Relaxed)),
+            ]
+        },
+    );
+    family(
+        "llama_prompt_cache_bytes",
+        "gauge",
+        "bytes each tier holds",
+        &|c| {
+            vec![
+                ("ram", c.ram_bytes.load(Relaxed)),
+                ("disk", c.disk_bytes.load(Relaxed)),
+            ]
+        },
+    );
+    family(
+        "llama_prompt_cache_disk_written_bytes_total",
+        "counter",
+        "bytes of entries written to the disk tier",
+        &|c| vec![("", c.disk_written.load(Relaxed))],
+    );
+    family(
+        "llama_prompt_cache_disk_read_bytes_total",
+        "counter",
+        "bytes of KV rows read back from the disk tier",
+        &|c| vec![("", c.disk_read.load(Relaxed))],
+    );
+    family(
+        "llama_prompt_cache_disk_skipped_total",
+        "counter",
+        "disk entries skipped as truncated, corrupted or made under another key",
+        &|c| vec![("", c.disk_skipped.load(Relaxed))],
+    );
+    family(
+        "llama_prompt_cache_disk_enabled",
+        "gauge",
+        "1 while the disk tier is in use, 0 without one or after it failed",
+        &|c| vec![("", u64::from(c.disk_enabled.load(Relaxed)))],
+    );
+    out
 }
 
 impl Default for Metrics {

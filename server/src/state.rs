@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub state_dir: Option<PathBuf>,
     /// How long and how many stored responses are kept.
     pub retention: Retention,
+    /// The prompt cache on disk (`--cache-dir`, `--cache-disk-budget`): finished
+    /// sequences' KV pages kept across restarts, keyed by the model file named here.
+    pub prompt_cache: Option<llama_runtime::DiskOptions>,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +73,7 @@ impl Default for ServerConfig {
             draft_model: None,
             state_dir: None,
             retention: Retention::default(),
+            prompt_cache: None,
         }
     }
 }
@@ -120,6 +124,7 @@ impl Loaded {
             max_queue: config.max_queue,
             speculation: config.speculation,
             draft: None,
+            disk: config.prompt_cache.clone(),
         };
         let mut opts = opts;
         if let Some((path, options)) = &config.draft_model {

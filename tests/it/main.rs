@@ -21,6 +21,7 @@ mod gpu_fused;
 mod model_variants;
 mod non_finite;
 mod passes_on_models;
+mod prompt_cache;
 mod rag;
 mod readme;
 mod real_families;
