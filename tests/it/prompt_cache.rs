@@ -797,18 +797,10 @@ fn a_chat_with_a_cache_dir_starts_from_an_earlier_chats_prompt() {
     );
 }
 
-fn nginx() -> PathBuf {
-    let found = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
-    found.expect("nginx is not installed: apt-get install nginx-light (.ci/run does)")
-}
-
 #[test]
 fn a_conversation_behind_nginx_stays_on_the_replica_that_holds_its_cache() {
     let model = real_model_path();
-    let nginx = nginx();
+    let nginx = crate::serve_cli::nginx();
     let a = Server::start(&model, &["--parallel", "2"]);
     let b = Server::start(&model, &["--parallel", "2"]);
     let dir = tempfile::tempdir().expect("tempdir");

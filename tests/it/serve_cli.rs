@@ -335,7 +335,7 @@ pub(crate) fn run_script(python: &std::path::Path, script: &str, args: &[&str]) 
     assert!(stdout.contains("all ok"), "{stdout}");
 }
 
-fn nginx() -> PathBuf {
+pub(crate) fn nginx() -> PathBuf {
     let found = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .iter()
         .map(PathBuf::from)

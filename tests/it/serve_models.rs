@@ -10,19 +10,7 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 use crate::serve_cli::{runtime, Served};
-
-async fn call(base: &str, path: &str, body: &Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .json(body)
-        .send()
-        .await
-        .expect("request");
-    let status = r.status().as_u16();
-    let text = r.text().await.expect("body");
-    let v = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }));
-    (status, v)
-}
+use crate::serve_dialects::post as call;
 
 async fn models(base: &str) -> Vec<Value> {
     let v: Value = reqwest::get(format!("{base}/v1/models"))
