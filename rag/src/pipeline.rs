@@ -454,6 +454,27 @@ pub fn sentences(text: &str) -> Vec<&str> {
     out
 }
 
+/// The sentences of `text` a quote may be: as [`sentences`], less headings (Markdown
+/// `#` lines, and a first line without closing punctuation, which is a title). A
+/// heading names the topic, so it matches a question well and answers none.
+fn quotable(text: &str) -> Vec<&str> {
+    let mut first = true;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.is_empty() {
+            continue;
+        }
+        let title = first && !t.ends_with(['.', '!', '?', ':', ')']);
+        first = false;
+        if t.starts_with('#') || title {
+            continue;
+        }
+        out.extend(sentences(line));
+    }
+    out
+}
+
 /// The sentence of the given sources that best matches `question`: highest cosine
 /// similarity of embeddings, plus a quarter of the share of the question's words
 /// (less function words) that it holds. `None` when the sources have no sentence.
@@ -464,7 +485,7 @@ fn best_sentence(
 ) -> Result<Option<Quote>> {
     let candidates: Vec<(usize, &str)> = sources
         .iter()
-        .flat_map(|s| sentences(&s.text).into_iter().map(move |t| (s.n, t)))
+        .flat_map(|s| quotable(&s.text).into_iter().map(move |t| (s.n, t)))
         .collect();
     if candidates.is_empty() {
         return Ok(None);
@@ -713,6 +734,11 @@ mod tests {
                 "Yes it is",
             ]
         );
+        // Headings are not quoted: a `#` line, or a first line that does not end
+        // as a sentence does.
+        assert_eq!(quotable(text)[0], "The fee is £38.");
+        let plain = "Ashby Lane Studio: Kiln Rules\n\nThe large kiln is Bramble.";
+        assert_eq!(quotable(plain), vec!["The large kiln is Bramble."]);
     }
 
     #[test]
