@@ -476,8 +476,8 @@ fn quotable(text: &str) -> Vec<&str> {
 }
 
 /// The sentence of the given sources that best matches `question`: highest cosine
-/// similarity of embeddings, plus a quarter of the share of the question's words
-/// (less function words) that it holds. `None` when the sources have no sentence.
+/// similarity of embeddings, plus half the share of the question's words (less
+/// function words) that it holds, inflections matched ([`same_stem`]). `None` when the sources have no sentence.
 fn best_sentence(
     embedder: &Embedder,
     question: &str,
@@ -497,10 +497,12 @@ fn best_sentence(
         .map_err(|e| RagError::Input(format!("embedding sentences to quote: {e}")))?;
     let terms = crate::query_terms(question);
     let score = |i: usize, text: &str| {
-        let words: std::collections::BTreeSet<String> =
-            crate::keyword_terms(text).into_iter().collect();
-        let shared = terms.iter().filter(|t| words.contains(*t)).count();
-        cosine(&vectors[0], &vectors[i + 1]) + 0.25 * shared as f32 / terms.len().max(1) as f32
+        let words: Vec<String> = crate::keyword_terms(text);
+        let shared = terms
+            .iter()
+            .filter(|t| words.iter().any(|w| same_stem(t, w)))
+            .count();
+        cosine(&vectors[0], &vectors[i + 1]) + 0.5 * shared as f32 / terms.len().max(1) as f32
     };
     let best = candidates
         .iter()
@@ -511,6 +513,22 @@ fn best_sentence(
         n,
         text: text.to_string(),
     }))
+}
+
+/// Whether two lowercase words are one word inflected: equal, or (both of four
+/// letters or more) sharing their first five letters, or all of the shorter one's
+/// when it has four (`blanch`, `blanched`; `belt`, `belts`). A crude stemmer, on
+/// purpose: it only breaks near-ties between sentences the embedding ranks alike.
+fn same_stem(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    let (na, nb) = (a.chars().count(), b.chars().count());
+    if na < 4 || nb < 4 {
+        return false;
+    }
+    let n = na.min(nb).min(5);
+    a.chars().take(n).eq(b.chars().take(n))
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -737,6 +755,8 @@ mod tests {
         // Headings are not quoted: a `#` line, or a first line that does not end
         // as a sentence does.
         assert_eq!(quotable(text)[0], "The fee is £38.");
+        assert!(same_stem("blanched", "blanch") && same_stem("belt", "belts"));
+        assert!(!same_stem("kiln", "kind") && !same_stem("at", "as"));
         let plain = "Ashby Lane Studio: Kiln Rules\n\nThe large kiln is Bramble.";
         assert_eq!(quotable(plain), vec!["The large kiln is Bramble."]);
     }
