@@ -32,10 +32,12 @@ def api(path, body=None):
 
 
 def busy():
+    # Summed over the `model` label.
+    total = 0.0
     for line in api("/metrics").splitlines():
-        if line.startswith("llama_busy_sequences "):
-            return float(line.split()[1])
-    return 0.0
+        if line.startswith("llama_busy_sequences ") or line.startswith("llama_busy_sequences{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def wait(cond, what, timeout=120):

@@ -13,6 +13,21 @@ pub struct ModelArgs {
     /// An HF model directory (config.json, *.safetensors, tokenizer.json) or a .gguf file.
     #[arg(long, short = 'm')]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+impl std::ops::Deref for ModelArgs {
+    type Target = EngineArgs;
+
+    fn deref(&self) -> &EngineArgs {
+        &self.engine
+    }
+}
+
+/// How a model runs: every model flag but the model itself.
+#[derive(Args, Clone)]
+pub struct EngineArgs {
     #[arg(long, value_enum, default_value = "flex")]
     pub backend: BackendArg,
     /// With --backend wgpu: the adapter's index in `llama devices` (default: the best).
@@ -44,9 +59,14 @@ pub struct ModelArgs {
     /// naming the first tensor that holds one.
     #[arg(long)]
     pub check_tensors: bool,
+    /// The chat template: a built-in one (`chatml`, `gemma`, `llama3`, `phi3`) or a
+    /// Jinja file (default: the model's own, else the built-in one of its
+    /// architecture).
+    #[arg(long, value_name = "FILE|NAME")]
+    pub chat_template: Option<String>,
 }
 
-impl ModelArgs {
+impl EngineArgs {
     /// The engine options these flags ask for, with sessions of `context` positions.
     pub fn options(&self, context: Context) -> SessionOptions {
         SessionOptions {

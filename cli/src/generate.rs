@@ -47,6 +47,13 @@ pub struct ChatArgs {
     /// A system message at the start of the conversation.
     #[arg(long)]
     system: Option<String>,
+    /// Keep the conversation, with its KV cache, in FILE: resumed from it at start
+    /// (without running it again) and saved to it on exit. A file that is damaged or
+    /// made by another model or configuration is ignored with a warning.
+    #[arg(long, value_name = "FILE")]
+    session: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    prompt_cache: crate::serve::PromptCacheArgs,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -131,6 +138,9 @@ pub fn run_generate(args: GenerateArgs) -> Result<()> {
             messages.push(Message::new("system", system));
         }
         messages.push(Message::new("user", &args.prompt));
+        if let Some(note) = engine.chat_template_note() {
+            eprintln!("{note}");
+        }
         // As transformers' apply_chat_template: the template writes the special tokens.
         tokenizer.encode_plain(&engine.chat_template()?.render(&messages, true)?)?
     } else {
@@ -273,6 +283,9 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
     let engine = load(&args.model, ctx_size(args.run.ctx_size), ctx_size_error)?;
     let tokenizer = engine.tokenizer()?;
     let template = engine.chat_template()?;
+    if let Some(note) = engine.chat_template_note() {
+        eprintln!("{note}");
+    }
     // A conversation samples as llama.cpp's does: greedy decoding makes small models loop.
     let mut opts = options(&engine, &args.run, SamplerConfig::chat());
     let draft = args.run.speculation.load_draft(&args.model, &engine)?;
@@ -288,6 +301,31 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         .map(|s| Message::new("system", s))
         .collect();
     let mut messages = start_messages.clone();
+    let key = match &args.session {
+        Some(_) => Some(
+            llama_runtime::CacheKey::for_engine(&engine, &args.model.model, None)
+                .with_context(|| "hashing the model for --session")?,
+        ),
+        None => None,
+    };
+    // The prompt cache on disk, as a server's: each turn's context is written to it,
+    // and a turn whose prompt shares more with an entry than the session holds
+    // (another chat's system prompt and first turns) starts from that entry.
+    let disk = args
+        .prompt_cache
+        .options(&args.model.model)
+        .and_then(|o| llama_runtime::DiskCache::for_engine(&engine, &o, Arc::default()));
+    if let (Some(path), Some(key)) = (&args.session, &key) {
+        if let Some(resumed) = resume(path, key, &mut session) {
+            eprintln!(
+                "(resumed {} messages, {} cached tokens from {})",
+                resumed.len(),
+                session.tokens().len(),
+                path.display()
+            );
+            messages = resumed;
+        }
+    }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -311,6 +349,9 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
         }
         messages.push(Message::new("user", text));
         let ids = tokenizer.encode_plain(&template.render(&messages, true)?)?;
+        if let Some(disk) = &disk {
+            load_prefix(disk, &mut session, &ids, engine.cache_type());
+        }
         let new = session.sync_prefix(&ids)?;
         cancel.store(false, Ordering::Relaxed);
         let mut out = std::io::stdout().lock();
@@ -332,6 +373,104 @@ pub fn run_chat(args: ChatArgs) -> Result<()> {
             stats_line(&g, opts.sampler.seed, opts.sampler.temperature > 0.0)
         );
         messages.push(Message::new("assistant", &g.text));
+        if let Some(disk) = &disk {
+            let cache = session.kv_cache();
+            let tokens = session.tokens();
+            if cache.len() == tokens.len() {
+                disk.spill(tokens.to_vec(), cache.clone());
+            }
+        }
+    }
+    // Dropping the tier finishes its writes.
+    drop(disk);
+    if let (Some(path), Some(key)) = (&args.session, &key) {
+        let meta: Vec<[&str; 2]> = messages
+            .iter()
+            .map(|m| [m.role.as_str(), m.content.as_str()])
+            .collect();
+        let state = session.state()?;
+        llama_runtime::prompt_cache::save_session(path, key, &state, serde_json::json!(meta))
+            .with_context(|| "saving the session")?;
+        eprintln!(
+            "(saved {} messages, {} tokens to {})",
+            messages.len(),
+            state.tokens.len(),
+            path.display()
+        );
     }
     Ok(())
+}
+
+/// Puts the pages of the disk entry that shares the most of `ids` into `session`,
+/// when that is more than the session holds already.
+fn load_prefix(
+    disk: &llama_runtime::DiskCache,
+    session: &mut llama_runtime::Session,
+    ids: &[u32],
+    cache_type: llama_runtime::KvType,
+) {
+    let held = session
+        .tokens()
+        .iter()
+        .zip(ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    // Fewer shared tokens than a server's shortest reused prefix are not worth a read.
+    let Some((tokens, cache)) = disk.load(
+        ids,
+        held.max(15),
+        ids.len().saturating_sub(1),
+        session.program(),
+        cache_type,
+    ) else {
+        return;
+    };
+    let state = cache
+        .snapshot()
+        .map(|cache| llama_runtime::SessionState { tokens, cache });
+    if let Err(e) = state
+        .map_err(llama_runtime::RuntimeError::from)
+        .and_then(|s| session.restore(&s))
+    {
+        eprintln!("warning: prompt cache: {e}; running the prompt instead");
+        session.reset();
+    }
+}
+
+/// The messages of the conversation saved in `path`, its KV cache restored into
+/// `session`; `None` for a new file, or (after a warning) one that cannot be used.
+fn resume(
+    path: &std::path::Path,
+    key: &llama_runtime::CacheKey,
+    session: &mut llama_runtime::Session,
+) -> Option<Vec<Message>> {
+    if !path.exists() {
+        return None;
+    }
+    let warn = |e: &dyn std::fmt::Display| {
+        eprintln!("warning: session {e}; starting a new conversation");
+    };
+    let (state, meta) = match llama_runtime::prompt_cache::load_session(path, key) {
+        Ok(x) => x,
+        Err(e) => {
+            warn(&e);
+            return None;
+        }
+    };
+    let messages: Option<Vec<[String; 2]>> = serde_json::from_value(meta).ok();
+    let Some(messages) = messages else {
+        warn(&format!("{}: no conversation in it", path.display()));
+        return None;
+    };
+    if let Err(e) = session.restore(&state) {
+        session.reset();
+        warn(&format!("{}: {e}", path.display()));
+        return None;
+    }
+    Some(
+        messages
+            .iter()
+            .map(|[role, content]| Message::new(role, content))
+            .collect(),
+    )
 }

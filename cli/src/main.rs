@@ -102,12 +102,16 @@ fn load(
     if let Some(note) = engine.as_ref().ok().and_then(|e| e.cache_note()) {
         eprintln!("{note}");
     }
-    match engine {
+    let mut engine = match engine {
         Err(RuntimeError::ContextSize { requested, max }) => {
             anyhow::bail!("{}", too_long(requested, max))
         }
-        other => Ok(other?),
+        other => other?,
+    };
+    if let Some(choice) = &args.chat_template {
+        engine.set_chat_template(choice)?;
     }
+    Ok(engine)
 }
 
 /// The context `--ctx-size` asks for.

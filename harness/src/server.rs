@@ -63,7 +63,7 @@ fn server() -> &'static Server {
             body_limit: BODY_LIMIT,
             ..ServerConfig::default()
         };
-        let loaded = Loaded::start(engine, &config).expect("the service starts");
+        let loaded = Loaded::start(&config.alias, engine, &config).expect("the service starts");
         let state = Arc::new(AppState::new(config));
         state.set_loaded(loaded);
         let rt = tokio::runtime::Builder::new_current_thread()

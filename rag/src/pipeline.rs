@@ -281,8 +281,8 @@ pub enum AnswerStyle {
     /// still says nothing, a quote of the cited source stands in (see [`Quote`]).
     #[default]
     Short,
-    /// The short answer, then the sentence of the cited source that best matches the
-    /// question, quoted.
+    /// The short answer, then the sentence of any source that best matches the
+    /// question, quoted and cited.
     Quote,
     /// The model's text as it comes, without a grammar; a quote when it says nothing.
     Free,
@@ -454,9 +454,30 @@ pub fn sentences(text: &str) -> Vec<&str> {
     out
 }
 
+/// The sentences of `text` a quote may be: as [`sentences`], less headings (Markdown
+/// `#` lines, and a first line without closing punctuation, which is a title). A
+/// heading names the topic, so it matches a question well and answers none.
+fn quotable(text: &str) -> Vec<&str> {
+    let mut first = true;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.is_empty() {
+            continue;
+        }
+        let title = first && !t.ends_with(['.', '!', '?', ':', ')']);
+        first = false;
+        if t.starts_with('#') || title {
+            continue;
+        }
+        out.extend(sentences(line));
+    }
+    out
+}
+
 /// The sentence of the given sources that best matches `question`: highest cosine
-/// similarity of embeddings, plus a quarter of the share of the question's words
-/// (less function words) that it holds. `None` when the sources have no sentence.
+/// similarity of embeddings, plus half the share of the question's words (less
+/// function words) that it holds, inflections matched ([`same_stem`]). `None` when the sources have no sentence.
 fn best_sentence(
     embedder: &Embedder,
     question: &str,
@@ -464,7 +485,7 @@ fn best_sentence(
 ) -> Result<Option<Quote>> {
     let candidates: Vec<(usize, &str)> = sources
         .iter()
-        .flat_map(|s| sentences(&s.text).into_iter().map(move |t| (s.n, t)))
+        .flat_map(|s| quotable(&s.text).into_iter().map(move |t| (s.n, t)))
         .collect();
     if candidates.is_empty() {
         return Ok(None);
@@ -476,10 +497,12 @@ fn best_sentence(
         .map_err(|e| RagError::Input(format!("embedding sentences to quote: {e}")))?;
     let terms = crate::query_terms(question);
     let score = |i: usize, text: &str| {
-        let words: std::collections::BTreeSet<String> =
-            crate::keyword_terms(text).into_iter().collect();
-        let shared = terms.iter().filter(|t| words.contains(*t)).count();
-        cosine(&vectors[0], &vectors[i + 1]) + 0.25 * shared as f32 / terms.len().max(1) as f32
+        let words: Vec<String> = crate::keyword_terms(text);
+        let shared = terms
+            .iter()
+            .filter(|t| words.iter().any(|w| same_stem(t, w)))
+            .count();
+        cosine(&vectors[0], &vectors[i + 1]) + 0.5 * shared as f32 / terms.len().max(1) as f32
     };
     let best = candidates
         .iter()
@@ -490,6 +513,22 @@ fn best_sentence(
         n,
         text: text.to_string(),
     }))
+}
+
+/// Whether two lowercase words are one word inflected: equal, or (both of four
+/// letters or more) sharing their first five letters, or all of the shorter one's
+/// when it has four (`blanch`, `blanched`; `belt`, `belts`). A crude stemmer, on
+/// purpose: it only breaks near-ties between sentences the embedding ranks alike.
+fn same_stem(a: &str, b: &str) -> bool {
+    if a == b {
+        return true;
+    }
+    let (na, nb) = (a.chars().count(), b.chars().count());
+    if na < 4 || nb < 4 {
+        return false;
+    }
+    let n = na.min(nb).min(5);
+    a.chars().take(n).eq(b.chars().take(n))
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -586,9 +625,16 @@ pub fn answer(
     let mut quote = None;
     let silent = !says_something(&answer);
     if (silent || opts.style == AnswerStyle::Quote) && !sources.is_empty() {
-        // From the cited sources, or the first when none is cited.
-        let from: Vec<&Source> = if cited.is_empty() {
-            sources.iter().take(1).collect()
+        // The quote style looks through every source: a small model often cites
+        // the first source whatever holds the answer, and the quote (which cites its
+        // own source) is the evidence. A silent answer quotes what it cited, or the
+        // first source when it cited none.
+        let from: Vec<&Source> = if opts.style == AnswerStyle::Quote || cited.is_empty() {
+            if opts.style == AnswerStyle::Quote {
+                sources.iter().collect()
+            } else {
+                sources.iter().take(1).collect()
+            }
         } else {
             sources.iter().filter(|s| cited.contains(&s.n)).collect()
         };
@@ -706,6 +752,13 @@ mod tests {
                 "Yes it is",
             ]
         );
+        // Headings are not quoted: a `#` line, or a first line that does not end
+        // as a sentence does.
+        assert_eq!(quotable(text)[0], "The fee is £38.");
+        assert!(same_stem("blanched", "blanch") && same_stem("belt", "belts"));
+        assert!(!same_stem("kiln", "kind") && !same_stem("at", "as"));
+        let plain = "Ashby Lane Studio: Kiln Rules\n\nThe large kiln is Bramble.";
+        assert_eq!(quotable(plain), vec!["The large kiln is Bramble."]);
     }
 
     #[test]

@@ -135,6 +135,8 @@ struct Waiting {
     prompt: Vec<u32>,
     opts: GenerateOptions,
     reserve: usize,
+    /// Whether the disk tier was asked for its prefix.
+    disk_checked: bool,
 }
 
 struct Slot<'t> {
@@ -192,6 +194,11 @@ pub struct Scheduler<'t> {
     events: Vec<Event>,
     clock: u64,
     stats: BatchStats,
+    /// The prefix cache's disk tier, if it has one.
+    disk: Option<crate::prompt_cache::DiskCache>,
+    cache_stats: std::sync::Arc<crate::prompt_cache::CacheStats>,
+    /// When the RAM tier's bytes were last counted (entries made, entries held).
+    ram_counted: Option<(u64, usize)>,
 }
 
 impl<'t> Scheduler<'t> {
@@ -241,6 +248,9 @@ impl<'t> Scheduler<'t> {
             events: Vec::new(),
             clock: 0,
             stats: BatchStats::default(),
+            disk: None,
+            cache_stats: Default::default(),
+            ram_counted: None,
         })
     }
 
@@ -270,6 +280,27 @@ impl<'t> Scheduler<'t> {
     pub fn with_speculation(mut self, spec: Option<crate::speculate::Speculation>) -> Self {
         self.speculation = spec;
         self
+    }
+
+    /// Finished sequences spill to `disk` too, and a prompt that shares more with an
+    /// entry there than with any kept in RAM loads that entry's pages.
+    pub fn with_disk(mut self, disk: crate::prompt_cache::DiskCache) -> Self {
+        self.disk = Some(disk);
+        self
+    }
+
+    /// Counts of the prefix cache's tiers, updated as the scheduler steps.
+    pub fn with_cache_stats(
+        mut self,
+        stats: std::sync::Arc<crate::prompt_cache::CacheStats>,
+    ) -> Self {
+        self.cache_stats = stats;
+        self
+    }
+
+    /// The disk tier, if there is one.
+    pub fn disk(&self) -> Option<&crate::prompt_cache::DiskCache> {
+        self.disk.as_ref()
     }
 
     pub fn options(&self) -> &BatchOptions {
@@ -324,6 +355,7 @@ impl<'t> Scheduler<'t> {
             prompt,
             opts,
             reserve,
+            disk_checked: false,
         });
         // Admitted now if there is room, so that `waiting()` counts only those
         // that really wait.
@@ -466,6 +498,7 @@ impl<'t> Scheduler<'t> {
                         cache: s.cache.clone(),
                         last_used: self.clock,
                         users: 0,
+                        from_disk: false,
                     };
                     // Made room for only where the budget has it free.
                     if self.used + entry.tokens.len() <= self.opts.kv_budget {
@@ -575,6 +608,7 @@ impl<'t> Scheduler<'t> {
             finish(id, decoder, text, &mut self.events);
             self.keep_finished(tokens, cache);
         }
+        self.count_ram_bytes();
         std::mem::take(&mut self.events)
     }
 
@@ -609,6 +643,12 @@ impl<'t> Scheduler<'t> {
             if self.active.len() >= self.opts.max_sequences {
                 return;
             }
+            if !w.disk_checked {
+                self.load_from_disk();
+            }
+            let Some(w) = self.waiting.front() else {
+                return;
+            };
             let (mut entry, reuse) = self.best_prefix(&w.prompt);
             // A prompt that shares more with one still prefilling than with any kept
             // prefix waits for it to finish, then copies instead of running it twice.
@@ -673,12 +713,14 @@ impl<'t> Scheduler<'t> {
     fn start(&mut self, w: Waiting, entry: Option<usize>, reuse: usize) -> Result<Slot<'t>> {
         let mut cache = self.program.new_cache_of(w.reserve, self.cache_type)?;
         let (mut reserve, mut pinned) = (w.reserve, None);
+        let mut hit = None;
         if let Some(e) = entry {
             self.clock += 1;
             let shared = self.shared(e, reuse);
             let p = &mut self.prefixes[e];
             p.last_used = self.clock;
             if cache.copy_prefix(&p.cache, reuse).is_ok() {
+                hit = Some(std::mem::take(&mut p.from_disk));
                 self.stats.prompt_tokens_reused += reuse as u64;
                 if shared > 0 {
                     reserve -= shared;
@@ -690,6 +732,7 @@ impl<'t> Scheduler<'t> {
                 cache = self.program.new_cache_of(w.reserve, self.cache_type)?;
             }
         }
+        self.count_hit(hit);
         let mut decoder = Decoder::new(w.prompt.len(), &w.opts)?;
         decoder.reused(cache.len());
         let text = self.tokenizer.map(|t| TextOutput::new(t, &w.opts.stop));

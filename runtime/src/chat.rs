@@ -1,6 +1,10 @@
-//! Chat templates: the model's own Jinja template, rendered with minijinja.
+//! Chat templates: the model's own Jinja template (or a built-in one for files that
+//! carry none), rendered with minijinja.
 use llama_models::gguf::MetaValue;
-use llama_models::{Model, ModelSource};
+use llama_models::{Family, Model, ModelSource};
+
+mod builtin;
+pub use builtin::END_OF_TURN;
 use serde::Serialize;
 
 use crate::error::{Result, RuntimeError};
@@ -44,6 +48,44 @@ fn special_token_text(v: Option<&serde_json::Value>) -> String {
     }
 }
 
+/// A tokenizer_config.json, or null where there is none.
+fn tokenizer_config(path: &std::path::Path) -> Result<serde_json::Value> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| RuntimeError::Template {
+            source_name: path.display().to_string(),
+            message: e.to_string(),
+        }),
+        Err(_) => Ok(serde_json::Value::Null),
+    }
+}
+
+/// The text of a model's beginning- and end-of-sequence tokens, as templates read
+/// them (`bos_token`, `eos_token`).
+fn special_tokens(source: &ModelSource) -> Result<(String, String)> {
+    match source {
+        ModelSource::HfDir(dir) => {
+            let config = tokenizer_config(&dir.join("tokenizer_config.json"))?;
+            Ok((
+                special_token_text(config.get("bos_token")),
+                special_token_text(config.get("eos_token")),
+            ))
+        }
+        ModelSource::Gguf(file) => {
+            let token = |k: &str| {
+                let id = file.get(k).and_then(MetaValue::as_u64)?;
+                let tokens = file
+                    .get("tokenizer.ggml.tokens")
+                    .and_then(MetaValue::as_strings)?;
+                tokens.get(id as usize).map(str::to_string)
+            };
+            Ok((
+                token("tokenizer.ggml.bos_token_id").unwrap_or_default(),
+                token("tokenizer.ggml.eos_token_id").unwrap_or_default(),
+            ))
+        }
+    }
+}
+
 impl ChatTemplate {
     /// The model's template, looked up as HF does: `chat_template.jinja`, then
     /// `tokenizer_config.json`; in a GGUF file, `tokenizer.chat_template`.
@@ -53,66 +95,79 @@ impl ChatTemplate {
 
     /// As [`ChatTemplate::for_model`], from an opened model source.
     pub fn for_source(source: &ModelSource) -> Result<Option<ChatTemplate>> {
-        match source {
+        let (bos_token, eos_token) = special_tokens(source)?;
+        let (source_name, template) = match source {
             ModelSource::HfDir(dir) => {
-                let config_path = dir.join("tokenizer_config.json");
-                let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-                    Ok(text) => {
-                        serde_json::from_str(&text).map_err(|e| RuntimeError::Template {
-                            source_name: config_path.display().to_string(),
-                            message: e.to_string(),
-                        })?
-                    }
-                    Err(_) => serde_json::Value::Null,
-                };
-                let bos_token = special_token_text(config.get("bos_token"));
-                let eos_token = special_token_text(config.get("eos_token"));
                 let jinja = dir.join("chat_template.jinja");
                 if let Ok(template) = std::fs::read_to_string(&jinja) {
-                    return Ok(Some(ChatTemplate {
-                        source: jinja.display().to_string(),
-                        template,
-                        bos_token,
-                        eos_token,
-                    }));
+                    (jinja.display().to_string(), Some(template))
+                } else {
+                    let config_path = dir.join("tokenizer_config.json");
+                    let template = match tokenizer_config(&config_path)?.get("chat_template") {
+                        Some(serde_json::Value::String(t)) => Some(t.clone()),
+                        // A list of named templates: take `default`.
+                        Some(serde_json::Value::Array(list)) => list
+                            .iter()
+                            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                            .and_then(|t| t.get("template"))
+                            .and_then(|t| t.as_str())
+                            .map(str::to_string),
+                        _ => None,
+                    };
+                    (config_path.display().to_string(), template)
                 }
-                let template = match config.get("chat_template") {
-                    Some(serde_json::Value::String(t)) => Some(t.clone()),
-                    // A list of named templates: take `default`.
-                    Some(serde_json::Value::Array(list)) => list
-                        .iter()
-                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-                        .and_then(|t| t.get("template"))
-                        .and_then(|t| t.as_str())
-                        .map(str::to_string),
-                    _ => None,
-                };
-                Ok(template.map(|template| ChatTemplate {
-                    source: config_path.display().to_string(),
-                    template,
-                    bos_token,
-                    eos_token,
-                }))
             }
-            ModelSource::Gguf(file) => {
-                let token = |k: &str| {
-                    let id = file.get(k).and_then(MetaValue::as_u64)?;
-                    let tokens = file
-                        .get("tokenizer.ggml.tokens")
-                        .and_then(MetaValue::as_strings)?;
-                    tokens.get(id as usize).map(str::to_string)
-                };
-                Ok(file
-                    .get("tokenizer.chat_template")
+            ModelSource::Gguf(file) => (
+                format!("{} (tokenizer.chat_template)", file.path.display()),
+                file.get("tokenizer.chat_template")
                     .and_then(MetaValue::as_str)
-                    .map(|template| ChatTemplate {
-                        source: format!("{} (tokenizer.chat_template)", file.path.display()),
-                        template: template.to_string(),
-                        bos_token: token("tokenizer.ggml.bos_token_id").unwrap_or_default(),
-                        eos_token: token("tokenizer.ggml.eos_token_id").unwrap_or_default(),
-                    }))
-            }
+                    .map(str::to_string),
+            ),
+        };
+        Ok(template.map(|template| ChatTemplate {
+            source: source_name,
+            template,
+            bos_token,
+            eos_token,
+        }))
+    }
+
+    /// The template `--chat-template` names: a built-in name (`chatml`, `gemma`,
+    /// `llama3`, `phi3`) or a Jinja file, with the special tokens of `source`.
+    pub fn given(choice: &str, source: &ModelSource) -> Result<ChatTemplate> {
+        let (bos_token, eos_token) = special_tokens(source)?;
+        if let Some(template) = builtin::builtin(choice) {
+            return Ok(ChatTemplate {
+                source: format!("the built-in `{choice}` template"),
+                template: template.to_string(),
+                bos_token,
+                eos_token,
+            });
         }
+        let template = std::fs::read_to_string(choice).map_err(|e| {
+            let names: Vec<&str> = builtin::BUILTIN.iter().map(|(n, _)| *n).collect();
+            RuntimeError::Options(format!(
+                "--chat-template {choice}: not a built-in template ({}) and not a readable file: {e}",
+                names.join(", ")
+            ))
+        })?;
+        Ok(ChatTemplate {
+            source: choice.to_string(),
+            template,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// The built-in template for a family whose file has none (`has_token` tells
+    /// whether the vocabulary holds a token), and its name.
+    pub fn fallback(
+        family: Family,
+        source: &ModelSource,
+        has_token: impl Fn(&str) -> bool,
+    ) -> Result<(ChatTemplate, &'static str)> {
+        let name = builtin::for_family(family, has_token);
+        Ok((Self::given(name, source)?, name))
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the

@@ -155,6 +155,11 @@ pub struct Engine {
     cache_type: KvType,
     cache_note: Option<String>,
     passes: Vec<&'static str>,
+    /// The chat template `--chat-template` chose, over the file's own.
+    template: Option<ChatTemplate>,
+    /// The built-in template and its name, for a generating model whose file has no
+    /// template (worked out once).
+    fallback: std::sync::OnceLock<Option<(ChatTemplate, &'static str)>>,
 }
 
 impl Engine {
@@ -237,6 +242,8 @@ impl Engine {
             context,
             cache_type: policy.cache_type,
             passes: policy.pipeline.names(),
+            template: None,
+            fallback: std::sync::OnceLock::new(),
         })
     }
 
@@ -340,15 +347,80 @@ impl Engine {
         Tokenizer::for_model(&self.model)
     }
 
-    /// The model's chat template; an error naming the model when it has none.
-    pub fn chat_template(&self) -> Result<ChatTemplate> {
-        ChatTemplate::for_model(&self.model)?
-            .ok_or_else(|| RuntimeError::NoChatTemplate(self.model.path.display().to_string()))
+    /// Chats with `choice` (a built-in template's name or a Jinja file) instead of the
+    /// file's own template.
+    pub fn set_chat_template(&mut self, choice: &str) -> Result<()> {
+        self.check_generates()?;
+        self.template = Some(ChatTemplate::given(choice, &self.model.source)?);
+        Ok(())
     }
 
-    /// The ids that end generation (end of sequence, of turn, of message).
+    /// The chat template: the one [`Engine::set_chat_template`] chose, else the
+    /// model's own, else the built-in template of its architecture (as
+    /// [`Engine::chat_template_note`] says). An encoder has none.
+    pub fn chat_template(&self) -> Result<ChatTemplate> {
+        if let Some(t) = &self.template {
+            return Ok(t.clone());
+        }
+        if let Some(t) = ChatTemplate::for_model(&self.model)? {
+            return Ok(t);
+        }
+        match self.fallback() {
+            Some((t, _)) => Ok(t.clone()),
+            None => Err(RuntimeError::NoChatTemplate(
+                self.model.path.display().to_string(),
+            )),
+        }
+    }
+
+    /// The built-in template standing in for a generating model's missing one.
+    fn fallback(&self) -> Option<&(ChatTemplate, &'static str)> {
+        self.fallback
+            .get_or_init(|| {
+                if !self.model.arch.generates()
+                    || !matches!(ChatTemplate::for_model(&self.model), Ok(None))
+                {
+                    return None;
+                }
+                let tokenizer = self.tokenizer().ok()?;
+                ChatTemplate::fallback(self.model.arch, &self.model.source, |t| {
+                    tokenizer.id_of(t).is_some()
+                })
+                .ok()
+            })
+            .as_ref()
+    }
+
+    /// One line saying that the chat template is a built-in fallback, where it is.
+    pub fn chat_template_note(&self) -> Option<String> {
+        if self.template.is_some() {
+            return None;
+        }
+        let (_, name) = self.fallback()?;
+        Some(format!(
+            "{} has no chat template; using the built-in `{name}` template for its architecture ({})",
+            self.model.path.display(),
+            self.model.arch
+        ))
+    }
+
+    /// The ids that end generation (end of sequence, of turn, of message). With a
+    /// built-in template, its end-of-turn token too: the file does not name it.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.model.eos_token_ids()
+        let mut ids = self.model.eos_token_ids();
+        let builtin = self.template.is_some() || self.fallback().is_some();
+        if builtin {
+            if let Ok(tokenizer) = self.tokenizer() {
+                for t in crate::chat::END_OF_TURN {
+                    if let Some(id) = tokenizer.id_of(t) {
+                        if !ids.contains(&id) {
+                            ids.push(id);
+                        }
+                    }
+                }
+            }
+        }
+        ids
     }
 
     /// The grammar compiler for this model's tokenizer, logits and end ids.

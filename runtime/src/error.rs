@@ -69,6 +69,8 @@ pub enum RuntimeError {
     Grammar(String),
     #[error("tools: {0}")]
     Tools(String),
+    #[error("prompt cache: {0}")]
+    PromptCache(#[from] crate::prompt_cache::PromptCacheError),
     #[error("{}", context_size_message(*requested, *max))]
     ContextSize { requested: usize, max: usize },
 }

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod perplexity;
+pub mod prompt_cache;
 pub mod sampler;
 pub mod service;
 pub mod session;
@@ -30,6 +31,7 @@ pub use generate::{
 };
 pub use llama_graph::{Capabilities, KvCache, KvType};
 pub use perplexity::{perplexity, Perplexity};
+pub use prompt_cache::{CacheKey, CacheStats, DiskCache, DiskOptions, PromptCacheError};
 pub use sampler::{random_seed, Sampler, SamplerConfig};
 pub use service::{Service, ServiceLoad, ServiceOptions, Sink, Stream, Ticket};
 pub use session::{argmax, Logits, Session, SessionState};

@@ -13,6 +13,7 @@ use crate::batch::{BatchOptions, Event, Scheduler, SeqId, SeqState};
 use crate::engine::Engine;
 use crate::error::{Result, RuntimeError};
 use crate::generate::GenerateOptions;
+use crate::prompt_cache::{CacheStats, DiskCache, DiskOptions};
 use crate::speculate::Speculation;
 
 /// Limits of a [`Service`].
@@ -27,6 +28,9 @@ pub struct ServiceOptions {
     /// A draft model for speculating sequences (same vocabulary, same device);
     /// without one they look drafts up in their context.
     pub draft: Option<Arc<Engine>>,
+    /// The prefix cache's disk tier: a directory, its budget, and the model file
+    /// that keys its entries.
+    pub disk: Option<DiskOptions>,
 }
 
 impl Default for ServiceOptions {
@@ -36,6 +40,7 @@ impl Default for ServiceOptions {
             max_queue: 256,
             speculation: None,
             draft: None,
+            disk: None,
         }
     }
 }
@@ -87,6 +92,7 @@ struct Shared {
 pub struct Service {
     commands: Option<Sender<Command>>,
     shared: Arc<Shared>,
+    cache_stats: Arc<CacheStats>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -152,6 +158,9 @@ impl Service {
         let max_queue = opts.max_queue;
         let speculation = opts.speculation;
         let draft = opts.draft.clone();
+        let disk = opts.disk.clone();
+        let cache_stats = Arc::new(CacheStats::default());
+        let thread_stats = cache_stats.clone();
         if let Some(d) = &draft {
             engine.check_draft(d)?;
         }
@@ -167,7 +176,17 @@ impl Service {
                 };
                 let scheduler = match Scheduler::new(&engine, batch) {
                     Ok(s) => {
-                        let s = s.with_tokenizer(&tokenizer).with_speculation(speculation);
+                        let s = s
+                            .with_tokenizer(&tokenizer)
+                            .with_speculation(speculation)
+                            .with_cache_stats(thread_stats.clone());
+                        let s = match disk
+                            .as_ref()
+                            .and_then(|d| DiskCache::for_engine(&engine, d, thread_stats))
+                        {
+                            Some(d) => s.with_disk(d),
+                            None => s,
+                        };
                         match &draft {
                             Some(d) => s.with_draft(d.program(), d.context()),
                             None => s,
@@ -194,6 +213,7 @@ impl Service {
         Ok(Service {
             commands: Some(commands),
             shared,
+            cache_stats,
             thread: Some(thread),
         })
     }
@@ -242,6 +262,11 @@ impl Service {
             running: self.shared.running.load(Ordering::Relaxed),
             waiting: self.shared.waiting.load(Ordering::Relaxed),
         }
+    }
+
+    /// Hits, misses and bytes of the prefix cache's tiers.
+    pub fn cache_stats(&self) -> &CacheStats {
+        &self.cache_stats
     }
 
     /// Stops taking requests and cancels every one in flight: each ends at the next

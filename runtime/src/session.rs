@@ -250,6 +250,11 @@ impl Session {
         Ok(())
     }
 
+    /// The KV cache (its host pages are shared by clones: a clone copies nothing).
+    pub fn kv_cache(&self) -> &KvCache {
+        &self.cache
+    }
+
     /// The session's state (tokens and KV cache) on the host.
     pub fn state(&self) -> Result<SessionState> {
         Ok(SessionState {

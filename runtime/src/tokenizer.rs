@@ -166,6 +166,11 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The id of a token string, where the vocabulary has it.
+    pub fn id_of(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// Why `other` does not map ids to tokens as this one does (`None`: it does): the
     /// vocabulary sizes, or the first id whose token differs.
     pub fn differs_from(&self, other: &Tokenizer) -> Option<String> {

@@ -98,8 +98,9 @@ pub async fn embeddings(
         }
     };
     let inputs = inputs(&value)?;
-    let embedder = state.embedder().await?;
-    let vocab = state.model()?.vocab;
+    let model = state.model(&value).await?;
+    let embedder = crate::state::embedder(&model, state.config.pooling).await?;
+    let vocab = model.vocab;
     let max = embedder.max_tokens();
     let single = inputs.len() == 1;
     let mut ids = Vec::with_capacity(inputs.len());
@@ -166,7 +167,7 @@ pub async fn embeddings(
     Ok(Json(json!({
         "object": "list",
         "data": data,
-        "model": state.config.alias,
+        "model": model.name,
         "usage": { "prompt_tokens": tokens, "total_tokens": tokens },
     }))
     .into_response())

@@ -7,6 +7,7 @@ use llama_runtime::{Event, GenerateOptions, Generation, Ticket, TokenLogprob};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use crate::error::ApiError;
+use crate::models::Lease;
 use crate::state::AppState;
 
 /// One choice to generate.
@@ -32,6 +33,8 @@ pub struct Running {
     events: UnboundedReceiver<(usize, Event)>,
     _tickets: Vec<Ticket>,
     state: Arc<AppState>,
+    /// The model, held (not unloaded) while the sequences run.
+    model: Lease,
     arrived: Instant,
     first: bool,
     last_token: Vec<Option<Instant>>,
@@ -43,15 +46,16 @@ impl Running {
     /// If one is refused, those already submitted are cancelled.
     pub async fn start(
         state: Arc<AppState>,
+        model: Lease,
         jobs: Vec<Job>,
         arrived: Instant,
         param: &'static str,
     ) -> Result<Running, ApiError> {
         let (tx, events) = unbounded_channel();
         let n = jobs.len();
-        let st = state.clone();
+        let m = model.clone();
         let tickets = tokio::task::spawn_blocking(move || {
-            let service = st.service()?;
+            let service = m.service()?;
             let mut tickets = Vec::with_capacity(jobs.len());
             for (i, job) in jobs.into_iter().enumerate() {
                 let tx = tx.clone();
@@ -71,11 +75,17 @@ impl Running {
             events,
             _tickets: tickets,
             state,
+            model,
             arrived,
             first: true,
             last_token: vec![None; n],
             open: n,
         })
+    }
+
+    /// The model the sequences run on.
+    pub fn model(&self) -> &Lease {
+        &self.model
     }
 
     /// The next update of any choice, or `None` once every choice has ended.
@@ -96,10 +106,14 @@ impl Running {
             } => {
                 let now = Instant::now();
                 if std::mem::take(&mut self.first) {
-                    self.state.metrics.first_token(now - self.arrived);
+                    self.state
+                        .metrics
+                        .first_token(&self.model.name, now - self.arrived);
                 }
                 if let Some(Some(prev)) = self.last_token.get(i) {
-                    self.state.metrics.between_tokens(now - *prev);
+                    self.state
+                        .metrics
+                        .between_tokens(&self.model.name, now - *prev);
                 }
                 if let Some(slot) = self.last_token.get_mut(i) {
                     *slot = Some(now);
@@ -113,13 +127,16 @@ impl Running {
             Event::Done { generation, .. } => {
                 self.open -= 1;
                 self.state.metrics.tokens(
+                    &self.model.name,
                     generation.prompt_tokens,
                     generation.cached_tokens,
                     generation.ids.len(),
                 );
-                self.state
-                    .metrics
-                    .drafts(generation.drafted, generation.accepted);
+                self.state.metrics.drafts(
+                    &self.model.name,
+                    generation.drafted,
+                    generation.accepted,
+                );
                 Update::Done(generation)
             }
             Event::Failed { error, .. } => {

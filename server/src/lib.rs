@@ -13,6 +13,7 @@ mod jobs;
 mod messages;
 mod meta;
 mod metrics;
+mod models;
 mod request;
 mod responses;
 mod routes;
@@ -38,6 +39,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::CorsLayer;
 
 pub use error::{AnthropicError, ApiError, ServeError};
+pub use models::{Lease, Limits, ModelEntry, Registry};
 pub use state::{AppState, Loaded, ServerConfig};
 pub use store::{Retention, StoreError};
 
@@ -65,6 +67,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/detokenize", post(tokens::detokenize))
         .route("/v1/models", get(meta::models))
         .route("/v1/models/{id}", get(meta::model))
+        .route("/models/load", post(meta::load))
+        .route("/models/unload", post(meta::unload))
         .route("/health", get(meta::health))
         .route("/metrics", get(meta::metrics))
         .fallback(meta::not_found)
@@ -133,12 +137,9 @@ async fn count(State(state): State<Arc<AppState>>, req: Request, next: Next) -> 
     response
 }
 
-/// Serves on `listener` until `shutdown` completes: the model is loaded by `load` on
-/// a blocking thread meanwhile (`/health` answers 503 until then). After the signal
-/// no connection is accepted, requests in flight run on for the configured timeout,
-/// then what is left is cancelled. A model that fails to load ends the server with
-/// that error. Connections are limited in number and in how long a peer may take
-/// (`ServerConfig::{max_connections, timeout}`).
+/// Serves one model on `listener` until `shutdown` completes: the model is loaded by
+/// `load` on a blocking thread meanwhile (`/health` answers 503 until then). See
+/// [`serve_models`].
 pub async fn serve<L, S>(
     listener: TcpListener,
     config: ServerConfig,
@@ -149,11 +150,101 @@ where
     L: FnOnce() -> llama_runtime::Result<Engine> + Send + 'static,
     S: Future<Output = ()> + Send + 'static,
 {
+    let once = std::sync::Mutex::new(Some(load));
+    let entry = ModelEntry {
+        name: config.alias.clone(),
+        path: std::path::PathBuf::new(),
+        chat_template: None,
+    };
+    let load = move |_: &ModelEntry| {
+        let load = once
+            .lock()
+            .map_err(|_| llama_runtime::RuntimeError::Options("the loader failed".into()))?
+            .take()
+            .ok_or_else(|| {
+                llama_runtime::RuntimeError::Options("this model cannot be loaded again".into())
+            })?;
+        load()
+    };
+    let models = Models {
+        entries: vec![entry],
+        dir: None,
+        limits: Limits::default(),
+    };
+    serve_models(listener, config, models, Arc::new(load), shutdown).await
+}
+
+/// The models a server offers.
+pub struct Models {
+    /// Named on the command line (`--model [NAME=]PATH`).
+    pub entries: Vec<ModelEntry>,
+    /// A directory whose `.gguf` files and model directories are models too,
+    /// rescanned as it changes (`--models-dir`).
+    pub dir: Option<std::path::PathBuf>,
+    pub limits: Limits,
+}
+
+/// Loads one model's engine.
+pub type EngineLoader = dyn Fn(&ModelEntry) -> llama_runtime::Result<Engine> + Send + Sync;
+
+/// Serves on `listener` until `shutdown` completes.
+///
+/// With one model named and no directory, that model is loaded at once on a
+/// blocking thread (`/health` answers 503 until then), serves every request
+/// whatever its `model` field says, and a failure to load ends the server with
+/// that error. Otherwise models load on first use in the background and unload
+/// least recently used first past the limits (see [`Registry`]).
+///
+/// After the signal no connection is accepted, requests in flight run on for the
+/// configured timeout, then what is left is cancelled. Connections are limited in
+/// number and in how long a peer may take (`ServerConfig::{max_connections,
+/// timeout}`).
+pub async fn serve_models<S>(
+    listener: TcpListener,
+    config: ServerConfig,
+    models: Models,
+    load: Arc<EngineLoader>,
+    shutdown: S,
+) -> Result<(), ServeError>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
     let listener = conn::LimitedListener::new(listener, config.max_connections, config.timeout);
-    let state = Arc::new(AppState::new(config));
+    let start_config = config.clone();
+    let many = models.dir.is_some() || models.entries.len() > 1;
+    let start = move |entry: &ModelEntry| -> Result<Loaded, String> {
+        let engine = load(entry).map_err(|e| e.to_string())?;
+        // Each model of several keeps its prompt cache in a directory of its own.
+        let mut config = start_config.clone();
+        if let Some(disk) = config.prompt_cache.as_mut() {
+            if !entry.path.as_os_str().is_empty() {
+                disk.model = entry.path.clone();
+            }
+            if many {
+                disk.dir = disk.dir.join(&entry.name);
+            }
+        }
+        Loaded::start(&entry.name, engine, &config).map_err(|e| e.to_string())
+    };
+    let registry = Registry::new(
+        models.entries,
+        models.dir,
+        models.limits,
+        config.timeout,
+        Arc::new(start),
+    );
+    let state = Arc::new(AppState::with_models(config, registry.clone()));
     if let Some(why) = state.store_error() {
         return Err(ServeError::Internal(why.to_string()));
     }
+    let single = registry
+        .is_single()
+        .then(|| registry.names())
+        .and_then(|n| n.into_iter().next());
+    if let Some(name) = &single {
+        registry.preload(name);
+    }
+    registry.watch(Duration::from_secs(1));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = axum::serve(listener, router(state.clone()))
         .with_graceful_shutdown(async move {
@@ -162,24 +253,25 @@ where
         })
         .into_future();
     let mut server = std::pin::pin!(server);
-    let st = state.clone();
-    let mut loading = tokio::task::spawn_blocking(move || {
-        let engine = load()?;
-        Loaded::start(engine, &st.config)
-    });
+    let loading = {
+        let registry = registry.clone();
+        let single = single.clone();
+        async move {
+            match single {
+                Some(name) => registry.loaded_or_failed(&name).await,
+                None => std::future::pending().await,
+            }
+        }
+    };
+    let mut loading = std::pin::pin!(loading);
     let mut loaded = false;
     loop {
         tokio::select! {
             r = &mut server => return r.map_err(ServeError::Io),
             r = &mut loading, if !loaded => {
                 loaded = true;
-                match r {
-                    Ok(Ok(l)) => {
-                        state.set_loaded(l);
-                        tracing::info!("model loaded; serving");
-                    }
-                    Ok(Err(e)) => return Err(ServeError::Load(e)),
-                    Err(e) => return Err(ServeError::Internal(format!("loading the model: {e}"))),
+                if let Err(e) = r {
+                    return Err(ServeError::Internal(e));
                 }
             }
             r = stop_rx.changed() => {
@@ -195,13 +287,20 @@ where
     if let Ok(r) = tokio::time::timeout(deadline, &mut server).await {
         return r.map_err(ServeError::Io);
     }
-    if let Some(s) = state.loaded().and_then(|m| m.service.as_ref()) {
-        s.cancel_all();
+    for (_, m) in registry.loaded() {
+        if let Some(s) = m.service.as_ref() {
+            s.cancel_all();
+        }
     }
     match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
         Ok(r) => r.map_err(ServeError::Io),
         Err(_) => Ok(()),
     }
+}
+
+/// A line for the operator, on stderr (the server's only log).
+pub(crate) fn log(line: &str) {
+    eprintln!("{line}");
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use crate::error::{AnthropicError, ApiError};
 use crate::request::{self, Common, Stop};
 use crate::routes::{body, plan_conversation, prompt_ids, Conversation};
-use crate::state::AppState;
+use crate::state::{AppState, Loaded};
 use crate::turn::{which_stop, Block, Finished, Step, Turn};
 
 type Answer = Result<Response, AnthropicError>;
@@ -436,7 +436,7 @@ struct Request {
     stops: Vec<String>,
 }
 
-fn plan(state: &AppState, value: &Value) -> Result<Request, ApiError> {
+fn plan(model: &Loaded, value: &Value) -> Result<Request, ApiError> {
     check_fields(value, FIELDS)?;
     let o: Options = request::parse(value)?;
     let Some(max_tokens) = o.max_tokens else {
@@ -455,18 +455,17 @@ fn plan(state: &AppState, value: &Value) -> Result<Request, ApiError> {
     };
     let tools = tool_spec(value)?;
     let conv = conversation(value, tools)?;
-    let model = state.model()?;
     let plan = plan_conversation(model, conv, &mut common, 1, None)?;
     Ok(Request { plan, stops })
 }
 
-fn stop_reason(f: &Finished, stops: &[String], state: &AppState) -> (&'static str, Value) {
+fn stop_reason(f: &Finished, stops: &[String], model: &Loaded) -> (&'static str, Value) {
     match f.finish {
         FinishReason::Length => ("max_tokens", Value::Null),
         _ if f.called => ("tool_use", Value::Null),
         FinishReason::Stop => (
             "stop_sequence",
-            which_stop(state, &f.ids, stops).map_or(Value::Null, Value::String),
+            which_stop(model, &f.ids, stops).map_or(Value::Null, Value::String),
         ),
         FinishReason::Eos | FinishReason::Cancelled => ("end_turn", Value::Null),
     }
@@ -495,17 +494,17 @@ pub async fn messages(
 ) -> Answer {
     let arrived = Instant::now();
     let value = body(bytes, state.config.body_limit)?;
-    state.service()?;
-    let Request { plan, stops } = plan(&state, &value)?;
+    let lease = state.model(&value).await?;
+    lease.service()?;
+    let Request { plan, stops } = plan(&lease, &value)?;
     let stream = plan.stream;
-    let turn = Turn::start(state.clone(), plan, arrived, "messages").await?;
+    let turn = Turn::start(state.clone(), lease, plan, arrived, "messages").await?;
     // Anthropic's ids: `msg_` and characters.
     let id = state.id("msg").replacen('-', "_", 1);
-    let model = state.config.alias.clone();
+    let model = turn.model().name.clone();
     if stream {
         let s = Streaming {
             turn,
-            state,
             id,
             model,
             stops,
@@ -534,7 +533,7 @@ pub async fn messages(
             }),
         })
         .collect();
-    let (reason, sequence) = stop_reason(&outcome.finished, &stops, &state);
+    let (reason, sequence) = stop_reason(&outcome.finished, &stops, &outcome.model);
     Ok(Json(json!({
         "id": id,
         "type": "message",
@@ -553,11 +552,12 @@ pub async fn count_tokens(
     bytes: Result<Bytes, BytesRejection>,
 ) -> Answer {
     let value = body(bytes, state.config.body_limit)?;
-    state.service()?;
+    let model = state.model(&value).await?;
+    model.service()?;
     check_fields(&value, COUNT_FIELDS)?;
     let tools = tool_spec(&value)?;
     let conv = conversation(&value, tools)?;
-    let (ids, _) = prompt_ids(state.model()?, &conv)?;
+    let (ids, _) = prompt_ids(&model, &conv)?;
     Ok(Json(json!({ "input_tokens": ids.len() })).into_response())
 }
 
@@ -570,7 +570,6 @@ enum Open {
 
 struct Streaming {
     turn: Turn,
-    state: Arc<AppState>,
     id: String,
     model: String,
     stops: Vec<String>,
@@ -669,7 +668,7 @@ impl Streaming {
                 }
                 Step::Done(f) => {
                     self.close();
-                    let (reason, sequence) = stop_reason(&f, &self.stops, &self.state);
+                    let (reason, sequence) = stop_reason(&f, &self.stops, self.turn.model());
                     self.push(
                         "message_delta",
                         json!({

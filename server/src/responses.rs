@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::ApiError;
+use crate::models::Lease;
 use crate::presented_key;
 use crate::request::{self, Common};
 use crate::routes::{body, format_constraint, plan_conversation, AppResult, Conversation, Plan};
@@ -484,7 +485,11 @@ fn usage(f: &Finished) -> Value {
         "input_tokens": f.prompt_tokens,
         "input_tokens_details": { "cached_tokens": f.cached_tokens },
         "output_tokens": f.output_tokens,
-        "output_tokens_details": { "reasoning_tokens": 0 },
+        "output_tokens_details": {
+            "reasoning_tokens": 0,
+            "accepted_prediction_tokens": f.drafts.accepted,
+            "rejected_prediction_tokens": f.drafts.details()["rejected_prediction_tokens"],
+        },
         "total_tokens": f.prompt_tokens + f.output_tokens,
     })
 }
@@ -544,6 +549,7 @@ struct Request {
     /// The conversation before the answer, without instructions.
     history: Vec<Value>,
     scope: String,
+    model: Lease,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -567,6 +573,9 @@ async fn plan(
     headers: &HeaderMap,
     value: &Value,
 ) -> Result<Request, ApiError> {
+    // An embedding model says so before any field is read.
+    let model = state.model(value).await?;
+    model.service()?;
     check_fields(value)?;
     let o: Options = request::parse(value)?;
     let scope = scope(presented_key(headers));
@@ -591,10 +600,9 @@ async fn plan(
         messages.push(json!({ "role": "system", "content": i }));
     }
     messages.extend(history.iter().cloned());
-    let model = state.model()?;
     let format = match grammar {
         Some(g) => Some((
-            format_constraint(model, g, "text.format", "text.format.schema")?,
+            format_constraint(&model, g, "text.format", "text.format.schema")?,
             "text.format",
         )),
         None => None,
@@ -603,7 +611,7 @@ async fn plan(
     let echo = Echo {
         id: item_id("resp"),
         created_at: crate::state::now(),
-        model: state.config.alias.clone(),
+        model: model.name.clone(),
         instructions: json!(o.instructions),
         max_output_tokens: json!(o.max_output_tokens),
         // Unset, the server's defaults (llama.cpp's), as they are applied.
@@ -652,12 +660,13 @@ async fn plan(
         prefill: String::new(),
         param: "input",
     };
-    let plan = plan_conversation(model, conv, &mut common, 1, None)?;
+    let plan = plan_conversation(&model, conv, &mut common, 1, None)?;
     Ok(Request {
         plan,
         echo,
         history,
         scope,
+        model,
     })
 }
 
@@ -700,15 +709,15 @@ pub async fn create(
 ) -> AppResult {
     let arrived = Instant::now();
     let value = body(bytes, state.config.body_limit)?;
-    state.service()?;
     let Request {
         plan,
         echo,
         history,
         scope,
+        model,
     } = plan(&state, &headers, &value).await?;
     let stream = plan.stream;
-    let turn = Turn::start(state.clone(), plan, arrived, "input").await?;
+    let turn = Turn::start(state.clone(), model, plan, arrived, "input").await?;
     if stream {
         let s = Streaming {
             turn,

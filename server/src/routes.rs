@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 use crate::jobs::{Job, Running, Update};
+use crate::models::Lease;
 use crate::request::{self, ChatFields, Common, CompletionFields, Prompt};
 use crate::state::{AppState, Loaded};
 
@@ -358,9 +359,10 @@ pub async fn chat_completions(
 ) -> AppResult {
     let arrived = Instant::now();
     let value = body(bytes, state.config.body_limit)?;
-    state.service()?; // an embedding model says so before any field is read
-    let plan = plan_chat(state.model()?, &value)?;
-    respond(state, plan, arrived).await
+    let model = state.model(&value).await?;
+    model.service()?; // an embedding model says so before any field is read
+    let plan = plan_chat(&model, &value)?;
+    respond(state, model, plan, arrived).await
 }
 
 pub async fn completions(
@@ -369,9 +371,10 @@ pub async fn completions(
 ) -> AppResult {
     let arrived = Instant::now();
     let value = body(bytes, state.config.body_limit)?;
-    state.service()?;
-    let plan = plan_completion(state.model()?, &value)?;
-    respond(state, plan, arrived).await
+    let model = state.model(&value).await?;
+    model.service()?;
+    let plan = plan_completion(&model, &value)?;
+    respond(state, model, plan, arrived).await
 }
 
 /// Counts a request in flight for as long as it lives.
@@ -390,7 +393,7 @@ impl Drop for InFlight {
     }
 }
 
-async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResult {
+async fn respond(state: Arc<AppState>, model: Lease, plan: Plan, arrived: Instant) -> AppResult {
     let guard = InFlight::new(&state);
     let param = match plan.kind {
         Kind::Chat => "messages",
@@ -398,7 +401,7 @@ async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResul
     };
     let jobs = plan.jobs;
     let choices = jobs.len();
-    let running = Running::start(state.clone(), jobs, arrived, param).await?;
+    let running = Running::start(state.clone(), model.clone(), jobs, arrived, param).await?;
     let id = state.id(match plan.kind {
         Kind::Chat => "chatcmpl",
         Kind::Completion => "cmpl",
@@ -406,14 +409,14 @@ async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResul
     let shape = Shape {
         kind: plan.kind,
         id,
-        model: state.config.alias.clone(),
+        model: model.name.clone(),
         created: crate::state::now(),
         n: plan.n,
         echo: plan.echo,
         logprobs: plan.logprobs,
         prompt_tokens: plan.prompt_tokens,
         tools: plan.tools,
-        state: state.clone(),
+        lease: model,
     };
     if plan.stream {
         let stream = SseState {
@@ -428,6 +431,7 @@ async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResul
             called: vec![false; choices],
             generated: 0,
             cached: 0,
+            drafts: Drafts::default(),
             include_usage: plan.include_usage,
             ended: false,
             _guard: guard,
@@ -442,6 +446,29 @@ async fn respond(state: Arc<AppState>, plan: Plan, arrived: Instant) -> AppResul
     collect(running, shape, choices).await
 }
 
+/// Speculative draft tokens of a request's sequences: verified, and accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Drafts {
+    pub drafted: usize,
+    pub accepted: usize,
+}
+
+impl Drafts {
+    pub(crate) fn add(&mut self, g: &Generation) {
+        self.drafted += g.drafted;
+        self.accepted += g.accepted;
+    }
+
+    /// OpenAI's names for predicted tokens that were and were not kept (its
+    /// Predicted Outputs), which is what drafts are.
+    pub(crate) fn details(self) -> Value {
+        json!({
+            "accepted_prediction_tokens": self.accepted,
+            "rejected_prediction_tokens": self.drafted - self.accepted.min(self.drafted),
+        })
+    }
+}
+
 /// What every response of one request shares.
 struct Shape {
     kind: Kind,
@@ -453,7 +480,7 @@ struct Shape {
     logprobs: Option<usize>,
     prompt_tokens: usize,
     tools: Option<ToolFormat>,
-    state: Arc<AppState>,
+    lease: Lease,
 }
 
 impl Shape {
@@ -465,20 +492,18 @@ impl Shape {
         }
     }
 
-    fn usage(&self, generated: usize, cached: usize) -> Value {
+    fn usage(&self, generated: usize, cached: usize, drafts: Drafts) -> Value {
         json!({
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": generated,
             "total_tokens": self.prompt_tokens + generated,
             "prompt_tokens_details": { "cached_tokens": cached },
+            "completion_tokens_details": drafts.details(),
         })
     }
 
     fn token_text(&self, id: u32) -> String {
-        self.state
-            .loaded()
-            .and_then(|m| m.tokenizer.decode(&[id]).ok())
-            .unwrap_or_default()
+        self.lease.tokenizer.decode(&[id]).unwrap_or_default()
     }
 
     /// Chat's `logprobs.content` entries for some tokens.
@@ -555,6 +580,7 @@ async fn collect(mut running: Running, shape: Shape, choices: usize) -> AppResul
     }
     let mut generated = 0;
     let mut cached = 0;
+    let mut drafts = Drafts::default();
     let mut out = Vec::with_capacity(choices);
     for (i, g) in done.into_iter().enumerate() {
         let g = g.ok_or_else(|| {
@@ -564,6 +590,7 @@ async fn collect(mut running: Running, shape: Shape, choices: usize) -> AppResul
             )
         })?;
         generated += g.ids.len();
+        drafts.add(&g);
         if i % shape.n == 0 {
             cached += g.cached_tokens;
         }
@@ -605,7 +632,7 @@ async fn collect(mut running: Running, shape: Shape, choices: usize) -> AppResul
         "model": shape.model,
         "system_fingerprint": fingerprint(),
         "choices": out,
-        "usage": shape.usage(generated, cached),
+        "usage": shape.usage(generated, cached, drafts),
     }))
     .into_response())
 }
@@ -653,6 +680,7 @@ struct SseState {
     called: Vec<bool>,
     generated: usize,
     cached: usize,
+    drafts: Drafts,
     include_usage: bool,
     ended: bool,
     _guard: InFlight,
@@ -775,6 +803,7 @@ impl SseState {
                 }
                 Update::Done(g) => {
                     self.generated += g.ids.len();
+                    self.drafts.add(&g);
                     if i % self.shape.n == 0 {
                         self.cached += g.cached_tokens;
                     }
@@ -810,7 +839,7 @@ impl SseState {
                 "model": self.shape.model,
                 "system_fingerprint": fingerprint(),
                 "choices": [],
-                "usage": self.shape.usage(self.generated, self.cached),
+                "usage": self.shape.usage(self.generated, self.cached, self.drafts),
             });
             self.pending
                 .push_back(SseEvent::default().data(usage.to_string()));

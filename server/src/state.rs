@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+
+use crate::models::{Lease, Limits, ModelEntry, Registry};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -49,6 +51,9 @@ pub struct ServerConfig {
     pub state_dir: Option<PathBuf>,
     /// How long and how many stored responses are kept.
     pub retention: Retention,
+    /// The prompt cache on disk (`--cache-dir`, `--cache-disk-budget`): finished
+    /// sequences' KV pages kept across restarts, keyed by the model file named here.
+    pub prompt_cache: Option<llama_runtime::DiskOptions>,
 }
 
 impl Default for ServerConfig {
@@ -68,12 +73,15 @@ impl Default for ServerConfig {
             draft_model: None,
             state_dir: None,
             retention: Retention::default(),
+            prompt_cache: None,
         }
     }
 }
 
-/// The model, once loaded.
+/// A model, once loaded.
 pub struct Loaded {
+    /// Its name in requests and answers.
+    pub name: String,
     /// The generation service; `None` for an encoder, which only embeds.
     pub service: Option<Service>,
     pub engine: Arc<Engine>,
@@ -89,12 +97,14 @@ pub struct Loaded {
     pub eos: Vec<u32>,
     /// Positions one sequence may use.
     pub context: usize,
+    /// Sequences generated at once.
+    pub parallel: usize,
     pub vocab: usize,
 }
 
 impl Loaded {
-    /// Starts the engine's service for `config`.
-    pub fn start(engine: Engine, config: &ServerConfig) -> RtResult<Loaded> {
+    /// Starts the engine's service for `config`, as the model `name`.
+    pub fn start(name: &str, engine: Engine, config: &ServerConfig) -> RtResult<Loaded> {
         let tokenizer = engine.tokenizer()?;
         let template = engine.chat_template().map_err(|e| e.to_string());
         let eos = engine.eos_token_ids();
@@ -114,6 +124,7 @@ impl Loaded {
             max_queue: config.max_queue,
             speculation: config.speculation,
             draft: None,
+            disk: config.prompt_cache.clone(),
         };
         let mut opts = opts;
         if let Some((path, options)) = &config.draft_model {
@@ -133,6 +144,7 @@ impl Loaded {
             Some(Service::start(engine.clone(), opts)?)
         };
         Ok(Loaded {
+            name: name.to_string(),
             service,
             engine,
             embedder: OnceLock::new(),
@@ -141,6 +153,7 @@ impl Loaded {
             template,
             eos,
             context,
+            parallel: config.parallel,
             vocab,
         })
     }
@@ -158,11 +171,61 @@ impl Loaded {
             .as_ref()
             .map_err(Clone::clone)
     }
+
+    /// The generation service; 400 for a model that only embeds.
+    pub fn service(&self) -> Result<&Service, ApiError> {
+        self.service.as_ref().ok_or_else(|| {
+            ApiError::field(
+                "model",
+                format!(
+                    "the model `{}` is an embedding model ({}): it serves /v1/embeddings only",
+                    self.name,
+                    self.engine.model().arch
+                ),
+            )
+        })
+    }
+
+    /// What the model holds at most: its weights and the KV cache of its sequences
+    /// (keys and values of every layer, f16, for the whole budget).
+    pub fn bytes(&self) -> u64 {
+        let c = &self.engine.model().config;
+        let kv_width = c.num_key_value_heads.unwrap_or(c.num_attention_heads) * c.head_dim();
+        let per_position = (c.num_hidden_layers * 2 * kv_width * 2) as u64;
+        let positions = self
+            .service
+            .as_ref()
+            .map_or(0, |_| (self.context * self.parallel) as u64);
+        crate::models::model_bytes(&self.engine.model().path) + per_position * positions
+    }
+}
+
+/// The embedder of a model, made on first use (on a blocking thread: a decoder
+/// compiles its hidden-state graph).
+pub async fn embedder(model: &Lease, pooling: Option<Pooling>) -> Result<Arc<Embedder>, ApiError> {
+    if let Some(e) = model.embedder.get() {
+        return e.clone().map_err(internal);
+    }
+    let model = model.clone();
+    tokio::task::spawn_blocking(move || {
+        model
+            .embedder
+            .get_or_init(|| {
+                Embedder::new(&model.engine, pooling)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(internal)
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?
 }
 
 pub struct AppState {
     pub config: ServerConfig,
-    loaded: OnceLock<Loaded>,
+    /// The models, by name.
+    pub models: Arc<Registry>,
     pub metrics: Metrics,
     stopping: AtomicBool,
     next_id: AtomicU64,
@@ -173,14 +236,27 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// A server of no model yet: [`AppState::set_loaded`] gives it one.
     pub fn new(config: ServerConfig) -> Self {
+        let models = Registry::new(
+            Vec::new(),
+            None,
+            Limits::default(),
+            config.timeout,
+            Arc::new(|_: &ModelEntry| Err("no loader".to_string())),
+        );
+        Self::with_models(config, models)
+    }
+
+    /// A server of the models of `models`.
+    pub fn with_models(config: ServerConfig, models: Arc<Registry>) -> Self {
         let store = Store::open(config.state_dir.as_deref(), config.retention)
             .map(Arc::new)
             .map_err(|e| e.to_string());
         AppState {
             store,
             config,
-            loaded: OnceLock::new(),
+            models,
             metrics: Metrics::new(),
             stopping: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
@@ -188,67 +264,27 @@ impl AppState {
         }
     }
 
+    /// Serves `loaded` as the one model (for servers built in process).
     pub fn set_loaded(&self, loaded: Loaded) {
-        let _ = self.loaded.set(loaded);
+        self.models.insert_ready(loaded);
     }
 
-    pub fn loaded(&self) -> Option<&Loaded> {
-        self.loaded.get()
+    /// The model a request names in its `model` field (any name reaches a single
+    /// model): loaded first if need be. 503 once the server stops.
+    pub async fn model(&self, value: &serde_json::Value) -> Result<Lease, ApiError> {
+        self.model_named(value.get("model").and_then(|m| m.as_str()))
+            .await
     }
 
-    /// The model, or 503 while it loads or once the server stops.
-    pub fn model(&self) -> Result<&Loaded, ApiError> {
+    /// The model called `name`, as [`AppState::model`].
+    pub async fn model_named(&self, name: Option<&str>) -> Result<Lease, ApiError> {
         if self.stopping.load(Ordering::Relaxed) {
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the server is shutting down",
             ));
         }
-        self.loaded.get().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the model is still loading",
-            )
-        })
-    }
-
-    /// The generation service; 400 for a model that only embeds.
-    pub fn service(&self) -> Result<&Service, ApiError> {
-        let model = self.model()?;
-        model.service.as_ref().ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "the model `{}` is an embedding model ({}): it serves /v1/embeddings only",
-                    self.config.alias,
-                    model.engine.model().arch
-                ),
-            )
-        })
-    }
-
-    /// The embedder, made on first use (on a blocking thread: a decoder compiles its
-    /// hidden-state graph).
-    pub async fn embedder(self: &Arc<Self>) -> Result<Arc<Embedder>, ApiError> {
-        let model = self.model()?;
-        if let Some(e) = model.embedder.get() {
-            return e.clone().map_err(internal);
-        }
-        let st = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let model = st.model()?;
-            model
-                .embedder
-                .get_or_init(|| {
-                    Embedder::new(&model.engine, st.config.pooling)
-                        .map(Arc::new)
-                        .map_err(|e| e.to_string())
-                })
-                .clone()
-                .map_err(internal)
-        })
-        .await
-        .map_err(|e| internal(e.to_string()))?
+        self.models.get(name).await
     }
 
     /// The store of responses; 500 when its file could not be opened.
@@ -263,6 +299,10 @@ impl AppState {
 
     pub fn stop_accepting(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// A fresh id for a response (`chatcmpl-…`, `cmpl-…`).

@@ -24,12 +24,18 @@ struct Tokenize {
     /// Whether each id comes with the text of its token.
     #[serde(default)]
     with_pieces: bool,
+    /// Which model's tokenizer (any, for a single model).
+    #[serde(default)]
+    model: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Detokenize {
     tokens: Vec<u32>,
+    /// Which model's vocabulary (any, for a single model).
+    #[serde(default)]
+    model: Option<String>,
 }
 
 /// `{content, add_special?, with_pieces?}` to `{tokens}`: ids, or `{id, piece}`
@@ -39,8 +45,8 @@ pub async fn tokenize(
     bytes: Result<Bytes, BytesRejection>,
 ) -> AppResult {
     let value = body(bytes, state.config.body_limit)?;
-    let model = state.model()?;
     let t: Tokenize = request::parse(&value)?;
+    let model = state.model_named(t.model.as_deref()).await?;
     let ids = if t.add_special {
         model.tokenizer.encode(&t.content)
     } else {
@@ -69,8 +75,8 @@ pub async fn detokenize(
     bytes: Result<Bytes, BytesRejection>,
 ) -> AppResult {
     let value = body(bytes, state.config.body_limit)?;
-    let model = state.model()?;
     let d: Detokenize = request::parse(&value)?;
+    let model = state.model_named(d.model.as_deref()).await?;
     if let Some((i, id)) = d
         .tokens
         .iter()

@@ -11,8 +11,9 @@ use llama_runtime::{FinishReason, Generation, ToolCall, ToolDelta, ToolParser};
 
 use crate::error::ApiError;
 use crate::jobs::{Running, Update};
+use crate::models::Lease;
 use crate::routes::{InFlight, Plan};
-use crate::state::AppState;
+use crate::state::{AppState, Loaded};
 
 /// A step of an answer.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct Finished {
     pub called: bool,
     /// The ids generated (to tell which stop string ended it).
     pub ids: Vec<u32>,
+    /// Speculative draft tokens verified and accepted.
+    pub drafts: crate::routes::Drafts,
 }
 
 /// A piece of a whole answer, in order.
@@ -53,6 +56,8 @@ pub enum Block {
 pub struct Outcome {
     pub blocks: Vec<Block>,
     pub finished: Finished,
+    /// The model that answered.
+    pub model: Lease,
 }
 
 /// The running answer.
@@ -76,12 +81,13 @@ impl Turn {
     /// engine refuses it.
     pub async fn start(
         state: Arc<AppState>,
+        model: Lease,
         plan: Plan,
         arrived: Instant,
         param: &'static str,
     ) -> Result<Turn, ApiError> {
         let guard = InFlight::new(&state);
-        let running = Running::start(state, plan.jobs, arrived, param).await?;
+        let running = Running::start(state, model, plan.jobs, arrived, param).await?;
         Ok(Turn {
             running,
             parser: plan.tools.map(ToolParser::new),
@@ -93,6 +99,11 @@ impl Turn {
             ended: false,
             _guard: guard,
         })
+    }
+
+    /// The model the turn runs on.
+    pub fn model(&self) -> &Lease {
+        self.running.model()
     }
 
     /// Tokens of the prompt.
@@ -142,6 +153,10 @@ impl Turn {
             cached_tokens: g.cached_tokens,
             output_tokens: g.ids.len(),
             called: self.called,
+            drafts: crate::routes::Drafts {
+                drafted: g.drafted,
+                accepted: g.accepted,
+            },
             ids: g.ids,
         }));
     }
@@ -198,7 +213,13 @@ impl Turn {
                         c.arguments.push_str(&text);
                     }
                 }
-                Step::Done(finished) => return Ok(Outcome { blocks, finished }),
+                Step::Done(finished) => {
+                    return Ok(Outcome {
+                        blocks,
+                        finished,
+                        model: self.model().clone(),
+                    })
+                }
                 Step::Failed(e) => return Err(e),
             }
         }
@@ -211,8 +232,8 @@ impl Turn {
 
 /// Which of `stops` ended an answer whose ids are `ids` (the stop string is not in
 /// the answer's text, but its tokens were generated): the one that occurs first.
-pub fn which_stop(state: &AppState, ids: &[u32], stops: &[String]) -> Option<String> {
-    let text = state.loaded()?.tokenizer.decode(ids).ok()?;
+pub fn which_stop(model: &Loaded, ids: &[u32], stops: &[String]) -> Option<String> {
+    let text = model.tokenizer.decode(ids).ok()?;
     stops
         .iter()
         .filter_map(|s| text.find(s.as_str()).map(|at| (at, s)))

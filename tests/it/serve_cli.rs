@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 pub(crate) struct Served {
     child: Child,
     pub(crate) base: String,
+    /// Every line the server wrote to stderr so far.
+    pub(crate) log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Served {
@@ -23,21 +25,32 @@ impl Served {
     }
 
     pub(crate) fn start_with(model: &std::path::Path, extra: &[&str]) -> Served {
+        let model = model.to_str().expect("a UTF-8 model path");
+        let mut args = vec!["--model", model];
+        args.extend_from_slice(extra);
+        Served::start_args(&args)
+    }
+
+    /// `llama serve ARGS --port 0`, once `/health` answers 200.
+    pub(crate) fn start_args(args: &[&str]) -> Served {
         let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
             .arg("serve")
-            .arg("--model")
-            .arg(model)
+            .args(args)
             .args(["--port", "0"])
-            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("llama serve starts");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[serve] {line}");
+                if let Ok(mut l) = lines.lock() {
+                    l.push(line.clone());
+                }
                 let _ = tx.send(line);
             }
         });
@@ -55,9 +68,22 @@ impl Served {
             }
             assert!(start.elapsed() < Duration::from_secs(60));
         };
-        let served = Served { child, base };
+        let served = Served { child, base, log };
         served.wait_ready();
         served
+    }
+
+    /// The lines of stderr so far that contain `needle`.
+    pub(crate) fn logged(&self, needle: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .map(|l| l.iter().filter(|x| x.contains(needle)).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The server process's id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     fn wait_ready(&self) {
@@ -309,7 +335,7 @@ pub(crate) fn run_script(python: &std::path::Path, script: &str, args: &[&str]) 
     assert!(stdout.contains("all ok"), "{stdout}");
 }
 
-fn nginx() -> PathBuf {
+pub(crate) fn nginx() -> PathBuf {
     let found = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .iter()
         .map(PathBuf::from)

@@ -46,7 +46,7 @@ async fn send(
     (status, v)
 }
 
-async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
     send(
         reqwest::Method::POST,
         format!("{base}{path}"),

@@ -529,3 +529,70 @@ fn a_draft_model_with_another_tokenizer_is_refused() {
     ]);
     assert!(!out.status.success());
 }
+
+/// `llama serve --lookup`: the same greedy text as without it, the drafts in `usage`
+/// (OpenAI's accepted and rejected prediction tokens) adding up to what `/metrics`
+/// counts, and some accepted on a prompt that asks for a passage back.
+#[test]
+fn serve_with_lookup_reports_drafts_in_usage_and_metrics() {
+    use crate::serve_cli::{runtime, Served};
+    let passage = "The quick brown fox jumps over the lazy dog. The quick brown fox \
+                   jumps over the lazy dog again, and the dog sleeps on.";
+    let body = serde_json::json!({
+        "messages": [{ "role": "user", "content": format!("Repeat this text exactly: {passage}") }],
+        "max_tokens": 40,
+        "temperature": 0,
+    });
+    let rt = runtime();
+    let ask = |served: &Served| {
+        rt.block_on(async {
+            let v: serde_json::Value = reqwest::Client::new()
+                .post(format!("{}/v1/chat/completions", served.base))
+                .json(&body)
+                .send()
+                .await
+                .expect("request")
+                .json()
+                .await
+                .expect("json");
+            v
+        })
+    };
+    let plain = ask(&Served::start(&[]));
+    let served = Served::start(&["--lookup"]);
+    let fast = ask(&served);
+    assert_eq!(
+        fast["choices"][0]["message"]["content"], plain["choices"][0]["message"]["content"],
+        "lookup changed the greedy text"
+    );
+    let details = &fast["usage"]["completion_tokens_details"];
+    let accepted = details["accepted_prediction_tokens"]
+        .as_u64()
+        .expect("accepted");
+    let rejected = details["rejected_prediction_tokens"]
+        .as_u64()
+        .expect("rejected");
+    assert!(
+        accepted > 0,
+        "no draft accepted on a repeated passage: {details}"
+    );
+    let plain_details = &plain["usage"]["completion_tokens_details"];
+    assert_eq!(plain_details["accepted_prediction_tokens"], 0);
+    let metrics = rt.block_on(async {
+        reqwest::get(format!("{}/metrics", served.base))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    });
+    let counted = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    assert_eq!(counted("llama_draft_tokens_total"), accepted + rejected);
+    assert_eq!(counted("llama_draft_tokens_accepted_total"), accepted);
+}

@@ -14,6 +14,8 @@ pub(super) struct PrefixEntry {
     pub(super) last_used: u64,
     /// Running sequences sharing its pages: while there are any it is not evicted.
     pub(super) users: usize,
+    /// Loaded from the disk tier and not used yet (the first use is a disk hit).
+    pub(super) from_disk: bool,
 }
 
 /// Length of the common prefix of two token lists.
@@ -69,6 +71,10 @@ impl Scheduler<'_> {
         if !self.opts.prefix_cache || len < self.opts.min_prefix {
             return;
         }
+        if let Some(disk) = &self.disk {
+            // Pages are shared, so this copies nothing; the writer thread does the rest.
+            disk.spill(tokens[..len].to_vec(), cache.clone());
+        }
         let tokens = &tokens[..len];
         let mut i = 0;
         while i < self.prefixes.len() {
@@ -96,7 +102,100 @@ impl Scheduler<'_> {
             cache,
             last_used: self.clock,
             users: 0,
+            from_disk: false,
         });
+    }
+
+    /// Asks the disk tier for the prompt of the first waiting sequence: when an entry
+    /// there shares more of it than any kept in RAM, the pages holding the shared
+    /// positions are loaded and kept as a RAM entry, which admission then reuses.
+    pub(super) fn load_from_disk(&mut self) {
+        let Some(w) = self.waiting.front_mut() else {
+            return;
+        };
+        w.disk_checked = true;
+        let prompt = w.prompt.clone();
+        let Some(disk) = self.disk.as_ref().filter(|_| self.opts.prefix_cache) else {
+            return;
+        };
+        let (_, ram) = self.best_prefix(&prompt);
+        let more_than = ram.max(self.opts.min_prefix.saturating_sub(1));
+        let Some((tokens, cache)) = disk.load(
+            &prompt,
+            more_than,
+            prompt.len() - 1,
+            self.program,
+            self.cache_type,
+        ) else {
+            return;
+        };
+        // Room for it, as for any entry: the least recently used unused ones go.
+        while self.used + tokens.len() > self.opts.kv_budget {
+            let victim = self
+                .prefixes
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.users == 0)
+                .min_by_key(|(_, p)| p.last_used)
+                .map(|(i, _)| i);
+            let Some(v) = victim else { return };
+            let p = self.prefixes.remove(v);
+            self.used -= p.tokens.len();
+        }
+        self.clock += 1;
+        self.next_entry += 1;
+        self.used += tokens.len();
+        self.prefixes.push(PrefixEntry {
+            id: self.next_entry,
+            tokens,
+            cache,
+            last_used: self.clock,
+            users: 0,
+            from_disk: true,
+        });
+    }
+
+    /// Counts an admitted sequence in the tiers' hits and misses: `hit` is whether
+    /// it reused an entry, and if so whether that came from disk.
+    pub(super) fn count_hit(&self, hit: Option<bool>) {
+        let s = &self.cache_stats;
+        let add = |c: &std::sync::atomic::AtomicU64| {
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
+        match hit {
+            Some(false) => add(&s.ram_hits),
+            Some(true) => {
+                add(&s.ram_misses);
+                add(&s.disk_hits);
+            }
+            None => {
+                add(&s.ram_misses);
+                if self.disk.as_ref().is_some_and(|d| d.enabled()) {
+                    add(&s.disk_misses);
+                }
+            }
+        }
+    }
+
+    /// Brings the RAM tier's byte count up to date (pages counted once).
+    pub(super) fn count_ram_bytes(&mut self) {
+        // Counted again only when entries came or went.
+        let now = (self.next_entry, self.prefixes.len());
+        if self.ram_counted == Some(now) {
+            return;
+        }
+        self.ram_counted = Some(now);
+        let mut seen = std::collections::HashSet::new();
+        let bytes: usize = self
+            .prefixes
+            .iter()
+            .flat_map(|p| p.cache.page_sizes())
+            .filter(|&(at, _)| seen.insert(at))
+            .map(|(_, b)| b)
+            .sum();
+        self.cache_stats
+            .ram_bytes
+            .store(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The kept prefix sharing the most tokens with `prompt` (leaving at least its

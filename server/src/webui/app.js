@@ -78,6 +78,7 @@ async function send(text) {
                  temperature: Number(s.temperature), top_p: Number(s.top_p),
                  max_tokens: Number(s.max_tokens) };
   if (s.seed !== "") body.seed = Number(s.seed);
+  if ($("model_pick").value) body.model = $("model_pick").value;
   const headers = { "Content-Type": "application/json" };
   if (s.api_key) headers["Authorization"] = "Bearer " + s.api_key;
   const div = bubble("assistant", "");
@@ -158,5 +159,32 @@ try {
   const s = JSON.parse(localStorage.getItem(STORE + "-settings")) || {};
   for (const k of SETTINGS) if (s[k] !== undefined) $(k).value = s[k];
 } catch (e) { /* defaults */ }
+// The model picker: every model of the server with its state; the choice is kept.
+async function listModels() {
+  const headers = {};
+  const key = $("api_key").value;
+  if (key) headers["Authorization"] = "Bearer " + key;
+  const pick = $("model_pick");
+  const want = pick.value || localStorage.getItem(STORE + "-model") || "";
+  try {
+    const r = await fetch("/v1/models", { headers });
+    if (!r.ok) return;
+    const list = (await r.json()).data || [];
+    pick.replaceChildren();
+    for (const m of list) {
+      const o = document.createElement("option");
+      o.value = m.id;
+      const st = m.status && m.status.value;
+      o.textContent = st && st !== "loaded" ? m.id + " (" + st + ")" : m.id;
+      pick.appendChild(o);
+    }
+    if (list.some((m) => m.id === want)) pick.value = want;
+  } catch (e) { /* the list stays as it was */ }
+}
+$("model_pick").onchange = () => localStorage.setItem(STORE + "-model", $("model_pick").value);
+// States change as models load and unload: refreshed while the picker is closed.
+setInterval(() => { if (document.activeElement !== $("model_pick")) listModels(); }, 10000);
+$("api_key").onchange = listModels;
+listModels();
 fetch("/health").then((r) => r.json()).then((h) => { $("model").textContent = h.status === "ok" ? "" : "(" + h.status + ")"; }).catch(() => {});
 show();
