@@ -8,7 +8,7 @@
 //!
 //! Then a short mutation smoke per target, also on stable: random bit flips, byte
 //! edits, inserted and deleted runs, huge counts written over the bytes and splices
-//! of the seeds, for `LLAMA_FUZZ_SMOKE_SECS` seconds (10 by default; CI sets 60). It
+//! of the seeds, for `LLAMA_FUZZ_SMOKE_SECS` seconds (10 by default; CI sets 30). It
 //! is blind where libFuzzer is guided by coverage, but it runs on every CI run
 //! without the fuzzer's long sanitizer build, so a new crash near a seed shows up at
 //! once; an input that fails is written out to be kept in the corpus.
