@@ -522,8 +522,8 @@ mod tests {
         reference_rows(q, k, v, s, 0..seq)
     }
 
-    /// A xorshift stream of values in [-1, 1).
-    fn stream(mut x: u64) -> impl FnMut() -> f32 {
+    /// A xorshift stream of values in [-1, 1) (the block tests' too).
+    pub(super) fn stream(mut x: u64) -> impl FnMut() -> f32 {
         move || {
             x ^= x << 13;
             x ^= x >> 7;

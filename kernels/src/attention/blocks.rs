@@ -145,16 +145,7 @@ pub fn quantize_blocks<B: KvBlock>(x: &[f32]) -> impl ExactSizeIterator<Item = B
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A xorshift stream of values in [-1, 1).
-    fn stream(mut x: u64) -> impl FnMut() -> f32 {
-        move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        }
-    }
+    use crate::attention::tests::stream;
 
     /// Blocks of several shapes: uniform at many scales, one outlier, all zeros,
     /// a constant, and values of one sign.
