@@ -10,7 +10,7 @@
 #   usage: scripts/bench/bench-speculative.sh [TARGET.gguf] [N] [R] [THREADS]
 #   LLAMA_BIN   our binary (default: target/release/llama, built if missing)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 model="${1:-$(./scripts/fetch/fetch-qwen2.5.sh)}"
 n="${2:-128}"; r="${3:-3}"; threads="${4:-2}"
 bin="$(./scripts/bench/build-llamacpp.sh llama-bench llama-lookup llama-speculative-simple llama-quantize)"
@@ -37,7 +37,7 @@ def run(cmd):
 
 def llamacpp(tool, prompt, extra):
     out = run([f"{bin}/{tool}", "-m", model, "-f", str(prompt), "-n", n, "-t", t, "-tb", t,
-               "--temp", "0", "-c", "4096", "--draft-max", "8"] + extra)
+               "--temp", "0", "-c", "4096", "--spec-draft-n-max", "8"] + extra)
     speed = re.findall(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s", out)
     drafted = re.findall(r"n_drafted\s*=\s*(\d+)", out)
     accepted = re.findall(r"n_accept\s*=\s*(\d+)", out)
@@ -67,7 +67,7 @@ for prompt in prompts:
                  "-t", t, "-r", "2", "-o", "json"])
     theirs_plain = json.loads(plain[plain.index("["):])[-1]["avg_ts"]
     tl = llamacpp("llama-lookup", prompt, [])
-    ts = llamacpp("llama-speculative-simple", prompt, ["-md", draft])
+    ts = llamacpp("llama-speculative-simple", prompt, ["-md", draft, "--spec-type", "draft-simple"])
     print(f"| {prompt.stem} | {lk['plain_decode_tok_s']:.1f} | {lk['decode_tok_s']:.1f} | {lk['speedup']:.2f} "
           f"| {pct(lk['accepted'], lk['drafted'])} | {dm['decode_tok_s']:.1f} | {dm['decode_tok_s'] / lk['plain_decode_tok_s']:.2f} "
           f"| {pct(dm['accepted'], dm['drafted'])} | {theirs_plain:.1f} | {tl['decode_tok_s']:.1f} "

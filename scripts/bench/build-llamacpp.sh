@@ -2,7 +2,8 @@
 # Builds llama.cpp tools from the sources vendored in the llama-cpp-python source
 # package (native CPU flags, as `pip install llama-cpp-python` builds them) into
 # ~/.cache/llama-rs/llamacpp/build, once per tool, and prints the folder of the
-# binaries. The anchors of our benchmarks: a few minutes on two cores.
+# binaries (tools and examples alike: llama-lookup and llama-speculative-simple are
+# examples). The anchors of our benchmarks: a few minutes on two cores.
 #   usage: scripts/bench/build-llamacpp.sh TARGET...   (llama-bench, llama-server, ...)
 #   LLAMA_CPP_JOBS  parallel build jobs (default: nproc)
 set -euo pipefail
@@ -26,7 +27,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
     "$cache/venv/bin/cmake" -S "$cache/llama_cpp_python-$version/vendor/llama.cpp" \
         -B "$cache/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON \
         -DLLAMA_OPENSSL=OFF >&2
     "$cache/venv/bin/cmake" --build "$cache/build" -j "${LLAMA_CPP_JOBS:-$(nproc)}" --target "${missing[@]}" >&2
 fi
