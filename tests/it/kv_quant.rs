@@ -33,66 +33,77 @@ fn passage_perplexity(path: &std::path::Path, ty: KvType) -> f64 {
         .perplexity
 }
 
-/// The passage's perplexity with Q8_0 and Q4_0 caches beside f16's: Q8_0 within
-/// `q8_bound` of it (relative), Q4_0 within `q4_bound` where one is given. Gemma 3
-/// keeps its sliding-window layers (5 of every 6) in f32, so there only its global
-/// layers are quantized.
-fn perplexity_beside_f16(
-    model: &str,
-    path: &std::path::Path,
-    q8_bound: f64,
-    q4_bound: Option<f64>,
-) {
-    let f16 = passage_perplexity(path, KvType::F16);
-    let q8 = passage_perplexity(path, KvType::Q8_0);
-    let q4 = passage_perplexity(path, KvType::Q4_0);
-    let rel = |x: f64| (x - f16) / f16;
-    eprintln!(
-        "{model}: perplexity f16 {f16:.4}, q8_0 {q8:.4} ({:+.3}%), q4_0 {q4:.4} ({:+.3}%)",
-        100.0 * rel(q8),
-        100.0 * rel(q4)
+/// llama.cpp's perplexity of the same passage in the same windows with its cache in
+/// f16, q8_0 and q4_0 (`tests/fixtures/*/llamacpp_kv_ppl.json`, written by
+/// `scripts/fixtures/make_llamacpp_kv_refs.sh`).
+#[derive(serde::Deserialize)]
+struct LlamaCppKv {
+    ctx: usize,
+    perplexity: std::collections::BTreeMap<String, f64>,
+}
+
+/// The passage's perplexity with Q8_0 and Q4_0 caches beside f16's. Each moves from
+/// our f16 perplexity by at most `floor` (relative: 0.5% for Q8_0, the bound asked
+/// of it, 5% for Q4_0) or by at most what the same cache type moves llama.cpp's
+/// perplexity from its own f16 on the same file and passage, whichever is larger. On
+/// Qwen2.5 0.5B no 8-bit cache meets 0.5%: its queries and keys both carry large bias
+/// channels, so a key's rounding moves its score by more than on the other models
+/// (llama.cpp's q8_0 cache moves its perplexity by +4.2% there). Gemma 3 keeps its
+/// sliding-window layers (5 of every 6) in f32, so there only its global layers are
+/// quantized.
+fn perplexity_beside_f16(model: &str, path: &std::path::Path) {
+    let anchor: LlamaCppKv = read_json(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(model)
+            .join("llamacpp_kv_ppl.json"),
     );
+    assert_eq!(anchor.ctx, 256, "the anchor's windows are the test's");
+    let theirs = |ty: &str| anchor.perplexity[ty] / anchor.perplexity["f16"] - 1.0;
+    let f16 = passage_perplexity(path, KvType::F16);
+    let rel = |x: f64| (x - f16) / f16;
     assert!(
         f16.is_finite() && f16 > 1.0,
         "{model}: f16 perplexity {f16}"
     );
-    assert!(
-        rel(q8).abs() <= q8_bound,
-        "{model}: q8_0 perplexity {q8} vs f16 {f16}"
-    );
-    if let Some(bound) = q4_bound {
+    for (ty, name, floor) in [
+        (KvType::Q8_0, "q8_0", 0.005f64),
+        (KvType::Q4_0, "q4_0", 0.05),
+    ] {
+        let ppl = passage_perplexity(path, ty);
+        let bound = floor.max(theirs(name).abs());
+        eprintln!(
+            "{model}: perplexity f16 {f16:.4}, {name} {ppl:.4} ({:+.3}%; llama.cpp's {name} {:+.3}%)",
+            100.0 * rel(ppl),
+            100.0 * theirs(name)
+        );
         assert!(
-            rel(q4).abs() <= bound,
-            "{model}: q4_0 perplexity {q4} vs f16 {f16}"
+            rel(ppl).abs() <= bound,
+            "{model}: {name} perplexity {ppl} vs f16 {f16} ({:+.3}%, bound {:.3}%)",
+            100.0 * rel(ppl),
+            100.0 * bound
+        );
+        // Quantized keys and values are not the f16 ones: the perplexity moved.
+        assert_ne!(
+            ppl, f16,
+            "{model}: a {name} cache gave f16's perplexity to the bit"
         );
     }
-    assert!(q4.is_finite(), "{model}: q4_0 perplexity {q4}");
-    // Quantized keys and values are not the f16 ones: the perplexity moved.
-    assert_ne!(
-        q8, f16,
-        "{model}: a q8_0 cache gave f16's perplexity to the bit"
-    );
 }
 
-/// The bound for Q8_0 (0.5%); Q4_0, 16 levels a block, within 5%.
 #[test]
 fn smollm2_q8_0_kv_perplexity_is_within_half_a_percent_of_f16() {
-    perplexity_beside_f16("smollm2", &real_model_path(), 0.005, Some(0.05));
+    perplexity_beside_f16("smollm2", &real_model_path());
 }
 
 #[test]
 fn gemma3_q8_0_kv_perplexity_is_within_half_a_percent_of_f16() {
-    perplexity_beside_f16("gemma3", &gemma3_path(), 0.005, Some(0.05));
+    perplexity_beside_f16("gemma3", &gemma3_path());
 }
 
-/// Qwen2.5 0.5B does not meet the 0.5% bound: its scores are far more sensitive to
-/// 8-bit keys than the other two models' (queries and keys there both carry large
-/// bias channels, so a key's rounding moves its score by more), as per-token int8
-/// studies of this model's cache also find. Q8_0 stays within 5% (measured about
-/// +3.5%); Q4_0 is reported, not bounded: it is unusable on this model.
 #[test]
-fn qwen25_q8_0_kv_perplexity_is_within_five_percent_of_f16() {
-    perplexity_beside_f16("qwen2.5", &qwen25_path(), 0.05, None);
+fn qwen25_q8_0_kv_perplexity_moves_no_more_than_llamacpps() {
+    perplexity_beside_f16("qwen2.5", &qwen25_path());
 }
 
 /// With Q8_0 and Q4_0 caches, a position's logits are the same bits whether its
