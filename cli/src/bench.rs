@@ -123,7 +123,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         println!("|---|---|---|---|---|---|");
     }
     for &n_prompt in &args.n_prompt {
-        bench_one(&args, &mut session, &ids(n_prompt, 0))?;
+        bench_one(&args, &session, &ids(n_prompt, 0))?;
     }
     Ok(())
 }
@@ -248,19 +248,25 @@ fn pick(session: &mut llama_runtime::Session, ids: &[u32]) -> Result<u32> {
     })
 }
 
-/// Prefill of `prompt` and `-n` decode steps on top of the depth, `-r` times.
-fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u32]) -> Result<()> {
+/// Prefill of `prompt` and `-n` decode steps on top of the depth, `-r` times. Every run
+/// starts from a fork of `base` (the session holding the depth): a fork shares its
+/// pages, and unlike rewinding it also works for sliding-window caches, which keep
+/// only their window.
+fn bench_one(args: &BenchArgs, base: &llama_runtime::Session, prompt: &[u32]) -> Result<()> {
     let n_prompt = prompt.len();
+    let mut session = base.fork();
     let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
     // One untimed warm-up run (kernel compilation on GPUs, page faults on CPUs).
     for rep in 0..=args.repetitions {
-        session.truncate(args.depth)?;
+        if rep > 0 {
+            session = base.fork();
+        }
         let start = Instant::now();
-        let mut next = pick(session, prompt)?;
+        let mut next = pick(&mut session, prompt)?;
         let first = start.elapsed();
         let start = Instant::now();
         for _ in 0..args.n_gen {
-            next = pick(session, &[next])?;
+            next = pick(&mut session, &[next])?;
         }
         let gen = start.elapsed();
         if rep > 0 {
@@ -283,9 +289,9 @@ fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u
     let (cache_type, kv_bytes) = (session.cache_type(), session.cache_bytes());
     // On GPUs, the kernels one decode token launches (after the warm-up above).
     let launches = if session.picks_on_device() && args.n_gen > 0 {
-        session.truncate(args.depth)?;
-        let next = pick(session, prompt)?;
-        let (picked, launches) = llama_graph::gpu::count_launches(|| pick(session, &[next]));
+        session = base.fork();
+        let next = pick(&mut session, prompt)?;
+        let (picked, launches) = llama_graph::gpu::count_launches(|| pick(&mut session, &[next]));
         picked?;
         Some(launches)
     } else {
@@ -293,7 +299,7 @@ fn bench_one(args: &BenchArgs, session: &mut llama_runtime::Session, prompt: &[u
     };
     // Where the time goes: one more prefill and decode run with every op timed.
     let profile = if args.profile {
-        session.truncate(args.depth)?;
+        session = base.fork();
         session.program().start_profile();
         let start = Instant::now();
         let mut next = llama_runtime::argmax(&session.prefill_last(prompt)?);
