@@ -83,6 +83,7 @@
 
 #![warn(missing_docs)]
 
+mod answer_kind;
 mod chunk;
 mod error;
 mod fusion;
@@ -240,6 +241,11 @@ const STOPWORDS: &[&str] = &[
     "to", "too", "up", "us", "was", "we", "were", "what", "when", "where", "which", "while", "who",
     "whom", "why", "will", "with", "would", "you", "your",
 ];
+
+/// Whether `word` (lowercase) is one of the English function words queries skip.
+pub(crate) fn is_stopword(word: &str) -> bool {
+    STOPWORDS.contains(&word)
+}
 
 /// The distinct words of a query, sorted, without English function words (unless the
 /// query has nothing else).

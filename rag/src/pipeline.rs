@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use llama_runtime::{generate, Embedder, Engine, GenerateOptions, Grammar, Message, SamplerConfig};
 
+use crate::answer_kind::{answer_kind, holds};
 use crate::{
     chunk_spans, content_hash, hybrid_search, Hit, NewChunk, RagError, Result, Store, StoreInfo,
 };
@@ -475,9 +476,17 @@ fn quotable(text: &str) -> Vec<&str> {
     out
 }
 
+/// What a sentence gains for holding a fact of the kind its question asks for
+/// ([`answer_kind`]): about what a tenth of the question's words or a clearly closer
+/// embedding give, so it decides between sentences that match alike and never lifts
+/// an unrelated sentence over a matching one.
+const KIND_BONUS: f32 = 0.2;
+
 /// The sentence of the given sources that best matches `question`: highest cosine
 /// similarity of embeddings, plus half the share of the question's words (less
-/// function words) that it holds, inflections matched ([`same_stem`]). `None` when the sources have no sentence.
+/// function words) that it holds, inflections matched ([`same_stem`]), plus
+/// [`KIND_BONUS`] when it holds a fact of the kind the question asks for that the
+/// question does not name. `None` when the sources have no sentence.
 fn best_sentence(
     embedder: &Embedder,
     question: &str,
@@ -496,13 +505,17 @@ fn best_sentence(
         .embed_texts(&texts)
         .map_err(|e| RagError::Input(format!("embedding sentences to quote: {e}")))?;
     let terms = crate::query_terms(question);
+    let kind = answer_kind(question);
     let score = |i: usize, text: &str| {
         let words: Vec<String> = crate::keyword_terms(text);
         let shared = terms
             .iter()
             .filter(|t| words.iter().any(|w| same_stem(t, w)))
             .count();
-        cosine(&vectors[0], &vectors[i + 1]) + 0.5 * shared as f32 / terms.len().max(1) as f32
+        let typed = kind.is_some_and(|k| holds(k, text, question));
+        cosine(&vectors[0], &vectors[i + 1])
+            + 0.5 * shared as f32 / terms.len().max(1) as f32
+            + if typed { KIND_BONUS } else { 0.0 }
     };
     let best = candidates
         .iter()
