@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full structured-output campaign: 200 sampled answers (temperature 1.0, fresh
 # seeds) per schema of tests/fixtures/schemas on SmolLM2 and on Qwen2.5 0.5B, each
-# validated by Python's jsonschema; CI runs all 200 on SmolLM2 and 32 on Qwen2.5.
+# validated by Python's jsonschema; CI runs 64 on SmolLM2 and 16 on Qwen2.5.
 # Then one report per model with the mask's cost beside the decode step's.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
