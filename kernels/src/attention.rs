@@ -27,7 +27,7 @@ use crate::features::features;
 use crate::norm::dot;
 
 #[cfg(target_arch = "x86_64")]
-mod avx2;
+pub(crate) mod avx2;
 mod blocks;
 
 pub use blocks::{

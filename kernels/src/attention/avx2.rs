@@ -240,7 +240,7 @@ impl Elem for f16 {
 /// degree-6 polynomial for `e^r` on |r| <= ln 2 / 2, and `2^n` built in the
 /// exponent bits.
 #[inline(always)]
-unsafe fn exp8(x: __m256) -> __m256 {
+pub(crate) unsafe fn exp8(x: __m256) -> __m256 {
     let x = _mm256_min_ps(
         _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
         _mm256_set1_ps(88.3),
