@@ -64,6 +64,8 @@ pub fn run_embed(args: EmbedArgs) -> Result<()> {
         crate::ctx_size_error,
     )?;
     let embedder = Embedder::new(&engine, args.pooling)?;
+    // Timed from the texts, as sentence-transformers and ONNX Runtime pipelines are.
+    let start = std::time::Instant::now();
     let ids = texts
         .iter()
         .map(|t| embedder.tokenize(t))
@@ -71,7 +73,6 @@ pub fn run_embed(args: EmbedArgs) -> Result<()> {
     if args.profile {
         embedder.program().start_profile();
     }
-    let start = std::time::Instant::now();
     let vectors = match args.batch_size {
         Some(n) => {
             let mut all = Vec::with_capacity(ids.len());

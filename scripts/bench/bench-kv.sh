@@ -50,8 +50,10 @@ for model in models:
                   "-ctk", ty, "-ctv", ty, "-fa", "on"])
         m = re.search(r"Final estimate: PPL = ([0-9.]+)", th)
         tppl = float(m.group(1)) if m else float("nan")
-        b = json.loads(run([ours, "bench", "-m", model, "-p", "1", "-n", n, "-d", depth, "-r", "1",
-                            "--threads", t, "--cache-type", ty, "--json"]).strip().splitlines()[-1])
+        out = run([ours, "bench", "-m", model, "-p", "1", "-n", n, "-d", depth, "-r", "1",
+                   "--threads", t, "--cache-type", ty, "--json"])
+        # The report is the one JSON line; notes about the cache go to stderr.
+        b = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
         lb = run([f"{bin}/llama-bench", "-m", model, "-p", "0", "-n", n, "-d", depth, "-t", t, "-r", "1",
                   "-ctk", ty, "-ctv", ty, "-fa", "1", "-o", "json"])
         theirs = json.loads(lb[lb.index("["):])[-1]["avg_ts"]
