@@ -21,22 +21,8 @@ n, r = int(n), int(r)
 levels = [int(x) for x in levels.split(",")]
 ctx = 1024
 
-def free_port():
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
-
-def wait_ready(port, proc):
-    for _ in range(1200):
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.returncode}")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", "/health"); resp = c.getresponse(); resp.read()
-            if resp.status == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("server did not become ready")
+sys.path.insert(0, "scripts/bench")
+from serverlib import free_port, wait_ready
 
 def one(port, prompt):
     body = json.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": n,
