@@ -107,6 +107,28 @@ fn in_chunks(x: &mut [f32], f: impl Fn(&mut [f32]) + Sync + Send) {
     }
 }
 
+/// `eight` on each group of eight values of `c` (given a pointer to the group), a last
+/// partial group through a padded copy, so every value takes the same steps.
+///
+/// # Safety
+/// `eight` may read and write exactly the eight values at its pointer.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn by_eights(c: &mut [f32], mut eight: impl FnMut(*mut f32)) {
+    let mut groups = c.chunks_exact_mut(8);
+    for g in &mut groups {
+        eight(g.as_mut_ptr());
+    }
+    let rest = groups.into_remainder();
+    if !rest.is_empty() {
+        let mut pad = [0f32; 8];
+        pad[..rest.len()].copy_from_slice(rest);
+        eight(pad.as_mut_ptr());
+        let n = rest.len();
+        rest.copy_from_slice(&pad[..n]);
+    }
+}
+
 /// [`gelu_tanh`] eight values at a time (a last partial group through a padded copy,
 /// so every value takes the same steps).
 ///
@@ -187,18 +209,8 @@ unsafe fn gelu_tanh_avx2(c: &mut [f32]) {
         let one = _mm256_set1_ps(1.0);
         _mm256_storeu_ps(p, _mm256_mul_ps(half_x, _mm256_add_ps(one, tanh)));
     }
-    let mut groups = c.chunks_exact_mut(8);
-    for g in &mut groups {
-        eight(g.as_mut_ptr());
-    }
-    let rest = groups.into_remainder();
-    if !rest.is_empty() {
-        let mut pad = [0f32; 8];
-        pad[..rest.len()].copy_from_slice(rest);
-        eight(pad.as_mut_ptr());
-        let n = rest.len();
-        rest.copy_from_slice(&pad[..n]);
-    }
+    // SAFETY: `eight` reads and writes the eight values at its pointer.
+    by_eights(c, |p| eight(p));
 }
 
 /// Exact GELU, `x * Φ(x) = x/2 * (1 + erf(x / √2))`, in place (BERT's `gelu`).
@@ -270,18 +282,8 @@ unsafe fn gelu_avx2(c: &mut [f32]) {
         let half_x = _mm256_mul_ps(_mm256_set1_ps(0.5), x);
         _mm256_storeu_ps(p, _mm256_mul_ps(half_x, _mm256_add_ps(one, erf)));
     }
-    let mut groups = c.chunks_exact_mut(8);
-    for g in &mut groups {
-        eight(g.as_mut_ptr());
-    }
-    let rest = groups.into_remainder();
-    if !rest.is_empty() {
-        let mut pad = [0f32; 8];
-        pad[..rest.len()].copy_from_slice(rest);
-        eight(pad.as_mut_ptr());
-        let n = rest.len();
-        rest.copy_from_slice(&pad[..n]);
-    }
+    // SAFETY: `eight` reads and writes the eight values at its pointer.
+    by_eights(c, |p| eight(p));
 }
 
 #[cfg(test)]
