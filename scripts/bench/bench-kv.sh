@@ -5,11 +5,11 @@
 #     `llama-perplexity -ctk T -ctv T -fa on`, each as its gap to its own f16;
 #   - decode tok/s at depth DEPTH and peak RSS: `llama bench -d DEPTH --cache-type T`
 #     beside `llama-bench -d DEPTH -ctk T -ctv T -fa 1`.
-#   usage: scripts/bench/bench-kv.sh [DEPTH=4096] [N=32] [THREADS=2] [MODEL.gguf...]
+#   usage: scripts/bench/bench-kv.sh [DEPTH=4096] [N=64] [THREADS=2] [MODEL.gguf...]   (decode: medians of 3)
 #   LLAMA_BIN   our binary (default: target/release/llama, built if missing)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-depth="${1:-4096}"; n="${2:-32}"; threads="${3:-2}"
+depth="${1:-4096}"; n="${2:-64}"; threads="${3:-2}"
 shift $(( $# < 3 ? $# : 3 ))
 models=("$@")
 if [ "${#models[@]}" -eq 0 ]; then
@@ -50,11 +50,11 @@ for model in models:
                   "-ctk", ty, "-ctv", ty, "-fa", "on"])
         m = re.search(r"Final estimate: PPL = ([0-9.]+)", th)
         tppl = float(m.group(1)) if m else float("nan")
-        out = run([ours, "bench", "-m", model, "-p", "1", "-n", n, "-d", depth, "-r", "1",
+        out = run([ours, "bench", "-m", model, "-p", "1", "-n", n, "-d", depth, "-r", "3",
                    "--threads", t, "--cache-type", ty, "--json"])
         # The report is the one JSON line; notes about the cache go to stderr.
         b = json.loads([l for l in out.splitlines() if l.startswith("{")][-1])
-        lb = run([f"{bin}/llama-bench", "-m", model, "-p", "0", "-n", n, "-d", depth, "-t", t, "-r", "1",
+        lb = run([f"{bin}/llama-bench", "-m", model, "-p", "0", "-n", n, "-d", depth, "-t", t, "-r", "3",
                   "-ctk", ty, "-ctv", ty, "-fa", "1", "-o", "json"])
         theirs = json.loads(lb[lb.index("["):])[-1]["avg_ts"]
         rows[ty] = (oppl, tppl, b, theirs)
