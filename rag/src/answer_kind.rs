@@ -25,11 +25,7 @@ pub enum AnswerKind {
 
 /// The kind of fact `question` asks for, if its words say.
 pub fn answer_kind(question: &str) -> Option<AnswerKind> {
-    let words: Vec<String> = question
-        .split(|c: char| !c.is_alphanumeric() && c != '\'')
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect();
+    let words = crate::keyword_terms(question);
     let has = |w: &str| words.iter().any(|x| x == w);
     let pair = |a: &str, b: &[&str]| {
         words
@@ -93,14 +89,20 @@ pub fn answer_kind(question: &str) -> Option<AnswerKind> {
     (how || measure).then_some(AnswerKind::Number)
 }
 
-/// Whether `sentence` holds a fact of `kind` that `question` does not name.
-pub fn holds(kind: AnswerKind, sentence: &str, question: &str) -> bool {
-    let asked: Vec<String> = question
+/// The words of `question` as [`holds`] compares a sentence's with them: split at
+/// spaces, the punctuation around each dropped (`£64` and `LX-470` stay whole),
+/// lowercase. Made once per question, not once per sentence.
+pub fn asked(question: &str) -> Vec<String> {
+    question
         .split_whitespace()
         .map(|w| bare(w).to_lowercase())
-        .collect();
+        .collect()
+}
+
+/// Whether `sentence` holds a fact of `kind` that the question, whose words are
+/// `asked` ([`asked`]), does not name.
+pub fn holds(kind: AnswerKind, sentence: &str, asked: &[String]) -> bool {
     let tokens: Vec<&str> = sentence.split_whitespace().map(bare).collect();
-    let novel = |t: &str| !t.is_empty() && !asked.iter().any(|a| a == &t.to_lowercase());
     let next = |i: usize| {
         tokens
             .get(i + 1)
@@ -108,10 +110,10 @@ pub fn holds(kind: AnswerKind, sentence: &str, question: &str) -> bool {
             .unwrap_or_default()
     };
     tokens.iter().enumerate().any(|(i, &t)| {
-        if !novel(t) {
+        let lower = t.to_lowercase();
+        if t.is_empty() || asked.contains(&lower) {
             return false;
         }
-        let lower = t.to_lowercase();
         let digit = t.chars().any(|c| c.is_ascii_digit());
         match kind {
             AnswerKind::Money => {
@@ -286,51 +288,95 @@ mod tests {
     #[test]
     fn sentences_hold_a_fact_the_question_does_not_name() {
         let q = "What does a permit cost?";
-        assert!(holds(AnswerKind::Money, "A permit costs £64 a year.", q));
-        assert!(holds(AnswerKind::Money, "The fine is 36 pounds.", q));
+        assert!(holds(
+            AnswerKind::Money,
+            "A permit costs £64 a year.",
+            &asked(q)
+        ));
+        assert!(holds(
+            AnswerKind::Money,
+            "The fine is 36 pounds.",
+            &asked(q)
+        ));
         assert!(!holds(
             AnswerKind::Money,
             "Permits are sold at the town hall.",
-            q
+            &asked(q)
         ));
         // The amount the question already names is not an answer to it.
         let q = "What do I pay on top of the £64 permit?";
-        assert!(!holds(AnswerKind::Money, "The permit is £64.", q));
-        assert!(holds(AnswerKind::Money, "A visitor pass adds £5.50.", q));
+        assert!(!holds(AnswerKind::Money, "The permit is £64.", &asked(q)));
+        assert!(holds(
+            AnswerKind::Money,
+            "A visitor pass adds £5.50.",
+            &asked(q)
+        ));
 
         let q = "What time does the last boat leave?";
-        assert!(holds(AnswerKind::Time, "The last boat leaves at 19:35.", q));
-        assert!(holds(AnswerKind::Time, "It leaves at 6 pm sharp.", q));
-        assert!(holds(AnswerKind::Time, "Boats run until 9pm.", q));
-        assert!(!holds(AnswerKind::Time, "The boat holds 1.4 tonnes.", q));
-        assert!(!holds(AnswerKind::Time, "It costs 12.50 a seat.", q));
+        assert!(holds(
+            AnswerKind::Time,
+            "The last boat leaves at 19:35.",
+            &asked(q)
+        ));
+        assert!(holds(
+            AnswerKind::Time,
+            "It leaves at 6 pm sharp.",
+            &asked(q)
+        ));
+        assert!(holds(AnswerKind::Time, "Boats run until 9pm.", &asked(q)));
+        assert!(!holds(
+            AnswerKind::Time,
+            "The boat holds 1.4 tonnes.",
+            &asked(q)
+        ));
+        assert!(!holds(
+            AnswerKind::Time,
+            "It costs 12.50 a seat.",
+            &asked(q)
+        ));
 
         let q = "When was the kiln installed?";
-        assert!(holds(AnswerKind::When, "It was installed in 2009.", q));
+        assert!(holds(
+            AnswerKind::When,
+            "It was installed in 2009.",
+            &asked(q)
+        ));
         assert!(holds(
             AnswerKind::When,
             "Rounds are played on Wednesdays.",
-            q
+            &asked(q)
         ));
-        assert!(!holds(AnswerKind::When, "You may book it by phone.", q));
+        assert!(!holds(
+            AnswerKind::When,
+            "You may book it by phone.",
+            &asked(q)
+        ));
 
         let q = "Which part number is the belt for the LX-470?";
-        assert!(holds(AnswerKind::Number, "Use belt PB-77562.", q));
-        assert!(!holds(AnswerKind::Number, "The LX-470 belt slips.", q));
-        assert!(holds(AnswerKind::Number, "It waits twenty minutes.", q));
+        assert!(holds(AnswerKind::Number, "Use belt PB-77562.", &asked(q)));
+        assert!(!holds(
+            AnswerKind::Number,
+            "The LX-470 belt slips.",
+            &asked(q)
+        ));
+        assert!(holds(
+            AnswerKind::Number,
+            "It waits twenty minutes.",
+            &asked(q)
+        ));
 
         let q = "Who kept the workshop going?";
         assert!(holds(
             AnswerKind::Name,
             "His daughter Hester kept it open.",
-            q
+            &asked(q)
         ));
         assert!(!holds(
             AnswerKind::Name,
             "The workshop closed in winter.",
-            q
+            &asked(q)
         ));
         // The first word of a sentence is capitalized whatever it is.
-        assert!(!holds(AnswerKind::Name, "Nobody kept it open.", q));
+        assert!(!holds(AnswerKind::Name, "Nobody kept it open.", &asked(q)));
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use llama_runtime::{generate, Embedder, Engine, GenerateOptions, Grammar, Message, SamplerConfig};
 
-use crate::answer_kind::{answer_kind, holds};
+use crate::answer_kind::{answer_kind, asked, holds};
 use crate::{
     chunk_spans, content_hash, hybrid_search, Hit, NewChunk, RagError, Result, Store, StoreInfo,
 };
@@ -506,13 +506,14 @@ fn best_sentence(
         .map_err(|e| RagError::Input(format!("embedding sentences to quote: {e}")))?;
     let terms = crate::query_terms(question);
     let kind = answer_kind(question);
+    let asked = asked(question);
     let score = |i: usize, text: &str| {
         let words: Vec<String> = crate::keyword_terms(text);
         let shared = terms
             .iter()
             .filter(|t| words.iter().any(|w| same_stem(t, w)))
             .count();
-        let typed = kind.is_some_and(|k| holds(k, text, question));
+        let typed = kind.is_some_and(|k| holds(k, text, &asked));
         cosine(&vectors[0], &vectors[i + 1])
             + 0.5 * shared as f32 / terms.len().max(1) as f32
             + if typed { KIND_BONUS } else { 0.0 }
