@@ -89,6 +89,7 @@ mod error;
 mod fusion;
 pub mod pipeline;
 mod postgres;
+mod quote;
 mod sqlite;
 
 use std::collections::BTreeSet;
